@@ -1,0 +1,106 @@
+"""DataConfig, the source registry and batch streams.
+
+A batch is a pure function of (seed, split, step, rank, world size): the same arguments
+give the same tokens, ranks get disjoint sequences, and the validation stream is separate
+from the training stream. Exact resume and distributed training need no data state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+import torch
+
+from data.counter_rng import stream_key
+from data.synthetic import Induction, Markov, Uniform
+from data.text import TextCorpus, bible_documents, file_documents, hf_documents
+
+SYNTHETIC = ("uniform", "markov", "induction")
+BOS_POLICIES = ("always", "never")
+ALIGNS = ("random", "document")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "bible"  # bible | uniform | markov | induction | hf:NAME | file, dir or glob
+    seq_len: int = 128  # tokens the model sees per sequence (BOS included)
+    bos: str = "always"  # always: position 0 holds BOS; never: an ordinary token
+    align: str = "random"  # random offsets, or starts aligned to document starts (text)
+    vocab_size: int = 67  # synthetic sources: total vocabulary, 3 specials included
+    markov_order: int = 1
+    markov_concentration: float = 0.1
+    induction_segment: int = 8
+    induction_copies: int = 2
+    corpus_seed: int = 0  # fixes the synthetic corpus (e.g. the Markov table) across seeds
+    val_fraction: float = 0.05
+    hf_split: str = "train"
+    hf_field: str = "text"
+    cache_dir: str = ""  # tokenized-text cache; empty = $POSLEAK_CACHE or ~/.cache/posleak
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.bos not in BOS_POLICIES:
+            out.append(f"data.bos must be one of {BOS_POLICIES}, got {self.bos!r}")
+        if self.align not in ALIGNS:
+            out.append(f"data.align must be one of {ALIGNS}, got {self.align!r}")
+        if self.seq_len < 2:
+            out.append(f"data.seq_len must be at least 2, got {self.seq_len}")
+        return out
+
+
+@cache
+def make_source(cfg: DataConfig):
+    """The corpus named by cfg.source (cached: building a text corpus reads it once)."""
+    src = cfg.source
+    if src == "uniform":
+        return Uniform(cfg.vocab_size - 3)
+    if src == "markov":
+        return Markov(
+            cfg.vocab_size - 3, cfg.markov_order, cfg.markov_concentration, cfg.corpus_seed
+        )
+    if src == "induction":
+        return Induction(cfg.vocab_size - 3, cfg.induction_segment, cfg.induction_copies)
+    if src == "bible":
+        docs = bible_documents()
+    elif src.startswith("hf:"):
+        docs = hf_documents(src[3:], cfg.hf_split, cfg.hf_field)
+    else:
+        docs = file_documents(src)
+    return TextCorpus(src, docs, cfg.val_fraction, cfg.cache_dir or None)
+
+
+def vocab_size_of(cfg: DataConfig) -> int:
+    return make_source(cfg).size
+
+
+class BatchStream:
+    """Token batches (B, seq_len + 1): inputs are [:, :-1], next-token targets [:, 1:]."""
+
+    def __init__(self, cfg: DataConfig, seed: int, split: str, batch_size: int):
+        self.cfg, self.split, self.batch_size = cfg, split, batch_size
+        self.source = make_source(cfg)
+        self.key = stream_key("batches", seed, split)
+
+    def sequences(self, index: np.ndarray) -> np.ndarray:
+        """Sequence number `index` of this stream, for each index: (len(index), seq_len + 1)."""
+        n_body = self.cfg.seq_len + (0 if self.cfg.bos == "always" else 1)
+        if isinstance(self.source, TextCorpus):
+            body = self.source.sequences(self.key, index, n_body, self.split, self.cfg.align)
+        else:
+            body = self.source.sequences(self.key, index, n_body)
+        if self.cfg.bos == "always":
+            body = np.concatenate([np.full((len(index), 1), self.source.bos), body], axis=1)
+        return body
+
+    def batch(self, step: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+        if self.batch_size % world_size:
+            raise ValueError(
+                f"batch size {self.batch_size} is not divisible by world size {world_size}; "
+                "set train.batch_size to a multiple of the number of processes"
+            )
+        local = self.batch_size // world_size
+        first = step * self.batch_size + rank * local
+        index = np.arange(first, first + local, dtype=np.int64)
+        return torch.from_numpy(self.sequences(index))

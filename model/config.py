@@ -1,0 +1,103 @@
+"""ModelConfig: every architectural choice of the decoder, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from model.rope import ntk_base
+
+POSITIONS = ("nope", "learned", "rope", "rope_ntk")
+SINKS = ("none", "learned", "off_by_one")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be built; the message lists every problem found."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 259
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    d_ff: int | None = None  # SwiGLU hidden width; None = 8/3 * d_model rounded up to 32
+    max_seq_len: int = 1024  # only bounds the `learned` position table
+    position: str = "rope"
+    rope_base: float = 10000.0
+    rope_scale: float = 1.0  # NTK factor s; only `rope_ntk` may train with s != 1
+    window: int | None = None  # sliding window: w keys including self; None = full causal
+    sink: str = "none"
+    tie_embeddings: bool = False
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ConfigError("invalid model config:\n  - " + "\n  - ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Every reason this config is impossible, each naming the field and the fix."""
+        out = []
+        for name in ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                out.append(f"{name} must be a positive integer, got {value!r}")
+        if out:
+            return out
+        if self.position not in POSITIONS:
+            out.append(f"position must be one of {POSITIONS}, got {self.position!r}")
+        if self.sink not in SINKS:
+            out.append(f"sink must be one of {SINKS}, got {self.sink!r}")
+        if self.d_model % self.n_head:
+            out.append(
+                f"d_model={self.d_model} is not divisible by n_head={self.n_head}; "
+                "pick n_head among the divisors of d_model"
+            )
+        elif self.position.startswith("rope") and self.d_head % 2:
+            out.append(f"RoPE needs an even head dimension, got d_model/n_head = {self.d_head}")
+        if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
+            out.append(
+                f"window must be a positive integer or None (full causal), got {self.window!r}"
+            )
+        if self.d_ff is not None and (not isinstance(self.d_ff, int) or self.d_ff < 1):
+            out.append(f"d_ff must be a positive integer or None, got {self.d_ff!r}")
+        if not self.rope_base > 1:
+            out.append(f"rope_base must be > 1, got {self.rope_base!r}")
+        if not self.rope_scale >= 1:
+            out.append(f"rope_scale must be >= 1, got {self.rope_scale!r}")
+        elif self.rope_scale != 1 and self.position != "rope_ntk":
+            out.append(
+                f"rope_scale={self.rope_scale} has no effect with position={self.position!r}; "
+                "use position='rope_ntk' to train with NTK scaling, or set rope_scale=1 "
+                "(NTK scaling of a trained RoPE model is applied at analysis time)"
+            )
+        return out
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def ff_width(self) -> int:
+        if self.d_ff is not None:
+            return self.d_ff
+        return -(-8 * self.d_model // 3 // 32) * 32
+
+    @property
+    def rope_effective_base(self) -> float | None:
+        """The base the frequency table uses: b for `rope`, the NTK base b' for `rope_ntk`."""
+        if not self.position.startswith("rope"):
+            return None
+        return ntk_base(self.rope_base, self.rope_scale, self.d_head)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config keys {unknown}; valid keys: {sorted(known)}")
+        return cls(**values)

@@ -1,0 +1,346 @@
+"""The decoder: token embedding, pre-norm blocks (RMSNorm, attention, SwiGLU), final norm, head.
+
+Parameter names follow the Llama layout (embed_tokens, layers.{l}.self_attn.q_proj, ...,
+norm, lm_head) so that Llama-family weights map one to one. Hook points follow the
+TransformerLens habit of naming activations by where they sit (blocks.{l}.attn.pattern).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from model.config import ModelConfig
+from model.masks import attention_mask
+from model.rope import apply_rope, ntk_base, rope_tables
+
+HookFn = Callable[[torch.Tensor, str], "torch.Tensor | None"]
+
+LAYER_HOOKS = (
+    "resid_pre",
+    "attn.q",
+    "attn.k",
+    "attn.v",
+    "attn.scores",
+    "attn.pattern",
+    "attn.out",
+    "resid_mid",
+    "mlp.out",
+    "resid_post",
+)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, decoder: Decoder):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        self.prefix = f"blocks.{layer}.attn."
+        self._fire = decoder._fire
+        self._wants_eager = decoder._wants_eager
+        d, hd = cfg.d_model, cfg.n_head * cfg.d_head
+        self.q_proj = nn.Linear(d, hd, bias=False)
+        self.k_proj = nn.Linear(d, hd, bias=False)
+        self.v_proj = nn.Linear(d, hd, bias=False)
+        self.o_proj = nn.Linear(hd, d, bias=False)
+        if cfg.sink == "learned":
+            self.sink_logit = nn.Parameter(torch.zeros(cfg.n_head))
+
+    def sink_logits(self) -> torch.Tensor | None:
+        """Per-head logit of the virtual zero-value key, or None without a sink."""
+        if self.cfg.sink == "learned":
+            return self.sink_logit
+        if self.cfg.sink == "off_by_one":
+            return torch.zeros(self.cfg.n_head, device=self.o_proj.weight.device)
+        return None
+
+    def forward(self, x: torch.Tensor, rope: tuple | None, visible) -> torch.Tensor:
+        """x (B, T, d); visible: the (T, T) window mask, or None for plain causal attention."""
+        B, T, _ = x.shape
+        H, Dh = self.cfg.n_head, self.cfg.d_head
+        q = self.q_proj(x).view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
+        k = self.k_proj(x).view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
+        v = self.v_proj(x).view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
+        if rope is not None:
+            cos, sin = (t.to(q.dtype) for t in rope)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = self._fire(self.prefix + "q", q)
+        k = self._fire(self.prefix + "k", k)
+        v = self._fire(self.prefix + "v", v)
+        if self._wants_eager(self.layer):
+            y = self.eager(q, k, v, visible)
+        else:
+            y = self.fast(q, k, v, visible)
+        y = y.transpose(1, 2).reshape(B, T, H * Dh)  # (B, T, H*Dh)
+        return self.o_proj(y)
+
+    def fast(self, q, k, v, visible) -> torch.Tensor:
+        """F.scaled_dot_product_attention; a sink becomes a zero key/value column with a bias.
+
+        SDPA's CPU kernel silently zeroes NaN rows, so non-finite q or k go to the eager
+        path, which names the bad row (one cheap reduction per layer).
+        """
+        if not torch.isfinite(q.sum() + k.sum()):
+            return self.eager(q, k, v, visible)
+        sink = self.sink_logits()
+        if sink is None and visible is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if sink is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+        B, H, T, Dh = q.shape
+        if visible is None:
+            visible = attention_mask(T, device=q.device)
+        zeros = q.new_zeros(B, H, 1, Dh)
+        k, v = torch.cat([k, zeros], dim=2), torch.cat([v, zeros], dim=2)  # (B, H, T+1, Dh)
+        bias = torch.zeros(H, T, T + 1, dtype=q.dtype, device=q.device)
+        bias[:, :, :T].masked_fill_(~visible, float("-inf"))
+        bias[:, :, T] = sink.to(q.dtype)[:, None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+    def eager(self, q, k, v, visible) -> torch.Tensor:
+        """Materialise scores and pattern (and fire their hooks); the reference path."""
+        T = q.shape[2]
+        if visible is None:
+            visible = attention_mask(T, device=q.device)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.cfg.d_head)  # (B, H, T, T)
+        scores = scores.masked_fill(~visible, float("-inf"))
+        scores = self._fire(self.prefix + "scores", scores)
+        sink = self.sink_logits()
+        if sink is None:
+            pattern = scores.softmax(dim=-1)
+        else:
+            sink_col = sink.to(scores.dtype)[None, :, None, None].expand(*scores.shape[:3], 1)
+            pattern = torch.cat([scores, sink_col], dim=-1).softmax(dim=-1)[..., :T]
+        self._raise_on_nan(pattern)
+        pattern = self._fire(self.prefix + "pattern", pattern)
+        return pattern @ v
+
+    def _raise_on_nan(self, pattern: torch.Tensor) -> None:
+        bad = pattern.isnan().any(dim=-1)  # (B, H, T)
+        if bad.any():
+            b, h, i = (int(t) for t in bad.nonzero()[0])
+            raise FloatingPointError(
+                f"NaN attention row at layer {self.layer}, head {h}, query {i} (batch row {b}); "
+                "check the scores at that row (all keys masked, or NaN/inf in q or k)"
+            )
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.ff_width, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.ff_width, bias=False)
+        self.down_proj = nn.Linear(cfg.ff_width, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, decoder: Decoder):
+        super().__init__()
+        self.prefix = f"blocks.{layer}."
+        self._fire = decoder._fire
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer, decoder)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, rope, visible) -> torch.Tensor:
+        p = self.prefix
+        x = self._fire(p + "resid_pre", x)
+        x = x + self._fire(p + "attn.out", self.self_attn(self.input_layernorm(x), rope, visible))
+        x = self._fire(p + "resid_mid", x)
+        x = x + self._fire(p + "mlp.out", self.mlp(self.post_attention_layernorm(x)))
+        return self._fire(p + "resid_post", x)
+
+
+class Decoder(nn.Module):
+    """Decoder-only transformer with a pluggable positional scheme and named hook points."""
+
+    def __init__(self, cfg: ModelConfig, seed: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        self._hooks: dict[str, list[HookFn]] = {}
+        self.force_eager = False
+        self.rope_base = cfg.rope_effective_base
+        self._rope_cache: dict = {}
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.position == "learned":
+            self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, layer, self) for layer in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.init_weights(seed)
+
+    # ---------------------------------------------------------------- initialisation
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Initialise each parameter from its own generator, keyed by (seed, parameter name).
+
+        A parameter's initial value therefore depends only on the seed and its name: two
+        variants that share a parameter start it identically, and adding a position table
+        shifts nothing else.
+        """
+        out_std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
+        for name, param in self.named_parameters():
+            if name.endswith("layernorm.weight") or name == "norm.weight":
+                param.fill_(1.0)
+            elif name.endswith("sink_logit"):
+                param.zero_()
+            else:
+                std = out_std if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+                gen = torch.Generator().manual_seed(_name_seed(seed, name))
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) int64 -> logits (B, T, V)."""
+        _, T = tokens.shape
+        x = self._fire("embed", self.embed_tokens(tokens))  # (B, T, d)
+        if self.cfg.position == "learned":
+            if T > self.cfg.max_seq_len:
+                raise ValueError(
+                    f"sequence length {T} exceeds max_seq_len={self.cfg.max_seq_len} of the "
+                    "learned position table; shorten the input or train with a larger max_seq_len"
+                )
+            x = x + self.pos_embed.weight[:T]
+        rope = self._rope(T, tokens.device)
+        windowed = self.cfg.window is not None and self.cfg.window < T
+        visible = attention_mask(T, self.cfg.window, tokens.device) if windowed else None
+        for block in self.layers:
+            x = block(x, rope, visible)
+        x = self._fire("final", self.norm(x))
+        return self.lm_head(x)
+
+    def _rope(self, T: int, device) -> tuple | None:
+        if self.rope_base is None:
+            return None
+        key = (T, str(device), self.rope_base)
+        if key not in self._rope_cache:
+            cos, sin = rope_tables(T, self.cfg.d_head, self.rope_base)
+            self._rope_cache = {key: (cos.to(device), sin.to(device))}
+        return self._rope_cache[key]
+
+    def set_rope_scale(self, scale: float) -> None:
+        """Run a trained RoPE model with static NTK scaling s (1 = the unscaled base b)."""
+        if self.rope_base is None:
+            raise ValueError(
+                f"set_rope_scale needs a RoPE model, this one is {self.cfg.position!r}"
+            )
+        if not scale >= 1:
+            raise ValueError(f"rope scale must be >= 1, got {scale!r}")
+        self.rope_base = ntk_base(self.cfg.rope_base, scale, self.cfg.d_head)
+
+    # ---------------------------------------------------------------- hooks
+    def hook_names(self) -> list[str]:
+        per_layer = [
+            f"blocks.{layer}.{h}" for layer in range(self.cfg.n_layer) for h in LAYER_HOOKS
+        ]
+        return ["embed", *per_layer, "final"]
+
+    @contextlib.contextmanager
+    def hooks(self, hooks: Iterable[tuple[str, HookFn]]):
+        """Register hooks `fn(tensor, name) -> tensor | None` for the duration of the block.
+
+        A returned tensor replaces the activation (an intervention). Hooks are always removed,
+        also when the block raises.
+        """
+        hooks = list(hooks)
+        valid = set(self.hook_names())
+        unknown = [name for name, _ in hooks if name not in valid]
+        if unknown:
+            raise KeyError(f"unknown hook names {unknown}; valid names: {self.hook_names()}")
+        for name, fn in hooks:
+            self._hooks.setdefault(name, []).append(fn)
+        try:
+            yield self
+        finally:
+            for name, fn in hooks:
+                self._hooks[name].remove(fn)
+                if not self._hooks[name]:
+                    del self._hooks[name]
+
+    def run_with_cache(self, tokens: torch.Tensor, names: Iterable[str] | None = None):
+        """Forward pass that also returns {name: detached activation} for the names asked for."""
+        names = self.hook_names() if names is None else list(names)
+        cache: dict[str, torch.Tensor] = {}
+
+        def store(tensor: torch.Tensor, name: str) -> None:
+            cache[name] = tensor.detach()
+
+        with self.hooks([(name, store) for name in names]):
+            logits = self(tokens)
+        return logits, cache
+
+    def _fire(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if not self._hooks or name not in self._hooks:
+            return tensor
+        for fn in self._hooks[name]:
+            out = fn(tensor, name)
+            if out is not None:
+                if out.shape != tensor.shape:
+                    raise ValueError(
+                        f"hook on {name} returned shape {tuple(out.shape)}, "
+                        f"expected {tuple(tensor.shape)}"
+                    )
+                tensor = out
+        return tensor
+
+    def _wants_eager(self, layer: int) -> bool:
+        if self.force_eager:
+            return True
+        prefix = f"blocks.{layer}.attn."
+        return (prefix + "scores") in self._hooks or (prefix + "pattern") in self._hooks
+
+    # ---------------------------------------------------------------- persistence
+    def save(self, directory: str | Path) -> None:
+        """Write model.safetensors and config.json (no pickle)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_model(self, str(directory / "model.safetensors"))
+        (directory / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path, device="cpu") -> Decoder:
+        directory = Path(directory)
+        cfg = ModelConfig.from_dict(json.loads((directory / "config.json").read_text()))
+        model = cls(cfg)
+        load_model(model, str(directory / "model.safetensors"), device=str(device))
+        return model
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        total = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            total -= self.embed_tokens.weight.numel()
+            if self.cfg.position == "learned":
+                total -= self.pos_embed.weight.numel()
+        return total
+
+
+def _name_seed(seed: int, name: str) -> int:
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)

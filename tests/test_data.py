@@ -1,0 +1,185 @@
+"""Data: the defining property of each corpus, purity of batches, splits, and clear errors."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from data import BatchStream, ByteTokenizer, DataConfig, make_source
+from data.synthetic import Markov
+from data.tokenizer import Vocabulary
+
+
+# ------------------------------------------------------------------ tokenizer
+@pytest.mark.parametrize("text", ["", "hello world", "naïve café – ∑ 漢字 🙂\n\ttab"])
+def test_byte_tokenizer_round_trips_utf8(text):
+    tok = ByteTokenizer()
+    ids = tok.encode(text)
+    assert ids.max(initial=0) < 256 and len(ids) == len(text.encode("utf-8"))
+    assert tok.decode(ids) == text
+    assert tok.decode([tok.bos, *ids, tok.eos, tok.pad]) == text
+
+
+def test_special_ids_are_documented_values():
+    tok = ByteTokenizer()
+    assert (tok.bos, tok.eos, tok.pad, tok.size) == (256, 257, 258, 259)
+
+
+def test_vocabulary_too_small_for_specials_is_refused():
+    with pytest.raises(ValueError, match="use vocab_size >= 5"):
+        Vocabulary(1)
+    with pytest.raises(ValueError, match="vocab_size=4"):
+        make_source(DataConfig(source="uniform", vocab_size=4))
+
+
+# ------------------------------------------------------------------ stationarity
+def chi2_critical(df: int, z: float = 3.719) -> float:
+    """Wilson-Hilferty upper quantile of chi-square(df); z = 3.719 is alpha = 1e-4."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def position_homogeneity_chi2(tokens: np.ndarray, vocab: int) -> tuple[float, float]:
+    """Chi-square test that every position (column) has the same token distribution."""
+    counts = np.stack([np.bincount(col, minlength=vocab) for col in tokens.T])  # (T, V)
+    counts = counts[:, counts.sum(axis=0) >= 5 * tokens.shape[1]]  # drop very rare tokens
+    expected = counts.sum(1, keepdims=True) * counts.sum(0, keepdims=True) / counts.sum()
+    stat = ((counts - expected) ** 2 / expected).sum()
+    df = (counts.shape[0] - 1) * (counts.shape[1] - 1)
+    return stat, chi2_critical(df)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        DataConfig(source="uniform", vocab_size=16, bos="never", seq_len=24),
+        DataConfig(source="markov", vocab_size=16, bos="never", seq_len=24, markov_order=2),
+        DataConfig(source="markov", vocab_size=16, bos="never", seq_len=24, markov_concentration=1),
+        DataConfig(source="induction", vocab_size=16, bos="never", seq_len=24, induction_segment=4),
+        DataConfig(source="bible", bos="never", seq_len=24),
+    ],
+    ids=["uniform", "markov2", "markov1", "induction", "bible-random-offsets"],
+)
+def test_per_position_token_histograms_do_not_differ_beyond_chance(cfg):
+    stream = BatchStream(cfg, seed=0, split="train", batch_size=6000)
+    tokens = stream.batch(0).numpy()
+    stat, critical = position_homogeneity_chi2(tokens, make_source(cfg).size)
+    assert stat < critical, (stat, critical)
+
+
+def test_stationarity_check_detects_a_chain_started_off_stationarity():
+    """The same test must fail for a chain whose first token is always 0."""
+    chain = Markov(13, order=1, concentration=0.1, corpus_seed=0)
+    chain.state_cdf = np.ones_like(chain.state_cdf)  # every sequence starts in state 0
+    index = np.arange(6000)
+    tokens = chain.sequences(np.uint64(1), index, 24)
+    stat, critical = position_homogeneity_chi2(tokens, 16)
+    assert stat > critical
+
+
+def test_markov_stationary_distribution_is_a_fixed_point_and_matches_samples():
+    chain = Markov(5, order=2, concentration=0.5, corpus_seed=3)
+    n = 5
+    flow = (chain.stationary[:, None] * chain.transitions).reshape(n, n, n).sum(0).reshape(-1)
+    assert np.allclose(flow, chain.stationary, atol=1e-12)
+    tokens = chain.sequences(np.uint64(7), np.arange(4000), 30)
+    empirical = np.bincount(tokens.ravel(), minlength=n) / tokens.size
+    assert np.allclose(empirical, chain.token_marginal(), atol=0.01)
+    # transitions: empirical P(next | context) for the most common context
+    ctx = tokens[:, :-2] * n + tokens[:, 1:-1]
+    common = np.bincount(ctx.ravel()).argmax()
+    nxt = tokens[:, 2:][ctx == common]
+    assert np.allclose(
+        np.bincount(nxt, minlength=n) / len(nxt), chain.transitions[common], atol=0.03
+    )
+
+
+def test_induction_sequences_contain_their_copied_segments():
+    src = make_source(DataConfig(source="induction", vocab_size=259, induction_segment=6))
+    seqs = src.sequences(np.uint64(2), np.arange(50), 64)
+    for row in seqs:
+        segments = {tuple(row[s : s + 6]) for s in range(64 - 6 + 1)}
+        assert len(segments) < 64 - 6 + 1  # some 6-gram repeats (by chance: ~1e-9 for 256 tokens)
+
+
+# ------------------------------------------------------------------ batches
+def test_batches_are_pure_functions_of_seed_split_step_rank():
+    cfg = DataConfig(source="markov", seq_len=16)
+    a = BatchStream(cfg, seed=1, split="train", batch_size=8)
+    b = BatchStream(cfg, seed=1, split="train", batch_size=8)
+    assert torch.equal(a.batch(5), b.batch(5))
+    assert not torch.equal(a.batch(5), a.batch(6))
+    assert not torch.equal(a.batch(5), BatchStream(cfg, 2, "train", 8).batch(5))
+    assert not torch.equal(a.batch(5), BatchStream(cfg, 1, "val", 8).batch(5))
+    ranks = torch.cat([a.batch(5, rank=r, world_size=2) for r in range(2)])
+    assert torch.equal(ranks, a.batch(5))  # two ranks partition the global batch exactly
+    with pytest.raises(ValueError, match="not divisible by world size 3"):
+        a.batch(0, world_size=3)
+
+
+@pytest.mark.parametrize("bos", ["always", "never"])
+def test_bos_policy(bos):
+    cfg = DataConfig(source="uniform", seq_len=32, bos=bos)
+    batch = BatchStream(cfg, 0, "train", 64).batch(0)
+    bos_id = make_source(cfg).bos
+    assert batch.shape == (64, 33)
+    assert (batch[:, 0] == bos_id).all() == (bos == "always")
+    assert not (batch[:, 1:] == bos_id).any()
+
+
+# ------------------------------------------------------------------ text
+def split_documents(tokens: np.ndarray, eos: int) -> set[bytes]:
+    docs = np.split(tokens, np.where(tokens == eos)[0] + 1)
+    return {bytes(doc.astype(np.uint8)) for doc in docs if len(doc)}
+
+
+def test_bible_train_and_val_hold_disjoint_documents():
+    corpus = make_source(DataConfig(source="bible"))
+    train, _ = corpus.splits["train"]
+    val, _ = corpus.splits["val"]
+    assert len(val) > 50_000 and len(train) > 19 * len(val) * 0.8
+    assert not split_documents(np.asarray(train), corpus.eos) & split_documents(
+        np.asarray(val), corpus.eos
+    )
+
+
+def test_document_alignment_starts_sequences_at_document_starts(tmp_path):
+    for i in range(40):
+        (tmp_path / f"doc{i:02d}.txt").write_text(f"<{i:02d}> " + "word " * (i + 10))
+    cfg = DataConfig(
+        source=str(tmp_path),
+        seq_len=8,
+        bos="never",
+        align="document",
+        cache_dir=str(tmp_path / "c"),
+    )
+    batch = BatchStream(cfg, 0, "train", 32).batch(0)
+    assert (batch[:, 0] == ord("<")).all()
+
+
+def test_tiny_corpus_splits_into_disjoint_ranges_and_cache_follows_content(tmp_path):
+    path = tmp_path / "one.txt"
+    path.write_text("abcdefghij" * 50)
+    cfg = DataConfig(source=str(path), seq_len=8, cache_dir=str(tmp_path / "c"), val_fraction=0.1)
+    first = make_source(cfg)
+    train, val = (np.asarray(first.splits[s][0]) for s in ("train", "val"))
+    assert len(train) + len(val) == 500 + 2  # each split ends with an EOS
+    path.write_text("zyxwvutsrq" * 50)
+    make_source.cache_clear()
+    second = make_source(cfg)
+    assert second.key != first.key
+    assert np.asarray(second.splits["train"][0])[0] == ord("z")
+
+
+def test_bad_sources_give_specific_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        make_source(DataConfig(source=str(tmp_path / "missing.txt")))
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match="every matching file is empty"):
+        make_source(DataConfig(source=str(tmp_path / "empty.txt")))
+    (tmp_path / "short.txt").write_text("short text " * 10)
+    cfg = DataConfig(source=str(tmp_path / "short.txt"), seq_len=500, cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match="lower data.seq_len"):
+        BatchStream(cfg, 0, "train", 2).batch(0)
+    with pytest.raises((ImportError, RuntimeError), match="hf"):
+        make_source(DataConfig(source="hf:no-such/dataset"))

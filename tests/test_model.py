@@ -1,0 +1,291 @@
+"""The decoder against independent references: closed forms, nested loops, float64 maths."""
+
+import math
+
+import pytest
+import torch
+
+from model import ConfigError, Decoder, ModelConfig
+from model.masks import attention_mask
+from model.rope import apply_rope, ntk_base, rope_frequencies, rope_tables
+
+VARIANTS = [
+    dict(position="nope"),
+    dict(position="learned"),
+    dict(position="rope"),
+    dict(position="rope_ntk", rope_scale=4.0),
+    dict(position="rope", window=4),
+    dict(position="nope", window=3),
+    dict(position="rope", sink="learned"),
+    dict(position="rope", sink="off_by_one", window=5),
+]
+
+
+def tiny(**overrides) -> ModelConfig:
+    base = dict(vocab_size=37, n_layer=2, n_head=2, d_model=16, max_seq_len=64)
+    return ModelConfig(**{**base, **overrides})
+
+
+def tokens(batch=2, seq=12, seed=0, vocab=37):
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------ RoPE maths
+def test_frequency_table_equals_closed_form():
+    d, base = 16, 10000.0
+    expected = [base ** (-2 * p / d) for p in range(d // 2)]
+    assert torch.allclose(rope_frequencies(d, base), torch.tensor(expected, dtype=torch.float64))
+    cos, _ = rope_tables(5, d, base)
+    assert cos[3, 2].item() == pytest.approx(math.cos(3 * expected[2]), abs=1e-7)
+    assert cos[3, 2 + d // 2].item() == pytest.approx(math.cos(3 * expected[2]), abs=1e-7)
+
+
+@pytest.mark.parametrize("d, expected", [(64, 85550.4), (128, 82684.6)])
+def test_ntk_base_reference_values(d, expected):
+    assert ntk_base(10000.0, 8.0, d) == pytest.approx(expected, abs=0.05)
+
+
+def test_ntk_keeps_highest_frequency_and_divides_lowest_by_s():
+    d, s = 64, 8.0
+    plain = rope_frequencies(d, 10000.0)
+    scaled = rope_frequencies(d, ntk_base(10000.0, s, d))
+    assert scaled[0] == plain[0] == 1.0
+    assert (plain[-1] / scaled[-1]).item() == pytest.approx(s, rel=1e-12)
+
+
+def test_rope_scores_depend_only_on_offset():
+    d, T = 16, 40
+    gen = torch.Generator().manual_seed(1)
+    q, k = torch.randn(d, generator=gen), torch.randn(d, generator=gen)
+    cos, sin = rope_tables(T, d, 10000.0)
+    rq = apply_rope(q.expand(T, d), cos, sin)
+    rk = apply_rope(k.expand(T, d), cos, sin)
+    scores = rq @ rk.T  # scores[i, j] for identical content at every position
+    for shift in (1, 7, 20):
+        assert torch.allclose(scores[shift:, shift:], scores[:-shift, :-shift], atol=1e-4)
+
+
+def test_model_layer0_rope_scores_are_toeplitz_for_position_free_input():
+    model = Decoder(tiny(position="rope", n_layer=1))
+    same_token = torch.full((1, 20), 5)
+    _, cache = model.run_with_cache(same_token, names=["blocks.0.attn.scores"])
+    s = cache["blocks.0.attn.scores"][0, 0]
+    for delta in range(20):
+        diag = torch.diagonal(s, offset=-delta)
+        assert torch.allclose(diag, diag[0].expand_as(diag), atol=1e-5)
+
+
+def test_set_rope_scale_one_is_identity_and_other_scales_change_outputs():
+    model = Decoder(tiny(position="rope"))
+    x = tokens(seq=30)
+    before = model(x)
+    model.set_rope_scale(1.0)
+    assert torch.equal(model(x), before)
+    model.set_rope_scale(8.0)
+    assert not torch.allclose(model(x), before, atol=1e-5)
+    ntk = Decoder(tiny(position="rope_ntk", rope_scale=8.0))
+    ntk.load_state_dict(model.state_dict())
+    assert torch.equal(ntk(x), model(x))
+    with pytest.raises(ValueError, match="needs a RoPE model"):
+        Decoder(tiny(position="nope")).set_rope_scale(2.0)
+
+
+# ------------------------------------------------------------------ masks
+@pytest.mark.parametrize("T, w", [(1, None), (9, None), (9, 1), (9, 3), (9, 9), (9, 20)])
+def test_mask_equals_nested_loop(T, w):
+    ref = torch.zeros(T, T, dtype=torch.bool)
+    for i in range(T):
+        for j in range(T):
+            ref[i, j] = j <= i and (w is None or i - j < w)
+    assert torch.equal(attention_mask(T, w), ref)
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_window_at_least_T_is_exactly_full_causal(eager):
+    x = tokens(seq=10)
+    full, windowed = Decoder(tiny()), Decoder(tiny(window=10))
+    full.force_eager = windowed.force_eager = eager
+    assert torch.equal(full(x), windowed(x))
+    assert not torch.allclose(Decoder(tiny(window=9))(x), full(x), atol=1e-6)
+
+
+# ------------------------------------------------------------------ causality and position 0
+@pytest.mark.parametrize("overrides", VARIANTS)
+def test_changing_token_t_never_changes_earlier_logits(overrides):
+    model = Decoder(tiny(**overrides))
+    x = tokens(batch=1, seq=16)
+    t = 9
+    y = x.clone()
+    y[0, t] = (x[0, t] + 1) % 37
+    a, b = model(x), model(y)
+    assert torch.allclose(a[:, :t], b[:, :t], atol=1e-6)
+    assert not torch.allclose(a[:, t], b[:, t], atol=1e-4)
+
+
+@pytest.mark.parametrize("overrides", VARIANTS)
+def test_position0_hidden_states_bit_identical_across_inputs(overrides):
+    model = Decoder(tiny(**overrides))
+    names = ["embed"] + [f"blocks.{layer}.resid_post" for layer in range(2)] + ["final"]
+    states = []
+    for seed in range(3):
+        x = tokens(batch=1, seq=14, seed=seed)
+        x[0, 0] = 7
+        _, cache = model.run_with_cache(x, names=names)
+        states.append({name: cache[name][0, 0] for name in names})
+    for other in states[1:]:
+        for name in names:
+            assert torch.equal(states[0][name], other[name]), name
+    x = tokens(batch=1, seq=14, seed=9)
+    x[0, 0] = 8
+    _, cache = model.run_with_cache(x, names=names)
+    assert not torch.equal(cache["final"][0, 0], states[0]["final"])
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_flat_logits_give_uniform_pattern_over_visible_keys(window):
+    model = Decoder(tiny(window=window, n_layer=1))
+    with torch.no_grad():
+        model.layers[0].self_attn.q_proj.weight.zero_()
+        model.layers[0].self_attn.k_proj.weight.zero_()
+    T = 12
+    _, cache = model.run_with_cache(tokens(seq=T), names=["blocks.0.attn.pattern"])
+    pattern = cache["blocks.0.attn.pattern"]
+    for i in range(T):
+        n_visible = i + 1 if window is None else min(i + 1, window)
+        expected = torch.zeros(T)
+        expected[i - n_visible + 1 : i + 1] = 1.0 / n_visible
+        assert torch.equal(pattern[0, 0, i], expected), i
+
+
+# ------------------------------------------------------------------ sinks
+@pytest.mark.parametrize("sink", ["learned", "off_by_one"])
+def test_sink_pattern_equals_softmax_over_appended_column(sink):
+    model = Decoder(tiny(sink=sink, window=6, n_layer=1))
+    attn = model.layers[0].self_attn
+    if sink == "learned":
+        with torch.no_grad():
+            attn.sink_logit.copy_(torch.tensor([1.5, -0.7]))
+    T = 10
+    _, cache = model.run_with_cache(
+        tokens(seq=T), names=["blocks.0.attn.scores", "blocks.0.attn.pattern"]
+    )
+    scores = cache["blocks.0.attn.scores"].double()
+    pattern = cache["blocks.0.attn.pattern"]
+    sink_logits = [1.5, -0.7] if sink == "learned" else [0.0, 0.0]
+    for b in range(2):
+        for h in range(2):
+            for i in range(T):
+                visible = [j for j in range(T) if j <= i and i - j < 6]
+                z = sum(math.exp(scores[b, h, i, j]) for j in visible) + math.exp(sink_logits[h])
+                for j in range(T):
+                    ref = math.exp(scores[b, h, i, j]) / z if j in visible else 0.0
+                    assert pattern[b, h, i, j].item() == pytest.approx(ref, abs=1e-6)
+
+
+# ------------------------------------------------------------------ paths and hooks
+@pytest.mark.parametrize("overrides", VARIANTS)
+def test_eager_and_fast_paths_agree(overrides):
+    model = Decoder(tiny(**overrides))
+    x = tokens(seq=20)
+    fast = model(x)
+    model.force_eager = True
+    assert torch.allclose(model(x), fast, atol=1e-5)
+
+
+def test_identity_hook_leaves_outputs_unchanged_and_replacing_hook_changes_them():
+    model = Decoder(tiny())
+    x = tokens()
+    ref = model(x)
+    with model.hooks([(name, lambda t, name: t) for name in model.hook_names()]):
+        assert torch.allclose(model(x), ref, atol=1e-6)
+    with model.hooks([("blocks.0.resid_mid", lambda t, name: t * 2)]):
+        assert not torch.allclose(model(x), ref, atol=1e-4)
+    assert torch.equal(model(x), ref)  # hooks are gone
+
+
+def test_every_hook_fires_exactly_once_per_forward():
+    model = Decoder(tiny(sink="learned", window=3))
+    calls: dict[str, int] = {}
+
+    def count(t, name):
+        calls[name] = calls.get(name, 0) + 1
+
+    with model.hooks([(name, count) for name in model.hook_names()]):
+        model(tokens())
+    assert calls == {name: 1 for name in model.hook_names()}
+
+
+def test_hook_shapes_match_documented_layout():
+    model = Decoder(tiny())
+    _, cache = model.run_with_cache(tokens(batch=3, seq=11))
+    assert cache["blocks.1.attn.k"].shape == (3, 2, 11, 8)
+    assert cache["blocks.1.attn.scores"].shape == (3, 2, 11, 11)
+    assert cache["blocks.1.resid_post"].shape == (3, 11, 16)
+    assert torch.equal(cache["blocks.0.resid_post"], cache["blocks.1.resid_pre"])
+
+
+def test_unknown_hook_name_lists_valid_names_and_hooks_are_removed_on_error():
+    model = Decoder(tiny())
+    with pytest.raises(KeyError, match="valid names: .*blocks.0.attn.pattern"):
+        with model.hooks([("blocks.0.atn.pattern", lambda t, n: t)]):
+            pass
+    with pytest.raises(RuntimeError), model.hooks([("embed", lambda t, n: t)]):
+        raise RuntimeError("boom")
+    assert model._hooks == {}
+
+
+def test_nan_attention_row_raises_with_its_location():
+    model = Decoder(tiny())
+
+    def kill_row(scores, name):
+        scores = scores.clone()
+        scores[0, 1, 5] = float("-inf")
+        return scores
+
+    with pytest.raises(FloatingPointError, match="layer 1, head 1, query 5"):
+        with model.hooks([("blocks.1.attn.scores", kill_row)]):
+            model(tokens())
+    with pytest.raises(FloatingPointError, match="layer 0, head 0, query 0"):
+        with model.hooks([("blocks.0.attn.q", lambda q, n: q * float("nan"))]):
+            model(tokens())
+
+
+# ------------------------------------------------------------------ config, init, persistence
+def test_invalid_configs_name_every_problem():
+    with pytest.raises(ConfigError) as err:
+        ModelConfig(d_model=30, n_head=4, position="alibi", sink="sometimes")
+    text = str(err.value)
+    assert "not divisible by n_head=4" in text and "alibi" in text and "sometimes" in text
+    with pytest.raises(ConfigError, match="rope_scale=2.0 has no effect with position='nope'"):
+        ModelConfig(position="nope", rope_scale=2.0)
+
+
+def test_shared_parameters_start_identically_across_variants():
+    rope = Decoder(tiny(position="rope"), seed=3).state_dict()
+    learned = Decoder(tiny(position="learned", sink="learned"), seed=3).state_dict()
+    assert set(learned) - set(rope) == {"pos_embed.weight"} | {
+        f"layers.{layer}.self_attn.sink_logit" for layer in range(2)
+    }
+    for name, value in rope.items():
+        assert torch.equal(value, learned[name]), name
+    other_seed = Decoder(tiny(position="rope"), seed=4).state_dict()
+    assert not torch.equal(
+        rope["layers.0.self_attn.q_proj.weight"], other_seed["layers.0.self_attn.q_proj.weight"]
+    )
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_save_and_load_round_trip(tmp_path, tie):
+    model = Decoder(tiny(position="learned", tie_embeddings=tie, sink="learned"), seed=5)
+    model.save(tmp_path)
+    loaded = Decoder.load(tmp_path)
+    assert loaded.cfg == model.cfg
+    x = tokens()
+    assert torch.equal(loaded(x), model(x))
+    if tie:
+        assert loaded.lm_head.weight is loaded.embed_tokens.weight
+
+
+def test_learned_table_refuses_too_long_inputs():
+    with pytest.raises(ValueError, match="exceeds max_seq_len=64"):
+        Decoder(tiny(position="learned"))(torch.zeros(1, 65, dtype=torch.long))
