@@ -1,0 +1,7 @@
+"""python -m posleak SUBCOMMAND ..."""
+
+import sys
+
+from posleak.cli import main
+
+sys.exit(main())

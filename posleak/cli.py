@@ -1,0 +1,22 @@
+"""The `posleak` command: train, sweep, analyze, compare, bench."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+SUBCOMMANDS = {
+    "train": ("train.cli", "train one variant from a config into a run directory"),
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="posleak", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    modules = {}
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        module.add_arguments(sub.add_parser(name, help=help_text, description=module.__doc__))
+        modules[name] = module
+    args = parser.parse_args(argv)
+    return modules[args.command].run(args)

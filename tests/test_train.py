@@ -1,0 +1,238 @@
+"""Training: config validation, run directories, checkpoints, exact resume, determinism, DDP."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_overrides, write_config
+from safetensors.torch import load_file
+
+from model import ConfigError
+from train import checkpoint
+from train.config import build, from_resolved, load, parse_override, read_toml
+from train.loop import RunExistsError, TrainingDiverged, deterministic_metrics, train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def final_weights(run: Path) -> dict:
+    last = checkpoint.list_checkpoints(run / "checkpoints")[-1]
+    return load_file(str(last / checkpoint.MODEL_FILE))
+
+
+# ------------------------------------------------------------------ config
+def test_unknown_key_names_the_closest_match_and_the_valid_keys():
+    with pytest.raises(ConfigError) as err:
+        build({"model.n_layers": 2, "train.lr": 1e-3})
+    text = str(err.value)
+    assert "unknown key 'model.n_layers'; did you mean 'model.n_layer'?" in text
+    assert "valid keys:" in text and "train.grad_clip" in text
+
+
+def test_every_problem_is_reported_together():
+    with pytest.raises(ConfigError) as err:
+        build(
+            {
+                "train.lr": "fast",
+                "model.d_model": 30,
+                "model.n_head": 4,
+                "model.position": "nope",
+                "model.rope_scale": 2.0,
+                "data.bos": "sometimes",
+            }
+        )
+    text = str(err.value)
+    assert "train.lr: expected float, got str 'fast'" in text
+    assert "not divisible by n_head=4" in text
+    assert "rope_scale=2.0 has no effect with position='nope'" in text
+    assert "data.bos must be one of" in text
+
+
+def test_presets_differ_from_base_only_in_positional_keys():
+    base = read_toml(ROOT / "configs" / "base.toml")
+    positional = {"model.position", "model.rope_base", "model.rope_scale", "model.window"}
+    for name in ("rope", "ntk", "swa", "nope", "learned"):
+        preset = read_toml(ROOT / "configs" / f"{name}.toml")
+        changed = {k for k in set(base) | set(preset) if base.get(k) != preset.get(k)}
+        assert changed <= positional, (name, changed)
+        load(ROOT / "configs" / f"{name}.toml")  # and each one validates
+
+
+def test_overrides_parse_as_toml_literals():
+    assert parse_override("train.lr=1e-3") == ("train.lr", 1e-3)
+    assert parse_override("model.position=rope") == ("model.position", "rope")
+    assert parse_override("log.wandb=true") == ("log.wandb", True)
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("train.lr")
+
+
+def test_include_cycle_is_reported(tmp_path):
+    (tmp_path / "a.toml").write_text('include = "b.toml"\n')
+    (tmp_path / "b.toml").write_text('include = "a.toml"\n')
+    with pytest.raises(ConfigError, match="include cycle"):
+        read_toml(tmp_path / "a.toml")
+
+
+# ------------------------------------------------------------------ runs
+def test_run_directory_describes_itself_and_is_never_overwritten(tmp_path):
+    cfg = build(tiny_overrides(model__position="rope_ntk", model__rope_scale=8.0))
+    summary = train(cfg, tmp_path / "run")
+    run = tmp_path / "run"
+    resolved = from_resolved(run / "config.toml")
+    assert resolved.to_dict()["train"] == cfg.to_dict()["train"]
+    assert "rope_effective_base = " in (run / "config.toml").read_text()
+    env = json.loads((run / "env.json").read_text())
+    assert {"versions", "git", "device", "threads", "precision"} <= set(env)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 13))
+    assert {"train_loss", "lr", "tokens", "tokens_per_s"} <= set(records[0])
+    assert summary["final_val_loss"] == records[-1]["val_loss"]
+    assert len(checkpoint.list_checkpoints(run / "checkpoints")) == 2  # keep_checkpoints
+    with pytest.raises(RunExistsError, match="--resume"):
+        train(cfg, run)
+
+
+def test_same_config_and_seed_give_identical_metrics(tmp_path):
+    cfg = build(tiny_overrides())
+    train(cfg, tmp_path / "a")
+    train(cfg, tmp_path / "b")
+    assert deterministic_metrics(tmp_path / "a/metrics.jsonl") == deterministic_metrics(
+        tmp_path / "b/metrics.jsonl"
+    )
+    other = build(tiny_overrides(seed=1))
+    train(other, tmp_path / "c")
+    assert deterministic_metrics(tmp_path / "a/metrics.jsonl") != deterministic_metrics(
+        tmp_path / "c/metrics.jsonl"
+    )
+
+
+def test_resume_refuses_a_changed_config_but_may_extend_the_budget(tmp_path):
+    train(build(tiny_overrides(train__steps=4)), tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"train.lr"):
+        train(build(tiny_overrides(train__steps=4, train__lr=1e-2)), tmp_path / "run", resume=True)
+    first = deterministic_metrics(tmp_path / "run/metrics.jsonl")
+    train(build(tiny_overrides(train__steps=8)), tmp_path / "run", resume=True)
+    extended = deterministic_metrics(tmp_path / "run/metrics.jsonl")
+    assert extended[:4] == first and [r["step"] for r in extended] == list(range(1, 9))
+
+
+def test_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
+    """SIGKILL a real training process mid-run, resume it, compare bit for bit."""
+    values = tiny_overrides(train__steps=400, train__ckpt_every=7, train__eval_every=50)
+    config = write_config(tmp_path / "tiny.toml", values)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    cmd = [sys.executable, "-m", "train", str(config), "--set", "train.threads=1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([*cmd, "--out", str(killed)], cwd=ROOT, env=env)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        if len(lines) >= 45:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (killed / "summary.json").exists()
+    subprocess.run([*cmd, "--out", str(killed), "--resume"], cwd=ROOT, env=env, check=True)
+    subprocess.run([*cmd, "--out", str(straight)], cwd=ROOT, env=env, check=True)
+    assert deterministic_metrics(killed / "metrics.jsonl") == deterministic_metrics(
+        straight / "metrics.jsonl"
+    )
+    a, b = final_weights(killed), final_weights(straight)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------ checkpoints
+def test_corrupt_checkpoint_names_the_file_and_resume_falls_back(tmp_path):
+    cfg = build(tiny_overrides(train__steps=8, train__keep_checkpoints=3))
+    train(cfg, tmp_path / "run")
+    ckpts = checkpoint.list_checkpoints(tmp_path / "run/checkpoints")
+    newest = ckpts[-1] / checkpoint.MODEL_FILE
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated
+    with pytest.raises(
+        checkpoint.CheckpointError, match=r"model.safetensors: contents do not match"
+    ):
+        checkpoint.verify(ckpts[-1])
+    with pytest.warns(UserWarning, match="skipping unusable checkpoint"):
+        train(cfg, tmp_path / "run", resume=True)
+    train(cfg, tmp_path / "straight")
+    assert deterministic_metrics(tmp_path / "run/metrics.jsonl") == deterministic_metrics(
+        tmp_path / "straight/metrics.jsonl"
+    )
+
+
+def test_crash_while_writing_a_checkpoint_leaves_the_previous_one_intact(tmp_path, monkeypatch):
+    cfg = build(tiny_overrides(train__steps=4))
+    train(cfg, tmp_path / "run")
+    root = tmp_path / "run/checkpoints"
+    before = checkpoint.list_checkpoints(root)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", crash)
+    from train.loop import Run
+
+    run = Run(build(tiny_overrides(train__steps=6)), tmp_path / "run", resume=True)
+    run.step = 5
+    with pytest.raises(OSError, match="disk full"):
+        run.save_checkpoint()
+    assert checkpoint.list_checkpoints(root) == before
+    assert not list(root.glob(".tmp-*"))
+    checkpoint.verify(before[-1])
+
+
+def test_missing_manifest_means_incomplete(tmp_path):
+    train(build(tiny_overrides(train__steps=4)), tmp_path / "run")
+    last = checkpoint.list_checkpoints(tmp_path / "run/checkpoints")[-1]
+    (last / checkpoint.MANIFEST).unlink()
+    with pytest.raises(checkpoint.CheckpointError, match="manifest.json: missing"):
+        checkpoint.verify(last)
+
+
+def test_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = build(
+        tiny_overrides(train__lr=1e4, train__grad_clip=0.0, train__steps=40, train__warmup=0)
+    )
+    with pytest.raises(TrainingDiverged, match="last good checkpoint"):
+        train(cfg, tmp_path / "run")
+    for ckpt in checkpoint.list_checkpoints(tmp_path / "run/checkpoints"):
+        checkpoint.verify(ckpt)
+
+
+# ------------------------------------------------------------------ distributed
+def test_two_ranks_with_batch_b_equal_one_rank_with_batch_2b(tmp_path):
+    if shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None:
+        pytest.skip("torchrun not installed")
+    values = tiny_overrides(train__steps=1, train__batch_size=8, train__warmup=0)
+    config = write_config(tmp_path / "tiny.toml", values)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    subprocess.run(
+        [
+            torchrun,
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "train",
+            str(config),
+            "--out",
+            str(tmp_path / "ddp"),
+        ],
+        cwd=ROOT,
+        env=env,
+        check=True,
+    )
+    train(build(values), tmp_path / "single")
+    a, b = final_weights(tmp_path / "ddp"), final_weights(tmp_path / "single")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    moved = final_weights(tmp_path / "single")["layers.0.mlp.up_proj.weight"]
+    assert not torch.allclose(moved, torch.zeros_like(moved))

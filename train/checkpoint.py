@@ -1,0 +1,204 @@
+"""Checkpoints: atomic, verified, pickle-free.
+
+A checkpoint is a folder checkpoints/step_00000100/ holding model.safetensors,
+optimizer.safetensors (every optimizer tensor), state.json (step, hyper-parameters,
+RNG states) and manifest.json (the sha256 of each file). It is written into a temporary
+folder, every file fsync'ed, then renamed into place, so a crash at any moment leaves
+either the complete new checkpoint or none: the previous one is always intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+MODEL_FILE, OPTIM_FILE, STATE_FILE, MANIFEST = (
+    "model.safetensors",
+    "optimizer.safetensors",
+    "state.json",
+    "manifest.json",
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and why."""
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"step_{step:08d}"
+
+
+def save(root: Path, step: int, model, optimizer, extra: dict, keep: int) -> Path:
+    """Write the checkpoint for `step` atomically and keep only the newest `keep`."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = step_dir(root, step)
+    if final.exists():
+        return final
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-step_{step:08d}-"))
+    try:
+        save_file(_model_tensors(model), str(tmp / MODEL_FILE))
+        tensors, groups = _flatten_optimizer(optimizer.state_dict())
+        tensors.update(_rng_tensors())
+        save_file(tensors, str(tmp / OPTIM_FILE))
+        state = {"step": step, "param_groups": groups, **extra}
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        files = (MODEL_FILE, OPTIM_FILE, STATE_FILE)
+        manifest = {name: _sha256(tmp / name) for name in files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        for name in (*files, MANIFEST):
+            _fsync(tmp / name)
+        _fsync(tmp)
+        os.rename(tmp, final)
+        _fsync(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoint folders, oldest first (temporary folders are ignored)."""
+    root = Path(root)
+    if not root.exists():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+
+
+def clean_temporaries(root: Path) -> None:
+    for p in Path(root).glob(".tmp-step_*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def verify(path: Path) -> dict:
+    """Check the manifest and every file's hash; return state.json's contents."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.exists():
+        raise CheckpointError(f"{manifest_path}: missing, so the checkpoint is incomplete")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{manifest_path}: not valid JSON ({err})") from None
+    for name, digest in manifest.items():
+        file = path / name
+        if not file.exists():
+            raise CheckpointError(f"{file}: missing")
+        if _sha256(file) != digest:
+            raise CheckpointError(
+                f"{file}: contents do not match the manifest (corrupt or truncated)"
+            )
+    return json.loads((path / STATE_FILE).read_text())
+
+
+def load(path: Path, model, optimizer) -> dict:
+    """Verify and restore model, optimizer and RNG states; return state.json's contents."""
+    state = verify(path)
+    try:
+        weights = load_file(str(path / MODEL_FILE))
+        tensors = load_file(str(path / OPTIM_FILE))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({err})") from None
+    _load_model_tensors(model, weights)
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, state["param_groups"]))
+    _restore_rng(tensors)
+    return state
+
+
+def load_latest(root: Path, model, optimizer) -> dict | None:
+    """Restore the newest checkpoint that verifies, falling back past corrupt ones."""
+    for path in reversed(list_checkpoints(root)):
+        try:
+            return load(path, model, optimizer)
+        except CheckpointError as err:
+            warnings.warn(f"skipping unusable checkpoint: {err}", stacklevel=2)
+    return None
+
+
+def load_weights(path: Path, model) -> dict:
+    """Restore only the model weights (for analysis); verifies the checkpoint first."""
+    state = verify(path)
+    _load_model_tensors(model, load_file(str(Path(path) / MODEL_FILE)))
+    return state
+
+
+# ------------------------------------------------------------------ helpers
+def _model_tensors(model) -> dict:
+    """State dict without duplicates of tied weights (safetensors refuses shared storage)."""
+    out, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        out[name] = tensor.detach().cpu().contiguous()
+    return out
+
+
+def _load_model_tensors(model, weights: dict) -> None:
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = {"lm_head.weight"} if model.cfg.tie_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise CheckpointError(
+            f"checkpoint does not fit this model: missing {sorted(set(missing) - tied)}, "
+            f"unexpected {sorted(unexpected)}"
+        )
+
+
+def _flatten_optimizer(sd: dict) -> tuple[dict, list]:
+    tensors = {}
+    for idx, entry in sd["state"].items():
+        for key, value in entry.items():
+            value = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"state.{idx}.{key}"] = value.detach().cpu().contiguous()
+    return tensors, sd["param_groups"]
+
+
+def _unflatten_optimizer(tensors: dict, groups: list) -> dict:
+    state: dict = {}
+    for name, value in tensors.items():
+        if name.startswith("state."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": groups}
+
+
+def _rng_tensors() -> dict:
+    out = {"rng.torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"rng.torch_cuda.{i}"] = s
+    return out
+
+
+def _restore_rng(tensors: dict) -> None:
+    torch.set_rng_state(tensors["rng.torch_cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.torch_cuda.")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

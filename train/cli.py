@@ -1,0 +1,56 @@
+"""`posleak train CONFIG [--set key=value ...] [--out DIR] [--resume]`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from model import ConfigError
+from train import config as run_config
+from train.checkpoint import CheckpointError
+from train.loop import RunExistsError, RunInterrupted, TrainingDiverged, train
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="TOML config file (see configs/)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key, e.g. --set train.lr=1e-3 (repeatable)",
+    )
+    parser.add_argument("--out", help="run directory (default: runs/<config name>-s<seed>)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its latest good checkpoint (starts it if absent)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = run_config.load(args.config, args.overrides)
+        out = Path(args.out or f"runs/{Path(args.config).stem}-s{cfg.seed}")
+        summary = train(cfg, out, resume=args.resume)
+    except RunInterrupted as err:
+        print(f"interrupted: {err}", file=sys.stderr)
+        return 130
+    except (ConfigError, RunExistsError, CheckpointError, TrainingDiverged) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"run: {out}")
+        print(
+            f"final validation loss: {summary['final_val_loss']:.4f} after {summary['steps']} steps"
+        )
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -1,0 +1,257 @@
+"""Run configuration: TOML files with includes, --set overrides, and validation that
+reports every problem at once.
+
+A config file may start with `include = "base.toml"` (a path relative to the file, or a
+list of them): the included files are read first, in order, and this file's keys override
+theirs. TOML has no null, so `model.window = 0`, `model.d_ff = 0` and
+`model.vocab_size = 0` mean "none" / "automatic".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+import tomli_w
+
+from data import DataConfig
+from model import ConfigError, ModelConfig
+
+PRECISIONS = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 600
+    batch_size: int = 16  # global: split evenly across distributed ranks
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    warmup: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_every: int = 100
+    eval_batches: int = 8
+    ckpt_every: int = 200
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    precision: str = "auto"
+    device: str = "auto"
+    compile: bool = False
+    threads: int = 0  # torch intra-op threads; 0 = torch's default (or $OMP_NUM_THREADS)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    progress: bool = True  # tqdm bar when stderr is a terminal
+    wandb: bool = False
+    wandb_project: str = "posleak"
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "log": LogConfig,
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = 0
+    model: dict = field(default_factory=dict)  # raw ModelConfig fields; see model_config()
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        values = dict(self.model)
+        for key in ("window", "d_ff"):
+            if values.get(key) == 0:
+                values[key] = None
+        if not values.get("vocab_size"):
+            values["vocab_size"] = vocab_size
+        elif values["vocab_size"] < vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={values['vocab_size']} is smaller than the data's vocabulary "
+                f"({vocab_size}); set model.vocab_size = 0 to take it from the data"
+            )
+        return ModelConfig(**values)
+
+    def to_dict(self) -> dict:
+        out = {"seed": self.seed, "model": dict(self.model)}
+        for name in ("data", "train", "log"):
+            out[name] = dataclasses.asdict(getattr(self, name))
+        return out
+
+
+def valid_keys() -> list[str]:
+    keys = ["seed"]
+    for section, cls in SECTIONS.items():
+        keys += [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
+    return keys
+
+
+def _expected_type(section: str, name: str):
+    hints = typing.get_type_hints(SECTIONS[section])
+    return hints[name]
+
+
+def _type_ok(value, expected) -> bool:
+    options = typing.get_args(expected) or (expected,)
+    for option in options:
+        if option is type(None):
+            continue
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if option in (str, bool) and isinstance(value, option):
+            return True
+    return False
+
+
+def _type_name(expected) -> str:
+    options = [o for o in (typing.get_args(expected) or (expected,)) if o is not type(None)]
+    return " or ".join(o.__name__ for o in options)
+
+
+def flatten(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and not prefix:
+            out.update(flatten(value, f"{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def read_toml(path: Path, seen: tuple = ()) -> dict:
+    """Flat {dotted key: value} of a file and its includes (includes first)."""
+    path = Path(path).resolve()
+    if path in seen:
+        raise ConfigError(f"include cycle: {' -> '.join(map(str, (*seen, path)))}")
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path} is not valid TOML: {err}") from None
+    includes = raw.pop("include", [])
+    includes = [includes] if isinstance(includes, str) else includes
+    merged: dict = {}
+    for inc in includes:
+        merged.update(read_toml(path.parent / inc, (*seen, path)))
+    merged.update(flatten(raw))
+    return merged
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """'train.lr=1e-3' -> ('train.lr', 0.001); values are TOML literals, else plain strings."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip(), tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key.strip(), value
+
+
+def build(values: dict) -> RunConfig:
+    """RunConfig from flat dotted values; every problem is collected and raised together."""
+    problems = []
+    keys = valid_keys()
+    sections: dict[str, dict] = {name: {} for name in SECTIONS}
+    seed = 0
+    for key, value in values.items():
+        if key not in keys:
+            close = difflib.get_close_matches(key, keys, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            problems.append(f"unknown key {key!r}{hint} (valid keys: {', '.join(keys)})")
+            continue
+        if key == "seed":
+            if not _type_ok(value, int):
+                problems.append(f"seed: expected int, got {value!r}")
+            seed = value
+            continue
+        section, name = key.split(".", 1)
+        expected = _expected_type(section, name)
+        if not _type_ok(value, expected):
+            problems.append(
+                f"{key}: expected {_type_name(expected)}, got {type(value).__name__} {value!r}"
+            )
+            continue
+        sections[section][name] = value
+
+    data = DataConfig(**sections["data"])
+    train = TrainConfig(**sections["train"])
+    log = LogConfig(**sections["log"])
+    problems += data.problems() + train_problems(train)
+    model_values = dict(sections["model"])
+    for key in ("window", "d_ff", "vocab_size"):
+        if model_values.get(key) == 0:
+            model_values[key] = None if key != "vocab_size" else 259
+    try:
+        ModelConfig(**model_values)
+    except ConfigError as err:
+        problems += [f"model.{line.strip()[2:]}" for line in str(err).splitlines()[1:]]
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+    return RunConfig(seed=seed, model=sections["model"], data=data, train=train, log=log)
+
+
+def train_problems(t: TrainConfig) -> list[str]:
+    out = []
+    for name in ("steps", "batch_size", "eval_every", "eval_batches", "ckpt_every", "log_every"):
+        if getattr(t, name) < 1:
+            out.append(f"train.{name} must be >= 1, got {getattr(t, name)}")
+    if t.keep_checkpoints < 1:
+        out.append(f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
+    if t.warmup < 0:
+        out.append(f"train.warmup must be >= 0, got {t.warmup}")
+    if not t.lr > 0:
+        out.append(f"train.lr must be > 0, got {t.lr}")
+    if t.precision not in PRECISIONS:
+        out.append(f"train.precision must be one of {PRECISIONS}, got {t.precision!r}")
+    if t.device not in DEVICES:
+        out.append(f"train.device must be one of {DEVICES}, got {t.device!r}")
+    return out
+
+
+def load(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a config file (or only defaults), apply `key=value` overrides and validate."""
+    values = read_toml(Path(path)) if path else {}
+    values.update(dict(parse_override(o) for o in overrides))
+    return build(values)
+
+
+def to_toml(cfg: RunConfig, model_cfg: ModelConfig | None = None, derived: dict | None = None):
+    """The resolved config: every key with its value, the model's as built (None written 0)."""
+    out = cfg.to_dict()
+    if model_cfg is not None:
+        out["model"] = {k: 0 if v is None else v for k, v in model_cfg.to_dict().items()}
+    if derived:
+        out["derived"] = derived
+    return tomli_w.dumps(_drop_none(out))
+
+
+def from_resolved(path: Path) -> RunConfig:
+    """Read a run directory's resolved config.toml (its [derived] table is informational)."""
+    raw = tomllib.loads(Path(path).read_text())
+    raw.pop("derived", None)
+    return build(flatten(raw))
+
+
+def _drop_none(d: dict) -> dict:
+    return {k: _drop_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}

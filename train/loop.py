@@ -1,0 +1,370 @@
+"""The training loop: config -> run directory with metrics, checkpoints and exact resume.
+
+Exactness rests on three facts: batches are a pure function of (seed, step, rank), the
+learning rate is a pure function of the step, and a checkpoint holds every other piece of
+state (weights, optimizer moments, RNG states). A resumed run therefore replays nothing
+and skips nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import BatchStream, vocab_size_of
+from model import ConfigError, Decoder
+from train import checkpoint
+from train.config import RunConfig, from_resolved, to_toml
+from train.environment import autocast, describe, resolve_device, resolve_precision
+
+# keys that may differ when a run is resumed: the budget may grow, logging may change
+RESUMABLE_CHANGES = ("train.steps", "train.threads", "train.device", "log.")
+TIMING_FIELDS = ("tokens_per_s", "elapsed_s")
+
+
+class RunExistsError(RuntimeError):
+    pass
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+class RunInterrupted(RuntimeError):
+    pass
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warmup over `warmup` steps, then cosine decay to lr * min_lr_ratio."""
+    t = cfg.train
+    if step < t.warmup:
+        return t.lr * (step + 1) / t.warmup
+    progress = (step - t.warmup) / max(1, t.steps - t.warmup)
+    floor = t.lr * t.min_lr_ratio
+    return floor + (t.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not norms or sink logits)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.train.weight_decay},
+        {"params": rest, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), foreach=True
+    )
+
+
+def lm_loss(model, tokens: torch.Tensor) -> torch.Tensor:
+    logits = model(tokens[:, :-1])
+    return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+
+
+class Run:
+    """One training run in one directory; rank 0 writes, every rank computes."""
+
+    def __init__(self, cfg: RunConfig, out: str | Path, resume: bool = False):
+        self.out = Path(out)
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        self.rank = dist.get_rank() if self.world > 1 else 0
+        self.cfg = self._check_run_dir(cfg, resume)
+        if self.cfg.train.threads:
+            torch.set_num_threads(self.cfg.train.threads)
+        self.device = resolve_device(self.cfg.train.device)
+        self.train_stream = BatchStream(
+            self.cfg.data, self.cfg.seed, "train", self.cfg.train.batch_size
+        )
+        self.val_stream = BatchStream(
+            self.cfg.data, self.cfg.seed, "val", self.cfg.train.batch_size
+        )
+        self.model_cfg = self.cfg.model_config(vocab_size_of(self.cfg.data))
+        self.precision, reason = resolve_precision(
+            self.cfg.train.precision, self.device, self.model_cfg.d_model
+        )
+        torch.manual_seed(self.cfg.seed)
+        self.model = Decoder(self.model_cfg, seed=self.cfg.seed).to(self.device)
+        self.optimizer = make_optimizer(self.model, self.cfg)
+        self.step, self.elapsed = 0, 0.0
+        self.ckpt_root = self.out / "checkpoints"
+        state = None
+        if resume:
+            checkpoint.clean_temporaries(self.ckpt_root)
+            state = checkpoint.load_latest(self.ckpt_root, self.model, self.optimizer)
+            if state:
+                self.step, self.elapsed = state["step"], state["elapsed_s"]
+        self.forward_model = self.model
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=ids
+            )
+        if self.cfg.train.compile:
+            self.forward_model = torch.compile(self.forward_model)
+        if self.rank == 0:
+            self._write_header(reason, resumed=state is not None)
+        self._stop_signal = None
+
+    # ------------------------------------------------------------------ run directory
+    def _check_run_dir(self, cfg: RunConfig, resume: bool) -> RunConfig:
+        stored = self.out / "config.toml"
+        if not stored.exists():
+            return cfg
+        if not resume:
+            raise RunExistsError(
+                f"{self.out} already holds a run. Continue it with --resume, or start over "
+                f"deliberately: remove it (rm -r {self.out}) or pick another --out"
+            )
+        previous = from_resolved(stored).to_dict()
+        now = cfg.to_dict()
+        now["model"] = {**previous["model"], **now["model"]}  # defaults were filled in
+        changed = [
+            key
+            for key, value in _flat(now).items()
+            if _flat(previous).get(key) != value and not key.startswith(RESUMABLE_CHANGES)
+        ]
+        if changed:
+            raise ConfigError(
+                f"cannot resume {self.out} with a different config: {changed} changed "
+                f"(only {RESUMABLE_CHANGES} may change on resume); use another --out for a new run"
+            )
+        return cfg
+
+    def _write_header(self, reason: str, resumed: bool) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        derived = {
+            "rope_effective_base": self.model_cfg.rope_effective_base,
+            "precision": self.precision,
+            "n_params": sum(p.numel() for p in self.model.parameters()),
+            "n_params_non_embedding": self.model.num_params(),
+            "tokens_per_step": self.cfg.train.batch_size * self.cfg.data.seq_len,
+            "world_size": self.world,
+        }
+        _atomic_write(self.out / "config.toml", to_toml(self.cfg, self.model_cfg, derived))
+        env_path = self.out / "env.json"
+        env = describe(self.device, self.precision, reason, self.world)
+        if resumed and env_path.exists():
+            first = json.loads(env_path.read_text())
+            first.setdefault("resumes", []).append({**env, "from_step": self.step})
+            env = first
+        _atomic_write(env_path, json.dumps(env, indent=2) + "\n")
+        self._truncate_metrics()
+
+    def _truncate_metrics(self) -> None:
+        """Keep the records up to the restored step; later ones will be recomputed."""
+        path = self.out / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a line cut off by a crash
+            if record["step"] <= self.step:
+                kept.append(line)
+        _atomic_write(path, "".join(line + "\n" for line in kept))
+
+    # ------------------------------------------------------------------ training
+    def fit(self) -> dict:
+        t = self.cfg.train
+        bar = tqdm(
+            total=t.steps,
+            initial=self.step,
+            disable=self.rank != 0 or not (self.cfg.log.progress and sys.stderr.isatty()),
+        )
+        wandb_run = self._open_wandb() if self.cfg.log.wandb and self.rank == 0 else None
+        metrics = open(self.out / "metrics.jsonl", "a") if self.rank == 0 else None
+        last_val = None
+        with self._signals_stop_cleanly(), contextlib.ExitStack() as stack:
+            if metrics:
+                stack.callback(metrics.close)
+            stack.callback(bar.close)
+            window_start, window_tokens = time.perf_counter(), 0
+            while self.step < t.steps:
+                loss = self._train_step()
+                self.step += 1
+                window_tokens += t.batch_size * self.cfg.data.seq_len
+                done = self.step == t.steps
+                record = None
+                if self.step % t.log_every == 0 or self.step % t.eval_every == 0 or done:
+                    now = time.perf_counter()
+                    self.elapsed += now - window_start
+                    record = {
+                        "step": self.step,
+                        "train_loss": loss,
+                        "lr": lr_at(self.step - 1, self.cfg),
+                        "tokens": self.step * t.batch_size * self.cfg.data.seq_len,
+                        "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
+                        "elapsed_s": self.elapsed,
+                    }
+                    if self.step % t.eval_every == 0 or done:
+                        record["val_loss"] = last_val = self.evaluate()
+                    if metrics:
+                        metrics.write(json.dumps(record) + "\n")
+                        metrics.flush()
+                    if wandb_run:
+                        wandb_run.log(record, step=self.step)
+                    window_start, window_tokens = time.perf_counter(), 0
+                bar.update(1)
+                if record:
+                    bar.set_postfix(loss=f"{loss:.3f}")
+                if self.step % t.ckpt_every == 0 or done or self._stop_signal:
+                    self.save_checkpoint()
+                if self._stop_signal:
+                    raise RunInterrupted(
+                        f"stopped by {self._stop_signal} after step {self.step}; checkpoint "
+                        f"saved, continue with --resume --out {self.out}"
+                    )
+        summary = {
+            "steps": self.step,
+            "final_val_loss": last_val if last_val is not None else self.evaluate(),
+            "tokens": self.step * t.batch_size * self.cfg.data.seq_len,
+            "elapsed_s": self.elapsed,
+            "precision": self.precision,
+        }
+        if self.rank == 0:
+            _atomic_write(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        if wandb_run:
+            wandb_run.finish()
+        return summary
+
+    def _train_step(self) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, self.cfg)
+        tokens = self.train_stream.batch(self.step, self.rank, self.world).to(self.device)
+        self.model.train()
+        loss = self._loss(self.forward_model, tokens)
+        value = self._mean_over_ranks(loss.detach())
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"loss is {value} at step {self.step + 1}; {self._advice()}")
+        loss.backward()
+        if self.cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return value
+
+    def _loss(self, model, tokens: torch.Tensor) -> torch.Tensor:
+        try:
+            with autocast(self.device, self.precision):
+                return lm_loss(model, tokens)
+        except FloatingPointError as err:
+            raise TrainingDiverged(f"step {self.step + 1}: {err}; {self._advice()}") from None
+
+    def _advice(self) -> str:
+        return (
+            f"stopped before updating the weights; the last good checkpoint is in "
+            f"{self.ckpt_root}. Lower train.lr, keep train.grad_clip > 0, or use fp32"
+        )
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the first `eval_batches` validation batches (the same every time)."""
+        self.model.eval()
+        total = 0.0
+        for i in range(self.cfg.train.eval_batches):
+            tokens = self.val_stream.batch(i, self.rank, self.world).to(self.device)
+            total += self._mean_over_ranks(self._loss(self.model, tokens))
+        return total / self.cfg.train.eval_batches
+
+    def _mean_over_ranks(self, value: torch.Tensor) -> float:
+        if self.world > 1:
+            value = value.clone()
+            dist.all_reduce(value)
+            value /= self.world
+        return value.item()
+
+    def save_checkpoint(self) -> None:
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise TrainingDiverged(f"non-finite weights after step {self.step}; {self._advice()}")
+        if self.rank == 0:
+            extra = {"elapsed_s": self.elapsed, "precision": self.precision}
+            checkpoint.save(
+                self.ckpt_root,
+                self.step,
+                self.model,
+                self.optimizer,
+                extra,
+                self.cfg.train.keep_checkpoints,
+            )
+        if self.world > 1:
+            dist.barrier()
+
+    @contextlib.contextmanager
+    def _signals_stop_cleanly(self):
+        """SIGINT/SIGTERM finish the current step, checkpoint, then stop."""
+
+        def handler(signum, frame):
+            self._stop_signal = signal.Signals(signum).name
+
+        previous = {}
+        with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, handler)
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def _open_wandb(self):
+        try:
+            import wandb
+        except ImportError:
+            raise RuntimeError(
+                "log.wandb = true needs the extra: pip install 'posleak[wandb]'"
+            ) from None
+        id_file = self.out / "wandb_id.txt"
+        if not id_file.exists():
+            id_file.write_text(wandb.util.generate_id())
+        return wandb.init(
+            project=self.cfg.log.wandb_project,
+            id=id_file.read_text().strip(),
+            resume="allow",
+            dir=str(self.out),
+            mode="online" if os.environ.get("WANDB_API_KEY") else "offline",
+            config=self.cfg.to_dict(),
+        )
+
+
+def train(cfg: RunConfig, out: str | Path, resume: bool = False) -> dict:
+    return Run(cfg, out, resume).fit()
+
+
+def deterministic_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl without wall-clock fields: what must match across resumes and reruns."""
+    records = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
