@@ -7,6 +7,7 @@ import importlib
 
 SUBCOMMANDS = {
     "train": ("train.cli", "train one variant from a config into a run directory"),
+    "sweep": ("train.sweep", "run variants x seeds (x grid) with everything else matched"),
 }
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from model import ConfigError
 from train import config as run_config
 from train.checkpoint import CheckpointError
+from train.lock import RunLocked
 from train.loop import RunExistsError, RunInterrupted, TrainingDiverged, train
 
 
@@ -39,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     except RunInterrupted as err:
         print(f"interrupted: {err}", file=sys.stderr)
         return 130
-    except (ConfigError, RunExistsError, CheckpointError, TrainingDiverged) as err:
+    except (ConfigError, RunExistsError, RunLocked, CheckpointError, TrainingDiverged) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:

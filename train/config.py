@@ -198,6 +198,12 @@ def build(values: dict) -> RunConfig:
     train = TrainConfig(**sections["train"])
     log = LogConfig(**sections["log"])
     problems += data.problems() + train_problems(train)
+    max_len = sections["model"].get("max_seq_len", ModelConfig.max_seq_len)
+    if sections["model"].get("position") == "learned" and max_len < data.seq_len:
+        problems.append(
+            f"model.max_seq_len={max_len} is shorter than data.seq_len={data.seq_len}: the "
+            "learned position table cannot cover the sequence; raise model.max_seq_len"
+        )
     model_values = dict(sections["model"])
     for key in ("window", "d_ff", "vocab_size"):
         if model_values.get(key) == 0:

@@ -27,6 +27,7 @@ from model import ConfigError, Decoder
 from train import checkpoint
 from train.config import RunConfig, from_resolved, to_toml
 from train.environment import autocast, describe, resolve_device, resolve_precision
+from train.lock import RunLock
 
 # keys that may differ when a run is resumed: the budget may grow, logging may change
 RESUMABLE_CHANGES = ("train.steps", "train.threads", "train.device", "log.")
@@ -182,47 +183,31 @@ class Run:
     # ------------------------------------------------------------------ training
     def fit(self) -> dict:
         t = self.cfg.train
-        bar = tqdm(
-            total=t.steps,
-            initial=self.step,
-            disable=self.rank != 0 or not (self.cfg.log.progress and sys.stderr.isatty()),
-        )
-        wandb_run = self._open_wandb() if self.cfg.log.wandb and self.rank == 0 else None
-        metrics = open(self.out / "metrics.jsonl", "a") if self.rank == 0 else None
+        tokens_per_step = t.batch_size * self.cfg.data.seq_len
         last_val = None
-        with self._signals_stop_cleanly(), contextlib.ExitStack() as stack:
-            if metrics:
-                stack.callback(metrics.close)
-            stack.callback(bar.close)
-            window_start, window_tokens = time.perf_counter(), 0
+        with self._signals_stop_cleanly(), self._metrics_log() as log:
+            window_start, window_steps = time.perf_counter(), 0
             while self.step < t.steps:
                 loss = self._train_step()
                 self.step += 1
-                window_tokens += t.batch_size * self.cfg.data.seq_len
+                window_steps += 1
                 done = self.step == t.steps
-                record = None
-                if self.step % t.log_every == 0 or self.step % t.eval_every == 0 or done:
+                evaluate = self.step % t.eval_every == 0 or done
+                if self.step % t.log_every == 0 or evaluate:
                     now = time.perf_counter()
                     self.elapsed += now - window_start
                     record = {
                         "step": self.step,
                         "train_loss": loss,
                         "lr": lr_at(self.step - 1, self.cfg),
-                        "tokens": self.step * t.batch_size * self.cfg.data.seq_len,
-                        "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
+                        "tokens": self.step * tokens_per_step,
+                        "tokens_per_s": window_steps * tokens_per_step / (now - window_start),
                         "elapsed_s": self.elapsed,
                     }
-                    if self.step % t.eval_every == 0 or done:
+                    if evaluate:
                         record["val_loss"] = last_val = self.evaluate()
-                    if metrics:
-                        metrics.write(json.dumps(record) + "\n")
-                        metrics.flush()
-                    if wandb_run:
-                        wandb_run.log(record, step=self.step)
-                    window_start, window_tokens = time.perf_counter(), 0
-                bar.update(1)
-                if record:
-                    bar.set_postfix(loss=f"{loss:.3f}")
+                    log(record)
+                    window_start, window_steps = time.perf_counter(), 0
                 if self.step % t.ckpt_every == 0 or done or self._stop_signal:
                     self.save_checkpoint()
                 if self._stop_signal:
@@ -233,15 +218,39 @@ class Run:
         summary = {
             "steps": self.step,
             "final_val_loss": last_val if last_val is not None else self.evaluate(),
-            "tokens": self.step * t.batch_size * self.cfg.data.seq_len,
+            "tokens": self.step * tokens_per_step,
             "elapsed_s": self.elapsed,
             "precision": self.precision,
         }
         if self.rank == 0:
             _atomic_write(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
-        if wandb_run:
-            wandb_run.finish()
         return summary
+
+    @contextlib.contextmanager
+    def _metrics_log(self):
+        """A function that records one metrics dict: metrics.jsonl, progress bar, wandb."""
+        if self.rank != 0:
+            yield lambda record: None
+            return
+        show = self.cfg.log.progress and sys.stderr.isatty()
+        wandb_run = self._open_wandb() if self.cfg.log.wandb else None
+        with open(self.out / "metrics.jsonl", "a") as f:
+            bar = tqdm(total=self.cfg.train.steps, initial=self.step, disable=not show)
+
+            def log(record: dict) -> None:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                bar.update(record["step"] - bar.n)
+                bar.set_postfix(loss=f"{record['train_loss']:.3f}")
+                if wandb_run:
+                    wandb_run.log(record, step=record["step"])
+
+            try:
+                yield log
+            finally:
+                bar.close()
+                if wandb_run:
+                    wandb_run.finish()
 
     def _train_step(self) -> float:
         for group in self.optimizer.param_groups:
@@ -343,7 +352,15 @@ class Run:
 
 
 def train(cfg: RunConfig, out: str | Path, resume: bool = False) -> dict:
-    return Run(cfg, out, resume).fit()
+    """Train into `out`; the run directory is locked against a second writer meanwhile."""
+    lock = RunLock(out) if int(os.environ.get("RANK", "0")) == 0 else None
+    if lock:
+        lock.acquire()
+    try:
+        return Run(cfg, out, resume).fit()
+    finally:
+        if lock:
+            lock.release()
 
 
 def deterministic_metrics(path: Path) -> list[dict]:

@@ -1,0 +1,145 @@
+"""Sweeps: expansion, matched conditions across variants, execution, failure isolation, resume."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from conftest import tiny_overrides, write_config
+
+from train.config import build
+from train.loop import Run, deterministic_metrics
+from train.sweep import expand, read_sweep
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def sweep_file(tmp_path, body: str, **config_changes) -> Path:
+    write_config(tmp_path / "base.toml", tiny_overrides(**config_changes))
+    path = tmp_path / "sweep.toml"
+    path.write_text('base = "base.toml"\n' + body)
+    return path
+
+
+def posleak(*args, **kwargs):
+    cmd = [sys.executable, "-m", "posleak", *map(str, args)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, **kwargs)
+
+
+VARIANTS = """
+seeds = [0, 1]
+[variants.rope]
+model.position = "rope"
+[variants.nope]
+model.position = "nope"
+"""
+
+
+def test_expansion_is_deterministic_readable_and_crosses_the_grid(tmp_path):
+    path = sweep_file(tmp_path, VARIANTS + '[grid]\n"train.lr" = [1e-3, 3e-3]\n')
+    runs = expand(read_sweep(path))
+    assert [r.name for r in runs] == [r.name for r in expand(read_sweep(path))]
+    assert len(runs) == 2 * 2 * 2 and len({r.name for r in runs}) == 8
+    assert runs[0].name.startswith("rope-lr0.001-s0-")
+    assert {r.values["model.position"] for r in runs} == {"rope", "nope"}
+
+
+def test_variants_see_identical_batches_and_shared_parameters_start_equal(tmp_path):
+    runs = [r for r in expand(read_sweep(ROOT / "configs/sweeps/variants.toml")) if r.seed == 1]
+    built = [Run(build(r.values), tmp_path / r.name) for r in runs]
+    reference = built[0]
+    shared_names = set(reference.model.state_dict())
+    for other in built[1:]:
+        for step in (0, 1, 57):
+            assert torch.equal(reference.train_stream.batch(step), other.train_stream.batch(step))
+        assert torch.equal(reference.val_stream.batch(0), other.val_stream.batch(0))
+        state = other.model.state_dict()
+        for name in shared_names & set(state):
+            assert torch.equal(reference.model.state_dict()[name], state[name]), name
+    learned = next(b for b, r in zip(built, runs, strict=True) if r.variant == "learned")
+    assert "pos_embed.weight" in learned.model.state_dict()
+
+
+def test_tiny_sweep_runs_isolates_a_broken_variant_and_skips_completed_runs(tmp_path):
+    body = VARIANTS + (
+        "[variants.broken]\n"
+        'model.position = "rope"\ntrain.lr = 1e4\ntrain.grad_clip = 0.0\ntrain.warmup = 0\n'
+        "[variants.invalid]\n"
+        "model.n_head = 3\n"
+    )
+    path = sweep_file(tmp_path, body, train__steps=6)
+    out = tmp_path / "sweep"
+    result = posleak("sweep", path, "--out", out, "--jobs", "2", timeout=300)
+    assert result.returncode == 1, result.stderr
+    rows = list(csv.DictReader((out / "summary.csv").read_text().splitlines()))
+    status = {r["variant"]: set() for r in rows}
+    for r in rows:
+        status[r["variant"]].add(r["status"])
+    assert status == {
+        "rope": {"done"},
+        "nope": {"done"},
+        "broken": {"failed"},
+        "invalid": {"invalid"},
+    }
+    broken = next(r for r in rows if r["variant"] == "broken")
+    assert "loss is" in broken["error"] or "NaN" in broken["error"]
+    invalid = next(r for r in rows if r["variant"] == "invalid")
+    assert "not divisible by n_head=3" in invalid["error"]
+    done = [r for r in rows if r["status"] == "done"]
+    assert all(float(r["final_val_loss"]) > 0 and r["steps"] == "6" for r in done)
+    assert "| rope-s0-" in (out / "summary.md").read_text()
+
+    stamps = {r["run"]: (out / r["run"] / "summary.json").stat().st_mtime_ns for r in done}
+    again = posleak("sweep", path, "--out", out, timeout=300)
+    assert again.returncode == 1
+    assert stamps == {r: (out / r / "summary.json").stat().st_mtime_ns for r in stamps}
+
+
+def test_print_commands_gives_one_independent_command_per_valid_run(tmp_path):
+    path = sweep_file(tmp_path, VARIANTS + "[variants.invalid]\nmodel.n_head = 3\n", train__steps=3)
+    out = tmp_path / "sweep"
+    result = posleak("sweep", path, "--out", out, "--print-commands")
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 4 and all(line.startswith("posleak train ") for line in lines)
+    args = lines[0].split()[2:]
+    assert Path(args[0]).exists() and args[-1] == "--resume"
+    subprocess.run(
+        [sys.executable, "-m", "train", *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=True,
+        capture_output=True,
+    )
+    assert (Path(args[2]) / "summary.json").exists()
+
+
+def test_ctrl_c_stops_cleanly_and_a_rerun_continues_exactly(tmp_path):
+    body = 'seeds = [0]\n[variants.rope]\nmodel.position = "rope"\n'
+    path = sweep_file(
+        tmp_path, body, train__steps=400, train__eval_every=100, train__ckpt_every=100
+    )
+    out = tmp_path / "sweep"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "posleak", "sweep", str(path), "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    run_name = expand(read_sweep(path))[0].name
+    metrics = out / run_name / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (
+        metrics.exists() and len(metrics.read_text().splitlines()) >= 20
+    ):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert not (out / run_name / "summary.json").exists()
+    assert posleak("sweep", path, "--out", out, timeout=300).returncode == 0
+    reference = tmp_path / "reference"
+    Run(build(json.loads(json.dumps(expand(read_sweep(path))[0].values))), reference).fit()
+    assert deterministic_metrics(metrics) == deterministic_metrics(reference / "metrics.jsonl")

@@ -1,0 +1,295 @@
+"""`posleak sweep SWEEP.toml [--jobs N] [--dry-run] [--print-commands] [--out DIR]`
+
+A sweep file names a base config, named variants (overlays of keys), seeds, and optionally
+a grid over any other keys:
+
+    base = "../base.toml"          # relative to the sweep file
+    seeds = [0, 1, 2]
+    [variants.rope]
+    model.position = "rope"
+    [variants.nope]
+    model.position = "nope"
+    [grid]                          # optional: every combination is crossed with variants
+    train.lr = [1e-3, 3e-3]
+    [set]                           # optional: overrides for every run
+    train.steps = 300
+
+Each run gets a readable, deterministic name (variant, grid values, seed and a short hash
+of its resolved config) and its own directory under the sweep directory. Every run is an
+independent command (`--print-commands`), so any scheduler can execute the sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import itertools
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomli_w
+
+from model import ConfigError
+from train.config import build, flatten, read_toml, tomllib
+
+SWEEP_KEYS = {"name", "base", "seeds", "variants", "grid", "set"}
+
+
+@dataclass
+class PlannedRun:
+    name: str
+    variant: str
+    seed: int
+    grid: dict
+    values: dict  # flat dotted config values
+    error: str | None = None  # set when the config does not validate
+    status: str = "pending"
+    result: dict = field(default_factory=dict)
+
+
+def read_sweep(path: Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"sweep file {path} does not exist")
+    spec = tomllib.loads(path.read_text())
+    unknown = set(spec) - SWEEP_KEYS
+    if unknown:
+        raise ConfigError(f"unknown sweep keys {sorted(unknown)}; valid keys: {sorted(SWEEP_KEYS)}")
+    for key in ("base", "seeds", "variants"):
+        if key not in spec:
+            raise ConfigError(f"sweep file {path} needs `{key}` (see `posleak sweep --help`)")
+    spec.setdefault("name", path.stem)
+    spec["base"] = str((path.parent / spec["base"]).resolve())
+    return spec
+
+
+def expand(spec: dict) -> list[PlannedRun]:
+    """Every (grid point, variant, seed) as a run; invalid configs are kept, marked with why."""
+    base = read_toml(Path(spec["base"]))
+    shared = flatten(spec.get("set", {}))
+    grid = flatten(spec.get("grid", {}))
+    grid_keys = sorted(grid)
+    runs = []
+    for point in itertools.product(*(grid[k] for k in grid_keys)):
+        grid_values = dict(zip(grid_keys, point, strict=True))
+        for variant, overlay in spec["variants"].items():
+            for seed in spec["seeds"]:
+                values = {**base, **shared, **flatten(overlay), **grid_values, "seed": seed}
+                digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+                label = "".join(f"-{k.rsplit('.', 1)[-1]}{v}" for k, v in grid_values.items())
+                run = PlannedRun(
+                    f"{variant}{label}-s{seed}-{digest[:8]}", variant, seed, grid_values, values
+                )
+                try:
+                    build(values)
+                except ConfigError as err:
+                    run.error, run.status = str(err), "invalid"
+                runs.append(run)
+    return runs
+
+
+def write_plan(sweep_dir: Path, runs: list[PlannedRun]) -> None:
+    """One config file per run under sweep_dir/configs/ (what each command trains)."""
+    configs = sweep_dir / "configs"
+    configs.mkdir(parents=True, exist_ok=True)
+    for run in runs:
+        nested: dict = {}
+        for key, value in run.values.items():
+            section, _, name = key.rpartition(".")
+            (nested.setdefault(section, {}) if section else nested)[name or key] = value
+        path = configs / f"{run.name}.toml"
+        text = tomli_w.dumps(nested)
+        if not path.exists() or path.read_text() != text:
+            _replace(path, text)
+
+
+def command(sweep_dir: Path, run: PlannedRun) -> list[str]:
+    config = sweep_dir / "configs" / f"{run.name}.toml"
+    return ["posleak", "train", str(config), "--out", str(sweep_dir / run.name), "--resume"]
+
+
+class Executor:
+    """Runs the planned runs as subprocesses, `jobs` at a time, each with capped threads."""
+
+    def __init__(self, sweep_dir: Path, runs: list[PlannedRun], jobs: int):
+        self.sweep_dir, self.runs, self.jobs = sweep_dir, runs, jobs
+        self.threads = max(1, (os.cpu_count() or 1) // jobs)
+        self.children: dict[str, subprocess.Popen] = {}
+        self.lock = threading.Lock()
+        self.stopping = False
+
+    def run_one(self, run: PlannedRun) -> None:
+        out = self.sweep_dir / run.name
+        if (out / "summary.json").exists():
+            run.status = "done"
+            return
+        if self.stopping:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": str(self.threads),
+            "MKL_NUM_THREADS": str(self.threads),
+        }
+        cmd = [sys.executable, "-m", "train", *command(self.sweep_dir, run)[2:]]
+        run.status = "running"
+        with open(out / "train.log", "a") as log:
+            log.write(f"\n$ {shlex.join(cmd)}\n")
+            log.flush()
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            with self.lock:
+                self.children[run.name] = proc
+            code = proc.wait()
+            with self.lock:
+                del self.children[run.name]
+        if code == 0:
+            run.status = "done"
+        elif code == 130 or self.stopping:
+            run.status = "interrupted"
+        else:
+            run.status = "failed"
+            run.error = _error_line(out / "train.log")
+
+    def execute(self) -> None:
+        todo = [r for r in self.runs if r.error is None]
+        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+            pending = {pool.submit(self.run_one, r): r for r in todo}
+            try:
+                while pending:
+                    done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        run = pending.pop(fut)
+                        fut.result()
+                        print(f"[sweep] {run.name}: {run.status}", flush=True)
+                        write_summary(self.sweep_dir, self.runs)
+            except KeyboardInterrupt:
+                self.stopping = True
+                with self.lock:
+                    for proc in self.children.values():
+                        proc.send_signal(signal.SIGINT)  # children checkpoint, then exit
+                for fut in pending:
+                    fut.cancel()
+                raise
+
+
+def _error_line(log: Path) -> str:
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith(("error:", "Traceback")) or "Error" in line:
+            return line.strip()
+    return lines[-1].strip() if lines else "no output"
+
+
+def collect(sweep_dir: Path, runs: list[PlannedRun]) -> None:
+    for run in runs:
+        summary = sweep_dir / run.name / "summary.json"
+        if summary.exists():
+            run.result = json.loads(summary.read_text())
+            run.status = "done"
+
+
+def write_summary(sweep_dir: Path, runs: list[PlannedRun]) -> None:
+    collect(sweep_dir, runs)
+    header = ["run", "variant", "seed", *sorted({k for r in runs for k in r.grid})]
+    header += ["status", "steps", "final_val_loss", "wall_s", "error"]
+    rows = []
+    for r in runs:
+        res = r.result
+        row = {"run": r.name, "variant": r.variant, "seed": r.seed, **r.grid, "status": r.status}
+        row["steps"] = res.get("steps", "")
+        row["final_val_loss"] = f"{res['final_val_loss']:.4f}" if "final_val_loss" in res else ""
+        row["wall_s"] = f"{res['elapsed_s']:.1f}" if "elapsed_s" in res else ""
+        row["error"] = (r.error or "").replace("\n", " ")[:300]
+        rows.append(row)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=header)
+    writer.writeheader()
+    writer.writerows(rows)
+    _replace(sweep_dir / "summary.csv", table.getvalue())
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += [
+        "| " + " | ".join(str(row.get(h, "")).replace("|", "/") for h in header) + " |"
+        for row in rows
+    ]
+    _replace(sweep_dir / "summary.md", "\n".join(lines) + "\n")
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write via a private temporary file and rename: concurrent sweep runners never clash."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sweep", help="sweep TOML file (see configs/sweeps/)")
+    parser.add_argument("--out", help="sweep directory (default: runs/sweeps/<name>)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (threads are split)")
+    parser.add_argument("--dry-run", action="store_true", help="print the expansion, run nothing")
+    parser.add_argument(
+        "--print-commands",
+        action="store_true",
+        help="write the run configs and print one independent command per run",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        spec = read_sweep(Path(args.sweep))
+        runs = expand(spec)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    sweep_dir = Path(args.out or f"runs/sweeps/{spec['name']}")
+    if args.dry_run:
+        collect(sweep_dir, runs)
+        print(f"{len(runs)} runs into {sweep_dir}")
+        for r in runs:
+            grid = " ".join(f"{k}={v}" for k, v in r.grid.items())
+            print(f"  {r.name:40s} {r.variant:10s} seed={r.seed} {grid} {r.status} {r.error or ''}")
+        return 0
+    write_plan(sweep_dir, runs)
+    if args.print_commands:
+        for r in runs:
+            if r.error is None:
+                print(shlex.join(command(sweep_dir, r)))
+        return 0
+    if args.jobs < 1:
+        print("error: --jobs must be >= 1", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    try:
+        Executor(sweep_dir, runs, args.jobs).execute()
+    except KeyboardInterrupt:
+        write_summary(sweep_dir, runs)
+        print("[sweep] interrupted; run the same command again to continue", file=sys.stderr)
+        return 130
+    write_summary(sweep_dir, runs)
+    failed = [r for r in runs if r.status != "done"]
+    wall = time.perf_counter() - started
+    print(f"[sweep] {len(runs) - len(failed)}/{len(runs)} runs done in {wall:.0f}s")
+    for r in failed:
+        print(f"[sweep] {r.name}: {r.status}: {r.error}", file=sys.stderr)
+    print(f"[sweep] summary: {sweep_dir / 'summary.md'}")
+    return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.sweep", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
