@@ -78,10 +78,13 @@ def vocab_size_of(cfg: DataConfig) -> int:
 class BatchStream:
     """Token batches (B, seq_len + 1): inputs are [:, :-1], next-token targets [:, 1:]."""
 
-    def __init__(self, cfg: DataConfig, seed: int, split: str, batch_size: int):
+    def __init__(
+        self, cfg: DataConfig, seed: int, split: str, batch_size: int, stream: str = "batches"
+    ):
+        """`stream` names an independent sequence of batches over the same split."""
         self.cfg, self.split, self.batch_size = cfg, split, batch_size
         self.source = make_source(cfg)
-        self.key = stream_key("batches", seed, split)
+        self.key = stream_key(stream, seed, split)
 
     def sequences(self, index: np.ndarray) -> np.ndarray:
         """Sequence number `index` of this stream, for each index: (len(index), seq_len + 1)."""

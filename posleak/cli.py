@@ -8,6 +8,8 @@ import importlib
 SUBCOMMANDS = {
     "train": ("train.cli", "train one variant from a config into a run directory"),
     "sweep": ("train.sweep", "run variants x seeds (x grid) with everything else matched"),
+    "analyze": ("analysis.analyze", "measure where absolute position emerges in one run"),
+    "compare": ("analysis.compare", "report the variants of several runs or sweeps side by side"),
 }
 
 

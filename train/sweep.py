@@ -100,7 +100,8 @@ def expand(spec: dict) -> list[PlannedRun]:
 
 
 def write_plan(sweep_dir: Path, runs: list[PlannedRun]) -> None:
-    """One config file per run under sweep_dir/configs/ (what each command trains)."""
+    """One config file per run under sweep_dir/configs/ (what each command trains) and a
+    sweep.json label in each run directory (its variant name, for the analysis)."""
     configs = sweep_dir / "configs"
     configs.mkdir(parents=True, exist_ok=True)
     for run in runs:
@@ -112,6 +113,9 @@ def write_plan(sweep_dir: Path, runs: list[PlannedRun]) -> None:
         text = tomli_w.dumps(nested)
         if not path.exists() or path.read_text() != text:
             _replace(path, text)
+        label = {"variant": run.variant, "seed": run.seed, "grid": run.grid}
+        (sweep_dir / run.name).mkdir(exist_ok=True)
+        _replace(sweep_dir / run.name / "sweep.json", json.dumps(label) + "\n")
 
 
 def command(sweep_dir: Path, run: PlannedRun) -> list[str]:

@@ -1,0 +1,100 @@
+"""Tidy records: one measured number per row, labelled by where it was measured.
+
+Fields: run, variant, seed, layer, head, query, metric, value, condition, std, n.
+`layer`, `head`, `query` and `condition` are None where they do not apply (a head of None
+means averaged over heads). Plots and reports are pure functions of these rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+FIELDS = (
+    "run",
+    "variant",
+    "seed",
+    "layer",
+    "head",
+    "query",
+    "metric",
+    "value",
+    "condition",
+    "std",
+    "n",
+)
+
+
+class Recorder:
+    def __init__(self, **labels):
+        self.labels = labels
+        self.rows: list[dict] = []
+
+    def add(
+        self, metric, value, layer=None, head=None, query=None, condition=None, std=None, n=None
+    ):
+        self.rows.append(
+            {
+                **self.labels,
+                "layer": layer,
+                "head": head,
+                "query": query,
+                "metric": metric,
+                "value": _num(value),
+                "condition": condition,
+                "std": _num(std),
+                "n": n,
+            }
+        )
+
+
+def _num(x):
+    if x is None:
+        return None
+    x = float(x)
+    return None if math.isnan(x) else x
+
+
+def write(path: Path, rows: list[dict]) -> None:
+    tmp = Path(path).with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    tmp.replace(path)
+
+
+def read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+
+
+def select(rows: list[dict], metric: str, **where) -> list[dict]:
+    return [
+        r for r in rows if r["metric"] == metric and all(r.get(k) == v for k, v in where.items())
+    ]
+
+
+def curve(rows: list[dict], metric: str, x: str, **where) -> dict:
+    """{x value: value} of one run (several rows at one x are averaged)."""
+    acc = defaultdict(list)
+    for r in select(rows, metric, **where):
+        if r["value"] is not None:
+            acc[r[x]].append(r["value"])
+    return {k: sum(v) / len(v) for k, v in sorted(acc.items(), key=lambda kv: kv[0])}
+
+
+def across_runs(runs: list[list[dict]], metric: str, x: str, **where) -> dict:
+    """{x: (mean, std over runs, n runs)}: the seed-to-seed spread of a curve."""
+    per_x = defaultdict(list)
+    for rows in runs:
+        for k, v in curve(rows, metric, x, **where).items():
+            per_x[k].append(v)
+    return {k: mean_std(v) for k, v in per_x.items()}
+
+
+def mean_std(values: list[float]) -> tuple[float, float, int]:
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std, n
