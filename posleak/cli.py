@@ -10,6 +10,7 @@ SUBCOMMANDS = {
     "sweep": ("train.sweep", "run variants x seeds (x grid) with everything else matched"),
     "analyze": ("analysis.analyze", "measure where absolute position emerges in one run"),
     "compare": ("analysis.compare", "report the variants of several runs or sweeps side by side"),
+    "bench": ("train.bench", "measure training, data and analysis speed against the matmul peak"),
 }
 
 

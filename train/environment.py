@@ -82,6 +82,18 @@ def git_state() -> dict:
     return {"commit": commit or None, "dirty": bool(status.strip()) if commit else None}
 
 
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def describe(device: torch.device, precision: str, reason: str, world_size: int) -> dict:
     versions = {}
     for pkg in ("posleak", "torch", "numpy", "safetensors"):
@@ -98,9 +110,7 @@ def describe(device: torch.device, precision: str, reason: str, world_size: int)
         "versions": versions,
         "git": git_state(),
         "device": str(device),
-        "device_name": (
-            torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-        ),
+        "device_name": device_name(device),
         "cpu_fast_bf16": cpu_has_fast_bf16(),
         "threads": torch.get_num_threads(),
         "world_size": world_size,

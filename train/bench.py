@@ -1,0 +1,266 @@
+"""`posleak bench [--quick] [--out FILE]` (also `python -m train.bench`)
+
+Measures, in one process, so that every figure is a ratio to something measured alongside:
+  - the machine's matmul throughput in fp32 and bf16 (a large square product): the peak;
+  - training step time (forward + backward + AdamW) and tokens/s for each positional
+    variant, fp32 vs bf16 autocast, fast (SDPA) vs eager attention, with and without the
+    hook machinery, each as a fraction of the measured peak (MFU);
+  - batch assembly throughput and analysis throughput.
+
+FLOP convention (nanoGPT's / PaLM's): 6 * N + 12 * L * d * T per token, N = parameters
+that take part in matrix products (every block weight and the LM head, not the embedding
+lookup), the second term the attention products QK^T and AV (forward + backward), with no
+discount for the causal mask or a window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from data import BatchStream, DataConfig
+from model import Decoder, ModelConfig
+from train.environment import autocast, cpu_has_fast_bf16, device_name, resolve_device
+
+VARIANTS = {
+    "nope": {"position": "nope"},
+    "learned": {"position": "learned"},
+    "rope": {"position": "rope"},
+    "rope_ntk": {"position": "rope_ntk", "rope_scale": 8.0},
+    "swa": {"position": "rope", "window": "T/4"},
+}
+
+
+def matmul_peak(dtype: torch.dtype, device, n: int, repeats: int) -> float:
+    """Best-of-`repeats` FLOP/s of an n x n x n matrix product."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def flops_per_token(model: Decoder, T: int) -> float:
+    cfg = model.cfg
+    n = sum(p.numel() for p in model.layers.parameters() if p.dim() == 2)
+    n += model.lm_head.weight.numel()
+    return 6 * n + 12 * cfg.n_layer * cfg.d_model * T
+
+
+class TrainCase:
+    """One training configuration, built once, stepped on demand (forward, backward, AdamW)."""
+
+    def __init__(self, name, cfg: ModelConfig, B, T, precision, device, eager=False, hooks=True):
+        self.name, self.cfg, self.B, self.T, self.precision = name, cfg, B, T, precision
+        self.device = device
+        self.model = Decoder(cfg).to(device)
+        self.model.force_eager = eager
+        if not hooks:  # the counterfactual: no hook dispatch at all
+            for module in self.model.modules():
+                if hasattr(module, "_fire"):
+                    module._fire = _identity
+            self.model._fire = _identity
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, foreach=True)
+        self.tokens = torch.randint(0, cfg.vocab_size, (B, T + 1), device=device)
+        self.times: list[float] = []
+
+    def step(self) -> float:
+        _sync(self.device)
+        t = time.perf_counter()
+        with autocast(self.device, self.precision):
+            logits = self.model(self.tokens[:, :-1])
+            loss = F.cross_entropy(logits.float().flatten(0, 1), self.tokens[:, 1:].flatten())
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        _sync(self.device)
+        return time.perf_counter() - t
+
+
+def measure(cases: list[TrainCase], rounds: int, steps: int) -> None:
+    """Round-robin over the cases so that machine noise (shared VMs) hits them alike; each
+    case keeps every timed step, after two warm-up steps."""
+    for case in cases:
+        case.step()
+        case.step()
+    for _ in range(rounds):
+        for case in cases:
+            case.times += [case.step() for _ in range(steps)]
+
+
+def _identity(name, tensor):
+    return tensor
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def model_config(d: int, T: int, variant: str, layers: int = 4) -> ModelConfig:
+    extra = dict(VARIANTS[variant])
+    if extra.get("window") == "T/4":
+        extra["window"] = T // 4
+    return ModelConfig(n_layer=layers, n_head=max(1, d // 64), d_model=d, max_seq_len=T, **extra)
+
+
+def train_row(case: TrainCase, peaks: dict) -> dict:
+    seconds = statistics.median(case.times)
+    fpt = flops_per_token(case.model, case.T)
+    tps = case.B * case.T / seconds
+    return {
+        "name": case.name,
+        "d_model": case.cfg.d_model,
+        "seq_len": case.T,
+        "batch": case.B,
+        "precision": case.precision,
+        "step_ms": seconds * 1e3,
+        "step_ms_min": min(case.times) * 1e3,
+        "tokens_per_s": tps,
+        "flops_per_token": fpt,
+        "mfu": fpt * tps / peaks[case.precision],
+    }
+
+
+def batch_throughput(source: str, B: int, T: int, batches: int) -> float:
+    stream = BatchStream(DataConfig(source=source, seq_len=T), 0, "train", B)
+    stream.batch(0)
+    t = time.perf_counter()
+    for step in range(batches):
+        stream.batch(step)
+    return batches * B * (T + 1) / (time.perf_counter() - t)
+
+
+def analysis_seconds(seqs: int, T: int, d: int) -> float:
+    """Wall time of the full analysis of a 4-layer model (untrained: speed is the same)."""
+    from analysis.analyze import Analysis, Options
+    from train.config import build
+    from train.loop import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = build(
+            {
+                "model.d_model": d,
+                "model.n_head": max(1, d // 32),
+                "data.seq_len": T,
+                "train.steps": 1,
+                "train.warmup": 0,
+                "train.eval_batches": 1,
+                "train.precision": "fp32",
+                "log.progress": False,
+            }
+        )
+        train(cfg, Path(tmp) / "run")
+        t = time.perf_counter()
+        Analysis(Path(tmp) / "run", Options(seqs=seqs)).run_all()
+        return time.perf_counter() - t
+
+
+def run_bench(quick: bool) -> dict:
+    device = resolve_device("auto")
+    n = 512 if quick else 2048
+    peaks = {"fp32": matmul_peak(torch.float32, device, n, 3 if quick else 5)}
+    bf16_ok = device.type == "cuda" or cpu_has_fast_bf16()
+    if bf16_ok:
+        peaks["bf16"] = matmul_peak(torch.bfloat16, device, n, 3 if quick else 5)
+    rounds, steps = (1, 2) if quick else (5, 2)
+    d, T, B = (64, 64, 4) if quick else (256, 256, 16)
+    cases = [
+        TrainCase(f"variant:{v}", model_config(d, T, v), B, T, "fp32", device) for v in VARIANTS
+    ]
+    rope = model_config(d, T, "rope")
+    cases.append(TrainCase("rope:eager-attention", rope, B, T, "fp32", device, eager=True))
+    cases.append(TrainCase("rope:no-hook-dispatch", rope, B, T, "fp32", device, hooks=False))
+    measure(cases, rounds, steps)
+    rows = [train_row(case, peaks) for case in cases]
+    sizes = [(64, 64, 4)] if quick else [(128, 64, 12), (256, 256, 16), (512, 256, 32)]
+    for d_, T_, B_ in sizes:  # one size at a time keeps memory low; precisions interleaved
+        precisions = ("fp32", "bf16") if bf16_ok else ("fp32",)
+        cfg = model_config(d_, T_, "rope")
+        cases = [TrainCase(f"size:d{d_}", cfg, B_, T_, p, device) for p in precisions]
+        measure(cases, rounds if d_ < 512 else max(1, rounds // 2), steps)
+        rows += [train_row(case, peaks) for case in cases]
+    data = {src: batch_throughput(src, 16, 256, 5 if quick else 50) for src in ("bible", "markov")}
+    seqs, T_an, d_an = (16, 32, 64) if quick else (256, 128, 128)
+    return {
+        "device": str(device),
+        "device_name": device_name(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "matmul_peak_flops": peaks,
+        "train": rows,
+        "batch_tokens_per_s": data,
+        "analysis": {
+            "seqs": seqs,
+            "seq_len": T_an,
+            "d_model": d_an,
+            "seconds": analysis_seconds(seqs, T_an, d_an),
+        },
+    }
+
+
+def print_table(result: dict) -> None:
+    peaks = result["matmul_peak_flops"]
+    print(f"device {result['device']} ({result['device_name']}), {result['threads']} threads")
+    print("matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()))
+    head = ("case", "d", "T", "B", "prec", "ms/step", "tok/s", "MFU")
+    print("{:28s} {:>4s} {:>4s} {:>3s} {:>5s} {:>8s} {:>9s} {:>6s}".format(*head))
+    for r in result["train"]:
+        cells = (r["name"], r["d_model"], r["seq_len"], r["batch"], r["precision"])
+        cells += (r["step_ms"], r["tokens_per_s"], r["mfu"])
+        print("{:28s} {:4d} {:4d} {:3d} {:>5s} {:8.1f} {:9.0f} {:6.1%}".format(*cells))
+    fp32 = {r["name"]: r["tokens_per_s"] for r in result["train"] if r["precision"] == "fp32"}
+    ratios = [f"{k[8:]} {v / fp32['variant:nope']:.2f}" for k, v in fp32.items() if "variant:" in k]
+    print("variant speed / nope: " + ", ".join(ratios))
+    rope = fp32["variant:rope"]
+    print(f"eager / fast attention: {fp32['rope:eager-attention'] / rope:.2f}")
+    print(f"hook machinery cost: {fp32['rope:no-hook-dispatch'] / rope - 1:+.1%}")
+    by_size: dict = {}
+    for r in result["train"]:
+        if r["name"].startswith("size:"):
+            by_size.setdefault(r["d_model"], {})[r["precision"]] = r["tokens_per_s"]
+    for dm, p in by_size.items():
+        if "bf16" in p:
+            print(f"bf16 / fp32 at d_model={dm}: {p['bf16'] / p['fp32']:.2f}x")
+    batch = result["batch_tokens_per_s"]
+    print("batch assembly: " + ", ".join(f"{k} {v / 1e6:.1f}M tok/s" for k, v in batch.items()))
+    a = result["analysis"]
+    shape = f"{a['seqs']} x {a['seq_len']} tokens (4 layers, d={a['d_model']})"
+    print(f"analysis of {shape}: {a['seconds']:.1f}s")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: proves it runs (CI)")
+    parser.add_argument("--out", default="bench.json", help="where to write the JSON results")
+
+
+def run(args: argparse.Namespace) -> int:
+    result = run_bench(args.quick)
+    print_table(result)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written: {args.out}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
