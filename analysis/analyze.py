@@ -352,3 +352,13 @@ def run(args: argparse.Namespace) -> int:
     print("C_res by layer:     " + " ".join(f"{v:.3f}" for v in layers["c_res"].values()))
     print(f"report: {out / 'report.png'}")
     return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m analysis.analyze", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

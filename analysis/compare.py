@@ -279,3 +279,13 @@ def run(args: argparse.Namespace) -> int:
     report = write_report(groups, summaries, Path(args.out))
     print(f"report: {report}")
     return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m analysis.compare", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -52,7 +52,11 @@ class Markov(Vocabulary):
         rng = np.random.default_rng(int(stream_key("markov", corpus_seed)))
         n_states = n_ordinary**order
         self.transitions = rng.dirichlet(np.full(n_ordinary, concentration), size=n_states)
-        self.cdf = np.cumsum(self.transitions, axis=1)
+        # row r of the cumulative table shifted by r: one sorted array, so that a single
+        # searchsorted samples every sequence's next token at once
+        self.shifted_cdf = (
+            np.cumsum(self.transitions, axis=1) + np.arange(n_states)[:, None]
+        ).ravel()
         self.stationary = self._stationary()
         self.state_cdf = np.cumsum(self.stationary)
 
@@ -81,8 +85,8 @@ class Markov(Vocabulary):
         for p in range(k):  # digits of the initial context, oldest first
             out[:, p] = state // n ** (k - 1 - p) % n
         for t in range(k, length):
-            draw = u[:, t - k + 1, None]
-            nxt = np.minimum((self.cdf[state] <= draw).sum(axis=1), n - 1)
+            flat = np.searchsorted(self.shifted_cdf, state + u[:, t - k + 1], side="right")
+            nxt = np.minimum(flat - state * n, n - 1)
             out[:, t] = nxt
             state = state % n ** (k - 1) * n + nxt
         return out[:, :length]

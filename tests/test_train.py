@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 from model import ConfigError
 from train import checkpoint
 from train.config import build, from_resolved, load, parse_override, read_toml
+from train.lock import RunLock, RunLocked
 from train.loop import RunExistsError, TrainingDiverged, deterministic_metrics, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -236,3 +238,26 @@ def test_two_ranks_with_batch_b_equal_one_rank_with_batch_2b(tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     moved = final_weights(tmp_path / "single")["layers.0.mlp.up_proj.weight"]
     assert not torch.allclose(moved, torch.zeros_like(moved))
+
+
+def test_run_lock_excludes_a_second_writer_and_takes_over_stale_locks(tmp_path):
+    first = RunLock(tmp_path)
+    first.acquire()
+    with pytest.raises(RunLocked, match="in use by"):
+        RunLock(tmp_path).acquire()
+    with pytest.raises(RunLocked):
+        train(build(tiny_overrides()), tmp_path)
+    first.release()
+    assert not (tmp_path / ".lock").exists()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    (tmp_path / ".lock").write_text(
+        json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout)})
+    )
+    stale = RunLock(tmp_path)
+    stale.acquire()  # its owner is gone: taken over
+    stale.release()
+    (tmp_path / ".lock").write_text(json.dumps({"host": "another-machine", "pid": 1}))
+    with pytest.raises(RunLocked, match="another-machine"):
+        RunLock(tmp_path).acquire()

@@ -128,10 +128,11 @@ def _type_name(expected) -> str:
 
 
 def flatten(values: dict, prefix: str = "") -> dict:
+    """{"model": {"n_layer": 2}} -> {"model.n_layer": 2}."""
     out = {}
     for key, value in values.items():
-        if isinstance(value, dict) and not prefix:
-            out.update(flatten(value, f"{key}."))
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[prefix + key] = value
     return out

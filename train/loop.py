@@ -25,7 +25,7 @@ from tqdm import tqdm
 from data import BatchStream, vocab_size_of
 from model import ConfigError, Decoder
 from train import checkpoint
-from train.config import RunConfig, from_resolved, to_toml
+from train.config import RunConfig, flatten, from_resolved, to_toml
 from train.environment import autocast, describe, resolve_device, resolve_precision
 from train.lock import RunLock
 
@@ -135,8 +135,8 @@ class Run:
         now["model"] = {**previous["model"], **now["model"]}  # defaults were filled in
         changed = [
             key
-            for key, value in _flat(now).items()
-            if _flat(previous).get(key) != value and not key.startswith(RESUMABLE_CHANGES)
+            for key, value in flatten(now).items()
+            if flatten(previous).get(key) != value and not key.startswith(RESUMABLE_CHANGES)
         ]
         if changed:
             raise ConfigError(
@@ -367,16 +367,6 @@ def deterministic_metrics(path: Path) -> list[dict]:
     """metrics.jsonl without wall-clock fields: what must match across resumes and reruns."""
     records = [json.loads(line) for line in Path(path).read_text().splitlines()]
     return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
 
 
 def _atomic_write(path: Path, text: str) -> None:
