@@ -7,12 +7,15 @@ comes from `corpus_seed`, fixed across training seeds so that seeds vary only th
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from data.counter_rng import random_below, random_uniform, stream_key
 from data.tokenizer import Vocabulary
 
 STRIDE = 1 << 24  # counters per sequence: sequences up to 16M tokens never share counters
+CHUNK = 256  # Markov sequences sampled together
 
 
 def _token_counters(index: np.ndarray, length: int) -> np.ndarray:
@@ -78,6 +81,21 @@ class Markov(Vocabulary):
         return self.stationary.reshape(n ** (self.order - 1), n).sum(axis=0)
 
     def sequences(self, key, index: np.ndarray, length: int) -> np.ndarray:
+        """Sampling is a loop over time, so it runs on whole chunks of CHUNK sequences (each
+        row still a pure function of its own index) and keeps the last chunks: consecutive
+        small batches then share one pass."""
+        chunks = index // CHUNK
+        out = np.empty((len(index), length), dtype=np.int64)
+        for chunk in np.unique(chunks):
+            rows = chunks == chunk
+            out[rows] = self._chunk(key, int(chunk), length)[index[rows] - chunk * CHUNK]
+        return out
+
+    @functools.lru_cache(maxsize=4)  # noqa: B019 (sources live as long as the process)
+    def _chunk(self, key, chunk: int, length: int) -> np.ndarray:
+        return self._sample(key, np.arange(chunk * CHUNK, (chunk + 1) * CHUNK), length)
+
+    def _sample(self, key, index: np.ndarray, length: int) -> np.ndarray:
         n, k = self.n_ordinary, self.order
         u = random_uniform(key, _token_counters(index, length + 1))  # (B, length + 1)
         state = np.minimum(np.searchsorted(self.state_cdf, u[:, 0], side="right"), n**k - 1)
