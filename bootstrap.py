@@ -30,7 +30,9 @@ def torch_install_args() -> list[str]:
         return [os.environ["POSLEAK_TORCH"]]
     if shutil.which("nvidia-smi"):
         return ["torch>=2.3"]  # PyPI's default Linux wheel is the CUDA build
-    return ["--extra-index-url", CPU_INDEX, CPU_TORCH]
+    # torch alone from the CPU index (its dependencies come from PyPI with posleak's): an
+    # index that cannot be reached then costs one lookup, not one per dependency
+    return ["--no-deps", "--retries", "1", "--extra-index-url", CPU_INDEX, CPU_TORCH]
 
 
 def setup() -> None:

@@ -29,6 +29,7 @@ from analysis.collect import (
 )
 from analysis.probe import position_probe
 from analysis.records import Recorder, write
+from data import vocab_size_of
 from model.masks import attention_mask
 
 
@@ -56,6 +57,13 @@ class Analysis:
         self.data = self.cfg.data
         if opts.data:
             self.data = dataclasses.replace(self.data, source=opts.data)
+            size = vocab_size_of(self.data)
+            if size != vocab_size_of(self.cfg.data):
+                raise ValueError(
+                    f"data source {opts.data!r} has a vocabulary of {size} tokens but the run "
+                    f"was trained on {self.cfg.data.source!r} with {vocab_size_of(self.cfg.data)}; "
+                    "its special tokens (BOS) would not match: analyse on data of the same kind"
+                )
         self.T = opts.seq_len or self.cfg.data.seq_len
         self.L, self.H = self.model.cfg.n_layer, self.model.cfg.n_head
         self.visible = attention_mask(self.T, self.model.cfg.window)

@@ -365,3 +365,8 @@ def test_headline_table_marks_differences_within_the_spread():
     row = next(line for line in table.splitlines() if line.startswith("| validation loss"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2].endswith("≈") and not cells[3].endswith("≈")
+
+
+def test_analysing_on_data_of_another_vocabulary_is_refused(runs):
+    with pytest.raises(ValueError, match="special tokens"):
+        Analysis(runs / "rope-s0", Options(data="bible"))
