@@ -24,3 +24,10 @@ def main(argv=None) -> int:
         modules[name] = module
     args = parser.parse_args(argv)
     return modules[args.command].run(args)
+
+
+def standalone(module_doc: str, prog: str, add_arguments, run, argv=None) -> int:
+    """`python -m MODULE ...`: the same arguments and behaviour as the posleak subcommand."""
+    parser = argparse.ArgumentParser(prog=prog, description=module_doc)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -1,0 +1,1 @@
+"""posleak training: configs, the training loop, checkpoints, sweeps and the benchmark."""

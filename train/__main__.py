@@ -2,6 +2,7 @@
 
 import sys
 
-from train.cli import main
+from posleak.cli import standalone
+from train.cli import add_arguments, run
 
-sys.exit(main())
+sys.exit(standalone(__doc__, "python -m train", add_arguments, run))

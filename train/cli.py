@@ -49,9 +49,3 @@ def run(args: argparse.Namespace) -> int:
             f"final validation loss: {summary['final_val_loss']:.4f} after {summary['steps']} steps"
         )
     return 0
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))

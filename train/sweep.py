@@ -289,11 +289,7 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.sweep", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from posleak.cli import standalone
+
+    sys.exit(standalone(__doc__, "python -m train.sweep", add_arguments, run))
