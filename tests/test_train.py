@@ -261,3 +261,11 @@ def test_run_lock_excludes_a_second_writer_and_takes_over_stale_locks(tmp_path):
     (tmp_path / ".lock").write_text(json.dumps({"host": "another-machine", "pid": 1}))
     with pytest.raises(RunLocked, match="another-machine"):
         RunLock(tmp_path).acquire()
+
+
+@pytest.mark.slow
+def test_compiled_training_runs_and_learns(tmp_path):
+    """torch.compile needs a C++ toolchain and about a minute on CPU: kept out of CI."""
+    summary = train(build(tiny_overrides(train__compile=True, train__steps=20)), tmp_path / "run")
+    first = deterministic_metrics(tmp_path / "run/metrics.jsonl")[0]["train_loss"]
+    assert summary["final_val_loss"] < first
