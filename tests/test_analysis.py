@@ -370,3 +370,12 @@ def test_headline_table_marks_differences_within_the_spread():
 def test_analysing_on_data_of_another_vocabulary_is_refused(runs):
     with pytest.raises(ValueError, match="special tokens"):
         Analysis(runs / "rope-s0", Options(data="bible"))
+
+
+def test_rope_scale_applies_ntk_scaling_at_analysis_time_on_longer_inputs(runs):
+    from model.rope import ntk_base
+
+    analysis = Analysis(runs / "rope-s0", Options(seqs=4, seq_len=64, rope_scale=4.0))
+    assert analysis.model.rope_base == ntk_base(10000.0, 4.0, 16)
+    assert analysis.tokens("always").shape == (4, 64)  # twice the training length
+    assert analysis.visible.shape == (64, 64)
