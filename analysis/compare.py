@@ -151,7 +151,7 @@ def per_layer_queries(path: Path, groups: dict, metric: str) -> str:
         1, n_layer, figsize=(4 * n_layer, 3.5), constrained_layout=True, squeeze=False
     )
     for layer, ax in enumerate(axes[0]):
-        plots._line(ax, groups, metric, "query", head=None, layer=layer, condition=None)
+        plots.line_with_spread(ax, groups, metric, "query", head=None, layer=layer, condition=None)
         ax.set(title=f"{metric}, layer {layer}", xlabel="query position i")
     axes[0, 0].legend(fontsize=7)
     fig.savefig(path, dpi=100)

@@ -16,7 +16,7 @@ from analysis.records import across_runs, mean_std, select
 COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
 
-def _line(ax, groups, metric, x, label_suffix="", style="-", **where) -> None:
+def line_with_spread(ax, groups, metric, x, label_suffix="", style="-", **where) -> None:
     for idx, (variant, runs) in enumerate(groups.items()):
         stats = across_runs(runs, metric, x, **where)
         if not stats:
@@ -30,24 +30,26 @@ def _line(ax, groups, metric, x, label_suffix="", style="-", **where) -> None:
 
 
 def probe_curve(ax, groups) -> None:
-    _line(ax, groups, "probe_r2", "layer", head=None, query=None)
+    line_with_spread(ax, groups, "probe_r2", "layer", head=None, query=None)
     ax.set(xlabel="layer (0 = embedding)", ylabel="held-out R² (position)", title="Position probe")
     ax.axhline(0, color="grey", lw=0.5)
 
 
 def query_curve(ax, groups, metric: str, title: str) -> None:
-    _line(ax, groups, metric, "query", head=None, condition=None)
+    line_with_spread(ax, groups, metric, "query", head=None, condition=None)
     ax.set(xlabel="query position i", ylabel=metric, title=f"{title} (mean over layers)")
 
 
 def layer_curve(ax, groups, metric: str, title: str, **where) -> None:
-    _line(ax, groups, metric, "layer", head=None, **where)
+    line_with_spread(ax, groups, metric, "layer", head=None, **where)
     ax.set(xlabel="layer", ylabel=metric, title=title)
 
 
 def fingerprint_curve(ax, groups) -> None:
-    _line(ax, groups, "fingerprint_dispersion", "layer", " BOS", "-", condition="bos")
-    _line(ax, groups, "fingerprint_dispersion", "layer", " no BOS", "--", condition="nobos")
+    line_with_spread(ax, groups, "fingerprint_dispersion", "layer", " BOS", "-", condition="bos")
+    line_with_spread(
+        ax, groups, "fingerprint_dispersion", "layer", " no BOS", "--", condition="nobos"
+    )
     ax.set(xlabel="layer", ylabel="std / ‖mean‖ of x₀", title="Position-0 fingerprint dispersion")
 
 

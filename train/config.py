@@ -205,17 +205,14 @@ def build(values: dict) -> RunConfig:
             f"model.max_seq_len={max_len} is shorter than data.seq_len={data.seq_len}: the "
             "learned position table cannot cover the sequence; raise model.max_seq_len"
         )
-    model_values = dict(sections["model"])
-    for key in ("window", "d_ff", "vocab_size"):
-        if model_values.get(key) == 0:
-            model_values[key] = None if key != "vocab_size" else 259
-    try:
-        ModelConfig(**model_values)
+    run = RunConfig(seed=seed, model=sections["model"], data=data, train=train, log=log)
+    try:  # the data's vocabulary is known only once the corpus is loaded: checked at run time
+        run.model_config(vocab_size=1)
     except ConfigError as err:
-        problems += [f"model.{line.strip()[2:]}" for line in str(err).splitlines()[1:]]
+        problems += [f"model: {line.strip()[2:]}" for line in str(err).splitlines()[1:]]
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
-    return RunConfig(seed=seed, model=sections["model"], data=data, train=train, log=log)
+    return run
 
 
 def train_problems(t: TrainConfig) -> list[str]:
