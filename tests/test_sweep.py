@@ -122,7 +122,7 @@ def test_print_commands_gives_one_independent_command_per_valid_run(tmp_path):
 def test_ctrl_c_stops_cleanly_and_a_rerun_continues_exactly(tmp_path):
     body = 'seeds = [0]\n[variants.rope]\nmodel.position = "rope"\n'
     path = sweep_file(
-        tmp_path, body, train__steps=400, train__eval_every=100, train__ckpt_every=100
+        tmp_path, body, train__steps=1000, train__eval_every=100, train__ckpt_every=100
     )
     out = tmp_path / "sweep"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
