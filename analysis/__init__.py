@@ -1,1 +1,1 @@
-"""posleak analysis: the measurements of ../shared/science.md, per run and across variants."""
+"""posleak analysis: the measurements of docs/science.md, per run and across variants."""

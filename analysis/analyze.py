@@ -1,328 +1,572 @@
 """`posleak analyze RUN [--seqs N] [--seq-len L] [--rope-scale S] [--data SOURCE] [--out DIR]`
 
-Runs every measurement of ../shared/science.md on a trained run's latest checkpoint over
-held-out sequences, and writes analysis/records.jsonl (tidy rows), analysis/summary.json
-(headline numbers per layer) and figures into the run (or --out).
+Runs every measurement of docs/science.md (definitions version 2) on a trained run's latest
+good checkpoint over held-out sequences, and writes analysis/records.jsonl (tidy rows),
+analysis/summary.json (headline numbers) and figures into the run (or --out).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from analysis import measures, plots
-from analysis.collect import (
-    collect,
-    first_key_column,
-    held_out_tokens,
-    keep,
-    load_run,
-    position_zero,
-    run_label,
-)
-from analysis.probe import position_probe
+from analysis import probe as probes
+from analysis.collect import LogitSums, held_out_tokens, load_run, run_label, stream
+from analysis.logits import LogitStats, early_sum, logit_stats, pooled
 from analysis.records import Recorder, write
+from analysis.stats import bootstrap_weights, percentile_interval
+from analysis.summary import summarise
 from data import vocab_size_of
 from model.masks import attention_mask
 
 
 @dataclass(frozen=True)
 class Options:
+    """Every choice of the analysis that the definitions leave to us, with its default."""
+
     seqs: int = 256
     seq_len: int | None = None  # default: the run's training length
-    rope_scale: float | None = None  # NTK scaling applied at inference
+    rope_scale: float | None = None  # NTK scaling applied at inference (composes with trained)
     data: str | None = None  # default: the run's data source
     sink_eps: float = 0.3  # a head is a sink head when alpha_0 > sink_eps
-    probe_alpha: float = 1e-2  # ridge strength (lambda = alpha * n_train)
     probe_min_pos: int = 1  # probe positions >= this (0 holds BOS, identifiable by token)
+    probe_folds: int = 5  # cross-validation folds (grouped by sequence) for the ridge strength
+    early_queries: int = 16  # the A_i0 profile of every head is reported for i < this
     fingerprint_seqs: int = 32
-    early_k: tuple = (8, 16, 32, 64)
+    fingerprint_query: int = 8  # query i at which a head's position-0 output is compared
+    early_k: tuple = (8, 16, 32, 64)  # BOS replacement: removed share over queries i < k
     swaps: tuple = ("mean", "token", "random", "zeros")
+    knockout: bool = True  # key-0 knockout in all layers at once
+    knockout_per_layer: bool = False  # also one layer at a time (one more pass per layer)
+    content_seqs: int = 64  # c_content's second pass reads the first this many sequences
+    shift_seqs: int = 64  # sequences for the shift test (two passes of their own)
+    blocks: int = 16  # sequence blocks (even): halves A/B and units of the bootstrap
+    bootstrap: int = 200  # bootstrap replicates for intervals over sequences
+    extrapolation: tuple = (1, 2, 4, 8)  # loss per position at these multiples of T_train
+    extrapolation_seqs: int = 32
     batch_size: int = 32
+    max_attention_elements: int = 1 << 25  # the batch shrinks so B*H*T*T stays below this
+
+    def problems(self, train_len: int) -> list[str]:
+        out = []
+        T = train_len if self.seq_len is None else self.seq_len
+        if self.seqs < 4:
+            out.append(f"--seqs must be at least 4 (two halves of two sequences), got {self.seqs}")
+        if T < max(4, self.probe_min_pos + 3):
+            out.append(f"--seq-len must be at least 4 for the probe and the fits, got {T}")
+        if self.rope_scale is not None and not self.rope_scale >= 1:
+            out.append(f"--rope-scale must be >= 1 (1 = no scaling), got {self.rope_scale}")
+        return out
+
+
+class Pass(NamedTuple):
+    """What one forward pass over the analysis sequences leaves behind."""
+
+    logits: list[LogitStats]  # per attention layer
+    features: list[torch.Tensor]  # per residual site: (N, T, d) (base pass only)
+    first_column: list[torch.Tensor]  # per attention layer: A_i0, (N, H, T) (base pass only)
+    probe_r2_log: list[float] | None  # the base probes scored on half B (interventions only)
 
 
 class Analysis:
     def __init__(self, run_dir: str | Path, opts: Options):
         self.run_dir, self.opts = Path(run_dir), opts
         self.model, self.cfg, self.state = load_run(run_dir)
-        if opts.rope_scale:
-            self.model.set_rope_scale(opts.rope_scale)
-        self.data = self.cfg.data
-        if opts.data:
-            self.data = dataclasses.replace(self.data, source=opts.data)
-            size = vocab_size_of(self.data)
-            if size != vocab_size_of(self.cfg.data):
-                raise ValueError(
-                    f"data source {opts.data!r} has a vocabulary of {size} tokens but the run "
-                    f"was trained on {self.cfg.data.source!r} with {vocab_size_of(self.cfg.data)}; "
-                    "its special tokens (BOS) would not match: analyse on data of the same kind"
-                )
-        self.T = opts.seq_len or self.cfg.data.seq_len
+        problems = opts.problems(self.cfg.data.seq_len)
+        if problems:
+            raise ValueError("; ".join(problems))
+        self._set_rope_scale(opts.rope_scale or 1.0)
+        self.data = self._data(opts.data)
+        self.T = self.cfg.data.seq_len if opts.seq_len is None else opts.seq_len
         self.L, self.H = self.model.cfg.n_layer, self.model.cfg.n_head
-        self.visible = attention_mask(self.T, self.model.cfg.window)
+        self.window = self.model.cfg.window
+        self.visible = attention_mask(self.T, self.window)
+        self.design = measures.two_way_design(self.visible)
         self.label = run_label(self.run_dir, self.cfg)
         self.rec = Recorder(run=self.run_dir.name, **self.label)
         self.resid_names = ["blocks.0.resid_pre"] + [
-            f"blocks.{layer}.resid_post" for layer in range(self.L)
+            f"blocks.{l}.resid_post" for l in range(self.L)
         ]
+        self.positions = torch.arange(opts.probe_min_pos, self.T)
+        self.n_blocks = min(opts.blocks, opts.seqs - opts.seqs % 2)
+        half = self.n_blocks // 2
+        self.boot_a = bootstrap_weights(half, opts.bootstrap, seed=1)
+        self.boot_b = bootstrap_weights(half, opts.bootstrap, seed=2)
+        self.batch = max(
+            1, min(opts.batch_size, opts.max_attention_elements // (self.H * self.T**2))
+        )
 
-    def tokens(self, bos: str, n: int | None = None, stream: str = "analysis") -> torch.Tensor:
-        return held_out_tokens(self.data, self.cfg.seed, n or self.opts.seqs, self.T, bos, stream)
+    def _data(self, source: str | None):
+        if not source:
+            return self.cfg.data
+        data = dataclasses.replace(self.cfg.data, source=source)
+        size, trained = vocab_size_of(data), vocab_size_of(self.cfg.data)
+        if size != trained:
+            raise ValueError(
+                f"data source {source!r} has a vocabulary of {size} tokens but the run was "
+                f"trained on {self.cfg.data.source!r} with {trained}; its special tokens (BOS) "
+                "would not match: analyse on data of the same kind"
+            )
+        return data
+
+    def tokens(self, n: int, seq_len: int, stream_name: str, bos: str | None = None):
+        """(n, seq_len + 1) held-out tokens; the model reads [:, :seq_len]."""
+        bos = bos or self.cfg.data.bos
+        return held_out_tokens(self.data, self.cfg.seed, n, seq_len, bos, stream_name)
 
     def run_all(self) -> tuple[list[dict], dict]:
         started = time.perf_counter()
-        bos_tokens = self.tokens("always")
-        primary = bos_tokens if self.cfg.data.bos == "always" else self.tokens("never")
-        base = self.logits_and_probes(primary, record=True)
-        self.delta_r2_null(primary)
-        self.fingerprints()
-        if primary is not bos_tokens:
-            base = self.logits_and_probes(bos_tokens, record=False)
-        self.bos_swaps(bos_tokens, base)
-        self.shift_test()
-        summary = self.summary(time.perf_counter() - started)
-        return self.rec.rows, summary
+        self.timings: dict[str, float] = {}
+        tokens = self.tokens(self.opts.seqs, self.T, "analysis")[:, : self.T]
+        with self._timed("base pass, probes, logits, sinks"):
+            base = self.measure(tokens)
+            fitted = self.record_probes(base)
+            self.record_logits(base, tokens)
+            self.record_sinks(base)
+        with self._timed("BOS replacements"):
+            for kind in self.opts.swaps:
+                self.record_swap(kind, tokens, base, fitted)
+        with self._timed("key-0 knockout"):
+            if self.opts.knockout:
+                per_layer = list(range(self.L)) if self.opts.knockout_per_layer else []
+                for target in [*per_layer, "all"]:
+                    self.record_knockout(target, tokens, base, fitted)
+        for name, stage in (
+            ("fingerprint", self.fingerprints),
+            ("shift test", self.shift_test),
+            ("length extrapolation", self.extrapolation),
+        ):
+            with self._timed(name):
+                stage()
+        return self.rec.rows, self.summary(time.perf_counter() - started)
 
-    # ---------------------------------------------------------------- 1-4
-    def extract(self) -> dict:
-        names = {name: keep for name in self.resid_names}
-        for layer in range(self.L):
-            names[f"blocks.{layer}.attn.scores"] = keep
-            names[f"blocks.{layer}.attn.pattern"] = first_key_column
-        return names
+    @contextlib.contextmanager
+    def _timed(self, stage: str):
+        started = time.perf_counter()
+        yield
+        self.timings[stage] = round(time.perf_counter() - started, 2)
 
-    def logits_and_probes(self, tokens, record: bool, interventions=()) -> dict:
-        """Probe curve, decomposition, Delta R^2 and sinks; returns per-layer curves."""
-        acts = collect(self.model, tokens, self.extract(), self.opts.batch_size, interventions)
-        train = torch.arange(len(tokens)) % 2 == 0  # held out by sequence
-        out = {"probe": [], "c_res": [], "c_mask": []}
-        for layer, name in enumerate(self.resid_names):
-            probe = position_probe(
-                acts[name], train, self.opts.probe_min_pos, self.opts.probe_alpha
-            )
-            out["probe"].append(probe["probe_r2"])
-            if record:
-                for metric, value in probe.items():
-                    self.rec.add(metric, value, layer=layer)
-                n_pos = self.T - self.opts.probe_min_pos
-                self.rec.add("probe_mae_uniform", measures.uniform_guess_mae(n_pos), layer=layer)
-        for layer in range(self.L):
-            scores = acts[f"blocks.{layer}.attn.scores"]
-            g = measures.relative_profile(scores, self.visible)
-            c_mask = measures.c_mask(g, self.visible)  # (H, T)
-            c_res = measures.c_res(scores, g, self.visible)  # (N, H, T)
-            out["c_mask"].append(c_mask.mean(0))
-            out["c_res"].append(c_res["abs"].mean(dim=(0, 1)))
-            if record:
-                self.record_layer(layer, scores, g, c_mask, c_res, train, acts)
-        return out
+    # ---------------------------------------------------------------- one pass
+    def measure(self, tokens: torch.Tensor, interventions=(), probes=None) -> Pass:
+        """Logit sums, residual features and the key-0 column, accumulated batch by batch.
 
-    def record_layer(self, layer, scores, g, c_mask, c_res, train, acts) -> None:
-        add, N = self.rec.add, len(scores)
-        per_seq_head_mean = c_res["abs"].mean(1)  # (N, T)
-        per_seq_var = c_res["var"].mean(1)
-        for i in range(self.T):
-            add("c_mask", c_mask[:, i].mean(), layer=layer, query=i)
-            add("c_res", per_seq_head_mean[:, i].mean(), layer=layer, query=i,
-                std=per_seq_head_mean[:, i].std(), n=N)  # fmt: skip
-            add("c_res_var", per_seq_var[:, i].mean(), layer=layer, query=i,
-                std=per_seq_var[:, i].std(), n=N)  # fmt: skip
-            for h in range(self.H):
-                add("g_rel", g[h, i], layer=layer, head=h, query=i)
-                add("c_mask", c_mask[h, i], layer=layer, head=h, query=i)
-                add("c_res", c_res["abs"][:, h, i].mean(), layer=layer, head=h, query=i,
-                    std=c_res["abs"][:, h, i].std(), n=N)  # fmt: skip
-        fit = measures.delta_r2(scores, self.visible, train)
-        alpha = measures.sink_alpha(acts[f"blocks.{layer}.attn.pattern"])  # (N, H)
-        gains = acts[f"blocks.{layer}.attn.pattern"].double().mean(0)  # (H, T)
-        for h in range(self.H):
-            for name in ("delta", "r2_rel", "r2_full"):
-                metric = "delta_r2" if name == "delta" else name
-                add(metric, fit[name][h], layer=layer, head=h, n=int((~train).sum()))
-            add("sink_alpha0", alpha[:, h].mean(), layer=layer, head=h, std=alpha[:, h].std(), n=N)
-            if alpha[:, h].mean() > self.opts.sink_eps:
-                for i in range(1, self.T):
-                    add("sink_gain", gains[h, i], layer=layer, head=h, query=i)
-        add("delta_r2", fit["delta"].mean(), layer=layer)
-        rate = (alpha.mean(0) > self.opts.sink_eps).double().mean()
-        add("sink_rate", rate, layer=layer, condition=f"eps={self.opts.sink_eps}")
+        Given the base pass's fitted probes (an intervention pass), the residual stream is
+        scored on half B as it streams past instead of being kept."""
+        sums = [LogitSums(self.n_blocks, self.H, self.visible) for _ in range(self.L)]
+        consumers = {f"blocks.{l}.attn.scores": sums[l].add for l in range(self.L)}
+        features, first, sse = [], [], torch.zeros(len(self.resid_names), dtype=torch.float64)
+        if probes is None:
+            d = self.model.cfg.d_model
+            features = [torch.empty(len(tokens), self.T, d) for _ in self.resid_names]
+            first = [torch.empty(len(tokens), self.H, self.T) for _ in range(self.L)]
+            for l in range(self.L):
+                consumers[f"blocks.{l}.attn.pattern"] = _store(first[l], _key0_column)
+        for site, name in enumerate(self.resid_names):
+            if probes is None:
+                consumers[name] = _store(features[site], _same)
+            else:
+                consumers[name] = self._probe_scorer(probes[site]["log"], sse, site)
+        stream(self.model, tokens, consumers, self.batch, list(interventions))
+        stats = [logit_stats(s, self.design, self.boot_a, self.boot_b) for s in sums]
+        y = torch.log1p(self.positions.double())
+        n_b = len(self.halves(len(tokens))[1])
+        r2 = (1 - sse / (n_b * (y - y.mean()).pow(2).sum())).tolist() if probes else None
+        return Pass(stats, features, first, r2)
 
-    def delta_r2_null(self, tokens) -> None:
-        """Noise floor: Delta R^2 on inputs whose body is circularly shifted by a random
-        amount per sequence (position 0 kept), which re-draws where content sits."""
-        gen = torch.Generator().manual_seed(self.cfg.seed)
-        shifted = tokens.clone()
-        for row in shifted:
-            row[1:] = row[1:].roll(int(torch.randint(1, self.T - 1, (1,), generator=gen)))
-        names = {f"blocks.{layer}.attn.scores": keep for layer in range(self.L)}
-        acts = collect(self.model, shifted, names, self.opts.batch_size)
-        train = torch.arange(len(tokens)) % 2 == 0
-        for layer in range(self.L):
-            fit = measures.delta_r2(acts[f"blocks.{layer}.attn.scores"], self.visible, train)
-            for h in range(self.H):
-                self.rec.add("delta_r2_null", fit["delta"][h], layer=layer, head=h)
-            self.rec.add("delta_r2_null", fit["delta"].mean(), layer=layer)
+    def _probe_scorer(self, fitted: probes.Probe, sse: torch.Tensor, site: int):
+        """A consumer adding the squared errors of a log-target probe on half-B sequences."""
+        y = torch.log1p(self.positions.double())
 
-    # ---------------------------------------------------------------- 5
-    def fingerprints(self) -> None:
-        """Position-0 states across inputs, at batch size 1, with and without BOS."""
-        for condition, bos in (("bos", "always"), ("nobos", "never")):
-            tokens = self.tokens(bos, self.opts.fingerprint_seqs, stream="fingerprint")
-            names = {name: position_zero for name in self.resid_names}
-            acts = collect(self.model, tokens, names, batch_size=1)
-            for layer, name in enumerate(self.resid_names):
-                fp = measures.fingerprint(acts[name])
-                self.rec.add(
-                    "fingerprint_dispersion", fp["dispersion"], layer=layer, condition=condition
+        def consume(resid, rows):
+            held = rows % 2 == 1
+            pred = fitted.predict(resid[held, self.opts.probe_min_pos :].float().cpu())
+            sse[site] += (pred - y).pow(2).sum()
+
+        return consume
+
+    def halves(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.arange(n)
+        return index[index % 2 == 0], index[index % 2 == 1]
+
+    # ---------------------------------------------------------------- 1: probes
+    def record_probes(self, base: Pass) -> list[dict]:
+        """Fit both probes per residual site on half A (lambda cross-validated), score on B."""
+        a, b = self.halves(self.opts.seqs)
+        weights = bootstrap_weights(len(b), self.opts.bootstrap, seed=3)
+        P, add = len(self.positions), self.rec.add
+        groups = torch.arange(len(a)).repeat_interleave(P)
+        fitted = []
+        for site, feats in enumerate(base.features):
+            x = feats[:, self.opts.probe_min_pos :]
+            x_a = x[a].reshape(-1, x.shape[-1])
+            site_probes = {}
+            for target, suffix in (("linear", ""), ("log", "_log")):
+                p = probes.fit(
+                    x_a, self.positions.repeat(len(a)), groups, target, folds=self.opts.probe_folds
                 )
-                self.rec.add("fingerprint_cosine", fp["cosine"], layer=layer, condition=condition)
+                s = probes.score(p, x[b], self.positions)
+                lo, hi = probes.r2_interval(s, weights)
+                add(f"probe_r2{suffix}", s.r2, layer=site, lo=lo, hi=hi, n=len(b))
+                add(f"probe_mae{suffix}", s.mae, layer=site, n=len(b))
+                add(f"probe_lambda{suffix}", p.lam, layer=site)
+                site_probes[target] = p
+            fitted.append(site_probes)
+            add(
+                "probe_mae_mean",
+                probes.mean_baseline_mae(self.positions, self.positions),
+                layer=site,
+            )
+            add("probe_mae_uniform", measures.uniform_guess_mae(P), layer=site)
+        return fitted
 
-    # ---------------------------------------------------------------- 6
+    # ---------------------------------------------------------------- 2: logits
+    def record_logits(self, base: Pass, tokens: torch.Tensor) -> None:
+        add = self.rec.add
+        content = self.content_deviation(tokens, base)
+        for l, st in enumerate(base.logits):
+            self._record_signal(l, st.signal, st.signal_boot, None)
+            for h in range(self.H):
+                self._record_signal(l, st.signal[h], st.signal_boot[:, h], h)
+                add("abs_share", st.abs_share[h], layer=l, head=h)
+                for i in range(self.T):
+                    add("c_mask", st.c_mask[h, i], layer=l, head=h, query=i)
+                    add("g_rel", st.g[h, i] - st.g[h, 0], layer=l, head=h, query=i)
+            add("abs_share", st.share_num.sum() / st.share_den.sum(), layer=l)
+            for i in range(self.T):
+                add("c_mask", st.c_mask[:, i].mean(), layer=l, query=i)
+                add("c_content", content[l][i], layer=l, query=i)
+
+    def _record_signal(self, layer: int, signal, boot, head) -> None:
+        """C_res(i) with its bootstrap interval, and the signed mean square with its SE."""
+        if head is None:
+            signal, boot = pooled(signal), pooled(boot)
+        lo, hi = percentile_interval(boot)
+        se = boot.std(0)
+        for i in range(self.T):
+            add = self.rec.add
+            add(
+                "c_res",
+                measures.c_res(signal[i]),
+                layer=layer,
+                head=head,
+                query=i,
+                lo=measures.c_res(lo[i]),
+                hi=measures.c_res(hi[i]),
+                n=self.opts.seqs,
+            )
+            add(
+                "c_res_signal",
+                signal[i],
+                layer=layer,
+                head=head,
+                query=i,
+                std=se[i],
+                n=self.opts.seqs,
+            )
+
+    def content_deviation(self, tokens: torch.Tensor, base: Pass) -> list[torch.Tensor]:
+        """c_content(i) per layer: mean over sequences and visible j of |s_ij - M_ij|, pooled
+        over heads. M must be known first, so this is a second pass, over the first
+        `content_seqs` sequences (a subsample of the mean over sequences)."""
+        tokens = tokens[: self.opts.content_seqs]
+        totals = [torch.zeros(self.H, self.T, dtype=torch.float64) for _ in range(self.L)]
+
+        def consumer(l):
+            def add(scores, rows):
+                totals[l] += measures.content_deviation(
+                    scores, base.logits[l].mean, self.design
+                ).sum(0)
+
+            return add
+
+        consumers = {f"blocks.{l}.attn.scores": consumer(l) for l in range(self.L)}
+        stream(self.model, tokens, consumers, self.batch)
+        rows = self.design.rows * len(tokens)
+        return [(t / rows).mean(0) for t in totals]
+
+    # ---------------------------------------------------------------- 3: sinks
+    def record_sinks(self, base: Pass) -> None:
+        add, eps = self.rec.add, self.opts.sink_eps
+        weights = bootstrap_weights(self.opts.seqs, self.opts.bootstrap, seed=4)
+        early = range(1, min(self.opts.early_queries, self.T))
+        for l, column in enumerate(base.first_column):
+            alpha = measures.sink_alpha(column, self.window)  # (N, H)
+            boot = (weights @ alpha) / weights.sum(1, keepdim=True)  # (R, H)
+            lo, hi = percentile_interval(boot)
+            profile = column.double().mean(0)  # (H, T)
+            for h in range(self.H):
+                add(
+                    "sink_alpha0",
+                    alpha[:, h].mean(),
+                    layer=l,
+                    head=h,
+                    std=alpha[:, h].std(),
+                    lo=lo[h],
+                    hi=hi[h],
+                    n=len(alpha),
+                )
+                for i in early:
+                    add("a0_early", profile[h, i], layer=l, head=h, query=i)
+                if alpha[:, h].mean() > eps:
+                    for i in range(1, self.T):
+                        add("sink_gain", profile[h, i], layer=l, head=h, query=i)
+            rate = (alpha.mean(0) > eps).double().mean()
+            add("sink_rate", rate, layer=l, condition=f"eps={eps}")
+
+    # ---------------------------------------------------------------- 5, 6: interventions
     def replacement(self, kind: str, tokens: torch.Tensor) -> torch.Tensor:
+        """The vector that replaces the position-0 embedding (science.md, measurement 5)."""
         table = self.model.embed_tokens.weight.detach()
-        bos = int(tokens[0, 0])
-        if kind == "mean":
-            return table[:bos].mean(0)
-        if kind == "token":  # the most frequent ordinary token of the analysed text
-            return table[int(tokens[:, 1:].flatten().bincount().argmax())]
+        body = tokens[:, 1:].flatten()
+        if kind == "mean":  # frequency-weighted over the tokens that occur in the data
+            counts = body.bincount(minlength=len(table)).to(table.dtype)
+            return counts @ table / counts.sum()
+        if kind == "token":  # the most frequent token of the analysed text
+            return table[int(body.bincount().argmax())]
+        first = table[tokens[:, 0]].mean(0)
         if kind == "random":
             gen = torch.Generator().manual_seed(self.cfg.seed)
             v = torch.randn(table.shape[1], generator=gen, dtype=table.dtype)
-            return v * table[bos].norm() / v.norm()
+            return v * first.norm() / v.norm()
         if kind == "zeros":
-            return torch.zeros_like(table[bos])
+            return torch.zeros_like(first)
         raise ValueError(
             f"unknown BOS replacement {kind!r}; choose from mean, token, random, zeros"
         )
 
-    def bos_swaps(self, tokens, base: dict) -> None:
-        """Overwrite only the position-0 embedding, remeasure, report the removed share."""
-        for kind in self.opts.swaps:
-            vector = self.replacement(kind, tokens)
+    def record_swap(self, kind: str, tokens, base: Pass, fitted) -> None:
+        vector = self.replacement(kind, tokens)
 
-            def swap(embed, name, vector=vector):
-                embed = embed.clone()
-                embed[:, 0] = vector.to(embed.dtype)
-                return embed
+        def swap(embed, name):
+            embed = embed.clone()
+            embed[:, 0] = vector.to(embed.dtype)
+            return embed
 
-            swapped = self.logits_and_probes(tokens, record=False, interventions=[("embed", swap)])
-            for k in (*self.opts.early_k, None):
-                stop = k if k is not None else self.T
-                cond = f"{kind},k={k if k is not None else 'all'}"
-                for layer in range(self.L):
-                    for metric, key in (
-                        ("bos_swap_removed", "c_res"),
-                        ("bos_swap_removed_c_mask", "c_mask"),
-                    ):
-                        removed = measures.removed_fraction(
-                            swapped[key][layer][:stop].mean().item(),
-                            base[key][layer][:stop].mean().item(),
-                        )
-                        self.rec.add(metric, removed, layer=layer, condition=cond)
-            for layer in range(self.L + 1):
-                removed = measures.removed_fraction(swapped["probe"][layer], base["probe"][layer])
-                self.rec.add("bos_swap_removed_probe", removed, layer=layer, condition=kind)
+        swapped = self.measure(tokens, [("embed", swap)], probes=fitted)
+        self._record_removal("bos_swap", kind, base, swapped)
+        for site, r2 in enumerate(swapped.probe_r2_log):
+            self.rec.add("bos_swap_probe_r2_log", r2, layer=site, condition=kind)
 
-    # ---------------------------------------------------------------- 7
+    def record_knockout(self, target, tokens, base: Pass, fitted) -> None:
+        layers = range(self.L) if target == "all" else [target]
+        hooks = [(f"blocks.{l}.attn.pattern", _knockout) for l in layers]
+        knocked = self.measure(tokens, hooks, probes=fitted)
+        self._record_removal("knockout", f"layer={target}", base, knocked)
+        for site, r2 in enumerate(knocked.probe_r2_log):
+            self.rec.add("knockout_probe_r2_log", r2, layer=site, condition=f"layer={target}")
+
+    def _record_removal(self, prefix: str, label: str, base: Pass, other: Pass) -> None:
+        """1 - sum C_other(i)^2 / sum C(i)^2 over 1 <= i < k, per layer, with a paired bootstrap
+        interval (the same resampled blocks in both passes); and the same for C_mask."""
+        for l, (st, ot) in enumerate(zip(base.logits, other.logits, strict=True)):
+            for k in (*[k for k in self.opts.early_k if k <= self.T], None):
+                cond = f"{label},k={k or 'all'}"
+                orig, new = early_sum(pooled(st.signal), k), early_sum(pooled(ot.signal), k)
+                boot = 1 - early_sum(pooled(ot.signal_boot), k) / early_sum(
+                    pooled(st.signal_boot), k
+                )
+                lo, hi = percentile_interval(boot)
+                self.rec.add(
+                    f"{prefix}_removed",
+                    measures.removed_fraction(new, orig),
+                    layer=l,
+                    condition=cond,
+                    lo=lo,
+                    hi=hi,
+                )
+                cm = [t.c_mask.mean(0)[1:k].pow(2) for t in (st, ot)]
+                self.rec.add(
+                    f"{prefix}_removed_c_mask",
+                    measures.removed_fraction(cm[1], cm[0]),
+                    layer=l,
+                    condition=cond,
+                )
+            if prefix == "bos_swap":
+                signal = pooled(other.logits[l].signal)
+                for i in range(self.T):
+                    self.rec.add(
+                        "c_res",
+                        measures.c_res(signal[i]),
+                        layer=l,
+                        query=i,
+                        condition=f"swap={label}",
+                    )
+
+    # ---------------------------------------------------------------- 4: fingerprint
+    def fingerprints(self) -> None:
+        """Position-0 states and each head's position-0 output across inputs, batch size 1."""
+        i_f = min(self.opts.fingerprint_query, self.T - 1)
+        for condition, bos in (("bos", "always"), ("nobos", "never")):
+            tokens = self.tokens(self.opts.fingerprint_seqs, self.T, "fingerprint", bos)
+            n = len(tokens)
+            x0 = [torch.empty(n, self.model.cfg.d_model) for _ in self.resid_names]
+            v0 = [torch.empty(n, self.H, self.model.cfg.d_head) for _ in range(self.L)]
+            gain = [torch.empty(n, self.H) for _ in range(self.L)]
+            consumers = {
+                name: _store(x0[s], lambda x: x[:, 0]) for s, name in enumerate(self.resid_names)
+            }
+            for l in range(self.L):
+                consumers[f"blocks.{l}.attn.v"] = _store(v0[l], lambda v: v[:, :, 0])
+                consumers[f"blocks.{l}.attn.pattern"] = _store(gain[l], lambda p: p[:, :, i_f, 0])
+            stream(self.model, tokens[:, : self.T], consumers, batch_size=1)
+            for site, x in enumerate(x0):
+                fp = measures.dispersion(x)
+                self.rec.add(
+                    "fingerprint_dispersion", fp["dispersion"], layer=site, condition=condition
+                )
+                self.rec.add("fingerprint_cosine", fp["cosine"], layer=site, condition=condition)
+            for l in range(self.L):
+                self._record_head_fingerprint(l, v0[l], gain[l], condition, i_f)
+
+    def _record_head_fingerprint(self, layer, v0, gain, condition, i_f) -> None:
+        o_proj = self.model.layers[layer].self_attn.o_proj.weight.detach().double()
+        dh = self.model.cfg.d_head
+        for h in range(self.H):
+            direction = v0[:, h].double() @ o_proj[:, h * dh : (h + 1) * dh].T  # W_O v_0, (n, d)
+            value = measures.dispersion(direction)["dispersion"]
+            output = measures.dispersion(gain[:, h, None].double() * direction)["dispersion"]
+            self.rec.add(
+                "fingerprint_value_dispersion", value, layer=layer, head=h, condition=condition
+            )
+            self.rec.add(
+                "fingerprint_head_dispersion",
+                output,
+                layer=layer,
+                head=h,
+                query=i_f,
+                condition=condition,
+            )
+
+    # ---------------------------------------------------------------- 7: shift test
     def shift_test(self) -> None:
-        """The same content at offset 1 and at offset 1 + delta (after a fixed filler, with
-        position 0 unchanged): JS distance between attention rows of matching queries,
-        restricted to position 0 and the content keys and renormalised."""
-        content_len = self.T // 2
-        delta = self.T - content_len - 1
-        seqs = self.tokens(self.cfg.data.bos, stream="shift")
-        filler = self.tokens(self.cfg.data.bos, 1, stream="filler")[0, 1 : 1 + delta]
-        first, content = seqs[:, :1], seqs[:, 1 : 1 + content_len]
+        """The same content at offset 1 and 1 + delta (after a fixed filler): JS distance
+        between attention rows of matching queries over the content keys only."""
+        n = self.T // 2
+        delta = self.T - n - 1
+        seqs = self.tokens(self.opts.shift_seqs, self.T, "shift")
+        filler = self.tokens(1, self.T, "filler")[0, 1 : 1 + delta]
+        first, content = seqs[:, :1], seqs[:, 1 : 1 + n]
         near = torch.cat([first, content], dim=1)
         far = torch.cat([first, filler.expand(len(seqs), -1), content], dim=1)
-        names = {f"blocks.{layer}.attn.pattern": keep for layer in range(self.L)}
-        a = collect(self.model, near, names, self.opts.batch_size)
-        b = collect(self.model, far, names, self.opts.batch_size)
-        for layer in range(self.L):
-            pa, pb = a[f"blocks.{layer}.attn.pattern"], b[f"blocks.{layer}.attn.pattern"]
-            dists = []
-            for m in range(content_len):
-                keys_a = [0, *range(1, 2 + m)]
-                keys_b = [0, *range(1 + delta, 2 + delta + m)]
-                ra, rb = pa[:, :, 1 + m, keys_a], pb[:, :, 1 + delta + m, keys_b]
-                ra = ra / ra.sum(-1, keepdim=True).clamp_min(1e-30)
-                rb = rb / rb.sum(-1, keepdim=True).clamp_min(1e-30)
-                d = measures.js_distance(ra, rb)  # (N, H)
-                dists.append(d)
+        blocks = [torch.empty(len(seqs), self.H, n, n) for _ in range(self.L)]
+        consumers = {
+            f"blocks.{l}.attn.pattern": _store(blocks[l], _content_block(1, n))
+            for l in range(self.L)
+        }
+        stream(self.model, near, consumers, self.batch)
+        dists = [torch.empty(len(seqs), self.H, n) for _ in range(self.L)]
+        consumers = {
+            f"blocks.{l}.attn.pattern": self._shift_scorer(blocks[l], dists[l], 1 + delta, n)
+            for l in range(self.L)
+        }
+        stream(self.model, far, consumers, self.batch)
+        for l, d in enumerate(dists):
+            for m in range(n):
                 self.rec.add(
-                    "shift_js", d.mean(), layer=layer, query=m, std=d.mean(1).std(), n=len(d)
+                    "shift_js",
+                    d[:, :, m].mean(),
+                    layer=l,
+                    query=m,
+                    std=d[:, :, m].mean(1).std(),
+                    n=len(d),
                 )
-            per_head = torch.stack(dists).mean(0)  # (N, H)
             for h in range(self.H):
-                self.rec.add("shift_js", per_head[:, h].mean(), layer=layer, head=h)
-            self.rec.add("shift_js", per_head.mean(), layer=layer, condition=f"delta={delta}")
+                self.rec.add("shift_js", d[:, h].mean(), layer=l, head=h)
+            self.rec.add("shift_js", d.mean(), layer=l, condition=f"delta={delta}")
+
+    @staticmethod
+    def _shift_scorer(near_blocks, out, start_far: int, n: int):
+        def consume(pattern, rows):
+            far_block = pattern[..., start_far : start_far + n, start_far : start_far + n]
+            out[rows] = measures.shift_distances(near_blocks[rows], far_block, 0, 0, n).float()
+
+        return consume
+
+    # ---------------------------------------------------------------- 8: length extrapolation
+    def extrapolation(self) -> None:
+        """Validation loss per position at multiples of the training length, and for RoPE models
+        also with NTK scaling at inference (s = the length ratio, composed with a trained s)."""
+        T0, cfg = self.cfg.data.seq_len, self.model.cfg
+        for m in self.opts.extrapolation:
+            length = T0 * m
+            if cfg.position == "learned" and length > cfg.max_seq_len:
+                continue
+            try:
+                tokens = self.tokens(self.opts.extrapolation_seqs, length, "extrapolation")
+            except ValueError:  # the validation split is shorter than this length
+                continue
+            scales = [1.0, float(m)] if cfg.position.startswith("rope") and m > 1 else [1.0]
+            for s in scales:
+                self._set_rope_scale(s)
+                losses = self._loss_by_position(tokens)
+                cond = f"len={length}" + (f",ntk={s:g}" if s > 1 else "")
+                for i in range(length):
+                    self.rec.add("loss_by_position", losses[i], query=i, condition=cond)
+                self.rec.add("loss_mean", losses.mean(), condition=cond)
+                self.rec.add(
+                    "loss_beyond_train", losses[T0:].mean() if m > 1 else None, condition=cond
+                )
+        self._set_rope_scale(self.opts.rope_scale or 1.0)
+
+    def _set_rope_scale(self, scale: float) -> None:
+        if self.model.cfg.position.startswith("rope"):
+            self.model.set_rope_scale(scale)
+        elif scale != 1:
+            raise ValueError(
+                f"--rope-scale needs a RoPE model; this run is {self.model.cfg.position!r}"
+            )
+
+    @torch.no_grad()
+    def _loss_by_position(self, tokens: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros(tokens.shape[1] - 1, dtype=torch.float64)
+        step = max(1, (1 << 18) // tokens.shape[1])
+        for chunk in tokens.split(step):
+            logits = self.model(chunk[:, :-1])
+            loss = F.cross_entropy(
+                logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="none"
+            )
+            total += loss.view(len(chunk), -1).double().sum(0)
+        return total / len(tokens)
 
     # ---------------------------------------------------------------- summary
     def summary(self, seconds: float) -> dict:
-        rows = self.rec.rows
+        return summarise(self, seconds)
 
-        def layer_values(metric, **where):
-            return {
-                r["layer"]: r["value"]
-                for r in rows
-                if r["metric"] == metric and r["head"] is None and r["query"] is None
-                and all(r.get(k) == v for k, v in where.items())
-            }  # fmt: skip
 
-        def layer_mean(metric):
-            acc: dict = {}
-            for r in rows:
-                if r["metric"] == metric and r["head"] is None and r["query"] is not None:
-                    acc.setdefault(r["layer"], []).append(r["value"])
-            return {k: sum(v) / len(v) for k, v in acc.items()}
+def _store(target: torch.Tensor, pick):
+    """A consumer that writes pick(activation) into target rows of its sequences."""
 
-        run_summary = self.run_dir / "summary.json"
-        val_loss = (
-            json.loads(run_summary.read_text())["final_val_loss"] if run_summary.exists() else None
-        )
-        per_layer = {
-            "probe_r2": layer_values("probe_r2"),
-            "probe_r2_log": layer_values("probe_r2_log"),
-            "probe_mae": layer_values("probe_mae"),
-            "delta_r2": layer_values("delta_r2"),
-            "delta_r2_null": layer_values("delta_r2_null"),
-            "c_mask": layer_mean("c_mask"),
-            "c_res": layer_mean("c_res"),
-            "sink_rate": layer_values("sink_rate", condition=f"eps={self.opts.sink_eps}"),
-            "fingerprint_dispersion_bos": layer_values("fingerprint_dispersion", condition="bos"),
-            "fingerprint_dispersion_nobos": layer_values(
-                "fingerprint_dispersion", condition="nobos"
-            ),
-            "shift_js": {
-                r["layer"]: r["value"] for r in rows if r["metric"] == "shift_js" and r["condition"]
-            },
-        }
-        for k in (*self.opts.early_k, "all"):
-            per_layer[f"bos_swap_removed_mean_k{k}"] = layer_values(
-                "bos_swap_removed", condition=f"mean,k={k}"
-            )
-        return {
-            **self.label,
-            "run": str(self.run_dir),
-            "checkpoint": self.state["checkpoint"],
-            "step": self.state["step"],
-            "val_loss": val_loss,
-            "position": self.model.cfg.position,
-            "window": self.model.cfg.window,
-            "rope_base": self.model.rope_base,
-            "seqs": self.opts.seqs,
-            "seq_len": self.T,
-            "data": self.data.source,
-            "seconds": round(seconds, 2),
-            "per_layer": per_layer,
-        }
+    def consume(tensor, rows):
+        target[rows] = pick(tensor).float().cpu()
+
+    return consume
+
+
+def _same(tensor):
+    return tensor
+
+
+def _key0_column(pattern):
+    return pattern[..., 0]
+
+
+def _content_block(start: int, n: int):
+    return lambda pattern: pattern[..., start : start + n, start : start + n]
+
+
+def _knockout(pattern, name):
+    return measures.knock_out_key0(pattern)
 
 
 def analyze(run_dir: str | Path, opts: Options = Options(), out: str | Path | None = None) -> dict:
@@ -337,15 +581,6 @@ def analyze(run_dir: str | Path, opts: Options = Options(), out: str | Path | No
     return summary
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", help="run directory (holds config.toml and checkpoints/)")
-    parser.add_argument("--seqs", type=int, default=Options.seqs, help="held-out sequences")
-    parser.add_argument("--seq-len", type=int, help="sequence length (default: training length)")
-    parser.add_argument("--rope-scale", type=float, help="apply static NTK scaling s at inference")
-    parser.add_argument("--data", help="data source to analyse on (default: the run's)")
-    parser.add_argument("--out", help="output directory (default: RUN/analysis)")
-
-
 def run(args: argparse.Namespace) -> int:
     opts = Options(seqs=args.seqs, seq_len=args.seq_len, rope_scale=args.rope_scale, data=args.data)
     try:
@@ -356,13 +591,11 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or Path(args.run) / "analysis")
     layers = summary["per_layer"]
     print(f"analysis: {out} ({summary['seconds']:.1f}s)")
-    print("probe R^2 by layer: " + " ".join(f"{v:.2f}" for v in layers["probe_r2"].values()))
-    print("C_res by layer:     " + " ".join(f"{v:.3f}" for v in layers["c_res"].values()))
+    print("probe R^2 (log target) by layer: " + _row(layers["probe_r2_log"], "{:.2f}"))
+    print("C_res at queries 1-15 by layer:  " + _row(layers["c_res_early"], "{:.3f}"))
     print(f"report: {out / 'report.png'}")
     return 0
 
 
-if __name__ == "__main__":
-    from posleak.cli import standalone
-
-    sys.exit(standalone(__doc__, "python -m analysis.analyze", add_arguments, run))
+def _row(values: dict, fmt: str) -> str:
+    return " ".join(fmt.format(v) if v is not None else "nan" for v in values.values())

@@ -1,10 +1,12 @@
-"""From a run directory to cached activations: load the model, draw held-out sequences,
-run forward passes that keep only what each measurement reads."""
+"""From a run directory to activations: load the model, draw held-out sequences, and run
+forward passes whose hooks keep only what each measurement reads, accumulating as they go so
+that memory does not grow with the number of sequences (beyond the probe features)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,8 +36,12 @@ def load_run(run_dir: str | Path) -> tuple[Decoder, RunConfig, dict]:
             break
         except checkpoint.CheckpointError as err:
             errors.append(str(err))
+            warnings.warn(f"skipping unusable checkpoint: {err}", stacklevel=2)
     else:
-        raise checkpoint.CheckpointError("no usable checkpoint: " + "; ".join(errors))
+        raise FileNotFoundError(
+            f"{run_dir} has no usable checkpoint ({'; '.join(errors)}); resume training with "
+            "`posleak train CONFIG --out RUN --resume` to rewrite it"
+        )
     model.eval()
     return model, cfg, {**state, "checkpoint": str(path)}
 
@@ -58,13 +64,37 @@ def run_label(run_dir: Path, cfg: RunConfig) -> dict:
 def held_out_tokens(
     data: DataConfig, seed: int, n: int, seq_len: int, bos: str, stream: str = "analysis"
 ) -> torch.Tensor:
-    """n validation-split sequences of seq_len tokens from a stream of their own, so they
-    never coincide with the batches used for evaluation during training."""
+    """n validation-split sequences of seq_len + 1 tokens from a stream of their own, so they
+    never coincide with the batches used for evaluation during training. The model reads
+    [:, :seq_len]; the last token is a next-token target."""
     cfg = dataclasses.replace(data, seq_len=seq_len, bos=bos)
-    return BatchStream(cfg, seed, "val", n, stream=stream).batch(0)[:, :seq_len]
+    return BatchStream(cfg, seed, "val", n, stream=stream).batch(0)
+
+
+Consumer = Callable[[torch.Tensor, torch.Tensor], None]  # (activation, sequence indices)
 
 
 @torch.no_grad()
+def stream(
+    model: Decoder,
+    tokens: torch.Tensor,
+    consumers: dict[str, Consumer],
+    batch_size: int,
+    interventions: list = (),
+) -> None:
+    """Run tokens (N, T) through the model in mini-batches; each consumer receives its hook's
+    activation and the indices of the sequences in that batch."""
+    rows = torch.arange(0)
+
+    def hook(name):
+        return lambda tensor, _: consumers[name](tensor.detach(), rows)
+
+    with model.hooks([*interventions, *((name, hook(name)) for name in consumers)]):
+        for start in range(0, len(tokens), batch_size):
+            rows = torch.arange(start, min(start + batch_size, len(tokens)))
+            model(tokens[rows])
+
+
 def collect(
     model: Decoder,
     tokens: torch.Tensor,
@@ -72,16 +102,13 @@ def collect(
     batch_size: int = 32,
     interventions: list = (),
 ) -> dict[str, torch.Tensor]:
-    """Run `tokens` through the model in mini-batches; for each hook name keep
-    extract[name](activation) (e.g. only column 0 of a pattern), concatenated over batches."""
+    """For each hook name keep extract[name](activation), concatenated over sequences."""
     parts: dict[str, list] = {name: [] for name in extract}
 
-    def keeper(tensor, name):
-        parts[name].append(extract[name](tensor.detach()).float().cpu())
+    def keeper(name):
+        return lambda tensor, rows: parts[name].append(extract[name](tensor).float().cpu())
 
-    with model.hooks([*interventions, *((name, keeper) for name in extract)]):
-        for start in range(0, len(tokens), batch_size):
-            model(tokens[start : start + batch_size])
+    stream(model, tokens, {name: keeper(name) for name in extract}, batch_size, interventions)
     return {name: torch.cat(chunks) for name, chunks in parts.items()}
 
 
@@ -89,9 +116,40 @@ def keep(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def first_key_column(pattern: torch.Tensor) -> torch.Tensor:
-    return pattern[..., 0]  # (B, H, T): A_i0
+class LogitSums:
+    """Per-block sums of the pre-softmax logits over sequences, for one layer.
 
+    Sequence n goes to block n mod n_blocks (n_blocks even, so even blocks hold the even
+    sequences: half A, odd blocks half B). The halves give the split-half estimates, and the
+    blocks are the units of the bootstrap. Only visible pairs are stored (half the memory of
+    a causal T x T map, far less under a window). Sums are float32: a block holds a few dozen
+    sequences, so rounding (~1e-7 relative) stays far below the split-half signal (tests
+    recover planted terms through this path).
+    """
 
-def position_zero(resid: torch.Tensor) -> torch.Tensor:
-    return resid[:, 0]  # (B, d)
+    def __init__(self, n_blocks: int, n_head: int, visible: torch.Tensor):
+        self.visible = visible
+        self.pairs = visible.flatten().nonzero()[:, 0]  # (P,) flat indices of visible pairs
+        self.dtype = torch.float32
+        self.sums = torch.zeros(n_blocks, n_head, len(self.pairs), dtype=self.dtype)
+        self.counts = torch.zeros(n_blocks, dtype=torch.float64)
+
+    def add(self, scores: torch.Tensor, rows: torch.Tensor) -> None:
+        blocks = rows % len(self.counts)
+        values = scores.flatten(-2)[..., self.pairs].to(self.dtype)  # (B, H, P)
+        self.sums.index_add_(0, blocks, values)
+        self.counts.index_add_(0, blocks, torch.ones(len(rows), dtype=torch.float64))
+
+    def block_means(self, chunk: int):
+        """Packed mean logits of each block, `chunk` blocks at a time (float64)."""
+        for start in range(0, len(self.counts), chunk):
+            part = slice(start, start + chunk)
+            yield self.sums[part].double() / self.counts[part, None, None]
+
+    def half_mean(self, half: int) -> torch.Tensor:
+        """Packed mean logits of half A (0) or B (1)."""
+        return self.sums[half::2].double().sum(0) / self.counts[half::2].sum()
+
+    def mean(self) -> torch.Tensor:
+        """Packed mean logits over all sequences."""
+        return self.sums.double().sum(0) / self.counts.sum()

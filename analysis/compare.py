@@ -1,23 +1,46 @@
-"""`posleak compare RUN_OR_SWEEP_DIR... [--out DIR]`
+"""`posleak compare RUN_OR_SWEEP_DIR... [--out DIR] [--reference VARIANT]`
 
-Groups runs by variant (from their sweep labels or configs), analyses any run that has not
-been analysed yet, and writes a self-contained Markdown report with figures that puts the
-variants side by side. Every number carries its seed-to-seed spread; a difference from the
-reference variant that is within the spread is marked "≈" (not a finding).
+Groups runs by variant (from their sweep labels or configs), analyses any finished run that
+has not been analysed with the current definitions, and writes a Markdown report with
+figures. Variants are compared with the reference variant paired by seed: the mean
+difference over shared seeds with a 95% t-interval; a difference is marked a finding only
+when its interval excludes zero with at least 3 seeds.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-import matplotlib.pyplot as plt
-
 from analysis import plots
 from analysis.analyze import Options, analyze
+from analysis.measures import DEFINITIONS
 from analysis.records import mean_std, read
+from analysis.stats import MIN_SEEDS, paired_difference
+from posleak import version
+
+ROOT = Path(__file__).resolve().parent.parent
+HEADLINES = (
+    ("val_loss", "validation loss"),
+    ("probe_r2_log_last", "probe R², log target (last layer)"),
+    ("probe_r2_log_mean", "probe R², log target (mean over layers ≥ 1)"),
+    ("c_res_early", "C_res at queries 1–15 (mean over layers)"),
+    ("c_content", "c_content: content variation of logits (mean over layers)"),
+    ("abs_share", "abs_share (mean over layers)"),
+    ("alpha0_max", "α₀ of the strongest head"),
+    ("a0_early_max", "A_i0 at i < 16, strongest early reader"),
+    ("sink_rate", "sink rate, α₀ > 0.3 (mean over layers)"),
+    ("fingerprint_nobos_last", "x₀ dispersion without BOS (last layer)"),
+    ("bos_swap_removed_mean_k16", "C_res² removed by BOS→mean, i < 16"),
+    ("bos_swap_removed_token_k16", "C_res² removed by BOS→token, i < 16"),
+    ("bos_swap_removed_random_k16", "C_res² removed by BOS→random, i < 16"),
+    ("bos_swap_removed_zeros_k16", "C_res² removed by BOS→zeros, i < 16"),
+    ("knockout_probe_r2_log_drop", "probe R² lost by key-0 knockout (last layer)"),
+    ("shift_js", "shift-test JS distance (mean over layers)"),
+)
 
 
 def find_runs(paths: list[str]) -> list[Path]:
@@ -38,202 +61,199 @@ def load_groups(runs: list[Path], opts: Options) -> tuple[dict, dict]:
     groups: dict = {}
     summaries: dict = {}
     for run in runs:
-        records = run / "analysis" / "records.jsonl"
-        if not records.exists():
+        summary_path = run / "analysis" / "summary.json"
+        current = summary_path.exists() and (
+            json.loads(summary_path.read_text()).get("definitions") == DEFINITIONS
+        )
+        if not current:
             if not (run / "summary.json").exists():
                 print(f"[compare] skipping {run}: training has not finished", file=sys.stderr)
                 continue
             print(f"[compare] analysing {run}", file=sys.stderr)
             analyze(run, opts)
-        summary = json.loads((run / "analysis" / "summary.json").read_text())
-        groups.setdefault(summary["variant"], []).append(read(records))
+        summary = json.loads(summary_path.read_text())
+        groups.setdefault(summary["variant"], []).append(read(run / "analysis" / "records.jsonl"))
         summaries.setdefault(summary["variant"], []).append(summary)
     return groups, summaries
 
 
-HEADLINES = (
-    ("val_loss", "validation loss", None),
-    ("probe_r2", "probe R² (last layer)", "last"),
-    ("probe_r2_mid", "probe R² (mean over layers ≥ 1)", None),
-    ("c_res", "C_res (mean over layers, queries)", None),
-    ("delta_r2", "ΔR² (mean over layers, heads)", None),
-    ("sink_rate", "sink rate (mean over layers)", None),
-    ("fingerprint_nobos", "x₀ dispersion without BOS (last layer)", None),
-    ("bos_swap_k16", "C_res removed by BOS→mean, i<16", None),
-    ("shift_js", "shift-test JS distance (mean over layers)", None),
-)
+def extra_headlines(summaries: dict) -> list[tuple[str, str]]:
+    """Length-extrapolation rows: whatever loss_beyond_* keys the runs carry."""
+    keys = sorted(
+        {
+            k
+            for items in summaries.values()
+            for s in items
+            for k in s["headline"]
+            if k.startswith("loss_beyond_")
+        },
+        key=lambda k: (len(k), k),
+    )
+    return [
+        (k, "loss beyond T_train at " + k[len("loss_beyond_") :].replace("_", ", ")) for k in keys
+    ]
 
 
-def headline(summary: dict, key: str) -> float | None:
-    """One number per run for the headline table (None where it was not measured)."""
-    layers = summary["per_layer"]
-
-    def values(metric, skip_embedding=False):
-        per_layer = layers.get(metric, {})
-        return [
-            v for k, v in per_layer.items() if v is not None and not (skip_embedding and k == "0")
-        ]
-
-    def mean_of(metric, skip_embedding=False):
-        vals = values(metric, skip_embedding)
-        return sum(vals) / len(vals) if vals else None
-
-    def last_of(metric):
-        vals = values(metric)
-        return vals[-1] if vals else None
-
-    if key == "val_loss":
-        return summary.get("val_loss")
-    if key == "probe_r2":
-        return last_of("probe_r2")
-    if key == "probe_r2_mid":
-        return mean_of("probe_r2", skip_embedding=True)
-    if key == "fingerprint_nobos":
-        return last_of("fingerprint_dispersion_nobos")
-    if key == "bos_swap_k16":
-        return mean_of("bos_swap_removed_mean_k16")
-    return mean_of(key)
+def by_seed(items: list[dict], key: str) -> dict:
+    return {s["seed"]: s["headline"].get(key) for s in items}
 
 
-def headline_table(summaries: dict) -> list[str]:
+def _fmt(x) -> str:
+    return "–" if x is None else f"{x:.4g}"
+
+
+def level_table(summaries: dict, rows) -> list[str]:
+    """Mean ± sd over seeds per variant."""
     variants = list(summaries)
-    ref = "rope" if "rope" in summaries else variants[0]
     lines = [
-        f"Mean ± std over seeds (n per variant in the header). ≈ marks a difference from "
-        f"`{ref}` no larger than the two seed spreads combined (std_a + std_b): not a finding. "
-        "† marks a comparison with a single seed on one side: its spread is unknown.",
-        "",
         "| metric | " + " | ".join(f"{v} (n={len(summaries[v])})" for v in variants) + " |",
         "|---|" + "---|" * len(variants),
     ]
-    for key, label, _ in HEADLINES:
-        stats = {}
-        for v in variants:
-            vals = [x for x in (headline(s, key) for s in summaries[v]) if x is not None]
-            stats[v] = mean_std(vals) if vals else None
+    for key, label in rows:
         cells = []
         for v in variants:
-            if stats[v] is None:
+            vals = [x for x in by_seed(summaries[v], key).values() if x is not None]
+            if not vals:
                 cells.append("–")
                 continue
-            m, s, n = stats[v]
-            mark = ""
-            if v != ref and stats[ref] is not None:
-                rm, rs, rn = stats[ref]
-                if min(n, rn) < 2:
-                    mark = " †"
-                elif abs(m - rm) <= s + rs:
-                    mark = " ≈"
-            cells.append(f"{m:.4g} ± {s:.2g}{mark}")
+            m, s, n = mean_std(vals)
+            cells.append(f"{m:.4g} ± {s:.2g}" if n > 1 else f"{m:.4g}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
 
-def figure(path: Path, draw, size=(7, 4.5)) -> str:
-    fig, ax = plt.subplots(figsize=size, constrained_layout=True)
-    draw(ax)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path.name
+def difference_table(summaries: dict, reference: str, rows) -> list[str]:
+    """Paired-by-seed differences from the reference with 95% t-intervals."""
+    others = [v for v in summaries if v != reference]
+    lines = [
+        "| metric | " + " | ".join(f"{v} − {reference}" for v in others) + " |",
+        "|---|" + "---|" * len(others),
+    ]
+    for key, label in rows:
+        ref = by_seed(summaries[reference], key)
+        cells = []
+        for v in others:
+            d = paired_difference(by_seed(summaries[v], key), ref)
+            if d is None:
+                cells.append("–")
+            elif d.n < MIN_SEEDS:
+                interval = "" if d.n < 2 else f" [{_fmt(d.lo)}, {_fmt(d.hi)}]"
+                cells.append(f"{_fmt(d.mean)}{interval} (n={d.n} < {MIN_SEEDS}: no test)")
+            else:
+                mark = " **finding**" if d.finding else ""
+                cells.append(f"{_fmt(d.mean)} [{_fmt(d.lo)}, {_fmt(d.hi)}]{mark}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
-def per_layer_queries(path: Path, groups: dict, metric: str) -> str:
-    n_layer = (
-        max(
-            (r["layer"] for rows in groups.values() for r in rows[0] if r["metric"] == metric),
-            default=0,
-        )
-        + 1
+def draw_figures(groups: dict, out: Path) -> dict:
+    """Every figure of the report; returns {key: PNG file name}."""
+    fig = {
+        "probe": plots.figure(out / "probe", lambda ax: plots.probe_curve(ax, groups)),
+        "c_mask_q": plots.per_layer_queries(
+            out / "c_mask_query", groups, "c_mask", "mask component"
+        ),
+        "c_res_q": plots.per_layer_queries(
+            out / "c_res_query", groups, "c_res", "residual component"
+        ),
+        "c_content_q": plots.per_layer_queries(
+            out / "c_content_query", groups, "c_content", "content variation"
+        ),
+        "abs_share": plots.head_maps(out / "abs_share", groups, "abs_share", "absolute share"),
+        "sinks": plots.head_maps(out / "sinks", groups, "sink_alpha0", "α₀, mean A_i0", vmin=0.0),
+        "fp": plots.figure(out / "fingerprint", lambda ax: plots.fingerprint_curve(ax, groups)),
+        "swap": plots.swap_bars(out / "bos_swap", groups),
+        "knockout": plots.figure(out / "knockout", lambda ax: plots.knockout_curve(ax, groups)),
+        "shift": plots.figure(
+            out / "shift",
+            lambda ax: plots.layer_curve(
+                ax,
+                groups,
+                "shift_js",
+                "JS distance",
+                "Shift test, content keys only",
+                query=None,
+                condition=None,
+            ),
+        ),
+        "extrapolation": plots.figure(
+            out / "extrapolation", lambda ax: plots.extrapolation_curve(ax, groups)
+        ),
+    }
+    fig["c_res_l"] = plots.figure(
+        out / "c_res_layer",
+        lambda ax: plots.layer_curve(
+            ax,
+            groups,
+            "c_res",
+            "residual component",
+            "C_res vs layer, mean over queries",
+            condition=None,
+        ),
     )
-    fig, axes = plt.subplots(
-        1, n_layer, figsize=(4 * n_layer, 3.5), constrained_layout=True, squeeze=False
-    )
-    for layer, ax in enumerate(axes[0]):
-        plots.line_with_spread(ax, groups, metric, "query", head=None, layer=layer, condition=None)
-        ax.set(title=f"{metric}, layer {layer}", xlabel="query position i")
-    axes[0, 0].legend(fontsize=7)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path.name
+    return fig
 
 
-def write_report(groups: dict, summaries: dict, out: Path) -> Path:
+SECTIONS = (
+    ("Position probe (held-out R², log target)", ("probe",)),
+    ("Causal-mask component C_mask(i) = log Σ_j exp ĝ(i−j) − ĝ(0)", ("c_mask_q",)),
+    (
+        "Residual-stream component C_res(i) (split-half, noise-free in expectation)",
+        ("c_res_q", "c_res_l"),
+    ),
+    (
+        "Content variation c_content(i) = mean |s_ij − M_ij| (read C_res against it)",
+        ("c_content_q",),
+    ),
+    ("Share of systematic logit structure not a function of i − j (abs_share)", ("abs_share",)),
+    ("Sinks: α₀ per layer and head", ("sinks",)),
+    ("Position-0 fingerprint", ("fp",)),
+    ("BOS replacement", ("swap",)),
+    ("Key-0 knockout", ("knockout",)),
+    ("Shift test", ("shift",)),
+    ("Length extrapolation", ("extrapolation",)),
+)
+
+
+def definitions_link(out: Path) -> str:
+    science = ROOT / "docs" / "science.md"
+    if science.exists():
+        return f"[docs/science.md]({os.path.relpath(science, out.resolve())})"
+    return "docs/science.md in the posleak repository"
+
+
+def write_report(groups: dict, summaries: dict, out: Path, reference: str | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    fig = {}
-    fig["probe"] = figure(out / "probe.png", lambda ax: plots.probe_curve(ax, groups))
-    fig["c_mask_q"] = per_layer_queries(out / "c_mask_query.png", groups, "c_mask")
-    fig["c_res_q"] = per_layer_queries(out / "c_res_query.png", groups, "c_res")
-    fig["c_mask_l"] = figure(
-        out / "c_mask_layer.png",
-        lambda ax: plots.layer_curve(ax, groups, "c_mask", "C_mask vs layer (mean over queries)"),
-    )
-    fig["c_res_l"] = figure(
-        out / "c_res_layer.png",
-        lambda ax: plots.layer_curve(ax, groups, "c_res", "C_res vs layer (mean over queries)"),
-    )
-    fig["dr2"] = figure(
-        out / "delta_r2.png",
-        lambda ax: plots.layer_curve(
-            ax, groups, "delta_r2", "ΔR² vs layer (mean over heads)", query=None
-        ),
-    )
-    fig["fp"] = figure(out / "fingerprint.png", lambda ax: plots.fingerprint_curve(ax, groups))
-    fig["swap"] = figure(
-        out / "bos_swap.png", lambda ax: plots.swap_bars(ax, groups), size=(8, 4.5)
-    )
-    fig["shift"] = figure(
-        out / "shift.png",
-        lambda ax: plots.layer_curve(
-            ax, groups, "shift_js", "Shift test: JS distance vs layer", query=None
-        ),
-    )
-    n = len(groups)
-    sink_fig, axes = plt.subplots(
-        1, n, figsize=(3.5 * n + 1, 3.5), constrained_layout=True, squeeze=False
-    )
-    plots.sink_maps(sink_fig, list(axes[0]), groups)
-    sink_fig.savefig(out / "sinks.png", dpi=100)
-    plt.close(sink_fig)
-
+    reference = reference or ("rope" if "rope" in summaries else next(iter(summaries)))
+    if reference not in summaries:
+        raise ValueError(f"reference variant {reference!r} is not among {sorted(summaries)}")
+    fig = draw_figures(groups, out)
+    rows = [*HEADLINES, *extra_headlines(summaries)]
     first = next(iter(summaries.values()))[0]
     lines = [
         "# Where does absolute position come from? Variant comparison",
         "",
-        f"Runs: {sum(len(v) for v in summaries.values())} in {n} variants. Analysed on "
-        f"{first['seqs']} held-out sequences of {first['seq_len']} tokens from `{first['data']}`. "
-        "Definitions: posleak README, section *Metrics* (after ../shared/science.md).",
+        f"Runs: {sum(len(v) for v in summaries.values())} in {len(summaries)} variants, analysed "
+        f"on {first['seqs']} held-out sequences of {first['seq_len']} tokens "
+        f"from `{first['data']}`. "
+        f"Definitions version {DEFINITIONS}: {definitions_link(out)}. "
+        f"posleak {version()}.",
         "",
-        "## Headline numbers",
+        "## Levels (mean ± sd over seeds)",
         "",
-        *headline_table(summaries),
+        *level_table(summaries, rows),
         "",
-        "## Position probe (held-out R² of a ridge probe x_i → i)",
-        f"![probe]({fig['probe']})",
+        f"## Differences from `{reference}`, paired by seed",
         "",
-        "## Causal-mask component C_mask(i) = log Σ_j exp ĝ(i−j)",
-        f"![C_mask vs query]({fig['c_mask_q']})",
-        f"![C_mask vs layer]({fig['c_mask_l']})",
+        f"Mean difference over the seeds both variants share, with a 95% t-interval (n − 1 "
+        f"degrees of freedom). **finding**: the interval excludes 0 with at least {MIN_SEEDS} "
+        "seeds; any other difference is not established at this scale.",
         "",
-        "## Residual-stream component C_res(i) = mean_j |s_ij − ĝ(i−j)|",
-        f"![C_res vs query]({fig['c_res_q']})",
-        f"![C_res vs layer]({fig['c_res_l']})",
-        "",
-        "## Logit leakage ΔR² (absolute terms beyond i−j, held out)",
-        f"![delta R2]({fig['dr2']})",
-        "",
-        "## Sinks: α₀ = mean_i A_i0 per layer and head",
-        "![sinks](sinks.png)",
-        "",
-        "## Position-0 fingerprint (with BOS it must be exactly 0)",
-        f"![fingerprint]({fig['fp']})",
-        "",
-        "## BOS replacement: share of C_res removed at early queries",
-        f"![bos swap]({fig['swap']})",
-        "",
-        "## Shift test (same content at two offsets)",
-        f"![shift]({fig['shift']})",
+        *difference_table(summaries, reference, rows),
+    ]
+    for title, keys in SECTIONS:
+        lines += ["", f"## {title}", *(f"![{k}]({fig[k]})" for k in keys)]
+    lines += [
         "",
         "## Runs",
         "",
@@ -242,46 +262,24 @@ def write_report(groups: dict, summaries: dict, out: Path) -> Path:
     ]
     for variant, items in summaries.items():
         for s in items:
-            loss = f"{s['val_loss']:.4f}" if s.get("val_loss") is not None else "–"
-            lines.append(f"| {variant} | {s['seed']} | `{s['run']}` | {s['step']} | {loss} |")
+            name, loss = Path(s["run"]).name, _fmt(s["val_loss"])
+            lines.append(f"| {variant} | {s['seed']} | `{name}` | {s['step']} | {loss} |")
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
-    (out / "headline.json").write_text(
-        json.dumps(
-            {
-                v: {k: [headline(s, k) for s in items] for k, _, _ in HEADLINES}
-                for v, items in summaries.items()
-            },
-            indent=2,
-        )
-    )
+    headline = {v: {k: by_seed(items, k) for k, _ in rows} for v, items in summaries.items()}
+    (out / "headline.json").write_text(json.dumps(headline, indent=2) + "\n")
     return report
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("paths", nargs="+", help="run directories or sweep directories")
-    parser.add_argument("--out", default="runs/compare", help="report directory")
-    parser.add_argument(
-        "--seqs", type=int, default=Options.seqs, help="sequences for runs not yet analysed"
-    )
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         runs = find_runs(args.paths)
         groups, summaries = load_groups(runs, Options(seqs=args.seqs))
-    except FileNotFoundError as err:
+        if not groups:
+            raise FileNotFoundError("no finished runs to compare")
+        report = write_report(groups, summaries, Path(args.out), args.reference)
+    except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if not groups:
-        print("error: no finished runs to compare", file=sys.stderr)
-        return 2
-    report = write_report(groups, summaries, Path(args.out))
     print(f"report: {report}")
     return 0
-
-
-if __name__ == "__main__":
-    from posleak.cli import standalone
-
-    sys.exit(standalone(__doc__, "python -m analysis.compare", add_arguments, run))

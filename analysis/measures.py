@@ -1,99 +1,170 @@
-"""The measurements of ../shared/science.md as pure functions over cached tensors.
+"""The measurements of docs/science.md (definitions version 2) as pure functions.
 
-Shapes: scores (N, H, T, T) pre-softmax logits with masked entries at -inf; visible (T, T)
-boolean mask; everything is computed in float64. Masked entries never enter a statistic.
+Shapes: logits (..., H, T, T) with any value on masked entries (they never enter a
+statistic); visible (T, T) boolean mask; everything is computed in float64.
 """
 
 from __future__ import annotations
 
-import math
+from typing import NamedTuple
 
 import torch
 
-
-def relative_profile(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """g(delta) per head: mean of s_ij over visible pairs with i - j = delta, pooled over
-    sequences and queries. (H, T); NaN for offsets with no visible pair."""
-    _, H, T, _ = scores.shape
-    out = torch.full((H, T), float("nan"), dtype=torch.float64)
-    for delta in range(T):
-        if not visible.diagonal(-delta).any():
-            continue
-        diag = scores.diagonal(offset=-delta, dim1=-2, dim2=-1).double()  # (N, H, T - delta)
-        out[:, delta] = diag.mean(dim=(0, 2))
-    return out
+DEFINITIONS = 2
 
 
-def offset_table(g: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """G[h, i, j] = g[h, i - j] on visible pairs, -inf elsewhere: the purely relative logits."""
+# ------------------------------------------------------------------ the two-way fit
+class TwoWayDesign(NamedTuple):
+    """The least-squares problem M_ij ~ g(i - j) + a(i) over visible pairs, reduced to offsets.
+
+    Logits are handled packed: one value per visible pair, in the order of `pairs`.
+    Eliminating a(i) from the normal equations leaves a T x T system K g = b in the offsets
+    alone (the Schur complement), so no design matrix of T^2/2 rows is ever built. K is
+    singular along the constant vector (g + c, a - c fit equally well); its pseudo-inverse
+    picks the minimum-norm g, and the residue does not depend on that choice.
+    """
+
+    visible: torch.Tensor  # (T, T) bool
+    pairs: torch.Tensor  # (P,) flat index i * T + j of each visible pair
+    query: torch.Tensor  # (P,) i of each pair
+    offset: torch.Tensor  # (P,) i - j of each pair
+    by_offset: torch.Tensor  # (T, T) float: 1 where query i sees offset delta
+    rows: torch.Tensor  # (T,) visible keys per query, n_i
+    k_pinv: torch.Tensor  # (T, T) pseudo-inverse of K
+
+
+def two_way_design(visible: torch.Tensor) -> TwoWayDesign:
+    T = visible.shape[0]
+    pairs = visible.flatten().nonzero()[:, 0]
+    query, key = pairs // T, pairs % T
+    o = torch.zeros(T, T, dtype=torch.float64)
+    o[query, query - key] = 1.0
+    rows = o.sum(1)
+    k = torch.diag(o.sum(0)) - o.T @ (o / rows[:, None])
+    pinv = torch.linalg.pinv(k, hermitian=True)
+    return TwoWayDesign(visible, pairs, query, query - key, o, rows, pinv)
+
+
+def pack(m: torch.Tensor, design: TwoWayDesign) -> torch.Tensor:
+    """(..., T, T) -> (..., P): the visible pairs."""
+    return m.flatten(-2)[..., design.pairs]
+
+
+def unpack(packed: torch.Tensor, design: TwoWayDesign) -> torch.Tensor:
+    """(..., P) -> (..., T, T), zero on masked pairs."""
+    T = design.visible.shape[0]
+    out = packed.new_zeros(*packed.shape[:-1], T * T)
+    out[..., design.pairs] = packed
+    return out.view(*packed.shape[:-1], T, T)
+
+
+def per_query(packed: torch.Tensor, design: TwoWayDesign) -> torch.Tensor:
+    """Sum over each query's visible keys: (..., P) -> (..., T)."""
+    out = packed.new_zeros(*packed.shape[:-1], len(design.rows))
+    return out.index_add_(-1, design.query, packed)
+
+
+class TwoWayFit(NamedTuple):
+    g: torch.Tensor  # (..., T): g[delta]
+    a: torch.Tensor  # (..., T): a[i]
+    residue: torch.Tensor  # (..., P): M - g(i - j) - a(i) on the visible pairs
+
+
+def two_way_fit(m: torch.Tensor, design: TwoWayDesign) -> TwoWayFit:
+    """Least-squares fit of packed mean logits M (..., P) by g(i - j) + a(i)."""
+    m = m.double()
+    row_mean = per_query(m, design) / design.rows
+    centred = m - row_mean[..., design.query]
+    b = centred.new_zeros(*m.shape[:-1], len(design.rows)).index_add_(-1, design.offset, centred)
+    g = b @ design.k_pinv  # k_pinv is symmetric
+    a = row_mean - (g @ design.by_offset.T) / design.rows
+    return TwoWayFit(g, a, m - g[..., design.offset] - a[..., design.query])
+
+
+def offset_table(g: torch.Tensor, visible: torch.Tensor, fill=float("-inf")) -> torch.Tensor:
+    """G[..., i, j] = g[..., i - j] on visible pairs, `fill` elsewhere."""
     T = visible.shape[0]
     delta = (torch.arange(T)[:, None] - torch.arange(T)[None, :]).clamp(min=0)
-    table = g[:, delta]  # (H, T, T)
-    return table.masked_fill(~visible, float("-inf"))
+    return g[..., delta].masked_fill(~visible, fill)
+
+
+# ------------------------------------------------------------------ logit components
+def split_half_signal(res_a: torch.Tensor, res_b: torch.Tensor, design: TwoWayDesign):
+    """mean_{j in W(i)} R^A_ij R^B_ij: an unbiased estimate of the squared residual signal at
+    query i (noise in the two halves is independent, so its product averages to zero).
+    Signed: it may be slightly negative when there is no signal. (..., T)."""
+    return per_query(res_a.double() * res_b.double(), design) / design.rows
+
+
+def c_res(signed_square: torch.Tensor) -> torch.Tensor:
+    """C_res(i) = sqrt(max(0, split-half mean square))."""
+    return signed_square.clamp(min=0).sqrt()
+
+
+def abs_share_terms(fit_a: TwoWayFit, fit_b: TwoWayFit, m_a, m_b, design: TwoWayDesign):
+    """Numerator and denominator of abs_share = sum R^A R^B / sum M~^A M~^B over visible
+    pairs, M~ = M - a(i) (each half its own a): the share of the softmax-relevant systematic
+    logit structure that is not a function of i - j. Packed inputs; each (...,)."""
+    tilde_a = m_a.double() - fit_a.a[..., design.query]
+    tilde_b = m_b.double() - fit_b.a[..., design.query]
+    return (fit_a.residue * fit_b.residue).sum(-1), (tilde_a * tilde_b).sum(-1)
 
 
 def c_mask(g: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """C_mask(i) = log sum_{j in W(i)} exp g(i - j): the log normaliser a purely relative
-    query would have at position i. (H, T)."""
-    return torch.logsumexp(offset_table(g, visible), dim=-1)
+    """C_mask(i) = log sum_{j in W(i)} exp g(i - j) - g(0): the log normaliser a purely
+    relative query has at position i; flat logits give log(i + 1)."""
+    return torch.logsumexp(offset_table(g.double(), visible), dim=-1) - g[..., :1].double()
 
 
-def c_res(scores: torch.Tensor, g: torch.Tensor, visible: torch.Tensor) -> dict:
-    """Absolute residue r_ij = s_ij - g(i - j); per sequence, head and query the mean of
-    |r| (`abs`) and of r^2 (`var`) over visible keys. Each (N, H, T)."""
-    table = offset_table(g, visible)
-    residue = (scores.double() - table).masked_fill(~visible, 0.0)
-    count = visible.sum(-1).double()  # (T,)
-    return {
-        "abs": residue.abs().sum(-1) / count,
-        "var": residue.pow(2).sum(-1) / count,
-    }
+def content_deviation(scores: torch.Tensor, mean: torch.Tensor, design: TwoWayDesign):
+    """Sum over visible j of |s_ij - M_ij| per sequence, head and query: scores (N, H, T, T),
+    packed mean (H, P) -> (N, H, T)."""
+    return per_query((pack(scores, design).double() - mean).abs(), design)
 
 
-def delta_r2(scores: torch.Tensor, visible: torch.Tensor, train: torch.Tensor) -> dict:
-    """Per head: held-out R^2 of s_ij regressed on [i-j, 1] and on [i-j, i, j, 1].
-
-    The full design has rank 3 (i - j is a combination of i and j), so [i-j, i, 1] spans it.
-    Fit on sequences where `train` is True, score on the rest. Returns (H,) tensors
-    `r2_rel`, `r2_full` and `delta` = r2_full - r2_rel.
-    """
-    i, j = visible.nonzero(as_tuple=True)
-    y = scores[:, :, i, j].double()  # (N, H, P)
-    one = torch.ones_like(i, dtype=torch.float64)
-    designs = {
-        "r2_rel": torch.stack([(i - j).double(), one], dim=1),
-        "r2_full": torch.stack([(i - j).double(), i.double(), one], dim=1),
-    }
-    y_train, y_test = y[train], y[~train]
-    mean_train = y_train.mean(0)  # (H, P): same design for every sequence
-    out = {}
-    for name, X in designs.items():
-        beta = torch.linalg.lstsq(X, mean_train.T).solution  # (k, H)
-        pred = (X @ beta).T  # (H, P)
-        sse = (y_test - pred).pow(2).sum(dim=(0, 2))
-        sst = (y_test - y_test.mean(dim=(0, 2), keepdim=True)).pow(2).sum(dim=(0, 2))
-        out[name] = 1 - sse / sst
-    out["delta"] = out["r2_full"] - out["r2_rel"]
-    return out
+# ------------------------------------------------------------------ sinks and fingerprints
+def sink_queries(seq_len: int, window: int | None) -> slice:
+    """Queries i = 1 .. min(T, w) - 1: those that can see key 0 (and are not key 0)."""
+    return slice(1, min(seq_len, window or seq_len))
 
 
-def sink_alpha(first_column: torch.Tensor) -> torch.Tensor:
-    """alpha_0 per sequence and head: mean over queries i >= 1 of A_i0. Input (N, H, T)."""
-    return first_column[:, :, 1:].double().mean(-1)
+def sink_alpha(first_column: torch.Tensor, window: int | None) -> torch.Tensor:
+    """alpha_0 per sequence and head: mean of A_i0 over the queries that can see key 0.
+    first_column (N, H, T) -> (N, H)."""
+    return first_column[..., sink_queries(first_column.shape[-1], window)].double().mean(-1)
 
 
-def fingerprint(x0: torch.Tensor) -> dict:
-    """Dispersion across inputs of position-0 states x0 (N, d): std/||mean|| and the mean
-    pairwise cosine similarity (1 and 0 when every input gives the same vector)."""
-    x = x0.double()
+def dispersion(vectors: torch.Tensor) -> dict:
+    """Spread across inputs of vectors (N, d): std/||mean|| and the mean pairwise cosine
+    (0 and 1 when every input gives the same vector)."""
+    x = vectors.double()
     mean = x.mean(0)
     spread = (x - mean).pow(2).sum(-1).mean().sqrt()
     unit = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-300)
     n = x.shape[0]
     cos = (unit @ unit.T).sum().sub(n).div(n * (n - 1))
-    return {"dispersion": (spread / mean.norm()).item(), "cosine": cos.item()}
+    ratio = spread / mean.norm() if mean.norm() > 0 else torch.tensor(float("nan"))
+    return {"dispersion": ratio.item(), "cosine": cos.item()}
 
 
+# ------------------------------------------------------------------ interventions
+def knock_out_key0(pattern: torch.Tensor) -> torch.Tensor:
+    """A_i0 set to 0 for i >= 1, each row rescaled to its original total (1 without a sink)."""
+    out = pattern.clone()
+    total = pattern[..., 1:, :].sum(-1, keepdim=True)
+    out[..., 1:, 0] = 0.0
+    rest = out[..., 1:, :].sum(-1, keepdim=True)
+    out[..., 1:, :] = out[..., 1:, :] * torch.where(rest > 0, total / rest, 0.0)
+    return out
+
+
+def removed_fraction(swapped_sq: torch.Tensor, original_sq: torch.Tensor) -> float:
+    """1 - sum C_swap(i)^2 / sum C(i)^2 over the given queries; NaN when the original is 0."""
+    den = original_sq.double().sum()
+    return (1 - swapped_sq.double().sum() / den).item() if den > 0 else float("nan")
+
+
+# ------------------------------------------------------------------ shift test
 def js_distance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Jensen-Shannon distance (base 2, in [0, 1]) between distributions along the last dim."""
     p, q = p.double(), q.double()
@@ -105,11 +176,21 @@ def js_distance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return ((kl(p, m) + kl(q, m)) / 2).clamp_min(0).sqrt()
 
 
+def shift_distances(near: torch.Tensor, far: torch.Tensor, start_near: int, start_far: int, n: int):
+    """JS distance between attention rows of the same content placed at two offsets.
+
+    near/far (N, H, T, T) patterns; the content occupies positions start .. start + n - 1.
+    Query m of the content is compared over the content keys (position 0 and any filler
+    excluded), each row renormalised; keys after m carry zero weight under the causal mask,
+    so the content blocks can be compared whole. Returns (N, H, n)."""
+    blocks = []
+    for pattern, start in ((near, start_near), (far, start_far)):
+        block = pattern[..., start : start + n, start : start + n].double()
+        blocks.append(block / block.sum(-1, keepdim=True).clamp_min(1e-300))
+    return js_distance(*blocks)
+
+
+# ------------------------------------------------------------------ baselines
 def uniform_guess_mae(n: int) -> float:
     """E|X - Y| for X, Y independent and uniform on n positions: (n^2 - 1) / (3n)."""
     return (n * n - 1) / (3 * n)
-
-
-def removed_fraction(swapped: float, original: float) -> float:
-    """1 - swapped / original; NaN when the original is zero."""
-    return 1 - swapped / original if original else math.nan

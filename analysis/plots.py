@@ -1,5 +1,6 @@
 """Figures as pure functions of records. `groups` maps a variant to the record lists of its
-runs (one per seed); every curve is the mean over runs with a band of +-1 std (seed spread)."""
+runs (one per seed); a curve is the mean over runs with a band of +-1 sd across seeds, and
+every title says what was averaged."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from analysis.records import across_runs, mean_std, select
+from analysis.summary import EARLY, KINDS, removed_over_layers
 
 COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+FORMATS = ("png", "svg")
 
 
 def line_with_spread(ax, groups, metric, x, label_suffix="", style="-", **where) -> None:
@@ -29,20 +33,84 @@ def line_with_spread(ax, groups, metric, x, label_suffix="", style="-", **where)
         ax.fill_between(xs, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
 
 
+def _layer_axis(ax, xlabel):
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(xlabel)
+
+
 def probe_curve(ax, groups) -> None:
-    line_with_spread(ax, groups, "probe_r2", "layer", head=None, query=None)
-    ax.set(xlabel="layer (0 = embedding)", ylabel="held-out R² (position)", title="Position probe")
+    line_with_spread(ax, groups, "probe_r2_log", "layer", head=None, query=None, condition=None)
+    ax.set(
+        ylabel="held-out R² (probe_r2_log)",
+        title="Position probe, target log(1+i)\nmean ± sd over seeds",
+    )
+    _layer_axis(ax, "residual site (0 = embedding)")
     ax.axhline(0, color="grey", lw=0.5)
 
 
-def query_curve(ax, groups, metric: str, title: str) -> None:
-    line_with_spread(ax, groups, metric, "query", head=None, condition=None)
-    ax.set(xlabel="query position i", ylabel=metric, title=f"{title} (mean over layers)")
-
-
-def layer_curve(ax, groups, metric: str, title: str, **where) -> None:
+def layer_curve(ax, groups, metric, ylabel, title, **where) -> None:
     line_with_spread(ax, groups, metric, "layer", head=None, **where)
-    ax.set(xlabel="layer", ylabel=metric, title=title)
+    ax.set(ylabel=f"{ylabel} ({metric})", title=f"{title}\nmean ± sd over seeds")
+    _layer_axis(ax, "attention layer")
+
+
+def per_layer_queries(path: Path, groups: dict, metric: str, ylabel: str, log_x=False) -> str:
+    """One panel per layer of metric vs query position (pooled over heads), shared y-scale."""
+    n_layer = 1 + max(
+        (r["layer"] for runs in groups.values() for r in runs[0] if r["metric"] == metric),
+        default=0,
+    )
+    fig, axes = plt.subplots(
+        1,
+        n_layer,
+        figsize=(3.6 * n_layer, 3.4),
+        constrained_layout=True,
+        squeeze=False,
+        sharey=True,
+    )
+    for layer, ax in enumerate(axes[0]):
+        line_with_spread(ax, groups, metric, "query", head=None, layer=layer, condition=None)
+        ax.set(title=f"layer {layer}", xlabel="query position i")
+        if log_x:
+            ax.set_xscale("symlog", linthresh=1)
+    axes[0, 0].set_ylabel(f"{ylabel} ({metric})")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(f"{ylabel} vs query, pooled over heads; mean ± sd over seeds", fontsize=10)
+    return save(fig, path)
+
+
+def head_maps(path: Path, groups: dict, metric: str, label: str, vmin=None) -> str:
+    """Layer x head heat maps of a per-head metric, mean over seeds, colour scale to the data."""
+    grids = {}
+    for variant, runs in groups.items():
+        cells: dict = {}
+        for rows in runs:
+            for r in select(rows, metric, query=None, condition=None):
+                if r["head"] is not None and r["value"] is not None:
+                    cells.setdefault((r["layer"], r["head"]), []).append(r["value"])
+        if cells:
+            shape = (max(k[0] for k in cells) + 1, max(k[1] for k in cells) + 1)
+            grid = np.full(shape, np.nan)
+            for key, vals in cells.items():
+                grid[key] = sum(vals) / len(vals)
+            grids[variant] = grid
+    n = max(len(grids), 1)
+    fig, axes = plt.subplots(
+        1, n, figsize=(3 * n + 1.2, 3.2), constrained_layout=True, squeeze=False
+    )
+    values = np.concatenate([g.ravel() for g in grids.values()]) if grids else np.zeros(1)
+    lo = np.nanmin(values) if vmin is None else vmin
+    hi = max(np.nanmax(values), lo + 1e-9)
+    image = None
+    for ax, (variant, grid) in zip(axes[0], grids.items(), strict=False):
+        image = ax.imshow(grid, vmin=lo, vmax=hi, cmap="viridis", aspect="auto")
+        ax.set(xlabel="head", ylabel="attention layer", title=variant)
+        ax.set_xticks(range(grid.shape[1]))
+        ax.set_yticks(range(grid.shape[0]))
+    if image is not None:
+        fig.colorbar(image, ax=list(axes[0]), shrink=0.85, label=f"{label} ({metric})")
+    fig.suptitle(f"{label}, mean over seeds", fontsize=10)
+    return save(fig, path)
 
 
 def fingerprint_curve(ax, groups) -> None:
@@ -50,71 +118,136 @@ def fingerprint_curve(ax, groups) -> None:
     line_with_spread(
         ax, groups, "fingerprint_dispersion", "layer", " no BOS", "--", condition="nobos"
     )
-    ax.set(xlabel="layer", ylabel="std / ‖mean‖ of x₀", title="Position-0 fingerprint dispersion")
+    ax.set(
+        ylabel="std/‖mean‖ of x₀ (fingerprint_dispersion)",
+        title="Position-0 state across inputs (batch size 1)\nmean ± sd over seeds",
+    )
+    _layer_axis(ax, "residual site (0 = embedding)")
 
 
-def swap_bars(ax, groups, early_k=(8, 16, 32, 64, "all"), kind="mean") -> None:
+def swap_bars(path: Path, groups, ks=(8, EARLY, 32, 64, None)) -> str:
+    """Removed share of C_res² at queries 1 <= i < k, pooled over layers, per replacement."""
+    fig, axes = plt.subplots(1, len(KINDS), figsize=(4 * len(KINDS), 3.4), constrained_layout=True)
     width = 0.8 / max(len(groups), 1)
-    for idx, (variant, runs) in enumerate(groups.items()):
-        means, stds = [], []
-        for k in early_k:
-            per_run = []
-            for rows in runs:
-                vals = [
-                    r["value"]
-                    for r in select(rows, "bos_swap_removed", condition=f"{kind},k={k}")
-                    if r["value"] is not None
-                ]
-                if vals:
-                    per_run.append(sum(vals) / len(vals))
-            m, s, _ = mean_std(per_run) if per_run else (np.nan, 0.0, 0)
-            means.append(m)
-            stds.append(s)
-        xs = np.arange(len(early_k)) + idx * width
-        ax.bar(xs, means, width, yerr=stds, color=COLORS[idx % len(COLORS)], label=variant)
-    ax.set_xticks(np.arange(len(early_k)) + width * (len(groups) - 1) / 2)
-    ax.set_xticklabels([f"i<{k}" if k != "all" else "all" for k in early_k])
-    ax.set(ylabel="1 − C_res^swap / C_res", title=f"BOS replaced by {kind} embedding")
-    ax.axhline(0, color="grey", lw=0.5)
+    for ax, kind in zip(axes, KINDS, strict=True):
+        for idx, (variant, runs) in enumerate(groups.items()):
+            stats = []
+            for k in ks:
+                vals = [v for v in (removed_over_layers(r, kind, k) for r in runs) if v is not None]
+                stats.append(mean_std(vals)[:2] if vals else (np.nan, 0.0))
+            xs = np.arange(len(ks)) + idx * width
+            ax.bar(
+                xs,
+                [s[0] for s in stats],
+                width,
+                yerr=[s[1] for s in stats],
+                color=COLORS[idx % len(COLORS)],
+                label=variant,
+            )
+        ax.set_xticks(np.arange(len(ks)) + width * (len(groups) - 1) / 2)
+        ax.set_xticklabels([f"i<{k}" if k else "all" for k in ks])
+        ax.set(title=f"BOS → {kind}")
+        ax.axhline(0, color="grey", lw=0.5)
+    axes[0].set_ylabel("1 − ΣC_res,swap² / ΣC_res² (bos_swap_removed)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(
+        "BOS replacement: share of the residual component removed, pooled over layers; "
+        "mean ± sd over seeds (each panel its own scale)",
+        fontsize=10,
+    )
+    return save(fig, path)
 
 
-def sink_maps(fig, axes, groups) -> None:
-    for ax, (variant, runs) in zip(axes, groups.items(), strict=False):
-        cells: dict = {}
-        for rows in runs:
-            for r in select(rows, "sink_alpha0"):
-                cells.setdefault((r["layer"], r["head"]), []).append(r["value"])
-        if not cells:
-            continue
-        n_layer = max(k[0] for k in cells) + 1
-        n_head = max(k[1] for k in cells) + 1
-        grid = np.zeros((n_layer, n_head))
-        for (layer, head), vals in cells.items():
-            grid[layer, head] = sum(vals) / len(vals)
-        im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-        ax.set(xlabel="head", ylabel="layer", title=f"α₀ sink map: {variant}")
-        ax.set_xticks(range(n_head))
-        ax.set_yticks(range(n_layer))
-    fig.colorbar(im, ax=axes, shrink=0.8, label="mean A_i0 (i ≥ 1)")
+def knockout_curve(ax, groups) -> None:
+    line_with_spread(
+        ax, groups, "probe_r2_log", "layer", " intact", "-", head=None, query=None, condition=None
+    )
+    line_with_spread(
+        ax,
+        groups,
+        "knockout_probe_r2_log",
+        "layer",
+        " key 0 knocked out",
+        "--",
+        condition="layer=all",
+    )
+    ax.set(
+        ylabel="held-out R² (probe_r2_log)",
+        title="Key-0 knockout in every layer, original probe\nmean ± sd over seeds",
+    )
+    _layer_axis(ax, "residual site (0 = embedding)")
+
+
+def extrapolation_curve(ax, groups) -> None:
+    conds = sorted(
+        {
+            r["condition"]
+            for runs in groups.values()
+            for rows in runs
+            for r in select(rows, "loss_mean")
+        },
+        key=lambda c: (len(c), c),
+    )
+    longest = [
+        c
+        for c in conds
+        if c.split(",")[0]
+        == max((c.split(",")[0] for c in conds), key=lambda s: int(s[4:]), default="")
+    ]
+    for cond in longest:
+        style = "--" if "ntk" in cond else "-"
+        line_with_spread(ax, groups, "loss_by_position", "query", f" {cond}", style, condition=cond)
+    ax.set(
+        xlabel="position",
+        ylabel="loss (loss_by_position)",
+        title="Loss per position beyond the training length\nmean ± sd over seeds",
+    )
+    ax.set_xscale("symlog", linthresh=16)
+
+
+def figure(path: Path, draw, size=(6.5, 4.2)) -> str:
+    fig, ax = plt.subplots(figsize=size, constrained_layout=True)
+    draw(ax)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    return save(fig, path)
+
+
+def save(fig, path: Path) -> str:
+    """PNG for the reports and SVG for papers; returns the PNG's file name."""
+    for fmt in FORMATS:
+        fig.savefig(Path(path).with_suffix(f".{fmt}"), dpi=100)
+    plt.close(fig)
+    return Path(path).with_suffix(".png").name
 
 
 def run_figures(groups: dict, out: Path, title: str) -> Path:
-    """One overview figure (report.png) of the measurements of one or more runs."""
-    fig, axes = plt.subplots(3, 3, figsize=(16, 13), constrained_layout=True)
+    """One overview figure (report.png) of one run's measurements."""
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9), constrained_layout=True)
     probe_curve(axes[0, 0], groups)
-    query_curve(axes[0, 1], groups, "c_mask", "C_mask vs query")
-    query_curve(axes[0, 2], groups, "c_res", "C_res vs query")
-    layer_curve(axes[1, 0], groups, "c_res", "C_res vs layer (mean over queries)")
-    layer_curve(axes[1, 1], groups, "delta_r2", "ΔR² (mean over heads)", query=None)
-    fingerprint_curve(axes[1, 2], groups)
-    swap_bars(axes[2, 0], groups)
-    layer_curve(axes[2, 1], groups, "shift_js", "Shift test: JS distance", query=None)
-    sink_maps(fig, [axes[2, 2]], {k: v for k, v in list(groups.items())[:1]})
-    for ax in axes.flat[:-1]:
+    line_with_spread(axes[0, 1], groups, "c_res", "query", head=None, condition=None)
+    axes[0, 1].set(
+        title="C_res vs query, pooled heads, mean over layers",
+        xlabel="query position i",
+        ylabel="residual component (c_res)",
+    )
+    layer_curve(
+        axes[0, 2],
+        groups,
+        "abs_share",
+        "absolute share",
+        "abs_share per layer",
+        query=None,
+        condition=None,
+    )
+    fingerprint_curve(axes[1, 0], groups)
+    knockout_curve(axes[1, 1], groups)
+    extrapolation_curve(axes[1, 2], groups)
+    for ax in axes.flat:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.suptitle(title)
     path = Path(out) / "report.png"
-    fig.savefig(path, dpi=90, bbox_inches="tight")
+    fig.savefig(path, dpi=80)
     plt.close(fig)
     return path

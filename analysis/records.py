@@ -1,8 +1,10 @@
 """Tidy records: one measured number per row, labelled by where it was measured.
 
-Fields: run, variant, seed, layer, head, query, metric, value, condition, std, n.
-`layer`, `head`, `query` and `condition` are None where they do not apply (a head of None
-means averaged over heads). Plots and reports are pure functions of these rows.
+Fields: run, variant, seed, layer, head, query, metric, value, condition, std, lo, hi, n,
+definitions. `layer`, `head`, `query` and `condition` are None where they do not apply (a
+head of None means pooled over heads); `lo`/`hi` bound a 95% bootstrap interval over
+sequences where one was computed; `definitions` is the version of docs/science.md the
+number follows. Plots and reports are pure functions of these rows.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import json
 import math
 from collections import defaultdict
 from pathlib import Path
+
+from analysis.measures import DEFINITIONS
 
 FIELDS = (
     "run",
@@ -23,7 +27,10 @@ FIELDS = (
     "value",
     "condition",
     "std",
+    "lo",
+    "hi",
     "n",
+    "definitions",
 )
 
 
@@ -33,7 +40,17 @@ class Recorder:
         self.rows: list[dict] = []
 
     def add(
-        self, metric, value, layer=None, head=None, query=None, condition=None, std=None, n=None
+        self,
+        metric,
+        value,
+        layer=None,
+        head=None,
+        query=None,
+        condition=None,
+        std=None,
+        lo=None,
+        hi=None,
+        n=None,
     ):
         self.rows.append(
             {
@@ -45,7 +62,10 @@ class Recorder:
                 "value": _num(value),
                 "condition": condition,
                 "std": _num(std),
+                "lo": _num(lo),
+                "hi": _num(hi),
                 "n": n,
+                "definitions": DEFINITIONS,
             }
         )
 
@@ -66,7 +86,19 @@ def write(path: Path, rows: list[dict]) -> None:
 
 
 def read(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+    """Every row of a records.jsonl; a damaged file is named with the line that fails."""
+    rows = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line:
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise ValueError(
+                f"{path}: line {number} is not valid JSON (a truncated or edited file); "
+                "delete the analysis folder and run `posleak analyze` again"
+            ) from None
+    return rows
 
 
 def select(rows: list[dict], metric: str, **where) -> list[dict]:

@@ -121,8 +121,8 @@ class Attention(nn.Module):
         T = q.shape[2]
         if visible is None:
             visible = attention_mask(T, device=q.device)
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.cfg.d_head)  # (B, H, T, T)
-        scores = scores.masked_fill(~visible, float("-inf"))
+        scores = (q / math.sqrt(self.cfg.d_head)) @ k.transpose(-2, -1)  # (B, H, T, T)
+        scores.masked_fill_(~visible, float("-inf"))
         scores = self._fire(self.prefix + "scores", scores)
         sink = self.sink_logits()
         if sink is None:
@@ -135,7 +135,7 @@ class Attention(nn.Module):
         return pattern @ v
 
     def _raise_on_nan(self, pattern: torch.Tensor) -> None:
-        bad = pattern.isnan().any(dim=-1)  # (B, H, T)
+        bad = pattern.sum(-1).isnan()  # (B, H, T): a row with a NaN sums to NaN
         if bad.any():
             b, h, i = (int(t) for t in bad.nonzero()[0])
             raise FloatingPointError(
@@ -184,7 +184,7 @@ class Decoder(nn.Module):
         self.cfg = cfg
         self._hooks: dict[str, list[HookFn]] = {}
         self.force_eager = False
-        self.rope_base = cfg.rope_effective_base
+        self.rope_inference_scale = 1.0  # NTK scale applied on top of the trained one
         self._rope_cache: dict = {}
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         if cfg.position == "learned":
@@ -236,24 +236,37 @@ class Decoder(nn.Module):
         x = self._fire("final", self.norm(x))
         return self.lm_head(x)
 
-    def _rope(self, T: int, device) -> tuple | None:
-        if self.rope_base is None:
+    @property
+    def rope_effective_base(self) -> float | None:
+        """The base the frequency table uses now: NTK for the trained scale times the
+        inference scale (b' = b * (s_train * s_inf)^(d/(d-2))); None without RoPE."""
+        if not self.cfg.position.startswith("rope"):
             return None
-        key = (T, str(device), self.rope_base)
+        scale = self.cfg.rope_scale * self.rope_inference_scale
+        return ntk_base(self.cfg.rope_base, scale, self.cfg.d_head)
+
+    def _rope(self, T: int, device) -> tuple | None:
+        base = self.rope_effective_base
+        if base is None:
+            return None
+        key = (T, str(device), base)
         if key not in self._rope_cache:
-            cos, sin = rope_tables(T, self.cfg.d_head, self.rope_base)
+            cos, sin = rope_tables(T, self.cfg.d_head, base)
             self._rope_cache = {key: (cos.to(device), sin.to(device))}
         return self._rope_cache[key]
 
     def set_rope_scale(self, scale: float) -> None:
-        """Run a trained RoPE model with static NTK scaling s (1 = the unscaled base b)."""
-        if self.rope_base is None:
+        """Run a trained RoPE model with static NTK scaling s at inference (1 = as trained).
+
+        The scale composes with a trained NTK scale s1: the base becomes that of s1 * s.
+        """
+        if not self.cfg.position.startswith("rope"):
             raise ValueError(
                 f"set_rope_scale needs a RoPE model, this one is {self.cfg.position!r}"
             )
         if not scale >= 1:
             raise ValueError(f"rope scale must be >= 1, got {scale!r}")
-        self.rope_base = ntk_base(self.cfg.rope_base, scale, self.cfg.d_head)
+        self.rope_inference_scale = float(scale)
 
     # ---------------------------------------------------------------- hooks
     def hook_names(self) -> list[str]:

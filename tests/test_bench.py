@@ -21,3 +21,6 @@ def test_quick_benchmark_measures_every_case(capsys):
     assert all(v > 1e5 for v in result["batch_tokens_per_s"].values())
     print_table(result)
     assert "variant speed / nope" in capsys.readouterr().out
+    assert all(
+        a["exit"] == 0 and a["seconds"] > 0 and a["peak_rss_mb"] > 50 for a in result["analysis"]
+    )

@@ -1,4 +1,4 @@
-"""`posleak bench [--quick] [--out FILE]` (also `python -m train.bench`)
+"""`posleak bench [--quick] [--out FILE]` (also `python -m posleak bench`)
 
 Measures, in one process, so that every figure is a ratio to something measured alongside:
   - the machine's matmul throughput in fp32 and bf16 (a large square product): the peak;
@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -145,18 +147,18 @@ def batch_throughput(source: str, B: int, T: int, batches: int) -> float:
     return batches * B * (T + 1) / (time.perf_counter() - t)
 
 
-def analysis_seconds(seqs: int, T: int, d: int) -> float:
-    """Wall time of the full analysis of a 4-layer model (untrained: speed is the same)."""
-    from analysis.analyze import Analysis, Options
+def analysis_cost(cases: list[tuple[int, int, float | None]], d: int) -> list[dict]:
+    """Wall time and peak RSS of `posleak analyze` on a 4-layer model (untrained: the speed is
+    the same), one child process per (seqs, seq_len, rope_scale) case."""
     from train.config import build
     from train.loop import train
 
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
         cfg = build(
             {
                 "model.d_model": d,
-                "model.n_head": max(1, d // 32),
-                "data.seq_len": T,
                 "train.steps": 1,
                 "train.warmup": 0,
                 "train.eval_batches": 1,
@@ -164,10 +166,37 @@ def analysis_seconds(seqs: int, T: int, d: int) -> float:
                 "log.progress": False,
             }
         )
-        train(cfg, Path(tmp) / "run")
-        t = time.perf_counter()
-        Analysis(Path(tmp) / "run", Options(seqs=seqs)).run_all()
-        return time.perf_counter() - t
+        train(cfg, run_dir)
+        for seqs, seq_len, scale in cases:
+            cmd = [
+                sys.executable,
+                "-m",
+                "posleak",
+                "analyze",
+                str(run_dir),
+                "--seqs",
+                str(seqs),
+                "--seq-len",
+                str(seq_len),
+                "--out",
+                str(Path(tmp) / f"an-{seq_len}"),
+            ]
+            cmd += ["--rope-scale", str(scale)] if scale else []
+            started = time.perf_counter()
+            child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+            _, status, usage = os.wait4(child.pid, 0)
+            rows.append(
+                {
+                    "seqs": seqs,
+                    "seq_len": seq_len,
+                    "rope_scale": scale,
+                    "d_model": d,
+                    "seconds": time.perf_counter() - started,
+                    "exit": status,
+                    "peak_rss_mb": usage.ru_maxrss / 1024,
+                }
+            )
+    return rows
 
 
 def run_bench(quick: bool) -> dict:
@@ -195,7 +224,7 @@ def run_bench(quick: bool) -> dict:
         measure(cases, rounds if d_ < 512 else max(1, rounds // 2), steps)
         rows += [train_row(case, peaks) for case in cases]
     data = {src: batch_throughput(src, 16, 256, 5 if quick else 50) for src in ("bible", "markov")}
-    seqs, T_an, d_an = (16, 32, 64) if quick else (256, 128, 128)
+    an_cases = [(16, 32, None)] if quick else [(256, 128, None), (256, 1024, 8.0)]
     return {
         "device": str(device),
         "device_name": device_name(device),
@@ -204,12 +233,7 @@ def run_bench(quick: bool) -> dict:
         "matmul_peak_flops": peaks,
         "train": rows,
         "batch_tokens_per_s": data,
-        "analysis": {
-            "seqs": seqs,
-            "seq_len": T_an,
-            "d_model": d_an,
-            "seconds": analysis_seconds(seqs, T_an, d_an),
-        },
+        "analysis": analysis_cost(an_cases, 64 if quick else 128),
     }
 
 
@@ -238,14 +262,12 @@ def print_table(result: dict) -> None:
             print(f"bf16 / fp32 at d_model={dm}: {p['bf16'] / p['fp32']:.2f}x")
     batch = result["batch_tokens_per_s"]
     print("batch assembly: " + ", ".join(f"{k} {v / 1e6:.1f}M tok/s" for k, v in batch.items()))
-    a = result["analysis"]
-    shape = f"{a['seqs']} x {a['seq_len']} tokens (4 layers, d={a['d_model']})"
-    print(f"analysis of {shape}: {a['seconds']:.1f}s")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: proves it runs (CI)")
-    parser.add_argument("--out", default="bench.json", help="where to write the JSON results")
+    for a in result["analysis"]:
+        shape = f"{a['seqs']} x {a['seq_len']} tokens (4 layers, d={a['d_model']})"
+        scale = f", rope scale {a['rope_scale']:g}" if a["rope_scale"] else ""
+        print(
+            f"analysis of {shape}{scale}: {a['seconds']:.1f}s, peak RSS {a['peak_rss_mb']:.0f} MB"
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -254,9 +276,3 @@ def run(args: argparse.Namespace) -> int:
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"written: {args.out}")
     return 0
-
-
-if __name__ == "__main__":
-    from posleak.cli import standalone
-
-    sys.exit(standalone(__doc__, "python -m train.bench", add_arguments, run))

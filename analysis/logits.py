@@ -1,0 +1,79 @@
+"""The mean-logit decomposition of one layer, from its accumulated block sums.
+
+Everything here is linear in the mean logits until the final products: the residue of the
+half-A mean is the count-weighted average of the block residues, so the split-half signal and
+every bootstrap replicate of it are weighted sums of one table of block-by-block products.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from analysis import measures
+from analysis.collect import LogitSums
+
+
+class LogitStats(NamedTuple):
+    g: torch.Tensor  # (H, T) g(delta) of the fit to all sequences
+    c_mask: torch.Tensor  # (H, T)
+    signal: torch.Tensor  # (H, T) split-half mean square R^A R^B at query i (signed)
+    signal_boot: torch.Tensor  # (R, H, T) its bootstrap replicates (blocks resampled)
+    share_num: torch.Tensor  # (H,) sum R^A R^B over visible pairs
+    share_den: torch.Tensor  # (H,) sum M~^A M~^B over visible pairs
+    mean: torch.Tensor  # (H, P) mean logits M over all sequences, packed
+
+    @property
+    def abs_share(self) -> torch.Tensor:
+        return self.share_num / self.share_den
+
+
+def logit_stats(
+    sums: LogitSums, design: measures.TwoWayDesign, boot_a: torch.Tensor, boot_b: torch.Tensor
+) -> LogitStats:
+    """Fits, split-half signal with bootstrap replicates, abs_share and C_mask of one layer.
+    boot_a, boot_b: (R, blocks per half) bootstrap multiplicities of the A and B blocks.
+
+    One fit per block; the halves and the full fit are count-weighted averages of the block
+    fits, since the fit is linear in the mean logits."""
+    fits = [measures.two_way_fit(chunk, design) for chunk in sums.block_means(chunk=4)]
+    g = torch.cat([f.g for f in fits])
+    a = torch.cat([f.a for f in fits])
+    res = torch.cat([f.residue.to(sums.dtype) for f in fits])  # (blocks, H, P)
+    count_a, count_b = sums.counts[0::2], sums.counts[1::2]
+    cross = torch.stack(
+        [measures.split_half_signal(r, res[1::2], design) for r in res[0::2]]
+    )  # (nA, nB, H, T)
+    signal = torch.einsum("a,b,abhi->hi", count_a, count_b, cross) / (count_a.sum() * count_b.sum())
+    wa, wb = boot_a * count_a, boot_b * count_b
+    wa, wb = wa / wa.sum(1, keepdim=True), wb / wb.sum(1, keepdim=True)
+    signal_boot = torch.einsum("ra,rb,abhi->rhi", wa, wb, cross)
+    halves = []
+    for half, count in ((0, count_a), (1, count_b)):
+        w = count / count.sum()
+        residue = torch.einsum("b,bhp->hp", w.to(res.dtype), res[half::2]).double()
+        halves.append(measures.TwoWayFit(None, torch.einsum("b,bhi->hi", w, a[half::2]), residue))
+    share_num, share_den = measures.abs_share_terms(
+        *halves, sums.half_mean(0), sums.half_mean(1), design
+    )
+    g_full = torch.einsum("b,bhi->hi", sums.counts / sums.counts.sum(), g)
+    return LogitStats(
+        g=g_full,
+        c_mask=measures.c_mask(g_full, design.visible),
+        signal=signal,
+        signal_boot=signal_boot,
+        share_num=share_num,
+        share_den=share_den,
+        mean=sums.mean(),
+    )
+
+
+def pooled(signal: torch.Tensor) -> torch.Tensor:
+    """Mean over heads (dim -2) of a signed split-half signal."""
+    return signal.mean(-2)
+
+
+def early_sum(signal: torch.Tensor, k: int | None) -> torch.Tensor:
+    """sum over queries 1 <= i < k of C(i)^2 = max(0, signal(i)); position 0 excluded."""
+    return signal[..., 1:k].clamp(min=0).sum(-1)

@@ -1,0 +1,309 @@
+"""Measurements (definitions v2) against closed forms, dense solves, nested loops, and planted
+signals of known size at realistic noise: each metric must find what was planted and stay at
+zero when nothing was."""
+
+import math
+
+import pytest
+import torch
+
+from analysis import measures, probe
+from analysis.collect import LogitSums
+from analysis.logits import early_sum, logit_stats, pooled
+from analysis.stats import bootstrap_weights, paired_difference, t_quantile_975
+from model.masks import attention_mask
+
+GEN = torch.Generator().manual_seed(0)
+
+
+def randn(*shape, gen=GEN):
+    return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+
+def relative_plus_offsets(H, T, visible):
+    """Logits g(i - j) + a(i) with arbitrary g and a: nothing softmax-relevant is absolute."""
+    g, a = randn(H, T), randn(H, T)
+    return measures.offset_table(g, visible, fill=0.0) + a[..., None], g
+
+
+def dense_two_way(m, visible):
+    """Reference: least squares over visible pairs with an explicit design matrix."""
+    T = visible.shape[0]
+    i, j = visible.nonzero(as_tuple=True)
+    X = torch.zeros(len(i), 2 * T, dtype=torch.float64)
+    X[torch.arange(len(i)), i - j] = 1.0  # g(delta)
+    X[torch.arange(len(i)), T + i] = 1.0  # a(i)
+    coef = torch.linalg.lstsq(X, m[i, j][:, None], driver="gelsd").solution[:, 0]
+    residue = torch.zeros(T, T, dtype=torch.float64)
+    residue[i, j] = m[i, j] - X @ coef
+    return coef[:T], residue
+
+
+def accumulate(mean_logits, n, noise, visible, blocks=16, batch=64, gen=GEN):
+    """LogitSums over n sequences of mean_logits plus i.i.d. per-sequence noise."""
+    H = mean_logits.shape[0]
+    sums = LogitSums(blocks, H, visible)
+    for start in range(0, n, batch):
+        rows = torch.arange(start, min(start + batch, n))
+        scores = mean_logits + noise * randn(len(rows), *mean_logits.shape, gen=gen)
+        sums.add(scores.masked_fill(~visible, float("-inf")), rows)
+    half = blocks // 2
+    return sums, bootstrap_weights(half, 200, 1), bootstrap_weights(half, 200, 2)
+
+
+def stats_of(mean_logits, n, noise, visible):
+    sums, wa, wb = accumulate(mean_logits, n, noise, visible)
+    return logit_stats(sums, measures.two_way_design(visible), wa, wb)
+
+
+# ------------------------------------------------------------------ the two-way fit
+@pytest.mark.parametrize("window", [None, 5])
+def test_two_way_fit_equals_a_dense_least_squares_solve(window):
+    T = 12
+    visible = attention_mask(T, window)
+    m = randn(T, T)
+    design = measures.two_way_design(visible)
+    fit = measures.two_way_fit(measures.pack(m, design), design)
+    _, ref_residue = dense_two_way(m, visible)
+    assert torch.allclose(measures.unpack(fit.residue, design), ref_residue, atol=1e-10)
+
+
+@pytest.mark.parametrize("window", [None, 7])
+def test_relative_logits_with_query_offsets_leave_no_residue_and_g_is_recovered(window):
+    T, H = 40, 3
+    visible = attention_mask(T, window)
+    m, g = relative_plus_offsets(H, T, visible)
+    design = measures.two_way_design(visible)
+    m = measures.pack(m, design)
+    fit = measures.two_way_fit(m, design)
+    assert fit.residue.abs().max() < 1e-10
+    seen = design.by_offset.sum(0) > 0  # offsets some query can see
+    shift = (fit.g - g)[:, seen]
+    assert torch.allclose(shift, shift[:, :1].expand_as(shift), atol=1e-10)  # up to a constant
+    num, den = measures.abs_share_terms(fit, fit, m, m, design)
+    assert num.abs().max() < 1e-16 * den.abs().max() + 1e-12
+
+
+def test_split_half_c_res_and_abs_share_are_zero_for_relative_logits_at_any_noise():
+    T, H = 24, 2
+    visible = attention_mask(T)
+    m, _ = relative_plus_offsets(H, T, visible)
+    stats = stats_of(m, 64, 0.0, visible)
+    assert stats.signal.abs().max() < 1e-18 + 1e-12 * m.abs().max() ** 2
+    assert stats.share_num.abs().max() < 1e-12
+
+
+def test_flat_logits_give_c_mask_log_i_plus_1_and_a_constant_under_a_window():
+    T, w = 20, 6
+    for window, counts in ((None, range(1, T + 1)), (w, [min(i + 1, w) for i in range(T)])):
+        visible = attention_mask(T, window)
+        design = measures.two_way_design(visible)
+        fit = measures.two_way_fit(torch.zeros(2, len(design.pairs)), design)
+        cm = measures.c_mask(fit.g, visible)
+        expected = torch.tensor(list(counts), dtype=torch.float64).log()
+        assert torch.allclose(cm, expected.expand(2, T), atol=1e-12)
+
+
+def test_c_mask_matches_a_nested_loop():
+    T = 10
+    g = randn(1, T)
+    visible = attention_mask(T, 4)
+    cm = measures.c_mask(g, visible)
+    for i in range(T):
+        ref = (
+            math.log(sum(math.exp(g[0, i - j].item()) for j in range(T) if visible[i, j]))
+            - g[0, 0].item()
+        )
+        assert cm[0, i].item() == pytest.approx(ref, abs=1e-12)
+
+
+# ------------------------------------------------------------------ planted signals
+def planted_key0_experiment(amplitude, n=1024, noise=2.0, T=64, H=2):
+    """Relative logits + per-query offsets + `amplitude` extra logit on key 0 for every query,
+    with per-sequence noise 4x the planted term. Returns (estimated, true) signal per query."""
+    visible = attention_mask(T)
+    design = measures.two_way_design(visible)
+    base, _ = relative_plus_offsets(H, T, visible)
+    plant = torch.zeros(H, T, T, dtype=torch.float64)
+    plant[:, :, 0] = amplitude
+    stats = stats_of(base + plant, n, noise, visible)
+    truth = measures.two_way_fit(measures.pack(plant, design), design).residue
+    return stats, pooled(measures.split_half_signal(truth, truth, design))
+
+
+def test_c_res_recovers_a_planted_key0_term_under_much_larger_noise():
+    stats, truth = planted_key0_experiment(0.5)
+    est = early_sum(pooled(stats.signal), 16).item()
+    true = early_sum(truth, 16).item()
+    assert math.sqrt(est / true) == pytest.approx(1.0, abs=0.1)  # C_res within 10%
+    lo, hi = torch.quantile(
+        early_sum(pooled(stats.signal_boot), 16), torch.tensor([0.025, 0.975]).double()
+    )
+    assert lo < true < hi  # the bootstrap interval covers the planted size
+
+
+def test_removing_the_planted_term_removes_at_least_95_percent_and_noise_alone_is_zero():
+    planted, _ = planted_key0_experiment(0.5)
+    removed, _ = planted_key0_experiment(0.0)
+    fraction = measures.removed_fraction(
+        early_sum(pooled(removed.signal), 16), early_sum(pooled(planted.signal), 16)
+    )
+    assert fraction >= 0.95
+    signed = pooled(removed.signal)[1:16].sum()  # unbiased: may be slightly negative
+    se = pooled(removed.signal_boot)[:, 1:16].sum(-1).std()
+    assert abs(signed) < 3 * se
+    assert removed.share_num.sum().abs() < 0.05 * planted.share_num.sum()
+
+
+def test_per_query_offsets_count_as_nothing():
+    """a(i) = 0.01 i leaves attention unchanged; v1's Delta R^2 counted it as leakage."""
+    T = 32
+    visible = attention_mask(T)
+    m, _ = relative_plus_offsets(1, T, visible)
+    m = m + 0.01 * torch.arange(T, dtype=torch.float64)[:, None]
+    stats = stats_of(m, 32, 0.0, visible)
+    assert stats.signal.abs().max() < 1e-12
+
+
+def test_split_half_signal_from_blocks_equals_the_direct_product_of_half_residues():
+    T = 16
+    visible = attention_mask(T)
+    design = measures.two_way_design(visible)
+    sums, wa, wb = accumulate(randn(2, T, T), 48, 1.0, visible)
+    stats = logit_stats(sums, design, wa, wb)
+    ra = measures.two_way_fit(sums.half_mean(0), design).residue
+    rb = measures.two_way_fit(sums.half_mean(1), design).residue
+    direct = measures.split_half_signal(ra, rb, design)
+    assert torch.allclose(stats.signal, direct, atol=1e-12)
+
+
+# ------------------------------------------------------------------ probes
+def test_cross_validated_ridge_finds_a_small_position_ramp_a_fixed_ridge_misses():
+    """Content in every direction plus a position ramp in one low-variance direction."""
+    N, T, d = 64, 32, 24
+    gen = torch.Generator().manual_seed(1)
+    content = torch.randn(N, T, d, generator=gen, dtype=torch.float64)
+    ramp = torch.zeros(d, dtype=torch.float64)
+    ramp[-1] = 1.0
+    x = content.clone()
+    x[..., -1] = 0.005 * torch.randn(N, T, generator=gen, dtype=torch.float64)
+    x = x + 0.003 * torch.arange(T, dtype=torch.float64)[None, :, None] * ramp
+    x = x @ torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))[0]  # mix
+    positions = torch.arange(1, T)
+    feats = x[:, 1:]
+    a, b = torch.arange(0, N, 2), torch.arange(1, N, 2)
+    groups = torch.arange(len(a)).repeat_interleave(T - 1)
+    train = feats[a].reshape(-1, d)
+    fixed = probe.fit(train, positions.repeat(len(a)), groups, "linear", grid=(1e-2,))
+    cv = probe.fit(train, positions.repeat(len(a)), groups, "linear")
+    assert probe.score(fixed, feats[b], positions).r2 < 0.5
+    assert probe.score(cv, feats[b], positions).r2 > 0.9
+    assert cv.lam < 1e-2
+
+
+def test_probe_on_position_free_features_stays_at_zero():
+    N, T, d = 64, 32, 16
+    x = torch.randn(N, T, d, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    positions = torch.arange(1, T)
+    a, b = torch.arange(0, N, 2), torch.arange(1, N, 2)
+    groups = torch.arange(len(a)).repeat_interleave(T - 1)
+    p = probe.fit(x[a, 1:].reshape(-1, d), positions.repeat(len(a)), groups, "log")
+    assert abs(probe.score(p, x[b, 1:], positions).r2) < 0.05
+
+
+def test_ridge_matches_a_closed_form_solve():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(50, 4, generator=gen, dtype=torch.float64)
+    y = torch.randn(50, generator=gen, dtype=torch.float64)
+    p = probe.fit(x, y, torch.arange(50), "linear", grid=(0.5,))
+    z = (x - x.mean(0)) / x.std(0)
+    zc = z - z.mean(0)
+    beta = torch.linalg.solve(
+        zc.T @ zc + 0.5 * 50 * torch.eye(4, dtype=torch.float64), zc.T @ (y - y.mean())
+    )
+    assert torch.allclose(p.beta, beta, atol=1e-10)
+
+
+def test_baselines():
+    n = 7
+    brute = sum(abs(a - b) for a in range(n) for b in range(n)) / n**2
+    assert measures.uniform_guess_mae(n) == pytest.approx(brute)
+    pos = torch.arange(1, 101)
+    assert probe.mean_baseline_mae(pos, pos) == pytest.approx(25.0)  # n/4: beats (n^2-1)/(3n)
+
+
+# ------------------------------------------------------------------ sinks, knockout, shift
+def test_alpha0_counts_only_queries_that_can_see_key0():
+    T, w = 128, 32
+    column = torch.zeros(1, 1, T)
+    column[..., 0] = 1.0
+    column[..., 1:w] = 0.9  # a head parking 90% of its attention on key 0 while it can
+    assert measures.sink_alpha(column, w).item() == pytest.approx(0.9)
+    assert column[..., 1:].mean().item() < 0.3  # v1's average over every query
+
+
+def test_key0_knockout_zeroes_the_column_and_keeps_each_row_total():
+    p = torch.softmax(randn(2, 3, 8, 8).masked_fill(~attention_mask(8), float("-inf")), -1)
+    k = measures.knock_out_key0(p)
+    assert torch.equal(k[..., 0, :], p[..., 0, :])
+    assert k[..., 1:, 0].abs().max() == 0
+    assert torch.allclose(k.sum(-1), p.sum(-1))
+    expected = p.clone()
+    expected[..., 1:, 0] = 0
+    expected = expected / expected.sum(-1, keepdim=True)  # the other keys scale together
+    assert torch.allclose(k, expected)
+
+
+def test_shift_test_is_exactly_zero_for_relative_logits_even_with_a_key0_term():
+    T, n, delta = 20, 8, 11
+    g = randn(1, T)
+
+    def pattern(length):
+        s = measures.offset_table(g, attention_mask(length), fill=0.0).clone()
+        s[..., 0] += 3.0  # absolute logit on key 0: excluded from the comparison
+        return s.masked_fill(~attention_mask(length), float("-inf")).softmax(-1)[None]
+
+    d = measures.shift_distances(pattern(1 + n), pattern(1 + delta + n), 1, 1 + delta, n)
+    assert d.abs().max() < 1e-7
+    bumped = pattern(1 + delta + n).clone()
+    bumped[..., 1 + delta + 3, 1 + delta] *= 2
+    assert measures.shift_distances(pattern(1 + n), bumped, 1, 1 + delta, n)[..., 3] > 0.01
+
+
+def test_js_distance_properties():
+    p = torch.tensor([0.5, 0.5, 0.0])
+    q = torch.tensor([0.0, 0.0, 1.0])
+    assert measures.js_distance(p, p).item() == 0
+    assert measures.js_distance(p, q).item() == pytest.approx(1.0)
+
+
+def test_content_deviation_matches_a_loop():
+    visible = attention_mask(5)
+    design = measures.two_way_design(visible)
+    s = randn(3, 1, 5, 5)
+    m = s.mean(0)
+    got = measures.content_deviation(s, measures.pack(m, design), design)
+    for n in range(3):
+        for i in range(5):
+            ref = sum(abs(s[n, 0, i, j] - m[0, i, j]) for j in range(i + 1))
+            assert got[n, 0, i].item() == pytest.approx(ref.item())
+
+
+# ------------------------------------------------------------------ intervals
+def test_paired_t_interval_matches_a_hand_computation_on_three_seeds():
+    ref = {0: 1.0, 1: 2.0, 2: 3.0}
+    var = {0: 1.5, 1: 2.7, 2: 3.4, 5: 9.0}  # seed 5 has no partner
+    d = paired_difference(var, ref)
+    diffs = [0.5, 0.7, 0.4]
+    mean = sum(diffs) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in diffs) / 2)
+    half = 4.302652730 * sd / math.sqrt(3)
+    assert (d.mean, d.lo, d.hi, d.n) == pytest.approx((mean, mean - half, mean + half, 3))
+    assert d.finding
+    assert not paired_difference({0: 1.5, 1: 2.7}, ref).finding  # n = 2: never a finding
+
+
+def test_t_quantiles_table_and_expansion_agree_where_they_meet():
+    assert t_quantile_975(2) == pytest.approx(4.302653, abs=1e-6)
+    assert t_quantile_975(31) < t_quantile_975(30)
+    assert t_quantile_975(1000) == pytest.approx(1.9623, abs=1e-4)
