@@ -45,8 +45,21 @@ class DataConfig:
             out.append(f"data.bos must be one of {BOS_POLICIES}, got {self.bos!r}")
         if self.align not in ALIGNS:
             out.append(f"data.align must be one of {ALIGNS}, got {self.align!r}")
-        if self.seq_len < 2:
-            out.append(f"data.seq_len must be at least 2, got {self.seq_len}")
+        if not 2 <= self.seq_len <= 1 << 20:
+            out.append(f"data.seq_len must be in [2, 2^20], got {self.seq_len}")
+        if not 0 < self.val_fraction < 1:
+            out.append(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.vocab_size < 5:
+            out.append(
+                f"data.vocab_size must be >= 5 (2 tokens + 3 specials), got {self.vocab_size}"
+            )
+        if not self.markov_concentration > 0:
+            out.append(f"data.markov_concentration must be > 0, got {self.markov_concentration}")
+        if self.markov_order < 1 or self.induction_segment < 1 or self.induction_copies < 0:
+            out.append(
+                "data.markov_order and data.induction_segment must be >= 1, "
+                "data.induction_copies >= 0"
+            )
         return out
 
 

@@ -28,8 +28,10 @@ class ByteTokenizer(Vocabulary):
     def __init__(self):
         super().__init__(256)
 
-    def encode(self, text: str) -> np.ndarray:
-        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16)
+    def encode(self, text: str | bytes) -> np.ndarray:
+        """Token ids of text (encoded as UTF-8) or of raw bytes, taken as they are."""
+        raw = text.encode("utf-8") if isinstance(text, str) else text
+        return np.frombuffer(raw, dtype=np.uint8).astype(np.uint16)
 
     def decode(self, ids) -> str:
         """Bytes back to text; specials are dropped, invalid UTF-8 becomes U+FFFD."""

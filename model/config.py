@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from model.rope import ntk_base
 
 POSITIONS = ("nope", "learned", "rope", "rope_ntk")
 SINKS = ("none", "learned", "off_by_one")
+MAX_WIDTH = 1 << 14  # d_model and n_layer: beyond this a typo, not a plan
 
 
 class ConfigError(ValueError):
@@ -62,9 +64,14 @@ class ModelConfig:
             )
         if self.d_ff is not None and (not isinstance(self.d_ff, int) or self.d_ff < 1):
             out.append(f"d_ff must be a positive integer or None, got {self.d_ff!r}")
-        if not self.rope_base > 1:
+        for name, value in (("d_model", self.d_model), ("n_layer", self.n_layer)):
+            if value > MAX_WIDTH:
+                out.append(f"{name}={value} is beyond what posleak builds (at most {MAX_WIDTH})")
+        if not (math.isfinite(self.norm_eps) and self.norm_eps > 0):
+            out.append(f"norm_eps must be a finite number > 0, got {self.norm_eps!r}")
+        if not (math.isfinite(self.rope_base) and self.rope_base > 1):
             out.append(f"rope_base must be > 1, got {self.rope_base!r}")
-        if not self.rope_scale >= 1:
+        if not (math.isfinite(self.rope_scale) and self.rope_scale >= 1):
             out.append(f"rope_scale must be >= 1, got {self.rope_scale!r}")
         elif self.rope_scale != 1 and self.position != "rope_ntk":
             out.append(

@@ -1,33 +1,113 @@
-"""The `posleak` command: train, sweep, analyze, compare, bench."""
+"""The `posleak` command: train, sweep, analyze, compare, bench.
+
+Arguments are declared here, without importing torch, so that `posleak --help` is instant; a
+subcommand's module is imported only to run it. Every error reaches the user as one line
+(`--debug` or POSLEAK_DEBUG=1 shows the traceback).
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import sys
+import traceback
 
-SUBCOMMANDS = {
-    "train": ("train.cli", "train one variant from a config into a run directory"),
-    "sweep": ("train.sweep", "run variants x seeds (x grid) with everything else matched"),
-    "analyze": ("analysis.analyze", "measure where absolute position emerges in one run"),
-    "compare": ("analysis.compare", "report the variants of several runs or sweeps side by side"),
-    "bench": ("train.bench", "measure training, data and analysis speed against the matmul peak"),
+from posleak import version
+
+RUNNERS = {
+    "train": "train.cli",
+    "sweep": "train.sweep",
+    "analyze": "analysis.analyze",
+    "compare": "analysis.compare",
+    "bench": "train.bench",
 }
 
 
+def _train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="TOML config file (see configs/)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key, e.g. --set train.lr=1e-3 (repeatable)",
+    )
+    p.add_argument("--out", help="run directory (default: runs/<config name>-s<seed>)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its latest good checkpoint (starts it if absent)",
+    )
+
+
+def _sweep(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sweep", help="sweep TOML file (see configs/sweeps/)")
+    p.add_argument("--out", help="sweep directory (default: runs/sweeps/<name>)")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (threads are split)")
+    p.add_argument("--dry-run", action="store_true", help="print the expansion, run nothing")
+    p.add_argument(
+        "--print-commands",
+        action="store_true",
+        help="write the run configs and print one independent command per run",
+    )
+
+
+def _analyze(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run directory (holds config.toml and checkpoints/)")
+    p.add_argument("--seqs", type=int, default=256, help="held-out sequences (default 256)")
+    p.add_argument("--seq-len", type=int, help="sequence length (default: training length)")
+    p.add_argument("--rope-scale", type=float, help="apply static NTK scaling s at inference")
+    p.add_argument("--data", help="data source to analyse on (default: the run's)")
+    p.add_argument("--out", help="output directory (default: RUN/analysis)")
+
+
+def _compare(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", help="run directories or sweep directories")
+    p.add_argument("--out", default="runs/compare", help="report directory")
+    p.add_argument("--reference", help="variant the others are compared with (default: rope)")
+    p.add_argument("--seqs", type=int, default=256, help="sequences for runs not yet analysed")
+
+
+def _bench(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="tiny sizes: proves it runs (CI)")
+    p.add_argument("--out", default="bench.json", help="where to write the JSON results")
+
+
+ARGUMENTS = {
+    "train": (_train, "train one variant from a config into a run directory"),
+    "sweep": (_sweep, "run variants x seeds (x grid) with everything else matched"),
+    "analyze": (_analyze, "measure where absolute position emerges in one run"),
+    "compare": (_compare, "report the variants of several runs or sweeps side by side"),
+    "bench": (_bench, "measure training, data and analysis speed against the matmul peak"),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="posleak", description=__doc__.split("\n")[0])
+    top.add_argument("--version", action="version", version=f"posleak {version()}")
+    top.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = top.add_subparsers(dest="command", required=True)
+    for name, (add, help_text) in ARGUMENTS.items():
+        add(sub.add_parser(name, help=help_text, description=help_text))
+    return top
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="posleak", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    modules = {}
-    for name, (module_name, help_text) in SUBCOMMANDS.items():
-        module = importlib.import_module(module_name)
-        module.add_arguments(sub.add_parser(name, help=help_text, description=module.__doc__))
-        modules[name] = module
-    args = parser.parse_args(argv)
-    return modules[args.command].run(args)
-
-
-def standalone(module_doc: str, prog: str, add_arguments, run, argv=None) -> int:
-    """`python -m MODULE ...`: the same arguments and behaviour as the posleak subcommand."""
-    parser = argparse.ArgumentParser(prog=prog, description=module_doc)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser().parse_args(argv)
+    debug = args.debug or os.environ.get("POSLEAK_DEBUG") == "1"
+    try:
+        return importlib.import_module(RUNNERS[args.command]).run(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if debug:
+            traceback.print_exc()
+        message = str(err).strip() or type(err).__name__
+        if isinstance(err, OSError) and err.filename:
+            message = f"{err.strerror}: {err.filename}"
+        hint = "" if debug else " (run with --debug for the traceback)"
+        print(f"error: {type(err).__name__}: {message}{hint}", file=sys.stderr)
+        return 2

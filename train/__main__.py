@@ -1,8 +1,7 @@
-"""python -m train CONFIG [--set key=value ...] [--out DIR] [--resume]"""
+"""python -m train CONFIG [--set key=value ...] [--out DIR] [--resume]: `posleak train`."""
 
 import sys
 
-from posleak.cli import standalone
-from train.cli import add_arguments, run
+from posleak.cli import main
 
-sys.exit(standalone(__doc__, "python -m train", add_arguments, run))
+sys.exit(main(["train", *sys.argv[1:]]))

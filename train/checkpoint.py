@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -38,12 +39,19 @@ def step_dir(root: Path, step: int) -> Path:
 
 
 def save(root: Path, step: int, model, optimizer, extra: dict, keep: int) -> Path:
-    """Write the checkpoint for `step` atomically and keep only the newest `keep`."""
+    """Write the checkpoint for `step` atomically and keep only the newest `keep`.
+
+    An existing checkpoint for the same step is kept if it verifies, else moved aside and
+    rewritten."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = step_dir(root, step)
     if final.exists():
-        return final
+        try:
+            verify(final)
+            return final
+        except CheckpointError as err:
+            quarantine(final, err)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-step_{step:08d}-"))
     try:
         save_file(_model_tensors(model), str(tmp / MODEL_FILE))
@@ -76,6 +84,16 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
 
 
+def quarantine(path: Path, reason: Exception) -> Path:
+    """Move an unusable checkpoint to checkpoints/corrupt/ (never counted, never pruned)."""
+    path = Path(path)
+    dest = path.parent / "corrupt" / f"{path.name}-{int(time.time())}"
+    dest.parent.mkdir(exist_ok=True)
+    os.rename(path, dest)
+    warnings.warn(f"unusable checkpoint moved to {dest}: {reason}", stacklevel=2)
+    return dest
+
+
 def clean_temporaries(root: Path) -> None:
     for p in Path(root).glob(".tmp-step_*"):
         shutil.rmtree(p, ignore_errors=True)
@@ -89,8 +107,10 @@ def verify(path: Path) -> dict:
         raise CheckpointError(f"{manifest_path}: missing, so the checkpoint is incomplete")
     try:
         manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{manifest_path}: not valid JSON ({err})") from None
+    if not isinstance(manifest, dict) or set(manifest) != {MODEL_FILE, OPTIM_FILE, STATE_FILE}:
+        raise CheckpointError(f"{manifest_path}: does not list the checkpoint's three files")
     for name, digest in manifest.items():
         file = path / name
         if not file.exists():
@@ -117,12 +137,12 @@ def load(path: Path, model, optimizer) -> dict:
 
 
 def load_latest(root: Path, model, optimizer) -> dict | None:
-    """Restore the newest checkpoint that verifies, falling back past corrupt ones."""
+    """Restore the newest checkpoint that verifies; corrupt ones are moved aside, named."""
     for path in reversed(list_checkpoints(root)):
         try:
             return load(path, model, optimizer)
         except CheckpointError as err:
-            warnings.warn(f"skipping unusable checkpoint: {err}", stacklevel=2)
+            quarantine(path, err)
     return None
 
 

@@ -14,24 +14,6 @@ from train.lock import RunLocked
 from train.loop import RunExistsError, RunInterrupted, TrainingDiverged, train
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="TOML config file (see configs/)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a key, e.g. --set train.lr=1e-3 (repeatable)",
-    )
-    parser.add_argument("--out", help="run directory (default: runs/<config name>-s<seed>)")
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the run in --out from its latest good checkpoint (starts it if absent)",
-    )
-
-
 def run(args: argparse.Namespace) -> int:
     try:
         cfg = run_config.load(args.config, args.overrides)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ import tomli_w
 from data import DataConfig
 from model import ConfigError, ModelConfig
 
+MAX_BATCH = 1 << 16  # sequences per step: beyond this a typo, not a plan
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -143,19 +145,32 @@ def read_toml(path: Path, seen: tuple = ()) -> dict:
     path = Path(path).resolve()
     if path in seen:
         raise ConfigError(f"include cycle: {' -> '.join(map(str, (*seen, path)))}")
-    if not path.exists():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path} is not valid TOML: {err}") from None
+    raw = read_toml_file(path, "config file")
     includes = raw.pop("include", [])
     includes = [includes] if isinstance(includes, str) else includes
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise ConfigError(
+            f"{path}: include must be a file name or a list of them, got {includes!r}"
+        )
     merged: dict = {}
     for inc in includes:
         merged.update(read_toml(path.parent / inc, (*seen, path)))
     merged.update(flatten(raw))
     return merged
+
+
+def read_toml_file(path: Path, what: str) -> dict:
+    """A TOML file's contents, or a ConfigError that names the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        problem = "is a directory" if path.is_dir() else "does not exist"
+        raise ConfigError(f"{what} {path} {problem}; give the path of a .toml file")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path} is not UTF-8 text; give a .toml file") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{what} {path} is not valid TOML: {err}") from None
 
 
 def parse_override(text: str) -> tuple[str, object]:
@@ -216,16 +231,28 @@ def build(values: dict) -> RunConfig:
 
 
 def train_problems(t: TrainConfig) -> list[str]:
+    """Values that have the right type but make no sense, each with the accepted range."""
     out = []
     for name in ("steps", "batch_size", "eval_every", "eval_batches", "ckpt_every", "log_every"):
         if getattr(t, name) < 1:
             out.append(f"train.{name} must be >= 1, got {getattr(t, name)}")
-    if t.keep_checkpoints < 1:
-        out.append(f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
-    if t.warmup < 0:
-        out.append(f"train.warmup must be >= 0, got {t.warmup}")
-    if not t.lr > 0:
-        out.append(f"train.lr must be > 0, got {t.lr}")
+    checks = (
+        ("keep_checkpoints", t.keep_checkpoints >= 1, ">= 1"),
+        ("warmup", t.warmup >= 0, ">= 0"),
+        ("lr", math.isfinite(t.lr) and t.lr > 0, "a finite number > 0"),
+        ("min_lr_ratio", 0 <= t.min_lr_ratio <= 1, "in [0, 1] (the cosine floor as a share of lr)"),
+        ("weight_decay", math.isfinite(t.weight_decay) and t.weight_decay >= 0, "finite and >= 0"),
+        ("beta1", 0 <= t.beta1 < 1, "in [0, 1)"),
+        ("beta2", 0 <= t.beta2 < 1, "in [0, 1)"),
+        ("grad_clip", math.isfinite(t.grad_clip) and t.grad_clip >= 0, "finite and >= 0 (0 = off)"),
+        ("threads", t.threads >= 0, ">= 0 (0 = torch's default)"),
+        ("batch_size", t.batch_size <= MAX_BATCH, f"at most {MAX_BATCH}"),
+    )
+    out += [
+        f"train.{name} must be {rule}, got {getattr(t, name)!r}"
+        for name, ok, rule in checks
+        if not ok
+    ]
     if t.precision not in PRECISIONS:
         out.append(f"train.precision must be one of {PRECISIONS}, got {t.precision!r}")
     if t.device not in DEVICES:

@@ -1,11 +1,16 @@
 """An exclusive lock on a run directory, safe across processes and machines sharing a disk.
 
-The lock is a file created with O_EXCL holding host, pid and time. A lock left by a dead
-process on this host is stale and taken over; one held on another host is respected.
+The lock is the file `.lock` holding host, pid and time. It is created complete or not at
+all: the owner record is written to a private file first and hard-linked into place, which
+fails if `.lock` exists. A lock left by a dead process on this host is stale and taken over;
+the check and the takeover happen under a kernel lock on `.lock.guard`, so two processes can
+never both take over the same stale lock. A lock held on another host is respected.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import socket
@@ -30,36 +35,76 @@ def _alive(pid: int) -> bool:
 class RunLock:
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / ".lock"
+        self.me = {"host": socket.gethostname(), "pid": os.getpid()}
         self.held = False
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                owner = self._owner()
-                if owner and owner["host"] == me["host"] and not _alive(owner["pid"]):
-                    self.path.unlink(missing_ok=True)  # stale: its process is gone
-                    continue
-                raise RunLocked(
-                    f"{self.path.parent} is in use by {owner or 'another process'}; wait for it "
-                    f"to finish, or delete {self.path} if that process is gone"
-                ) from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
-            return
-        raise RunLocked(f"could not lock {self.path}")
-
-    def _owner(self) -> dict | None:
+        record = self.path.with_name(f".lock.{self.me['host']}.{self.me['pid']}")
         try:
-            return json.loads(self.path.read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
+            record.write_text(json.dumps({**self.me, "since": time.time()}))
+        except OSError as err:
+            record.unlink(missing_ok=True)
+            raise RunLocked(f"cannot write the lock file {self.path}: {err.strerror}") from None
+        try:
+            for _ in range(10):
+                try:
+                    os.link(record, self.path)
+                    self.held = True
+                    return
+                except FileExistsError:
+                    if self._take_over_if_stale(record):
+                        self.held = True
+                        return
+            raise RunLocked(f"could not lock {self.path}: it keeps changing hands")
+        finally:
+            record.unlink(missing_ok=True)
+
+    def _take_over_if_stale(self, record: Path) -> bool:
+        """Under the guard: replace a lock whose owner is provably gone; else raise."""
+        with self._guard():
+            try:
+                text = self.path.read_text()
+            except FileNotFoundError:
+                return False  # released meanwhile: try again
+            owner = _parse(text)
+            if owner is None:
+                raise RunLocked(
+                    f"{self.path} holds no readable owner ({text[:60]!r}); if no process uses "
+                    f"{self.path.parent}, delete {self.path}"
+                )
+            if owner["host"] == self.me["host"] and not _alive(owner["pid"]):
+                os.replace(record, self.path)  # atomic: the stale owner is gone
+                return True
+            raise RunLocked(
+                f"{self.path.parent} is in use by pid {owner['pid']} on {owner['host']} "
+                f"(lock file {self.path}); wait for it to finish, or delete the lock file if "
+                "that process is gone"
+            )
+
+    @contextlib.contextmanager
+    def _guard(self):
+        fd = os.open(self.path.with_name(".lock.guard"), os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the kernel lock
 
     def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+        if not self.held:
+            return
+        with self._guard():
+            owner = _parse(self.path.read_text()) if self.path.exists() else None
+            if owner and (owner["host"], owner["pid"]) == (self.me["host"], self.me["pid"]):
+                self.path.unlink()
+        self.held = False
+
+
+def _parse(text: str) -> dict | None:
+    try:
+        owner = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    ok = isinstance(owner, dict) and isinstance(owner.get("pid"), int) and "host" in owner
+    return owner if ok else None

@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from data import BatchStream, vocab_size_of
 from model import ConfigError, Decoder
-from train import checkpoint
-from train.config import RunConfig, flatten, from_resolved, to_toml
+from train import checkpoint, tracking
+from train.config import RunConfig, flatten, from_resolved, to_toml, tomllib
 from train.environment import autocast, describe, resolve_device, resolve_precision
 from train.lock import RunLock
 
@@ -79,6 +79,8 @@ class Run:
 
     def __init__(self, cfg: RunConfig, out: str | Path, resume: bool = False):
         self.out = Path(out)
+        if cfg.log.wandb:
+            tracking.require_wandb()  # before anything is written
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -93,6 +95,8 @@ class Run:
         self.val_stream = BatchStream(
             self.cfg.data, self.cfg.seed, "val", self.cfg.train.batch_size
         )
+        for stream in (self.train_stream, self.val_stream):  # data too short: fail before writing
+            stream.batch(0)
         self.model_cfg = self.cfg.model_config(vocab_size_of(self.cfg.data))
         self.precision, reason = resolve_precision(
             self.cfg.train.precision, self.device, self.model_cfg.d_model
@@ -108,6 +112,11 @@ class Run:
             state = checkpoint.load_latest(self.ckpt_root, self.model, self.optimizer)
             if state:
                 self.step, self.elapsed = state["step"], state["elapsed_s"]
+            if self.step > self.cfg.train.steps:
+                raise ConfigError(
+                    f"{self.out} is at step {self.step}, past train.steps="
+                    f"{self.cfg.train.steps}; resume with train.steps >= {self.step}"
+                )
         self.forward_model = self.model
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -123,8 +132,8 @@ class Run:
     # ------------------------------------------------------------------ run directory
     def _check_run_dir(self, cfg: RunConfig, resume: bool) -> RunConfig:
         stored = self.out / "config.toml"
-        if not stored.exists():
-            return cfg
+        if not stored.exists() or not self._took_a_step():
+            return cfg  # nothing to keep: a run that failed before its first step starts over
         if not resume:
             raise RunExistsError(
                 f"{self.out} already holds a run. Continue it with --resume, or start over "
@@ -145,9 +154,9 @@ class Run:
             )
         return cfg
 
-    def _write_header(self, reason: str, resumed: bool) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        derived = {
+    def derived(self) -> dict:
+        """Values that follow from the config: written into config.toml's [derived] table."""
+        return {
             "rope_effective_base": self.model_cfg.rope_effective_base,
             "precision": self.precision,
             "n_params": sum(p.numel() for p in self.model.parameters()),
@@ -155,6 +164,15 @@ class Run:
             "tokens_per_step": self.cfg.train.batch_size * self.cfg.data.seq_len,
             "world_size": self.world,
         }
+
+    def _took_a_step(self) -> bool:
+        metrics = self.out / "metrics.jsonl"
+        has_metrics = metrics.exists() and metrics.stat().st_size > 0
+        return has_metrics or bool(checkpoint.list_checkpoints(self.out / "checkpoints"))
+
+    def _write_header(self, reason: str, resumed: bool) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        derived = self.derived()
         _atomic_write(self.out / "config.toml", to_toml(self.cfg, self.model_cfg, derived))
         env_path = self.out / "env.json"
         env = describe(self.device, self.precision, reason, self.world)
@@ -228,27 +246,32 @@ class Run:
 
     @contextlib.contextmanager
     def _metrics_log(self):
-        """A function that records one metrics dict: metrics.jsonl, progress bar, wandb."""
+        """A function that records one metrics dict: metrics.jsonl, progress, wandb."""
         if self.rank != 0:
             yield lambda record: None
             return
-        show = self.cfg.log.progress and sys.stderr.isatty()
+        bar = self.cfg.log.progress and sys.stderr.isatty()
         wandb_run = self._open_wandb() if self.cfg.log.wandb else None
+        total = self.cfg.train.steps
         with open(self.out / "metrics.jsonl", "a") as f:
-            bar = tqdm(total=self.cfg.train.steps, initial=self.step, disable=not show)
+            progress = tqdm(total=total, initial=self.step, disable=not bar)
 
             def log(record: dict) -> None:
                 f.write(json.dumps(record) + "\n")
                 f.flush()
-                bar.update(record["step"] - bar.n)
-                bar.set_postfix(loss=f"{record['train_loss']:.3f}")
+                fields = progress_fields(record, total)
+                if bar:
+                    progress.update(record["step"] - progress.n)
+                    progress.set_postfix_str(fields)
+                elif self.cfg.log.progress:
+                    print(f"step {record['step']}/{total} | {fields}", flush=True)
                 if wandb_run:
                     wandb_run.log(record, step=record["step"])
 
             try:
                 yield log
             finally:
-                bar.close()
+                progress.close()
                 if wandb_run:
                     wandb_run.finish()
 
@@ -332,27 +355,32 @@ class Run:
                 signal.signal(sig, old)
 
     def _open_wandb(self):
-        try:
-            import wandb
-        except ImportError:
-            raise RuntimeError(
-                "log.wandb = true needs the extra: pip install 'posleak[wandb]'"
-            ) from None
-        id_file = self.out / "wandb_id.txt"
-        if not id_file.exists():
-            id_file.write_text(wandb.util.generate_id())
-        return wandb.init(
-            project=self.cfg.log.wandb_project,
-            id=id_file.read_text().strip(),
-            resume="allow",
-            dir=str(self.out),
-            mode="online" if os.environ.get("WANDB_API_KEY") else "offline",
-            config=self.cfg.to_dict(),
-        )
+        config = tomllib.loads(to_toml(self.cfg, self.model_cfg, self.derived()))
+        return tracking.open_run(self.out, self.cfg.log.wandb_project, config)
+
+
+def progress_fields(record: dict, total: int) -> str:
+    """train loss, val loss (when evaluated), tokens/s, elapsed and ETA, for a progress line."""
+    parts = [f"train loss {record['train_loss']:.4f}"]
+    if "val_loss" in record:
+        parts.append(f"val loss {record['val_loss']:.4f}")
+    parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
+    elapsed = record["elapsed_s"]
+    eta = elapsed / record["step"] * (total - record["step"])
+    parts.append(f"elapsed {_clock(elapsed)} | eta {_clock(eta)}")
+    return " | ".join(parts)
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
 
 
 def train(cfg: RunConfig, out: str | Path, resume: bool = False) -> dict:
     """Train into `out`; the run directory is locked against a second writer meanwhile."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunExistsError(f"--out {out} is a file; give a directory for the run")
     lock = RunLock(out) if int(os.environ.get("RANK", "0")) == 0 else None
     if lock:
         lock.acquire()
@@ -361,6 +389,14 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False) -> dict:
     finally:
         if lock:
             lock.release()
+            _remove_if_unused(out)
+
+
+def _remove_if_unused(out: Path) -> None:
+    """A run that failed before writing anything leaves no directory behind."""
+    if {p.name for p in out.iterdir()} <= {".lock.guard"}:
+        (out / ".lock.guard").unlink(missing_ok=True)
+        out.rmdir()
 
 
 def deterministic_metrics(path: Path) -> list[dict]:

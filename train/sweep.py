@@ -28,6 +28,7 @@ import io
 import itertools
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -41,9 +42,10 @@ from pathlib import Path
 import tomli_w
 
 from model import ConfigError
-from train.config import build, flatten, read_toml, tomllib
+from train.config import build, flatten, read_toml, read_toml_file
 
 SWEEP_KEYS = {"name", "base", "seeds", "variants", "grid", "set"}
+SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 @dataclass
@@ -60,18 +62,51 @@ class PlannedRun:
 
 def read_sweep(path: Path) -> dict:
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"sweep file {path} does not exist")
-    spec = tomllib.loads(path.read_text())
+    spec = read_toml_file(path, "sweep file")
     unknown = set(spec) - SWEEP_KEYS
     if unknown:
         raise ConfigError(f"unknown sweep keys {sorted(unknown)}; valid keys: {sorted(SWEEP_KEYS)}")
     for key in ("base", "seeds", "variants"):
         if key not in spec:
             raise ConfigError(f"sweep file {path} needs `{key}` (see `posleak sweep --help`)")
+    problems = spec_problems(spec)
+    if problems:
+        raise ConfigError(f"sweep file {path}:\n  - " + "\n  - ".join(problems))
     spec.setdefault("name", path.stem)
     spec["base"] = str((path.parent / spec["base"]).resolve())
     return spec
+
+
+def spec_problems(spec: dict) -> list[str]:
+    """Shapes a sweep file must have; names must be safe as directory names."""
+    out = []
+    seeds = spec["seeds"]
+    if not (isinstance(seeds, list) and seeds and all(type(x) is int for x in seeds)):
+        out.append(f"seeds must be a non-empty list of integers, e.g. [0, 1, 2]; got {seeds!r}")
+    variants = spec["variants"]
+    if not (isinstance(variants, dict) and variants):
+        out.append("variants must be tables: [variants.NAME] followed by its keys")
+    else:
+        out += [f"variant name {name!r} {why}" for name in variants if (why := _unsafe(name))]
+    for key, values in flatten(spec.get("grid", {})).items():
+        if not (isinstance(values, list) and values):
+            out.append(f"grid.{key} must be a non-empty list of values, got {values!r}")
+    if not isinstance(spec.get("base"), str):
+        out.append(f"base must be the path of a config file, got {spec.get('base')!r}")
+    if "name" in spec and (why := _unsafe(spec["name"])):
+        out.append(f"sweep name {spec['name']!r} {why}")
+    return out
+
+
+def _unsafe(name) -> str | None:
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name) or name in (".", ".."):
+        return "must use only letters, digits, '.', '_' and '-' (it names a directory)"
+    return None
+
+
+def _label(value) -> str:
+    """A grid value as part of a run name: unsafe characters become '_'."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", str(value))[-40:]
 
 
 def expand(spec: dict) -> list[PlannedRun]:
@@ -87,7 +122,9 @@ def expand(spec: dict) -> list[PlannedRun]:
             for seed in spec["seeds"]:
                 values = {**base, **shared, **flatten(overlay), **grid_values, "seed": seed}
                 digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
-                label = "".join(f"-{k.rsplit('.', 1)[-1]}{v}" for k, v in grid_values.items())
+                label = "".join(
+                    f"-{k.rsplit('.', 1)[-1]}{_label(v)}" for k, v in grid_values.items()
+                )
                 run = PlannedRun(
                     f"{variant}{label}-s{seed}-{digest[:8]}", variant, seed, grid_values, values
                 )
@@ -236,16 +273,9 @@ def _replace(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("sweep", help="sweep TOML file (see configs/sweeps/)")
-    parser.add_argument("--out", help="sweep directory (default: runs/sweeps/<name>)")
-    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (threads are split)")
-    parser.add_argument("--dry-run", action="store_true", help="print the expansion, run nothing")
-    parser.add_argument(
-        "--print-commands",
-        action="store_true",
-        help="write the run configs and print one independent command per run",
-    )
+def _terminate(signum, frame):
+    """SIGTERM stops a sweep as Ctrl-C does: children are told to checkpoint and waited for."""
+    raise KeyboardInterrupt
 
 
 def run(args: argparse.Namespace) -> int:
@@ -273,12 +303,15 @@ def run(args: argparse.Namespace) -> int:
         print("error: --jobs must be >= 1", file=sys.stderr)
         return 2
     started = time.perf_counter()
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         Executor(sweep_dir, runs, args.jobs).execute()
     except KeyboardInterrupt:
         write_summary(sweep_dir, runs)
         print("[sweep] interrupted; run the same command again to continue", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     write_summary(sweep_dir, runs)
     failed = [r for r in runs if r.status != "done"]
     wall = time.perf_counter() - started
@@ -287,9 +320,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"[sweep] {r.name}: {r.status}: {r.error}", file=sys.stderr)
     print(f"[sweep] summary: {sweep_dir / 'summary.md'}")
     return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    from posleak.cli import standalone
-
-    sys.exit(standalone(__doc__, "python -m train.sweep", add_arguments, run))
