@@ -17,6 +17,7 @@ from pathlib import Path
 
 from analysis import plots
 from analysis.analyze import Options, analyze
+from analysis.html import to_html
 from analysis.measures import DEFINITIONS
 from analysis.records import mean_std, read
 from analysis.stats import MIN_SEEDS, paired_difference
@@ -266,6 +267,8 @@ def write_report(groups: dict, summaries: dict, out: Path, reference: str | None
             lines.append(f"| {variant} | {s['seed']} | `{name}` | {s['step']} | {loss} |")
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
+    title = "posleak variant comparison"
+    (out / "report.html").write_text(to_html(report.read_text(), out, title))
     headline = {v: {k: by_seed(items, k) for k, _ in rows} for v, items in summaries.items()}
     (out / "headline.json").write_text(json.dumps(headline, indent=2) + "\n")
     return report

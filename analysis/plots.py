@@ -73,6 +73,7 @@ def per_layer_queries(path: Path, groups: dict, metric: str, ylabel: str, log_x=
         ax.set(title=f"layer {layer}", xlabel="query position i")
         if log_x:
             ax.set_xscale("symlog", linthresh=1)
+        log_if_decades(ax)
     axes[0, 0].set_ylabel(f"{ylabel} ({metric})")
     axes[0, 0].legend(fontsize=7)
     fig.suptitle(f"{ylabel} vs query, pooled over heads; mean ± sd over seeds", fontsize=10)
@@ -205,9 +206,20 @@ def extrapolation_curve(ax, groups) -> None:
     ax.set_xscale("symlog", linthresh=16)
 
 
+def log_if_decades(ax, decades: float = 2.0) -> None:
+    """A log y-axis when every plotted value is positive and they span `decades` or more."""
+    ys = np.concatenate(
+        [np.asarray(line.get_ydata(), dtype=float) for line in ax.get_lines()] or [[]]
+    )
+    ys = ys[np.isfinite(ys)]
+    if len(ys) and ys.min() > 0 and np.log10(ys.max() / ys.min()) >= decades:
+        ax.set_yscale("log")
+
+
 def figure(path: Path, draw, size=(6.5, 4.2)) -> str:
     fig, ax = plt.subplots(figsize=size, constrained_layout=True)
     draw(ax)
+    log_if_decades(ax)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
     return save(fig, path)

@@ -1,8 +1,10 @@
 """Tidy records: one measured number per row, labelled by where it was measured.
 
-Fields: run, variant, seed, layer, head, query, metric, value, condition, std, lo, hi, n,
-definitions. `layer`, `head`, `query` and `condition` are None where they do not apply (a
-head of None means pooled over heads); `lo`/`hi` bound a 95% bootstrap interval over
+Fields: run, variant, seed, site, layer, head, query, metric, value, condition, std, lo, hi,
+n, definitions. `site` says what `layer` counts: "resid" (residual sites, 0 = the embedding
+output) or "attn" (attention layers, blocks from 0); None for run-level numbers. `layer`,
+`head`, `query` and `condition` are None where they do not apply (a head of None means pooled
+over heads); `lo`/`hi` bound a 95% bootstrap interval over
 sequences where one was computed; `definitions` is the version of docs/science.md the
 number follows. Plots and reports are pure functions of these rows.
 """
@@ -20,6 +22,7 @@ FIELDS = (
     "run",
     "variant",
     "seed",
+    "site",
     "layer",
     "head",
     "query",
@@ -32,6 +35,29 @@ FIELDS = (
     "n",
     "definitions",
 )
+
+
+RESIDUAL_METRICS = (
+    "probe_r2",
+    "probe_r2_log",
+    "probe_mae",
+    "probe_mae_log",
+    "probe_lambda",
+    "probe_lambda_log",
+    "probe_mae_mean",
+    "probe_mae_uniform",
+    "fingerprint_dispersion",
+    "fingerprint_cosine",
+    "bos_swap_probe_r2_log",
+    "knockout_probe_r2_log",
+)
+RUN_METRICS = ("loss_by_position", "loss_mean", "loss_beyond_train")
+
+
+def site_of(metric: str) -> str | None:
+    if metric in RESIDUAL_METRICS:
+        return "resid"
+    return None if metric in RUN_METRICS else "attn"
 
 
 class Recorder:
@@ -55,6 +81,7 @@ class Recorder:
         self.rows.append(
             {
                 **self.labels,
+                "site": site_of(metric),
                 "layer": layer,
                 "head": head,
                 "query": query,
@@ -99,6 +126,29 @@ def read(path: Path) -> list[dict]:
                 "delete the analysis folder and run `posleak analyze` again"
             ) from None
     return rows
+
+
+def records_files(paths) -> list[Path]:
+    """records.jsonl files from files, analysis folders, run folders or sweep folders."""
+    found = []
+    for p in map(Path, [paths] if isinstance(paths, (str, Path)) else paths):
+        candidates = [p, p / "records.jsonl", p / "analysis" / "records.jsonl"]
+        direct = [c for c in candidates if c.is_file()]
+        here = direct[:1] or sorted(p.glob("*/analysis/records.jsonl"))
+        if not here:
+            raise FileNotFoundError(f"{p} holds no records.jsonl; run `posleak analyze` first")
+        found += here
+    return found
+
+
+def load_records(paths):
+    """Every record of the given analyses as a pandas DataFrame (one row per number)."""
+    try:
+        import pandas
+    except ImportError:
+        raise ImportError("load_records needs pandas: pip install pandas") from None
+    rows = [row for path in records_files(paths) for row in read(path)]
+    return pandas.DataFrame(rows, columns=list(FIELDS))
 
 
 def select(rows: list[dict], metric: str, **where) -> list[dict]:

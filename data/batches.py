@@ -15,7 +15,7 @@ import torch
 
 from data.counter_rng import stream_key
 from data.synthetic import Induction, Markov, Uniform
-from data.text import TextCorpus, bible_documents, file_documents, hf_documents
+from data.text import TextCorpus, bible_documents, file_documents, hf_documents, parse_hf
 
 SYNTHETIC = ("uniform", "markov", "induction")
 BOS_POLICIES = ("always", "never")
@@ -24,7 +24,9 @@ ALIGNS = ("random", "document")
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "bible"  # bible | uniform | markov | induction | hf:NAME | file, dir or glob
+    source: str = (
+        "bible"  # bible | uniform | markov | induction | hf:NAME[:CONFIG] | file, dir, glob
+    )
     seq_len: int = 128  # tokens the model sees per sequence (BOS included)
     bos: str = "always"  # always: position 0 holds BOS; never: an ordinary token
     align: str = "random"  # random offsets, or starts aligned to document starts (text)
@@ -35,6 +37,7 @@ class DataConfig:
     induction_copies: int = 2
     corpus_seed: int = 0  # fixes the synthetic corpus (e.g. the Markov table) across seeds
     val_fraction: float = 0.05
+    hf_config: str = ""  # dataset configuration (or hf:NAME:CONFIG)
     hf_split: str = "train"
     hf_field: str = "text"
     cache_dir: str = ""  # tokenized-text cache; empty = $POSLEAK_CACHE or ~/.cache/posleak
@@ -78,7 +81,13 @@ def make_source(cfg: DataConfig):
     if src == "bible":
         docs = bible_documents()
     elif src.startswith("hf:"):
-        docs = hf_documents(src[3:], cfg.hf_split, cfg.hf_field)
+        name, config = parse_hf(src, cfg.hf_config)
+        identity = f"hf:{name}:{config}:{cfg.hf_split}:{cfg.hf_field}"
+
+        def stream():
+            return hf_documents(name, config, cfg.hf_split, cfg.hf_field)
+
+        return TextCorpus(src, stream, cfg.val_fraction, cfg.cache_dir or None, identity)
     else:
         docs = file_documents(src)
     return TextCorpus(src, docs, cfg.val_fraction, cfg.cache_dir or None)

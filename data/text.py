@@ -10,14 +10,17 @@ Train and validation hold disjoint documents (or, with too few documents, disjoi
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
+import socket
 import tempfile
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +79,35 @@ def file_documents(pattern: str) -> list[str]:
     return docs
 
 
-def hf_documents(name: str, split: str, field: str) -> list[str]:
+HUB = ("huggingface.co", 443)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection(HUB, timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def parse_hf(source: str, config: str = "") -> tuple[str, str | None]:
+    """'hf:NAME' or 'hf:NAME:CONFIG' (or data.hf_config) -> (name, config or None)."""
+    name, _, inline = source[3:].partition(":")
+    if inline and config and inline != config:
+        raise ValueError(
+            f"data.source {source!r} names config {inline!r} but data.hf_config is {config!r}; "
+            "give the config once"
+        )
+    return name, (inline or config or None)
+
+
+def hf_documents(name: str, config: str | None, split: str, field: str) -> Iterator[str]:
+    """Documents of a Hugging Face dataset, streamed one at a time (a local dataset folder, or
+    the hub). Without the hub it reads only the local cache, and says so at once."""
+    online = Path(name).exists() or hub_reachable()
+    if not online:  # before datasets is imported: it reads these at import time
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     try:
         import datasets
     except ImportError:
@@ -84,16 +115,46 @@ def hf_documents(name: str, split: str, field: str) -> list[str]:
             f"data source hf:{name} needs the optional extra: pip install 'posleak[hf]'"
         ) from None
     try:
-        rows = datasets.load_dataset(name, split=split)
+        with _offline(not online, datasets):
+            rows = datasets.load_dataset(name, config, split=split, streaming=online)
     except Exception as err:
+        where = "" if online else " (huggingface.co cannot be reached: only the local cache)"
         raise RuntimeError(
-            f"could not load Hugging Face dataset {name!r} (split {split!r}): {err}. "
-            "Loading needs network access the first time; offline, use the built-in 'bible' "
-            "source or a local file"
+            f"could not load data source hf:{name} (config {config!r}, split {split!r})"
+            f"{where}: {str(err).splitlines()[0] if str(err) else type(err).__name__}; use a "
+            "local file or directory, or the built-in 'bible'"
         ) from None
-    if field not in rows.column_names:
-        raise KeyError(f"hf:{name} has no field {field!r}; fields: {rows.column_names}")
-    return [row for row in rows[field] if row]
+    for row in rows:
+        if field not in row:
+            raise KeyError(f"hf:{name} has no field {field!r}; fields: {sorted(row)}")
+        if row[field]:
+            yield row[field]
+
+
+@contextlib.contextmanager
+def _offline(offline: bool, datasets):
+    """Make datasets and huggingface_hub skip the network (their switches are read at import
+    time, so a process that imported them earlier is switched here too)."""
+    import huggingface_hub.constants as hub
+
+    switches = [
+        (datasets.config, "HF_HUB_OFFLINE"),
+        (datasets.config, "HF_DATASETS_OFFLINE"),
+        (hub, "HF_HUB_OFFLINE"),
+    ]
+    saved = [getattr(module, name, None) for module, name in switches]
+    try:
+        if offline:
+            for module, name in switches:
+                setattr(module, name, True)
+        yield
+    finally:
+        for (module, name), value in zip(switches, saved, strict=True):
+            setattr(module, name, value)
+
+
+def _as_bytes(doc: str | bytes) -> bytes:
+    return doc.encode("utf-8") if isinstance(doc, str) else doc
 
 
 def _sha256(path: Path) -> str:
@@ -127,16 +188,29 @@ class TextCorpus:
 
     name = "text"
 
-    def __init__(self, label: str, documents: list[str], val_fraction: float, cache_dir=None):
+    def __init__(
+        self,
+        label: str,
+        documents: Iterable | Callable[[], Iterable],
+        val_fraction: float,
+        cache_dir=None,
+        identity: str | None = None,
+    ):
+        """documents: the texts, keyed in the cache by a hash of their content; or, with an
+        `identity` (a streamed dataset's name), a function returning them, called only when
+        the cache must be built."""
         if not 0 < val_fraction < 1:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
         self.tokenizer = ByteTokenizer()
         self.bos, self.eos, self.size = self.tokenizer.bos, self.tokenizer.eos, self.tokenizer.size
         self.label = label
         digest = hashlib.sha256(f"{CACHE_VERSION}/{val_fraction}".encode())
-        documents = [d.encode("utf-8") if isinstance(d, str) else d for d in documents]
-        for doc in documents:
-            digest.update(hashlib.sha256(doc).digest())
+        if identity is None:
+            documents = [_as_bytes(d) for d in documents]
+            for doc in documents:
+                digest.update(hashlib.sha256(doc).digest())
+        else:
+            digest.update(identity.encode())
         self.key = digest.hexdigest()[:16]
         folder = Path(cache_dir or default_cache_dir()) / "text" / self.key
         problem = _cache_problem(folder)
@@ -144,7 +218,7 @@ class TextCorpus:
             if folder.exists():
                 warnings.warn(f"rebuilding the token cache {folder}: {problem}", stacklevel=2)
                 shutil.rmtree(folder, ignore_errors=True)
-            self._build(folder, documents, val_fraction)
+            self._build(folder, documents if identity is None else documents(), val_fraction)
         self.splits = {
             split: (
                 np.load(folder / f"{split}.npy", mmap_mode="r"),
@@ -159,16 +233,19 @@ class TextCorpus:
                     "another data.val_fraction"
                 )
 
-    def _build(self, folder: Path, documents: list[bytes], val_fraction: float) -> None:
-        """Tokenize and write both splits into a temporary folder, then rename it into place."""
+    def _build(self, folder: Path, documents: Iterable, val_fraction: float) -> None:
+        """Tokenize and write both splits into a temporary folder, then rename it into place.
+        Every round(1/val_fraction)-th document goes to validation; a short list of documents
+        is split by position in the concatenated text instead."""
         every = round(1 / val_fraction)
-        if len(documents) >= 2 * every:
-            val_docs = documents[every - 1 :: every]
-            train_docs = [d for i, d in enumerate(documents) if (i + 1) % every]
-        else:  # too few documents: split the concatenated text at a fraction
+        if isinstance(documents, list) and len(documents) < 2 * every:
             joined = b"\n".join(documents)
             cut = int(len(joined) * (1 - val_fraction))
-            train_docs, val_docs = [joined[:cut]], [joined[cut:]]
+            documents = [joined[:cut], joined[cut:]]
+            every = 2
+        train_docs, val_docs = [], []
+        for i, doc in enumerate(documents):
+            (val_docs if (i + 1) % every == 0 else train_docs).append(_as_bytes(doc))
         if not train_docs or not val_docs:
             raise ValueError(
                 f"data.val_fraction={val_fraction} leaves no {'train' if not train_docs else 'val'}"

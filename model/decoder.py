@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from model.config import ModelConfig
@@ -330,20 +330,68 @@ class Decoder(nn.Module):
         return (prefix + "scores") in self._hooks or (prefix + "pattern") in self._hooks
 
     # ---------------------------------------------------------------- persistence
+    # One format for a model, here and inside every training checkpoint: model.safetensors
+    # (tied weights stored once) and config.json (the ModelConfig and the inference scale).
+    def config_json(self) -> str:
+        return (
+            json.dumps(
+                {**self.cfg.to_dict(), "rope_inference_scale": self.rope_inference_scale}, indent=2
+            )
+            + "\n"
+        )
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """State dict on CPU without duplicates of tied weights (safetensors refuses them)."""
+        out, seen = {}, set()
+        for name, tensor in self.state_dict().items():
+            if tensor.data_ptr() not in seen:
+                seen.add(tensor.data_ptr())
+                out[name] = tensor.detach().cpu().contiguous()
+        return out
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        missing, unexpected = self.load_state_dict(weights, strict=False)
+        tied = {"lm_head.weight"} if self.cfg.tie_embeddings else set()
+        if set(missing) - tied or unexpected:
+            raise ValueError(
+                f"weights do not fit this model: missing {sorted(set(missing) - tied)}, "
+                f"unexpected {sorted(unexpected)}"
+            )
+
     def save(self, directory: str | Path) -> None:
         """Write model.safetensors and config.json (no pickle)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_model(self, str(directory / "model.safetensors"))
-        (directory / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+        save_file(self.weights(), str(directory / "model.safetensors"))
+        (directory / "config.json").write_text(self.config_json())
 
     @classmethod
     def load(cls, directory: str | Path, device="cpu") -> Decoder:
+        """A model saved by `save`, or the model of a training checkpoint folder."""
         directory = Path(directory)
-        cfg = ModelConfig.from_dict(json.loads((directory / "config.json").read_text()))
-        model = cls(cfg)
-        load_model(model, str(directory / "model.safetensors"), device=str(device))
-        return model
+        values = json.loads((directory / "config.json").read_text())
+        scale = values.pop("rope_inference_scale", 1.0)
+        model = cls(ModelConfig.from_dict(values))
+        model.load_weights(load_file(str(directory / "model.safetensors"), device=str(device)))
+        if scale != 1.0:
+            model.set_rope_scale(scale)
+        return model.eval()
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, device="cpu") -> Decoder:
+        """The model at a run's newest checkpoint whose files match their recorded sha256."""
+        root = Path(run_dir) / "checkpoints"
+        steps = sorted(root.glob("step_*"), reverse=True) if root.is_dir() else []
+        problems = []
+        for step in steps:
+            problem = _unverified(step, ("model.safetensors", "config.json"))
+            if problem is None:
+                return cls.load(step, device)
+            problems.append(problem)
+        raise FileNotFoundError(
+            f"{run_dir} has no usable checkpoint with a config.json"
+            + (f" ({'; '.join(problems)})" if problems else "")
+        )
 
     def num_params(self, non_embedding: bool = True) -> int:
         total = sum(p.numel() for p in self.parameters())
@@ -352,6 +400,18 @@ class Decoder(nn.Module):
             if self.cfg.position == "learned":
                 total -= self.pos_embed.weight.numel()
         return total
+
+
+def _unverified(folder: Path, names: tuple) -> str | None:
+    """Why the files of a checkpoint folder cannot be trusted (per its manifest.json), or None."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        for name in names:
+            if hashlib.sha256((folder / name).read_bytes()).hexdigest() != manifest[name]:
+                return f"{folder / name} does not match its manifest"
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{folder}: {err}"
+    return None
 
 
 def _name_seed(seed: int, name: str) -> int:

@@ -290,3 +290,54 @@ def test_rope_scale_applies_ntk_scaling_at_analysis_time_on_longer_inputs(runs):
     assert analysis.model.rope_effective_base == ntk_base(10000.0, 4.0, 16)
     assert analysis.tokens(4, 64, "analysis").shape == (4, 65)  # twice the training length
     assert analysis.visible.shape == (64, 64)
+
+
+def test_records_say_which_layer_count_they_use_and_load_as_a_dataframe(runs):
+    from analysis.records import load_records
+
+    for run in ("nope-s0", "rope-s1"):
+        if not (runs / run / "analysis" / "records.jsonl").exists():
+            analyze(runs / run, SMALL)
+    frame = load_records([runs / "nope-s0", runs / "rope-s1" / "analysis"])
+    assert list(frame.columns) == list(FIELDS)
+    assert set(frame["run"]) == {"nope-s0", "rope-s1"}
+    probe_rows = frame[frame.metric == "probe_r2_log"]
+    assert set(probe_rows.site) == {"resid"} and set(probe_rows.layer) == {0, 1, 2}
+    assert set(frame[frame.metric == "c_res"].site) == {"attn"}
+    assert frame[frame.metric == "loss_mean"].site.isna().all()
+
+
+def test_html_report_is_self_contained_and_every_figure_loads_in_a_browser(runs, tmp_path):
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium on this machine (.ci/run installs Debian's chromium)")
+    groups, summaries = load_groups(find_runs([str(runs)]), SMALL)
+    report = write_report(groups, summaries, tmp_path / "report")
+    page = (tmp_path / "report" / "report.html").read_text()
+    expected = len(re.findall(r"!\[", report.read_text()))
+    assert 'src="data:image/png;base64,' in page and '.png"' not in page  # nothing external
+    counter = (
+        "<script>addEventListener('load',()=>{const i=[...document.images];"
+        "document.title=i.filter(x=>x.complete&&x.naturalWidth>0).length+'/'+i.length})</script>"
+    )
+    moved = tmp_path / "elsewhere" / "page.html"  # no folder of figures next to it
+    moved.parent.mkdir()
+    moved.write_text(page.replace("</body>", counter + "</body>"))
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=10000",
+    ]
+    dom = subprocess.run(
+        [browser, *flags, "--dump-dom", moved.as_uri()], capture_output=True, text=True, timeout=120
+    ).stdout
+    assert f"<title>{expected}/{expected}</title>" in dom

@@ -24,3 +24,43 @@ def test_bad_config_key_is_a_message_and_exit_code_2(tmp_path, capsys):
 def test_analyze_of_a_missing_run_is_a_message(tmp_path, capsys):
     assert main(["analyze", str(tmp_path / "nothing")]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_python_m_posleak_is_not_shadowed_by_a_users_train_or_model_module(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import tiny_overrides, write_config
+
+    for name in ("train.py", "model.py", "data.py", "analysis.py"):
+        (tmp_path / name).write_text("raise ImportError('a user file was imported')\n")
+    config = write_config(tmp_path / "run.toml", tiny_overrides(train__steps=2))
+    cmd = [sys.executable, "-m", "posleak", "train", str(config), "--out", str(tmp_path / "r")]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "r" / "summary.json").exists()
+
+
+def test_help_imports_no_torch_and_version_is_printed():
+    import subprocess
+    import sys
+
+    probe = "import sys\nfrom posleak.cli import parser\nparser()\nprint('torch' in sys.modules)"
+    assert (
+        subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip()
+        == "False"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "posleak", "--version"], capture_output=True, text=True
+    )
+    assert out.stdout.startswith("posleak 0.")
+
+
+def test_errors_are_one_line_unless_debug(tmp_path, capsys):
+    config = tmp_path / "c.toml"
+    config.write_text('[data]\nsource = "no/such/file.txt"\n')
+    assert main(["train", str(config), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "matches no file" in err
+    assert main(["--debug", "train", str(config), "--out", str(tmp_path / "r")]) == 2
+    assert "Traceback" in capsys.readouterr().err

@@ -307,3 +307,20 @@ def test_t_quantiles_table_and_expansion_agree_where_they_meet():
     assert t_quantile_975(2) == pytest.approx(4.302653, abs=1e-6)
     assert t_quantile_975(31) < t_quantile_975(30)
     assert t_quantile_975(1000) == pytest.approx(1.9623, abs=1e-4)
+
+
+def test_figures_switch_to_a_log_axis_only_when_positive_values_span_decades():
+    import matplotlib.pyplot as plt
+
+    from analysis.plots import log_if_decades
+
+    for ys, expected in (
+        ([0.01, 1.0, 5.0], "log"),
+        ([0.5, 1.0, 5.0], "linear"),
+        ([-1, 100], "linear"),
+    ):
+        fig, ax = plt.subplots()
+        ax.plot(range(len(ys)), ys)
+        log_if_decades(ax)
+        assert ax.get_yscale() == expected
+        plt.close(fig)

@@ -289,3 +289,30 @@ def test_save_and_load_round_trip(tmp_path, tie):
 def test_learned_table_refuses_too_long_inputs():
     with pytest.raises(ValueError, match="exceeds max_seq_len=64"):
         Decoder(tiny(position="learned"))(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_one_save_format_from_run_and_an_inference_scale_that_survives(tmp_path):
+    from conftest import tiny_overrides
+
+    from analysis.collect import load_run
+    from train import checkpoint
+    from train.config import build
+    from train.loop import train
+
+    run = tmp_path / "run"
+    train(build(tiny_overrides(model__position="rope_ntk", model__rope_scale=2.0)), run)
+    reference, _, _ = load_run(run)
+    model = Decoder.from_run(run)
+    tokens = torch.randint(0, 20, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model(tokens), reference(tokens))
+    newest = checkpoint.list_checkpoints(run / "checkpoints")[-1]
+    assert torch.equal(Decoder.load(newest)(tokens), reference(tokens))  # training wrote it
+    (newest / "model.safetensors").write_bytes(b"damaged")
+    older = Decoder.from_run(run)  # falls back past the damaged checkpoint
+    assert not torch.equal(older(tokens), reference(tokens))
+    model.set_rope_scale(4.0)
+    model.save(tmp_path / "saved")
+    again = Decoder.load(tmp_path / "saved")
+    assert again.rope_inference_scale == 4.0
+    assert again.rope_effective_base == model.rope_effective_base
+    assert torch.equal(again(tokens), model(tokens))

@@ -22,8 +22,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-MODEL_FILE, OPTIM_FILE, STATE_FILE, MANIFEST = (
+MODEL_FILE, CONFIG_FILE, OPTIM_FILE, STATE_FILE, MANIFEST = (
     "model.safetensors",
+    "config.json",
     "optimizer.safetensors",
     "state.json",
     "manifest.json",
@@ -54,13 +55,14 @@ def save(root: Path, step: int, model, optimizer, extra: dict, keep: int) -> Pat
             quarantine(final, err)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-step_{step:08d}-"))
     try:
-        save_file(_model_tensors(model), str(tmp / MODEL_FILE))
+        save_file(model.weights(), str(tmp / MODEL_FILE))
+        (tmp / CONFIG_FILE).write_text(model.config_json())
         tensors, groups = _flatten_optimizer(optimizer.state_dict())
         tensors.update(_rng_tensors())
         save_file(tensors, str(tmp / OPTIM_FILE))
         state = {"step": step, "param_groups": groups, **extra}
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-        files = (MODEL_FILE, OPTIM_FILE, STATE_FILE)
+        files = (MODEL_FILE, CONFIG_FILE, OPTIM_FILE, STATE_FILE)
         manifest = {name: _sha256(tmp / name) for name in files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         for name in (*files, MANIFEST):
@@ -109,8 +111,8 @@ def verify(path: Path) -> dict:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{manifest_path}: not valid JSON ({err})") from None
-    if not isinstance(manifest, dict) or set(manifest) != {MODEL_FILE, OPTIM_FILE, STATE_FILE}:
-        raise CheckpointError(f"{manifest_path}: does not list the checkpoint's three files")
+    if not isinstance(manifest, dict) or not {MODEL_FILE, OPTIM_FILE, STATE_FILE} <= set(manifest):
+        raise CheckpointError(f"{manifest_path}: does not list the checkpoint's files")
     for name, digest in manifest.items():
         file = path / name
         if not file.exists():
@@ -130,7 +132,7 @@ def load(path: Path, model, optimizer) -> dict:
         tensors = load_file(str(path / OPTIM_FILE))
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{path}: unreadable safetensors file ({err})") from None
-    _load_model_tensors(model, weights)
+    _load_weights(model, weights)
     optimizer.load_state_dict(_unflatten_optimizer(tensors, state["param_groups"]))
     _restore_rng(tensors)
     return state
@@ -149,30 +151,16 @@ def load_latest(root: Path, model, optimizer) -> dict | None:
 def load_weights(path: Path, model) -> dict:
     """Restore only the model weights (for analysis); verifies the checkpoint first."""
     state = verify(path)
-    _load_model_tensors(model, load_file(str(Path(path) / MODEL_FILE)))
+    _load_weights(model, load_file(str(Path(path) / MODEL_FILE)))
     return state
 
 
 # ------------------------------------------------------------------ helpers
-def _model_tensors(model) -> dict:
-    """State dict without duplicates of tied weights (safetensors refuses shared storage)."""
-    out, seen = {}, set()
-    for name, tensor in model.state_dict().items():
-        if tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        out[name] = tensor.detach().cpu().contiguous()
-    return out
-
-
-def _load_model_tensors(model, weights: dict) -> None:
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    tied = {"lm_head.weight"} if model.cfg.tie_embeddings else set()
-    if set(missing) - tied or unexpected:
-        raise CheckpointError(
-            f"checkpoint does not fit this model: missing {sorted(set(missing) - tied)}, "
-            f"unexpected {sorted(unexpected)}"
-        )
+def _load_weights(model, weights: dict) -> None:
+    try:
+        model.load_weights(weights)
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint {err}") from None
 
 
 def _flatten_optimizer(sd: dict) -> tuple[dict, list]:
