@@ -64,3 +64,21 @@ def test_errors_are_one_line_unless_debug(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and "matches no file" in err
     assert main(["--debug", "train", str(config), "--out", str(tmp_path / "r")]) == 2
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_a_run_without_a_terminal_prints_a_progress_line_every_log_every_steps(tmp_path):
+    import re
+    import subprocess
+    import sys
+
+    from conftest import tiny_overrides, write_config
+
+    values = tiny_overrides(train__steps=6, train__log_every=2, log__progress=True)
+    config = write_config(tmp_path / "run.toml", values)
+    cmd = [sys.executable, "-m", "posleak", "train", str(config), "--out", str(tmp_path / "r")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+    lines = [line for line in out.splitlines() if line.startswith("step ")]
+    assert [line.split(" |")[0] for line in lines] == ["step 2/6", "step 4/6", "step 6/6"]
+    pattern = r"train loss [\d.]+ \| (val loss [\d.]+ \| )?[\d,]+ tok/s \| elapsed \S+ \| eta \S+"
+    assert all(re.search(pattern, line) for line in lines), lines
+    assert "val loss" in lines[1]  # eval_every = 4

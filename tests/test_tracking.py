@@ -82,3 +82,17 @@ def test_a_missing_wandb_is_reported_before_the_run_directory_exists(tmp_path, m
     with pytest.raises(RuntimeError, match="pip install 'posleak\\[wandb\\]'"):
         train(build(tiny_overrides(log__wandb=True)), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_that_failed_before_its_first_step_can_be_started_again(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ConnectionError("wandb could not start")
+
+    monkeypatch.setattr(tracking, "open_run", broken)
+    cfg = build(tiny_overrides(log__wandb=True, train__steps=3))
+    with pytest.raises(ConnectionError):
+        train(cfg, tmp_path / "run")
+    assert (tmp_path / "run" / "config.toml").exists()
+    monkeypatch.undo()
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert train(cfg, tmp_path / "run")["steps"] == 3  # not refused as an existing run
