@@ -49,8 +49,8 @@ class Options:
     swaps: tuple = ("mean", "token", "random", "zeros")
     knockout: bool = True  # key-0 knockout in all layers at once
     knockout_per_layer: bool = False  # also one layer at a time (one more pass per layer)
-    content_seqs: int = 64  # c_content's second pass reads the first this many sequences
-    shift_seqs: int = 64  # sequences for the shift test (two passes of their own)
+    content_seqs: int = 32  # c_content's second pass reads the first this many sequences
+    shift_seqs: int = 32  # sequences for the shift test (two passes of their own)
     blocks: int = 16  # sequence blocks (even): halves A/B and units of the bootstrap
     bootstrap: int = 200  # bootstrap replicates for intervals over sequences
     extrapolation: tuple = (1, 2, 4, 8)  # loss per position at these multiples of T_train

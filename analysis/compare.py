@@ -20,7 +20,7 @@ from analysis.analyze import Options, analyze
 from analysis.html import to_html
 from analysis.measures import DEFINITIONS
 from analysis.records import mean_std, read
-from analysis.stats import MIN_SEEDS, paired_difference
+from analysis.stats import MIN_SEEDS, paired_difference, t_quantile_975
 from posleak import version
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,7 +118,11 @@ def level_table(summaries: dict, rows) -> list[str]:
                 cells.append("–")
                 continue
             m, s, n = mean_std(vals)
-            cells.append(f"{m:.4g} ± {s:.2g}" if n > 1 else f"{m:.4g}")
+            if n < 2:
+                cells.append(f"{m:.4g}")
+                continue
+            half = t_quantile_975(n - 1) * s / n**0.5
+            cells.append(f"{m:.4g} ± {s:.2g} [{_fmt(m - half)}, {_fmt(m + half)}]")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
@@ -240,7 +244,7 @@ def write_report(groups: dict, summaries: dict, out: Path, reference: str | None
         f"Definitions version {DEFINITIONS}: {definitions_link(out)}. "
         f"posleak {version()}.",
         "",
-        "## Levels (mean ± sd over seeds)",
+        "## Levels (mean ± sd over seeds [95% t-interval of the mean])",
         "",
         *level_table(summaries, rows),
         "",

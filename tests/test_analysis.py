@@ -341,3 +341,16 @@ def test_html_report_is_self_contained_and_every_figure_loads_in_a_browser(runs,
         [browser, *flags, "--dump-dom", moved.as_uri()], capture_output=True, text=True, timeout=120
     ).stdout
     assert f"<title>{expected}/{expected}</title>" in dom
+
+
+def test_level_table_gives_a_t_interval_of_each_mean():
+    from analysis.compare import level_table
+
+    def run(seed, loss):
+        return {"seed": seed, "headline": {"val_loss": loss}}
+
+    (row,) = level_table(
+        {"rope": [run(0, 1.0), run(1, 2.0), run(2, 3.0)]}, [("val_loss", "validation loss")]
+    )[2:]
+    half = 4.302652730 * 1.0 / math.sqrt(3)
+    assert row == f"| validation loss | 2 ± 1 [{2 - half:.4g}, {2 + half:.4g}] |"
