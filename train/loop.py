@@ -387,6 +387,8 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False) -> dict:
     try:
         return Run(cfg, out, resume).fit()
     finally:
+        if dist.is_initialized():  # a gloo group left to the interpreter's exit can abort it
+            dist.destroy_process_group()
         if lock:
             lock.release()
             _remove_if_unused(out)
