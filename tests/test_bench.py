@@ -16,11 +16,28 @@ def test_quick_benchmark_measures_every_case(capsys):
     names = {r["name"] for r in result["train"]}
     assert {f"variant:{v}" for v in VARIANTS} <= names
     assert {"rope:eager-attention", "rope:no-hook-dispatch"} <= names
+    assert {"size:d64:reference", "size:d64:nope"} <= names
     assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 2 for r in result["train"])
     assert result["matmul_peak_flops"]["fp32"] > 1e9
     assert all(v > 1e5 for v in result["batch_tokens_per_s"].values())
     print_table(result)
-    assert "variant speed / nope" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "variant speed / nope" in out and "over the GPT-2 reference: rope" in out
     assert all(
         a["exit"] == 0 and a["seconds"] > 0 and a["peak_rss_mb"] > 50 for a in result["analysis"]
     )
+
+
+def test_reference_model_is_causal_and_counts_like_nanogpt():
+    import torch
+
+    from train.reference import ReferenceGPT
+
+    ref = ReferenceGPT(vocab_size=50, n_layer=2, n_head=2, d_model=32, max_len=16)
+    tokens = torch.randint(0, 50, (2, 16))
+    changed = tokens.clone()
+    changed[:, 10] = (changed[:, 10] + 1) % 50
+    a, b = ref(tokens), ref(changed)
+    assert torch.equal(a[:, :10], b[:, :10]) and not torch.equal(a[:, 10:], b[:, 10:])
+    per_layer = 32 * 96 + 32 * 32 + 2 * 32 * 128  # c_attn, attn_proj, c_fc, mlp_proj
+    assert flops_per_token(ref, 16) == 6 * (2 * per_layer + 50 * 32) + 12 * 2 * 32 * 16

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from data import BatchStream, DataConfig
 from model import Decoder, ModelConfig
 from train.environment import autocast, cpu_has_fast_bf16, device_name, resolve_device
+from train.reference import ReferenceGPT
 
 VARIANTS = {
     "nope": {"position": "nope"},
@@ -56,21 +57,37 @@ def matmul_peak(dtype: torch.dtype, device, n: int, repeats: int) -> float:
     return 2 * n**3 / best
 
 
-def flops_per_token(model: Decoder, T: int) -> float:
-    cfg = model.cfg
+def flops_per_token(model, T: int) -> float:
+    """6N + 12·L·d·T, N = the block matrices and the LM head (posleak's or the reference's)."""
     n = sum(p.numel() for p in model.layers.parameters() if p.dim() == 2)
     n += model.lm_head.weight.numel()
-    return 6 * n + 12 * cfg.n_layer * cfg.d_model * T
+    d = model.lm_head.weight.shape[1]
+    return 6 * n + 12 * len(model.layers) * d * T
 
 
 class TrainCase:
     """One training configuration, built once, stepped on demand (forward, backward, AdamW)."""
 
-    def __init__(self, name, cfg: ModelConfig, B, T, precision, device, eager=False, hooks=True):
+    def __init__(
+        self,
+        name,
+        cfg: ModelConfig,
+        B,
+        T,
+        precision,
+        device,
+        eager=False,
+        hooks=True,
+        reference=False,
+    ):
         self.name, self.cfg, self.B, self.T, self.precision = name, cfg, B, T, precision
         self.device = device
-        self.model = Decoder(cfg).to(device)
-        self.model.force_eager = eager
+        if reference:  # the GPT-2 comparator at the same width, depth, heads and context
+            args = (cfg.vocab_size, cfg.n_layer, cfg.n_head, cfg.d_model, T)
+            self.model = ReferenceGPT(*args).to(device)
+        else:
+            self.model = Decoder(cfg).to(device)
+            self.model.force_eager = eager
         if not hooks:  # the counterfactual: no hook dispatch at all
             for module in self.model.modules():
                 if hasattr(module, "_fire"):
@@ -221,6 +238,12 @@ def run_bench(quick: bool) -> dict:
         precisions = ("fp32", "bf16") if bf16_ok else ("fp32",)
         cfg = model_config(d_, T_, "rope")
         cases = [TrainCase(f"size:d{d_}", cfg, B_, T_, p, device) for p in precisions]
+        cases.append(
+            TrainCase(f"size:d{d_}:nope", model_config(d_, T_, "nope"), B_, T_, "fp32", device)
+        )
+        cases.append(
+            TrainCase(f"size:d{d_}:reference", cfg, B_, T_, "fp32", device, reference=True)
+        )
         measure(cases, rounds if d_ < 512 else max(1, rounds // 2), steps)
         rows += [train_row(case, peaks) for case in cases]
     data = {src: batch_throughput(src, 16, 256, 5 if quick else 50) for src in ("bible", "markov")}
@@ -256,8 +279,14 @@ def print_table(result: dict) -> None:
     by_size: dict = {}
     for r in result["train"]:
         if r["name"].startswith("size:"):
-            by_size.setdefault(r["d_model"], {})[r["precision"]] = r["tokens_per_s"]
+            kind = r["name"].split(":")[2] if r["name"].count(":") == 2 else r["precision"]
+            by_size.setdefault(r["d_model"], {})[kind] = r["tokens_per_s"]
     for dm, p in by_size.items():
+        ref = p["reference"]
+        print(
+            f"d_model={dm}, fp32 tokens/s over the GPT-2 reference: rope "
+            f"{p['fp32'] / ref:.2f}, nope {p['nope'] / ref:.2f}"
+        )
         if "bf16" in p:
             print(f"bf16 / fp32 at d_model={dm}: {p['bf16'] / p['fp32']:.2f}x")
     batch = result["batch_tokens_per_s"]
