@@ -106,6 +106,7 @@ class Analysis:
         self.batch = max(
             1, min(opts.batch_size, opts.max_attention_elements // (self.H * self.T**2))
         )
+        self.timings: dict[str, float] = {}  # seconds per stage of run_all
 
     def _data(self, source: str | None):
         if not source:
@@ -127,7 +128,6 @@ class Analysis:
 
     def run_all(self) -> tuple[list[dict], dict]:
         started = time.perf_counter()
-        self.timings: dict[str, float] = {}
         tokens = self.tokens(self.opts.seqs, self.T, "analysis")[:, : self.T]
         with self._timed("base pass, probes, logits, sinks"):
             base = self.measure(tokens)
