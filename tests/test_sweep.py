@@ -9,9 +9,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import tiny_overrides, write_config
 
+from model import ConfigError
 from train.config import build
 from train.loop import Run, deterministic_metrics
 from train.sweep import expand, read_sweep
@@ -48,6 +50,19 @@ def test_expansion_is_deterministic_readable_and_crosses_the_grid(tmp_path):
     assert len(runs) == 2 * 2 * 2 and len({r.name for r in runs}) == 8
     assert runs[0].name.startswith("rope-lr0.001-s0-")
     assert {r.values["model.position"] for r in runs} == {"rope", "nope"}
+
+
+def test_a_variant_may_name_its_own_seeds(tmp_path):
+    body = VARIANTS + '[variants.markov]\nseeds = [2]\n"data.source" = "markov"\n'
+    runs = expand(read_sweep(sweep_file(tmp_path, body)))
+    assert [(r.variant, r.seed) for r in runs] == [
+        ("rope", 0), ("rope", 1), ("nope", 0), ("nope", 1), ("markov", 2)
+    ]
+    assert all("seeds" not in r.values for r in runs)
+    assert runs[-1].values["data.source"] == "markov"
+    bad = sweep_file(tmp_path, VARIANTS + "[variants.odd]\nseeds = [0.5]\n")
+    with pytest.raises(ConfigError, match="variants.odd"):
+        read_sweep(bad)
 
 
 def test_variants_see_identical_batches_and_shared_parameters_start_equal(tmp_path):

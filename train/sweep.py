@@ -9,6 +9,9 @@ a grid over any other keys:
     model.position = "rope"
     [variants.nope]
     model.position = "nope"
+    [variants.markov]
+    data.source = "markov"
+    seeds = [0]                     # optional: this variant's own seeds
     [grid]                          # optional: every combination is crossed with variants
     train.lr = [1e-3, 3e-3]
     [set]                           # optional: overrides for every run
@@ -88,6 +91,10 @@ def spec_problems(spec: dict) -> list[str]:
         out.append("variants must be tables: [variants.NAME] followed by its keys")
     else:
         out += [f"variant name {name!r} {why}" for name in variants if (why := _unsafe(name))]
+        for name, overlay in variants.items():
+            own = overlay.get("seeds", [0]) if isinstance(overlay, dict) else None
+            if not (isinstance(own, list) and own and all(type(x) is int for x in own)):
+                out.append(f"variants.{name} must be a table whose seeds, if given, are integers")
     for key, values in flatten(spec.get("grid", {})).items():
         if not (isinstance(values, list) and values):
             out.append(f"grid.{key} must be a non-empty list of values, got {values!r}")
@@ -119,8 +126,9 @@ def expand(spec: dict) -> list[PlannedRun]:
     for point in itertools.product(*(grid[k] for k in grid_keys)):
         grid_values = dict(zip(grid_keys, point, strict=True))
         for variant, overlay in spec["variants"].items():
-            for seed in spec["seeds"]:
-                values = {**base, **shared, **flatten(overlay), **grid_values, "seed": seed}
+            keys = {k: v for k, v in overlay.items() if k != "seeds"}
+            for seed in overlay.get("seeds", spec["seeds"]):
+                values = {**base, **shared, **flatten(keys), **grid_values, "seed": seed}
                 digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
                 label = "".join(
                     f"-{k.rsplit('.', 1)[-1]}{_label(v)}" for k, v in grid_values.items()
