@@ -56,7 +56,11 @@ def test_a_variant_may_name_its_own_seeds(tmp_path):
     body = VARIANTS + '[variants.markov]\nseeds = [2]\n"data.source" = "markov"\n'
     runs = expand(read_sweep(sweep_file(tmp_path, body)))
     assert [(r.variant, r.seed) for r in runs] == [
-        ("rope", 0), ("rope", 1), ("nope", 0), ("nope", 1), ("markov", 2)
+        ("rope", 0),
+        ("rope", 1),
+        ("nope", 0),
+        ("nope", 1),
+        ("markov", 2),
     ]
     assert all("seeds" not in r.values for r in runs)
     assert runs[-1].values["data.source"] == "markov"
