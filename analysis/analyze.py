@@ -20,15 +20,15 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from analysis import measures, plots
-from analysis import probe as probes
-from analysis.collect import LogitSums, held_out_tokens, load_run, run_label, stream
-from analysis.logits import LogitStats, early_sum, logit_stats, pooled
-from analysis.records import Recorder, write
-from analysis.stats import bootstrap_weights, percentile_interval
-from analysis.summary import summarise
-from data import vocab_size_of
-from model.masks import attention_mask
+from posleak.analysis import measures, plots
+from posleak.analysis import probe as probes
+from posleak.analysis.collect import LogitSums, held_out_tokens, load_run, run_label, stream
+from posleak.analysis.logits import LogitStats, early_sum, logit_stats, pooled
+from posleak.analysis.records import Recorder, write
+from posleak.analysis.stats import bootstrap_weights, percentile_interval
+from posleak.analysis.summary import summarise
+from posleak.data import vocab_size_of
+from posleak.model.masks import attention_mask
 
 
 @dataclass(frozen=True)

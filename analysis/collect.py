@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from data import BatchStream, DataConfig
-from model import Decoder
-from train import checkpoint
-from train.config import RunConfig, from_resolved, tomllib
+from posleak.data import BatchStream, DataConfig
+from posleak.model import Decoder
+from posleak.train import checkpoint
+from posleak.train.config import RunConfig, from_resolved, tomllib
 
 
 def load_run(run_dir: str | Path) -> tuple[Decoder, RunConfig, dict]:

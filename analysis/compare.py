@@ -15,13 +15,13 @@ import os
 import sys
 from pathlib import Path
 
-from analysis import plots
-from analysis.analyze import Options, analyze
-from analysis.html import to_html
-from analysis.measures import DEFINITIONS
-from analysis.records import mean_std, read
-from analysis.stats import MIN_SEEDS, paired_difference, t_quantile_975
 from posleak import version
+from posleak.analysis import plots
+from posleak.analysis.analyze import Options, analyze
+from posleak.analysis.html import to_html
+from posleak.analysis.measures import DEFINITIONS
+from posleak.analysis.records import mean_std, read
+from posleak.analysis.stats import MIN_SEEDS, paired_difference, t_quantile_975
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADLINES = (

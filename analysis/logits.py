@@ -11,8 +11,8 @@ from typing import NamedTuple
 
 import torch
 
-from analysis import measures
-from analysis.collect import LogitSums
+from posleak.analysis import measures
+from posleak.analysis.collect import LogitSums
 
 
 class LogitStats(NamedTuple):

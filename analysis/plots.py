@@ -13,8 +13,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from analysis.records import across_runs, mean_std, select
-from analysis.summary import EARLY, KINDS, removed_over_layers
+from posleak.analysis.records import across_runs, mean_std, select
+from posleak.analysis.summary import EARLY, KINDS, removed_over_layers
 
 COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 FORMATS = ("png", "svg")

@@ -16,7 +16,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from analysis.measures import DEFINITIONS
+from posleak.analysis.measures import DEFINITIONS
 
 FIELDS = (
     "run",

@@ -10,8 +10,8 @@ import json
 import math
 from collections import defaultdict
 
-from analysis.measures import DEFINITIONS
 from posleak import version
+from posleak.analysis.measures import DEFINITIONS
 
 EARLY = 16  # "early queries": 1 <= i < EARLY
 KINDS = ("mean", "token", "random", "zeros")

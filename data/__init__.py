@@ -1,6 +1,6 @@
 """posleak's data: position-free synthetic corpora, real text, a byte tokenizer, batch streams."""
 
-from data.batches import BatchStream, DataConfig, make_source, vocab_size_of
-from data.tokenizer import ByteTokenizer
+from posleak.data.batches import BatchStream, DataConfig, make_source, vocab_size_of
+from posleak.data.tokenizer import ByteTokenizer
 
 __all__ = ["BatchStream", "ByteTokenizer", "DataConfig", "make_source", "vocab_size_of"]

@@ -13,9 +13,9 @@ from functools import cache
 import numpy as np
 import torch
 
-from data.counter_rng import stream_key
-from data.synthetic import Induction, Markov, Uniform
-from data.text import TextCorpus, bible_documents, file_documents, hf_documents, parse_hf
+from posleak.data.counter_rng import stream_key
+from posleak.data.synthetic import Induction, Markov, Uniform
+from posleak.data.text import TextCorpus, bible_documents, file_documents, hf_documents, parse_hf
 
 SYNTHETIC = ("uniform", "markov", "induction")
 BOS_POLICIES = ("always", "never")

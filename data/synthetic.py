@@ -11,8 +11,8 @@ import functools
 
 import numpy as np
 
-from data.counter_rng import random_below, random_uniform, stream_key
-from data.tokenizer import Vocabulary
+from posleak.data.counter_rng import random_below, random_uniform, stream_key
+from posleak.data.tokenizer import Vocabulary
 
 STRIDE = 1 << 24  # counters per sequence: sequences up to 16M tokens never share counters
 CHUNK = 256  # Markov sequences sampled together

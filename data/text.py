@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data.counter_rng import random_below
-from data.tokenizer import ByteTokenizer
+from posleak.data.counter_rng import random_below
+from posleak.data.tokenizer import ByteTokenizer
 
 CACHE_VERSION = "2"
 ARRAYS = ("train.npy", "train_starts.npy", "val.npy", "val_starts.npy")

@@ -1,6 +1,6 @@
-"""posleak's decoder: `from model import ModelConfig, Decoder`."""
+"""posleak's decoder: `from posleak.model import ModelConfig, Decoder`."""
 
-from model.config import ConfigError, ModelConfig
-from model.decoder import Decoder
+from posleak.model.config import ConfigError, ModelConfig
+from posleak.model.decoder import Decoder
 
 __all__ = ["ConfigError", "Decoder", "ModelConfig"]

@@ -6,7 +6,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from model.rope import ntk_base
+from posleak.model.rope import ntk_base
 
 POSITIONS = ("nope", "learned", "rope", "rope_ntk")
 SINKS = ("none", "learned", "off_by_one")

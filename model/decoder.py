@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from model.config import ModelConfig
-from model.masks import attention_mask
-from model.rope import apply_rope, ntk_base, rope_tables
+from posleak.model.config import ModelConfig
+from posleak.model.masks import attention_mask
+from posleak.model.rope import apply_rope, ntk_base, rope_tables
 
 HookFn = Callable[[torch.Tensor, str], "torch.Tensor | None"]
 

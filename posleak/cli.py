@@ -16,11 +16,11 @@ import traceback
 from posleak import version
 
 RUNNERS = {
-    "train": "train.cli",
-    "sweep": "train.sweep",
-    "analyze": "analysis.analyze",
-    "compare": "analysis.compare",
-    "bench": "train.bench",
+    "train": "posleak.train.cli",
+    "sweep": "posleak.train.sweep",
+    "analyze": "posleak.analysis.analyze",
+    "compare": "posleak.analysis.compare",
+    "bench": "posleak.train.bench",
 }
 
 

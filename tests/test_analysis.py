@@ -10,15 +10,15 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_overrides
 
-from analysis import probe
-from analysis.analyze import Analysis, Options, analyze
-from analysis.collect import collect, keep
-from analysis.compare import find_runs, load_groups, write_report
-from analysis.records import FIELDS, read
-from model import Decoder, ModelConfig
-from model.rope import apply_rope, ntk_base, rope_tables
-from train.config import build
-from train.loop import train
+from posleak.analysis import probe
+from posleak.analysis.analyze import Analysis, Options, analyze
+from posleak.analysis.collect import collect, keep
+from posleak.analysis.compare import find_runs, load_groups, write_report
+from posleak.analysis.records import FIELDS, read
+from posleak.model import Decoder, ModelConfig
+from posleak.model.rope import apply_rope, ntk_base, rope_tables
+from posleak.train.config import build
+from posleak.train.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = Options(
@@ -189,7 +189,7 @@ def test_shift_test_is_zero_for_a_rope_layer_that_reads_only_relative_offsets():
     p = {}
     for name, toks in (("near", content), ("far", far)):
         p[name] = collect(model, toks, {"blocks.0.attn.pattern": keep})["blocks.0.attn.pattern"]
-    from analysis.measures import shift_distances
+    from posleak.analysis.measures import shift_distances
 
     assert shift_distances(p["near"], p["far"], 1, 1 + delta, n).max() < 1e-3
 
@@ -293,7 +293,7 @@ def test_rope_scale_applies_ntk_scaling_at_analysis_time_on_longer_inputs(runs):
 
 
 def test_records_say_which_layer_count_they_use_and_load_as_a_dataframe(runs):
-    from analysis.records import load_records
+    from posleak.analysis.records import load_records
 
     for run in ("nope-s0", "rope-s1"):
         if not (runs / run / "analysis" / "records.jsonl").exists():
@@ -344,7 +344,7 @@ def test_html_report_is_self_contained_and_every_figure_loads_in_a_browser(runs,
 
 
 def test_level_table_gives_a_t_interval_of_each_mean():
-    from analysis.compare import level_table
+    from posleak.analysis.compare import level_table
 
     def run(seed, loss):
         return {"seed": seed, "headline": {"val_loss": loss}}

@@ -1,7 +1,7 @@
 """The benchmark runs end to end and counts FLOPs by the stated convention."""
 
-from model import Decoder, ModelConfig
-from train.bench import VARIANTS, flops_per_token, print_table, run_bench
+from posleak.model import Decoder, ModelConfig
+from posleak.train.bench import VARIANTS, flops_per_token, print_table, run_bench
 
 
 def test_flops_per_token_follows_the_stated_convention():
@@ -31,7 +31,7 @@ def test_quick_benchmark_measures_every_case(capsys):
 def test_reference_model_is_causal_and_counts_like_nanogpt():
     import torch
 
-    from train.reference import ReferenceGPT
+    from posleak.train.reference import ReferenceGPT
 
     ref = ReferenceGPT(vocab_size=50, n_layer=2, n_head=2, d_model=32, max_len=16)
     tokens = torch.randint(0, 50, (2, 16))

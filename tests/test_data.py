@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from data import BatchStream, ByteTokenizer, DataConfig, make_source
-from data.synthetic import Markov
-from data.tokenizer import Vocabulary
+from posleak.data import BatchStream, ByteTokenizer, DataConfig, make_source
+from posleak.data.synthetic import Markov
+from posleak.data.tokenizer import Vocabulary
 
 
 # ------------------------------------------------------------------ tokenizer

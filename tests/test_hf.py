@@ -7,8 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from data import DataConfig, make_source
-from data.text import hub_reachable, parse_hf
+from posleak.data import DataConfig, make_source
+from posleak.data.text import hub_reachable, parse_hf
 
 datasets = pytest.importorskip("datasets", reason="the hf extra is not installed")
 

@@ -15,13 +15,13 @@ import torch
 from conftest import tiny_overrides, write_config
 from safetensors.torch import load_file
 
-from data import DataConfig
-from data.text import TextCorpus
 from posleak.cli import main
-from train import checkpoint
-from train.config import build
-from train.loop import train
-from train.sweep import expand, read_sweep
+from posleak.data import DataConfig
+from posleak.data.text import TextCorpus
+from posleak.train import checkpoint
+from posleak.train.config import build
+from posleak.train.loop import train
+from posleak.train.sweep import expand, read_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -225,7 +225,7 @@ def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device", str(tmp_path / "r" / "config.toml"))
 
-    monkeypatch.setattr("train.loop._atomic_write", full)
+    monkeypatch.setattr("posleak.train.loop._atomic_write", full)
     err = one_line_error(
         capsys,
         "train",

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from analysis import measures, probe
-from analysis.collect import LogitSums
-from analysis.logits import early_sum, logit_stats, pooled
-from analysis.stats import bootstrap_weights, paired_difference, t_quantile_975
-from model.masks import attention_mask
+from posleak.analysis import measures, probe
+from posleak.analysis.collect import LogitSums
+from posleak.analysis.logits import early_sum, logit_stats, pooled
+from posleak.analysis.stats import bootstrap_weights, paired_difference, t_quantile_975
+from posleak.model.masks import attention_mask
 
 GEN = torch.Generator().manual_seed(0)
 
@@ -312,7 +312,7 @@ def test_t_quantiles_table_and_expansion_agree_where_they_meet():
 def test_figures_switch_to_a_log_axis_only_when_positive_values_span_decades():
     import matplotlib.pyplot as plt
 
-    from analysis.plots import log_if_decades
+    from posleak.analysis.plots import log_if_decades
 
     for ys, expected in (
         ([0.01, 1.0, 5.0], "log"),

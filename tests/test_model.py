@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from model import ConfigError, Decoder, ModelConfig
-from model.masks import attention_mask
-from model.rope import apply_rope, ntk_base, rope_frequencies, rope_tables
+from posleak.model import ConfigError, Decoder, ModelConfig
+from posleak.model.masks import attention_mask
+from posleak.model.rope import apply_rope, ntk_base, rope_frequencies, rope_tables
 
 VARIANTS = [
     dict(position="nope"),
@@ -294,10 +294,10 @@ def test_learned_table_refuses_too_long_inputs():
 def test_one_save_format_from_run_and_an_inference_scale_that_survives(tmp_path):
     from conftest import tiny_overrides
 
-    from analysis.collect import load_run
-    from train import checkpoint
-    from train.config import build
-    from train.loop import train
+    from posleak.analysis.collect import load_run
+    from posleak.train import checkpoint
+    from posleak.train.config import build
+    from posleak.train.loop import train
 
     run = tmp_path / "run"
     train(build(tiny_overrides(model__position="rope_ntk", model__rope_scale=2.0)), run)

@@ -13,10 +13,10 @@ import pytest
 import torch
 from conftest import tiny_overrides, write_config
 
-from model import ConfigError
-from train.config import build
-from train.loop import Run, deterministic_metrics
-from train.sweep import expand, read_sweep
+from posleak.model import ConfigError
+from posleak.train.config import build
+from posleak.train.loop import Run, deterministic_metrics
+from posleak.train.sweep import expand, read_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 

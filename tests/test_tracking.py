@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from conftest import tiny_overrides
 
-from train import tracking
-from train.config import build
-from train.loop import train
+from posleak.train import tracking
+from posleak.train.config import build
+from posleak.train.loop import train
 
 wandb = pytest.importorskip("wandb", reason="the wandb extra is not installed")
 

@@ -15,11 +15,11 @@ import torch
 from conftest import tiny_overrides, write_config
 from safetensors.torch import load_file
 
-from model import ConfigError
-from train import checkpoint
-from train.config import build, from_resolved, load, parse_override, read_toml
-from train.lock import RunLock, RunLocked
-from train.loop import RunExistsError, TrainingDiverged, deterministic_metrics, train
+from posleak.model import ConfigError
+from posleak.train import checkpoint
+from posleak.train.config import build, from_resolved, load, parse_override, read_toml
+from posleak.train.lock import RunLock, RunLocked
+from posleak.train.loop import RunExistsError, TrainingDiverged, deterministic_metrics, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -182,7 +182,7 @@ def test_crash_while_writing_a_checkpoint_leaves_the_previous_one_intact(tmp_pat
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpoint, "save_file", crash)
-    from train.loop import Run
+    from posleak.train.loop import Run
 
     run = Run(build(tiny_overrides(train__steps=6)), tmp_path / "run", resume=True)
     run.step = 5

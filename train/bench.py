@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data import BatchStream, DataConfig
-from model import Decoder, ModelConfig
-from train.environment import autocast, cpu_has_fast_bf16, device_name, resolve_device
-from train.reference import ReferenceGPT
+from posleak.data import BatchStream, DataConfig
+from posleak.model import Decoder, ModelConfig
+from posleak.train.environment import autocast, cpu_has_fast_bf16, device_name, resolve_device
+from posleak.train.reference import ReferenceGPT
 
 VARIANTS = {
     "nope": {"position": "nope"},
@@ -167,8 +167,8 @@ def batch_throughput(source: str, B: int, T: int, batches: int) -> float:
 def analysis_cost(cases: list[tuple[int, int, float | None]], d: int) -> list[dict]:
     """Wall time and peak RSS of `posleak analyze` on a 4-layer model (untrained: the speed is
     the same), one child process per (seqs, seq_len, rope_scale) case."""
-    from train.config import build
-    from train.loop import train
+    from posleak.train.config import build
+    from posleak.train.loop import train
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

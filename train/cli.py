@@ -7,11 +7,11 @@ import os
 import sys
 from pathlib import Path
 
-from model import ConfigError
-from train import config as run_config
-from train.checkpoint import CheckpointError
-from train.lock import RunLocked
-from train.loop import RunExistsError, RunInterrupted, TrainingDiverged, train
+from posleak.model import ConfigError
+from posleak.train import config as run_config
+from posleak.train.checkpoint import CheckpointError
+from posleak.train.lock import RunLocked
+from posleak.train.loop import RunExistsError, RunInterrupted, TrainingDiverged, train
 
 
 def run(args: argparse.Namespace) -> int:

@@ -24,8 +24,8 @@ else:  # pragma: no cover
 
 import tomli_w
 
-from data import DataConfig
-from model import ConfigError, ModelConfig
+from posleak.data import DataConfig
+from posleak.model import ConfigError, ModelConfig
 
 MAX_BATCH = 1 << 16  # sequences per step: beyond this a typo, not a plan
 PRECISIONS = ("auto", "fp32", "bf16")

@@ -22,12 +22,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import BatchStream, vocab_size_of
-from model import ConfigError, Decoder
-from train import checkpoint, tracking
-from train.config import RunConfig, flatten, from_resolved, to_toml, tomllib
-from train.environment import autocast, describe, resolve_device, resolve_precision
-from train.lock import RunLock
+from posleak.data import BatchStream, vocab_size_of
+from posleak.model import ConfigError, Decoder
+from posleak.train import checkpoint, tracking
+from posleak.train.config import RunConfig, flatten, from_resolved, to_toml, tomllib
+from posleak.train.environment import autocast, describe, resolve_device, resolve_precision
+from posleak.train.lock import RunLock
 
 # keys that may differ when a run is resumed: the budget may grow, logging may change
 RESUMABLE_CHANGES = ("train.steps", "train.threads", "train.device", "log.")

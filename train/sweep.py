@@ -44,8 +44,8 @@ from pathlib import Path
 
 import tomli_w
 
-from model import ConfigError
-from train.config import build, flatten, read_toml, read_toml_file
+from posleak.model import ConfigError
+from posleak.train.config import build, flatten, read_toml, read_toml_file
 
 SWEEP_KEYS = {"name", "base", "seeds", "variants", "grid", "set"}
 SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
@@ -191,7 +191,7 @@ class Executor:
             "OMP_NUM_THREADS": str(self.threads),
             "MKL_NUM_THREADS": str(self.threads),
         }
-        cmd = [sys.executable, "-m", "train", *command(self.sweep_dir, run)[2:]]
+        cmd = [sys.executable, "-m", "posleak", *command(self.sweep_dir, run)[1:]]
         run.status = "running"
         with open(out / "train.log", "a") as log:
             log.write(f"\n$ {shlex.join(cmd)}\n")

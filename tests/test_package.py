@@ -1,0 +1,40 @@
+"""The installed wheel exposes posleak under one name and works away from the checkout."""
+
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+PROBE = """
+import sys
+sys.path[:0] = [{target!r}]
+sys.path.append({site!r})  # torch and numpy, without the .pth files of the checkout's install
+import posleak, posleak.model, posleak.data, posleak.train.loop, posleak.analysis.compare
+import posleak.cli
+import torch
+assert posleak.__file__.startswith({target!r}), posleak.__file__
+assert posleak.model.__file__.startswith({target!r}), posleak.model.__file__
+model = posleak.model.Decoder(posleak.model.ModelConfig(n_layer=1, d_model=16, n_head=2))
+print(tuple(model(torch.zeros(1, 5, dtype=torch.long)).shape))
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("model", "data", "train", "analysis")))
+"""
+
+
+def test_wheel_installs_one_namespace_and_imports_outside_the_checkout(tmp_path):
+    build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*build, "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("posleak-*.whl")
+    tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    assert {t for t in tops if not t.endswith(".dist-info")} == {"posleak"}
+    target = tmp_path / "site"
+    install = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target)]
+    subprocess.run([*install, str(wheel)], check=True, capture_output=True)
+    code = PROBE.format(target=str(target), site=sysconfig.get_paths()["purelib"])
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["(1, 5, 259)", "[]"]
