@@ -1,7 +1,8 @@
 """The decoder: token embedding, pre-norm blocks (RMSNorm, attention, SwiGLU), final norm, head.
 
 Parameter names follow the Llama layout (embed_tokens, layers.{l}.self_attn.q_proj, ...,
-norm, lm_head) so that Llama-family weights map one to one. Hook points follow the
+norm, lm_head) so that Llama-family weights map one to one. Hook points (model/hooks.py)
+are modules of the layer that computes each activation; their public names follow the
 TransformerLens habit of naming activations by where they sit (blocks.{l}.attn.pattern).
 """
 
@@ -11,7 +12,7 @@ import contextlib
 import hashlib
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -20,23 +21,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from posleak.model.config import ModelConfig
+from posleak.model.hooks import HookFn, HookPoint, hook_points
 from posleak.model.masks import attention_mask
 from posleak.model.rope import apply_rope, ntk_base, rope_tables
-
-HookFn = Callable[[torch.Tensor, str], "torch.Tensor | None"]
-
-LAYER_HOOKS = (
-    "resid_pre",
-    "attn.q",
-    "attn.k",
-    "attn.v",
-    "attn.scores",
-    "attn.pattern",
-    "attn.out",
-    "resid_mid",
-    "mlp.out",
-    "resid_post",
-)
 
 
 class RMSNorm(nn.Module):
@@ -51,12 +38,10 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, decoder: Decoder):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.cfg, self.layer = cfg, layer
-        self.prefix = f"blocks.{layer}.attn."
-        self._fire = decoder._fire
-        self._wants_eager = decoder._wants_eager
+        self.force_eager = False
         d, hd = cfg.d_model, cfg.n_head * cfg.d_head
         self.q_proj = nn.Linear(d, hd, bias=False)
         self.k_proj = nn.Linear(d, hd, bias=False)
@@ -64,6 +49,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(hd, d, bias=False)
         if cfg.sink == "learned":
             self.sink_logit = nn.Parameter(torch.zeros(cfg.n_head))
+        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
+        self.hook_scores, self.hook_pattern, self.hook_out = HookPoint(), HookPoint(), HookPoint()
 
     def sink_logits(self) -> torch.Tensor | None:
         """Per-head logit of the virtual zero-value key, or None without a sink."""
@@ -83,23 +70,24 @@ class Attention(nn.Module):
         if rope is not None:
             cos, sin = (t.to(q.dtype) for t in rope)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q = self._fire(self.prefix + "q", q)
-        k = self._fire(self.prefix + "k", k)
-        v = self._fire(self.prefix + "v", v)
-        if self._wants_eager(self.layer):
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        if self.force_eager or self.hook_scores.fns or self.hook_pattern.fns:
             y = self.eager(q, k, v, visible)
         else:
             y = self.fast(q, k, v, visible)
         y = y.transpose(1, 2).reshape(B, T, H * Dh)  # (B, T, H*Dh)
-        return self.o_proj(y)
+        return self.hook_out(self.o_proj(y))
 
     def fast(self, q, k, v, visible) -> torch.Tensor:
         """F.scaled_dot_product_attention; a sink becomes a zero key/value column with a bias.
 
-        SDPA's CPU kernel silently zeroes NaN rows, so non-finite q or k go to the eager
-        path, which names the bad row (one cheap reduction per layer).
+        SDPA's CPU kernel silently zeroes NaN rows. Where a hook may have replaced q or k,
+        non-finite values go to the eager path, which names the bad row; otherwise a NaN in q
+        or k came from the residual stream, reaches v and the loss, and training stops on it
+        (so the hook-free forward has no host-device synchronisation).
         """
-        if not torch.isfinite(q.sum() + k.sum()):
+        hooked = self.hook_q.fns or self.hook_k.fns
+        if hooked and not torch.isfinite(q.sum() + k.sum()):
             return self.eager(q, k, v, visible)
         sink = self.sink_logits()
         if sink is None and visible is None:
@@ -123,7 +111,7 @@ class Attention(nn.Module):
             visible = attention_mask(T, device=q.device)
         scores = (q / math.sqrt(self.cfg.d_head)) @ k.transpose(-2, -1)  # (B, H, T, T)
         scores.masked_fill_(~visible, float("-inf"))
-        scores = self._fire(self.prefix + "scores", scores)
+        scores = self.hook_scores(scores)
         sink = self.sink_logits()
         if sink is None:
             pattern = scores.softmax(dim=-1)
@@ -131,7 +119,7 @@ class Attention(nn.Module):
             sink_col = sink.to(scores.dtype)[None, :, None, None].expand(*scores.shape[:3], 1)
             pattern = torch.cat([scores, sink_col], dim=-1).softmax(dim=-1)[..., :T]
         self._raise_on_nan(pattern)
-        pattern = self._fire(self.prefix + "pattern", pattern)
+        pattern = self.hook_pattern(pattern)
         return pattern @ v
 
     def _raise_on_nan(self, pattern: torch.Tensor) -> None:
@@ -152,28 +140,27 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.d_model, cfg.ff_width, bias=False)
         self.up_proj = nn.Linear(cfg.d_model, cfg.ff_width, bias=False)
         self.down_proj = nn.Linear(cfg.ff_width, cfg.d_model, bias=False)
+        self.hook_out = HookPoint()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.hook_out(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, decoder: Decoder):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.prefix = f"blocks.{layer}."
-        self._fire = decoder._fire
+        self.hook_resid_pre = HookPoint()
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.self_attn = Attention(cfg, layer, decoder)
+        self.self_attn = Attention(cfg, layer)
+        self.hook_resid_mid = HookPoint()
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
+        self.hook_resid_post = HookPoint()
 
     def forward(self, x: torch.Tensor, rope, visible) -> torch.Tensor:
-        p = self.prefix
-        x = self._fire(p + "resid_pre", x)
-        x = x + self._fire(p + "attn.out", self.self_attn(self.input_layernorm(x), rope, visible))
-        x = self._fire(p + "resid_mid", x)
-        x = x + self._fire(p + "mlp.out", self.mlp(self.post_attention_layernorm(x)))
-        return self._fire(p + "resid_post", x)
+        x = self.hook_resid_pre(x)
+        x = self.hook_resid_mid(x + self.self_attn(self.input_layernorm(x), rope, visible))
+        return self.hook_resid_post(x + self.mlp(self.post_attention_layernorm(x)))
 
 
 class Decoder(nn.Module):
@@ -182,18 +169,19 @@ class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig, seed: int = 0):
         super().__init__()
         self.cfg = cfg
-        self._hooks: dict[str, list[HookFn]] = {}
-        self.force_eager = False
         self.rope_inference_scale = 1.0  # NTK scale applied on top of the trained one
         self._rope_cache: dict = {}
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.hook_embed = HookPoint()
         if cfg.position == "learned":
             self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg, layer, self) for layer in range(cfg.n_layer))
+        self.layers = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.hook_final = HookPoint()
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.hook_points = hook_points(self)
         self.init_weights(seed)
 
     # ---------------------------------------------------------------- initialisation
@@ -220,7 +208,7 @@ class Decoder(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) int64 -> logits (B, T, V)."""
         _, T = tokens.shape
-        x = self._fire("embed", self.embed_tokens(tokens))  # (B, T, d)
+        x = self.hook_embed(self.embed_tokens(tokens))  # (B, T, d)
         if self.cfg.position == "learned":
             if T > self.cfg.max_seq_len:
                 raise ValueError(
@@ -233,7 +221,7 @@ class Decoder(nn.Module):
         visible = attention_mask(T, self.cfg.window, tokens.device) if windowed else None
         for block in self.layers:
             x = block(x, rope, visible)
-        x = self._fire("final", self.norm(x))
+        x = self.hook_final(self.norm(x))
         return self.lm_head(x)
 
     @property
@@ -270,10 +258,18 @@ class Decoder(nn.Module):
 
     # ---------------------------------------------------------------- hooks
     def hook_names(self) -> list[str]:
-        per_layer = [
-            f"blocks.{layer}.{h}" for layer in range(self.cfg.n_layer) for h in LAYER_HOOKS
-        ]
-        return ["embed", *per_layer, "final"]
+        """Every hook point's public name, in the order the forward pass reaches them."""
+        return list(self.hook_points)
+
+    @property
+    def force_eager(self) -> bool:
+        """Materialise scores and patterns in every layer (the reference path)."""
+        return all(block.self_attn.force_eager for block in self.layers)
+
+    @force_eager.setter
+    def force_eager(self, value: bool) -> None:
+        for block in self.layers:
+            block.self_attn.force_eager = bool(value)
 
     @contextlib.contextmanager
     def hooks(self, hooks: Iterable[tuple[str, HookFn]]):
@@ -283,19 +279,16 @@ class Decoder(nn.Module):
         also when the block raises.
         """
         hooks = list(hooks)
-        valid = set(self.hook_names())
-        unknown = [name for name, _ in hooks if name not in valid]
+        unknown = [name for name, _ in hooks if name not in self.hook_points]
         if unknown:
             raise KeyError(f"unknown hook names {unknown}; valid names: {self.hook_names()}")
         for name, fn in hooks:
-            self._hooks.setdefault(name, []).append(fn)
+            self.hook_points[name].fns.append(fn)
         try:
             yield self
         finally:
             for name, fn in hooks:
-                self._hooks[name].remove(fn)
-                if not self._hooks[name]:
-                    del self._hooks[name]
+                self.hook_points[name].fns.remove(fn)
 
     def run_with_cache(self, tokens: torch.Tensor, names: Iterable[str] | None = None):
         """Forward pass that also returns {name: detached activation} for the names asked for."""
@@ -308,26 +301,6 @@ class Decoder(nn.Module):
         with self.hooks([(name, store) for name in names]):
             logits = self(tokens)
         return logits, cache
-
-    def _fire(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        if not self._hooks or name not in self._hooks:
-            return tensor
-        for fn in self._hooks[name]:
-            out = fn(tensor, name)
-            if out is not None:
-                if out.shape != tensor.shape:
-                    raise ValueError(
-                        f"hook on {name} returned shape {tuple(out.shape)}, "
-                        f"expected {tuple(tensor.shape)}"
-                    )
-                tensor = out
-        return tensor
-
-    def _wants_eager(self, layer: int) -> bool:
-        if self.force_eager:
-            return True
-        prefix = f"blocks.{layer}.attn."
-        return (prefix + "scores") in self._hooks or (prefix + "pattern") in self._hooks
 
     # ---------------------------------------------------------------- persistence
     # One format for a model, here and inside every training checkpoint: model.safetensors

@@ -15,7 +15,7 @@ def test_quick_benchmark_measures_every_case(capsys):
     result = run_bench(quick=True)
     names = {r["name"] for r in result["train"]}
     assert {f"variant:{v}" for v in VARIANTS} <= names
-    assert {"rope:eager-attention", "rope:no-hook-dispatch"} <= names
+    assert "rope:eager-attention" in names
     assert {"size:d64:reference", "size:d64:nope"} <= names
     assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 2 for r in result["train"])
     assert result["matmul_peak_flops"]["fp32"] > 1e9

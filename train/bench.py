@@ -3,8 +3,8 @@
 Measures, in one process, so that every figure is a ratio to something measured alongside:
   - the machine's matmul throughput in fp32 and bf16 (a large square product): the peak;
   - training step time (forward + backward + AdamW) and tokens/s for each positional
-    variant, fp32 vs bf16 autocast, fast (SDPA) vs eager attention, with and without the
-    hook machinery, each as a fraction of the measured peak (MFU);
+    variant, fp32 vs bf16 autocast, fast (SDPA) vs eager attention, each as a fraction of
+    the measured peak (MFU);
   - batch assembly throughput and analysis throughput.
 
 FLOP convention (nanoGPT's / PaLM's): 6 * N + 12 * L * d * T per token, N = parameters
@@ -77,7 +77,6 @@ class TrainCase:
         precision,
         device,
         eager=False,
-        hooks=True,
         reference=False,
     ):
         self.name, self.cfg, self.B, self.T, self.precision = name, cfg, B, T, precision
@@ -88,11 +87,6 @@ class TrainCase:
         else:
             self.model = Decoder(cfg).to(device)
             self.model.force_eager = eager
-        if not hooks:  # the counterfactual: no hook dispatch at all
-            for module in self.model.modules():
-                if hasattr(module, "_fire"):
-                    module._fire = _identity
-            self.model._fire = _identity
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, foreach=True)
         self.tokens = torch.randint(0, cfg.vocab_size, (B, T + 1), device=device)
         self.times: list[float] = []
@@ -119,10 +113,6 @@ def measure(cases: list[TrainCase], rounds: int, steps: int) -> None:
     for _ in range(rounds):
         for case in cases:
             case.times += [case.step() for _ in range(steps)]
-
-
-def _identity(name, tensor):
-    return tensor
 
 
 def _sync(device) -> None:
@@ -230,7 +220,6 @@ def run_bench(quick: bool) -> dict:
     ]
     rope = model_config(d, T, "rope")
     cases.append(TrainCase("rope:eager-attention", rope, B, T, "fp32", device, eager=True))
-    cases.append(TrainCase("rope:no-hook-dispatch", rope, B, T, "fp32", device, hooks=False))
     measure(cases, rounds, steps)
     rows = [train_row(case, peaks) for case in cases]
     sizes = [(64, 64, 4)] if quick else [(128, 64, 12), (256, 256, 16), (512, 256, 32)]
@@ -275,7 +264,6 @@ def print_table(result: dict) -> None:
     print("variant speed / nope: " + ", ".join(ratios))
     rope = fp32["variant:rope"]
     print(f"eager / fast attention: {fp32['rope:eager-attention'] / rope:.2f}")
-    print(f"hook machinery cost: {fp32['rope:no-hook-dispatch'] / rope - 1:+.1%}")
     by_size: dict = {}
     for r in result["train"]:
         if r["name"].startswith("size:"):

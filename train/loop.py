@@ -283,7 +283,10 @@ class Run:
         loss = self._loss(self.forward_model, tokens)
         value = self._mean_over_ranks(loss.detach())
         if not math.isfinite(value):
-            raise TrainingDiverged(f"loss is {value} at step {self.step + 1}; {self._advice()}")
+            raise TrainingDiverged(
+                f"loss is {value} at step {self.step + 1}; stopped before updating the weights; "
+                + self._advice()
+            )
         loss.backward()
         if self.cfg.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
@@ -296,11 +299,14 @@ class Run:
             with autocast(self.device, self.precision):
                 return lm_loss(model, tokens)
         except FloatingPointError as err:
-            raise TrainingDiverged(f"step {self.step + 1}: {err}; {self._advice()}") from None
+            raise TrainingDiverged(
+                f"step {self.step + 1}: {err}; stopped before updating the weights; "
+                + self._advice()
+            ) from None
 
     def _advice(self) -> str:
         return (
-            f"stopped before updating the weights; the last good checkpoint is in "
+            f"the last good checkpoint is in "
             f"{self.ckpt_root}. Lower train.lr, keep train.grad_clip > 0, or use fp32"
         )
 
@@ -323,7 +329,9 @@ class Run:
 
     def save_checkpoint(self) -> None:
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
-            raise TrainingDiverged(f"non-finite weights after step {self.step}; {self._advice()}")
+            raise TrainingDiverged(
+                f"non-finite weights after step {self.step}, not saved; {self._advice()}"
+            )
         if self.rank == 0:
             extra = {"elapsed_s": self.elapsed, "precision": self.precision}
             checkpoint.save(

@@ -1,0 +1,54 @@
+"""Hook points: named places in the forward pass where activations can be read or replaced.
+
+Each hook point is a module owned by the module that computes the activation, so the list of
+names is derived from the model itself. A hook point's public name is its module path in the
+TransformerLens habit: `layers.{l}.self_attn.hook_q` is `blocks.{l}.attn.q`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+HookFn = Callable[[torch.Tensor, str], "torch.Tensor | None"]
+RENAMES = {"layers": "blocks", "self_attn": "attn"}
+
+
+class HookPoint(nn.Module):
+    """Identity unless hooks are registered; a hook returning a tensor replaces the activation."""
+
+    def __init__(self):
+        super().__init__()
+        self.name = ""  # the public name, set by the model that owns it
+        self.fns: list[HookFn] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for fn in self.fns:
+            out = fn(x, self.name)
+            if out is not None:
+                if out.shape != x.shape:
+                    raise ValueError(
+                        f"hook on {self.name} returned shape {tuple(out.shape)}, "
+                        f"expected {tuple(x.shape)}"
+                    )
+                x = out
+        return x
+
+
+def public_name(module_path: str) -> str:
+    """'layers.1.self_attn.hook_pattern' -> 'blocks.1.attn.pattern'."""
+    parts = [RENAMES.get(p, p) for p in module_path.split(".")]
+    parts[-1] = parts[-1].removeprefix("hook_")
+    return ".".join(parts)
+
+
+def hook_points(model: nn.Module) -> dict[str, HookPoint]:
+    """{public name: hook point} in forward order, named as a side effect."""
+    found = {}
+    for path, module in model.named_modules():
+        if isinstance(module, HookPoint):
+            module.name = public_name(path)
+            found[module.name] = module
+    return found
