@@ -1,4 +1,4 @@
-"""`posleak analyze RUN [--seqs N] [--seq-len L] [--rope-scale S] [--data SOURCE] [--out DIR]`
+"""`posleak analyze RUN [--seqs N] [--step S] [--seq-len L] [--rope-scale S] [--data SRC] [--out D]`
 
 Runs every measurement of docs/science.md (definitions version 2) on a trained run's latest
 good checkpoint over held-out sequences, and writes analysis/records.jsonl (tidy rows),
@@ -36,6 +36,7 @@ class Options:
     """Every choice of the analysis that the definitions leave to us, with its default."""
 
     seqs: int = 256
+    step: int | None = None  # checkpoint to analyse; default: the newest that verifies
     seq_len: int | None = None  # default: the run's training length
     rope_scale: float | None = None  # NTK scaling applied at inference (composes with trained)
     data: str | None = None  # default: the run's data source
@@ -82,7 +83,7 @@ class Pass(NamedTuple):
 class Analysis:
     def __init__(self, run_dir: str | Path, opts: Options):
         self.run_dir, self.opts = Path(run_dir), opts
-        self.model, self.cfg, self.state = load_run(run_dir)
+        self.model, self.cfg, self.state = load_run(run_dir, opts.step)
         problems = opts.problems(self.cfg.data.seq_len)
         if problems:
             raise ValueError("; ".join(problems))
@@ -582,7 +583,13 @@ def analyze(run_dir: str | Path, opts: Options = Options(), out: str | Path | No
 
 
 def run(args: argparse.Namespace) -> int:
-    opts = Options(seqs=args.seqs, seq_len=args.seq_len, rope_scale=args.rope_scale, data=args.data)
+    opts = Options(
+        seqs=args.seqs,
+        step=args.step,
+        seq_len=args.seq_len,
+        rope_scale=args.rope_scale,
+        data=args.data,
+    )
     try:
         summary = analyze(args.run, opts, args.out)
     except (FileNotFoundError, ValueError) as err:

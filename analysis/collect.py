@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,36 +13,13 @@ import torch
 
 from posleak.data import BatchStream, DataConfig
 from posleak.model import Decoder
-from posleak.train import checkpoint
-from posleak.train.config import RunConfig, from_resolved, tomllib
+from posleak.train.config import RunConfig
+from posleak.train.rundir import RunDir
 
 
-def load_run(run_dir: str | Path) -> tuple[Decoder, RunConfig, dict]:
-    """The model at the run's latest good checkpoint, its config and the checkpoint state."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.toml").exists():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.toml)")
-    cfg = from_resolved(run_dir / "config.toml")
-    resolved_model = tomllib.loads((run_dir / "config.toml").read_text())["model"]
-    model = Decoder(cfg.model_config(resolved_model["vocab_size"]))
-    ckpts = checkpoint.list_checkpoints(run_dir / "checkpoints")
-    if not ckpts:
-        raise FileNotFoundError(f"{run_dir} has no checkpoint yet; train it first")
-    errors = []
-    for path in reversed(ckpts):
-        try:
-            state = checkpoint.load_weights(path, model)
-            break
-        except checkpoint.CheckpointError as err:
-            errors.append(str(err))
-            warnings.warn(f"skipping unusable checkpoint: {err}", stacklevel=2)
-    else:
-        raise FileNotFoundError(
-            f"{run_dir} has no usable checkpoint ({'; '.join(errors)}); resume training with "
-            "`posleak train CONFIG --out RUN --resume` to rewrite it"
-        )
-    model.eval()
-    return model, cfg, {**state, "checkpoint": str(path)}
+def load_run(run_dir: str | Path, step: int | None = None) -> tuple[Decoder, RunConfig, dict]:
+    """The model at the run's latest good checkpoint (or at `step`), its config and state."""
+    return RunDir(run_dir).load_model(step)
 
 
 def run_label(run_dir: Path, cfg: RunConfig) -> dict:

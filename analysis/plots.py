@@ -216,6 +216,23 @@ def log_if_decades(ax, decades: float = 2.0) -> None:
         ax.set_yscale("log")
 
 
+def seed_curves(path: Path, series: dict, xlabel: str, ylabel: str, title: str) -> str:
+    """One line per name: the mean over seeds of {x: y} curves, with a band of ± 1 sd."""
+
+    def draw(ax):
+        for color, (name, curves) in zip(COLORS * 4, series.items(), strict=False):
+            keys = sorted({x for c in curves for x in c}, key=float)
+            points = [(float(x), v) for x in keys if (v := [c[x] for c in curves if x in c])]
+            xs = [x for x, _ in points]
+            mean = np.array([mean_std(v)[0] for _, v in points])
+            sd = np.array([mean_std(v)[1] for _, v in points])
+            ax.plot(xs, mean, "o-", ms=3, color=color, label=f"{name} (n={len(curves)})")
+            ax.fill_between(xs, mean - sd, mean + sd, color=color, alpha=0.15)
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+
+    return figure(path, draw)
+
+
 def figure(path: Path, draw, size=(6.5, 4.2)) -> str:
     fig, ax = plt.subplots(figsize=size, constrained_layout=True)
     draw(ax)

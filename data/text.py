@@ -27,6 +27,7 @@ import numpy as np
 
 from posleak.data.counter_rng import random_below
 from posleak.data.tokenizer import ByteTokenizer
+from posleak.files import sha256_file
 
 CACHE_VERSION = "2"
 ARRAYS = ("train.npy", "train_starts.npy", "val.npy", "val_starts.npy")
@@ -157,14 +158,6 @@ def _as_bytes(doc: str | bytes) -> bytes:
     return doc.encode("utf-8") if isinstance(doc, str) else doc
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _cache_problem(folder: Path) -> str | None:
     """Why a cache folder cannot be used (missing, incomplete, changed), or None."""
     try:
@@ -176,7 +169,7 @@ def _cache_problem(folder: Path) -> str | None:
                 return f"{path.name} is missing"
             if path.stat().st_size != expected["size"]:
                 return f"{path.name} has {path.stat().st_size} bytes, expected {expected['size']}"
-            if _sha256(path) != expected["sha256"]:
+            if sha256_file(path) != expected["sha256"]:
                 return f"{path.name} does not match its recorded sha256"
     except (OSError, ValueError, KeyError, TypeError):
         return "no valid meta.json (an unfinished or older cache)"
@@ -264,7 +257,7 @@ class TextCorpus:
                 np.save(tmp / f"{split}.npy", np.concatenate(pieces).astype(np.uint16))
                 np.save(tmp / f"{split}_starts.npy", np.asarray(starts, dtype=np.int64))
             files = {
-                name: {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+                name: {"size": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
                 for name in ARRAYS
             }
             meta = {"label": self.label, "version": CACHE_VERSION, "files": files}

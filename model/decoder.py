@@ -350,22 +350,6 @@ class Decoder(nn.Module):
             model.set_rope_scale(scale)
         return model.eval()
 
-    @classmethod
-    def from_run(cls, run_dir: str | Path, device="cpu") -> Decoder:
-        """The model at a run's newest checkpoint whose files match their recorded sha256."""
-        root = Path(run_dir) / "checkpoints"
-        steps = sorted(root.glob("step_*"), reverse=True) if root.is_dir() else []
-        problems = []
-        for step in steps:
-            problem = _unverified(step, ("model.safetensors", "config.json"))
-            if problem is None:
-                return cls.load(step, device)
-            problems.append(problem)
-        raise FileNotFoundError(
-            f"{run_dir} has no usable checkpoint with a config.json"
-            + (f" ({'; '.join(problems)})" if problems else "")
-        )
-
     def num_params(self, non_embedding: bool = True) -> int:
         total = sum(p.numel() for p in self.parameters())
         if non_embedding:
@@ -373,18 +357,6 @@ class Decoder(nn.Module):
             if self.cfg.position == "learned":
                 total -= self.pos_embed.weight.numel()
         return total
-
-
-def _unverified(folder: Path, names: tuple) -> str | None:
-    """Why the files of a checkpoint folder cannot be trusted (per its manifest.json), or None."""
-    try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-        for name in names:
-            if hashlib.sha256((folder / name).read_bytes()).hexdigest() != manifest[name]:
-                return f"{folder / name} does not match its manifest"
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        return f"{folder}: {err}"
-    return None
 
 
 def _name_seed(seed: int, name: str) -> int:

@@ -20,6 +20,7 @@ RUNNERS = {
     "sweep": "posleak.train.sweep",
     "analyze": "posleak.analysis.analyze",
     "compare": "posleak.analysis.compare",
+    "study": "posleak.analysis.study",
     "bench": "posleak.train.bench",
 }
 
@@ -57,10 +58,17 @@ def _sweep(p: argparse.ArgumentParser) -> None:
 def _analyze(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory (holds config.toml and checkpoints/)")
     p.add_argument("--seqs", type=int, default=256, help="held-out sequences (default 256)")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the newest good one)")
     p.add_argument("--seq-len", type=int, help="sequence length (default: training length)")
     p.add_argument("--rope-scale", type=float, help="apply static NTK scaling s at inference")
     p.add_argument("--data", help="data source to analyse on (default: the run's)")
     p.add_argument("--out", help="output directory (default: RUN/analysis)")
+
+
+def _study(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sweep", help="the study's sweep directory (runs/sweeps/study)")
+    p.add_argument("--out", default="docs/study", help="report directory")
+    p.add_argument("--seqs", type=int, default=256, help="held-out sequences per analysis")
 
 
 def _compare(p: argparse.ArgumentParser) -> None:
@@ -80,6 +88,7 @@ ARGUMENTS = {
     "sweep": (_sweep, "run variants x seeds (x grid) with everything else matched"),
     "analyze": (_analyze, "measure where absolute position emerges in one run"),
     "compare": (_compare, "report the variants of several runs or sweeps side by side"),
+    "study": (_study, "the study's report from a study sweep (docs/study)"),
     "bench": (_bench, "measure training, data and analysis speed against the matmul peak"),
 }
 

@@ -225,7 +225,7 @@ def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device", str(tmp_path / "r" / "config.toml"))
 
-    monkeypatch.setattr("posleak.train.loop._atomic_write", full)
+    monkeypatch.setattr("posleak.train.rundir.atomic_write", full)
     err = one_line_error(
         capsys,
         "train",

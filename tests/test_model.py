@@ -292,31 +292,15 @@ def test_learned_table_refuses_too_long_inputs():
         Decoder(tiny(position="learned"))(torch.zeros(1, 65, dtype=torch.long))
 
 
-def test_one_save_format_from_run_and_an_inference_scale_that_survives(tmp_path):
-    from conftest import tiny_overrides
-
-    from posleak.analysis.collect import load_run
-    from posleak.train import checkpoint
-    from posleak.train.config import build
-    from posleak.train.loop import train
-
-    run = tmp_path / "run"
-    train(build(tiny_overrides(model__position="rope_ntk", model__rope_scale=2.0)), run)
-    reference, _, _ = load_run(run)
-    model = Decoder.from_run(run)
-    tokens = torch.randint(0, 20, (2, 16), generator=torch.Generator().manual_seed(0))
-    assert torch.equal(model(tokens), reference(tokens))
-    newest = checkpoint.list_checkpoints(run / "checkpoints")[-1]
-    assert torch.equal(Decoder.load(newest)(tokens), reference(tokens))  # training wrote it
-    (newest / "model.safetensors").write_bytes(b"damaged")
-    older = Decoder.from_run(run)  # falls back past the damaged checkpoint
-    assert not torch.equal(older(tokens), reference(tokens))
+def test_one_save_format_and_an_inference_scale_that_survives(tmp_path):
+    model = Decoder(tiny(position="rope_ntk", rope_scale=2.0))
     model.set_rope_scale(4.0)
     model.save(tmp_path / "saved")
     again = Decoder.load(tmp_path / "saved")
     assert again.rope_inference_scale == 4.0
     assert again.rope_effective_base == model.rope_effective_base
-    assert torch.equal(again(tokens), model(tokens))
+    x = tokens()
+    assert torch.equal(again(x), model(x))
 
 
 # ------------------------------------------------------------------ no host synchronisation

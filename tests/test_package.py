@@ -1,5 +1,6 @@
 """The installed wheel exposes posleak under one name and works away from the checkout."""
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -7,6 +8,7 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("posleak", "model", "data", "train", "analysis")
 
 PROBE = """
 import sys
@@ -24,8 +26,13 @@ print(sorted(m for m in sys.modules if m.split(".")[0] in ("model", "data", "tra
 
 
 def test_wheel_installs_one_namespace_and_imports_outside_the_checkout(tmp_path):
+    source = tmp_path / "source"  # setuptools writes build/ into the tree it builds
+    for name in PACKAGES:
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
-    subprocess.run([*build, "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
+    subprocess.run([*build, "-w", str(tmp_path), str(source)], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("posleak-*.whl")
     tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"posleak"}

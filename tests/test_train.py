@@ -15,11 +15,12 @@ import torch
 from conftest import tiny_overrides, write_config
 from safetensors.torch import load_file
 
-from posleak.model import ConfigError
+from posleak.model import ConfigError, Decoder
 from posleak.train import checkpoint
 from posleak.train.config import build, from_resolved, load, parse_override, read_toml
 from posleak.train.lock import RunLock, RunLocked
 from posleak.train.loop import RunExistsError, TrainingDiverged, deterministic_metrics, train
+from posleak.train.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -270,3 +271,24 @@ def test_compiled_training_runs_and_learns(tmp_path):
     summary = train(build(tiny_overrides(train__compile=True, train__steps=20)), tmp_path / "run")
     first = deterministic_metrics(tmp_path / "run/metrics.jsonl")[0]["train_loss"]
     assert summary["final_val_loss"] < first
+
+
+def test_the_run_directory_loads_the_newest_good_model_or_a_named_step(tmp_path):
+    run = tmp_path / "run"
+    train(build(tiny_overrides(model__position="rope_ntk", model__rope_scale=2.0)), run)
+    run_dir = RunDir(run)
+    steps = [int(p.name.removeprefix("step_")) for p in run_dir.checkpoints()]
+    assert steps == [8, 12]  # keep_checkpoints = 2
+    reference, cfg, state = run_dir.load_model()
+    assert state["step"] == 12 and cfg.model["position"] == "rope_ntk"
+    x = torch.randint(0, 20, (2, 16), generator=torch.Generator().manual_seed(0))
+    newest = run_dir.checkpoints()[-1]
+    assert torch.equal(Decoder.load(newest)(x), reference(x))  # a checkpoint is a model folder
+    earlier, _, state = run_dir.load_model(step=8)
+    assert state["step"] == 8 and not torch.equal(earlier(x), reference(x))
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 5; kept: \[8, 12\]"):
+        run_dir.load_model(step=5)
+    (newest / "model.safetensors").write_bytes(b"damaged")
+    with pytest.warns(UserWarning, match="skipping unusable checkpoint"):
+        fallback, _, state = run_dir.load_model()
+    assert state["step"] == 8 and torch.equal(fallback(x), earlier(x))

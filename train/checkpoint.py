@@ -9,7 +9,6 @@ either the complete new checkpoint or none: the previous one is always intact.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from posleak.files import fsync_path, sha256_file
 
 MODEL_FILE, CONFIG_FILE, OPTIM_FILE, STATE_FILE, MANIFEST = (
     "model.safetensors",
@@ -63,13 +64,13 @@ def save(root: Path, step: int, model, optimizer, extra: dict, keep: int) -> Pat
         state = {"step": step, "param_groups": groups, **extra}
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
         files = (MODEL_FILE, CONFIG_FILE, OPTIM_FILE, STATE_FILE)
-        manifest = {name: _sha256(tmp / name) for name in files}
+        manifest = {name: sha256_file(tmp / name) for name in files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         for name in (*files, MANIFEST):
-            _fsync(tmp / name)
-        _fsync(tmp)
+            fsync_path(tmp / name)
+        fsync_path(tmp)
         os.rename(tmp, final)
-        _fsync(root)
+        fsync_path(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -117,7 +118,7 @@ def verify(path: Path) -> dict:
         file = path / name
         if not file.exists():
             raise CheckpointError(f"{file}: missing")
-        if _sha256(file) != digest:
+        if sha256_file(file) != digest:
             raise CheckpointError(
                 f"{file}: contents do not match the manifest (corrupt or truncated)"
             )
@@ -194,19 +195,3 @@ def _restore_rng(tensors: dict) -> None:
     cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.torch_cuda.")]
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

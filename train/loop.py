@@ -27,7 +27,7 @@ from posleak.model import ConfigError, Decoder
 from posleak.train import checkpoint, tracking
 from posleak.train.config import RunConfig, flatten, from_resolved, to_toml, tomllib
 from posleak.train.environment import autocast, describe, resolve_device, resolve_precision
-from posleak.train.lock import RunLock
+from posleak.train.rundir import RunDir
 
 # keys that may differ when a run is resumed: the budget may grow, logging may change
 RESUMABLE_CHANGES = ("train.steps", "train.threads", "train.device", "log.")
@@ -79,6 +79,7 @@ class Run:
 
     def __init__(self, cfg: RunConfig, out: str | Path, resume: bool = False):
         self.out = Path(out)
+        self.dir = RunDir(self.out)
         if cfg.log.wandb:
             tracking.require_wandb()  # before anything is written
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -105,7 +106,7 @@ class Run:
         self.model = Decoder(self.model_cfg, seed=self.cfg.seed).to(self.device)
         self.optimizer = make_optimizer(self.model, self.cfg)
         self.step, self.elapsed = 0, 0.0
-        self.ckpt_root = self.out / "checkpoints"
+        self.ckpt_root = self.dir.checkpoints_dir
         state = None
         if resume:
             checkpoint.clean_temporaries(self.ckpt_root)
@@ -131,7 +132,7 @@ class Run:
 
     # ------------------------------------------------------------------ run directory
     def _check_run_dir(self, cfg: RunConfig, resume: bool) -> RunConfig:
-        stored = self.out / "config.toml"
+        stored = self.dir.config_file
         if not stored.exists() or not self._took_a_step():
             return cfg  # nothing to keep: a run that failed before its first step starts over
         if not resume:
@@ -166,26 +167,26 @@ class Run:
         }
 
     def _took_a_step(self) -> bool:
-        metrics = self.out / "metrics.jsonl"
+        metrics = self.dir.metrics_file
         has_metrics = metrics.exists() and metrics.stat().st_size > 0
-        return has_metrics or bool(checkpoint.list_checkpoints(self.out / "checkpoints"))
+        return has_metrics or bool(self.dir.checkpoints())
 
     def _write_header(self, reason: str, resumed: bool) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         derived = self.derived()
-        _atomic_write(self.out / "config.toml", to_toml(self.cfg, self.model_cfg, derived))
-        env_path = self.out / "env.json"
+        self.dir.write("config.toml", to_toml(self.cfg, self.model_cfg, derived))
+        env_path = self.dir.env_file
         env = describe(self.device, self.precision, reason, self.world)
         if resumed and env_path.exists():
             first = json.loads(env_path.read_text())
             first.setdefault("resumes", []).append({**env, "from_step": self.step})
             env = first
-        _atomic_write(env_path, json.dumps(env, indent=2) + "\n")
+        self.dir.write(env_path.name, json.dumps(env, indent=2) + "\n")
         self._truncate_metrics()
 
     def _truncate_metrics(self) -> None:
         """Keep the records up to the restored step; later ones will be recomputed."""
-        path = self.out / "metrics.jsonl"
+        path = self.dir.metrics_file
         if not path.exists():
             return
         kept = []
@@ -196,7 +197,7 @@ class Run:
                 break  # a line cut off by a crash
             if record["step"] <= self.step:
                 kept.append(line)
-        _atomic_write(path, "".join(line + "\n" for line in kept))
+        self.dir.write(path.name, "".join(line + "\n" for line in kept))
 
     # ------------------------------------------------------------------ training
     def fit(self) -> dict:
@@ -241,7 +242,7 @@ class Run:
             "precision": self.precision,
         }
         if self.rank == 0:
-            _atomic_write(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+            self.dir.write("summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
 
     @contextlib.contextmanager
@@ -253,7 +254,7 @@ class Run:
         bar = self.cfg.log.progress and sys.stderr.isatty()
         wandb_run = self._open_wandb() if self.cfg.log.wandb else None
         total = self.cfg.train.steps
-        with open(self.out / "metrics.jsonl", "a") as f:
+        with open(self.dir.metrics_file, "a") as f:
             progress = tqdm(total=total, initial=self.step, disable=not bar)
 
             def log(record: dict) -> None:
@@ -389,7 +390,7 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False) -> dict:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise RunExistsError(f"--out {out} is a file; give a directory for the run")
-    lock = RunLock(out) if int(os.environ.get("RANK", "0")) == 0 else None
+    lock = RunDir(out).lock() if int(os.environ.get("RANK", "0")) == 0 else None
     if lock:
         lock.acquire()
     try:
@@ -413,11 +414,3 @@ def deterministic_metrics(path: Path) -> list[dict]:
     """metrics.jsonl without wall-clock fields: what must match across resumes and reruns."""
     records = [json.loads(line) for line in Path(path).read_text().splitlines()]
     return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

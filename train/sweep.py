@@ -44,6 +44,7 @@ from pathlib import Path
 
 import tomli_w
 
+from posleak.files import atomic_write
 from posleak.model import ConfigError
 from posleak.train.config import build, flatten, read_toml, read_toml_file
 
@@ -157,10 +158,10 @@ def write_plan(sweep_dir: Path, runs: list[PlannedRun]) -> None:
         path = configs / f"{run.name}.toml"
         text = tomli_w.dumps(nested)
         if not path.exists() or path.read_text() != text:
-            _replace(path, text)
+            atomic_write(path, text)
         label = {"variant": run.variant, "seed": run.seed, "grid": run.grid}
         (sweep_dir / run.name).mkdir(exist_ok=True)
-        _replace(sweep_dir / run.name / "sweep.json", json.dumps(label) + "\n")
+        atomic_write(sweep_dir / run.name / "sweep.json", json.dumps(label) + "\n")
 
 
 def command(sweep_dir: Path, run: PlannedRun) -> list[str]:
@@ -265,20 +266,13 @@ def write_summary(sweep_dir: Path, runs: list[PlannedRun]) -> None:
     writer = csv.DictWriter(table, fieldnames=header)
     writer.writeheader()
     writer.writerows(rows)
-    _replace(sweep_dir / "summary.csv", table.getvalue())
+    atomic_write(sweep_dir / "summary.csv", table.getvalue())
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += [
         "| " + " | ".join(str(row.get(h, "")).replace("|", "/") for h in header) + " |"
         for row in rows
     ]
-    _replace(sweep_dir / "summary.md", "\n".join(lines) + "\n")
-
-
-def _replace(path: Path, text: str) -> None:
-    """Write via a private temporary file and rename: concurrent sweep runners never clash."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(sweep_dir / "summary.md", "\n".join(lines) + "\n")
 
 
 def _terminate(signum, frame):

@@ -1,0 +1,69 @@
+"""The study pipeline end to end: study-small.toml at a tiny budget, swept, analysed and
+reported; and the report's verdicts against hand-made paired numbers."""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from posleak.analysis.study import depth_slope, verdict
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = """
+[set]
+model.n_layer = 3
+model.d_model = 32
+model.n_head = 2
+data.seq_len = 32
+train.batch_size = 4
+train.steps = 8
+train.warmup = 2
+train.eval_every = 4
+train.eval_batches = 2
+train.ckpt_every = 4
+train.log_every = 4
+train.precision = "fp32"
+log.progress = false
+"""
+
+
+def posleak(*args, **kwargs):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "posleak", *map(str, args)]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, **kwargs)
+
+
+def test_study_small_runs_end_to_end_at_a_tiny_budget(tmp_path):
+    spec = (ROOT / "configs/sweeps/study-small.toml").read_text()
+    spec = spec.replace('base = "../', f'base = "{ROOT / "configs"}/')
+    spec = spec.replace("train.steps = 200", "train.steps = 8")  # Markov's own budget
+    sweep = tmp_path / "study-small.toml"
+    sweep.write_text(spec + TINY)
+    out = tmp_path / "sweep"
+    done = posleak("sweep", sweep, "--out", out, "--jobs", "2", timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = posleak("study", out, "--out", tmp_path / "report", "--seqs", "8", timeout=600)
+    assert report.returncode == 0, report.stderr[-2000:]
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "from the records of 19 finished runs (of 19 planned) in 9 variants" in text
+    for claim in ("## (a)", "## (b)", "## (c)", "Sink emergence", "4× its training length"):
+        assert claim in text, claim
+    assert "| markov-nope |" in text and "| sink |" in text
+    assert text.count("not detected at this scale") + text.count("**") >= 3
+    assert (tmp_path / "report" / "comparison" / "report.md").exists()
+    assert (tmp_path / "report" / "emergence.png").exists()
+    steps = sorted(p.name for p in (out).glob("rope-s0-*/analysis-step*"))
+    assert steps == ["analysis-step4"]  # every kept checkpoint but the last (the base analysis)
+
+
+def test_verdicts_follow_the_paired_interval():
+    ref = {0: 1.0, 1: 2.0, 2: 3.0}
+    assert verdict({0: 1.5, 1: 2.4, 2: 3.6}, ref).startswith("**higher**")
+    assert verdict({0: 0.5, 1: 1.6, 2: 2.4}, ref).startswith("**lower**")
+    assert verdict({0: 1.5, 1: 1.5, 2: 3.1}, ref).startswith("not detected at this scale")
+    assert "not tested" in verdict({0: 9.0, 1: 9.0}, ref)
+    assert depth_slope({"per_layer": {"c_res_early": {"0": 1.0, "1": 3.0, "2": 5.0}}}) == 2.0
+    assert math.isclose(
+        depth_slope({"per_layer": {"c_res_early": {"0": 1.0, "1": 1.0, "2": 1.0}}}), 0.0
+    )
