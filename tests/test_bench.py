@@ -1,7 +1,8 @@
 """The benchmark runs end to end and counts FLOPs by the stated convention."""
 
 from posleak.model import Decoder, ModelConfig
-from posleak.train.bench import VARIANTS, flops_per_token, print_table, run_bench
+from posleak.train.bench import flops_per_token, print_table, run_bench
+from posleak.train.config import presets
 
 
 def test_flops_per_token_follows_the_stated_convention():
@@ -14,7 +15,7 @@ def test_flops_per_token_follows_the_stated_convention():
 def test_quick_benchmark_measures_every_case(capsys):
     result = run_bench(quick=True)
     names = {r["name"] for r in result["train"]}
-    assert {f"variant:{v}" for v in VARIANTS} <= names
+    assert {f"variant:{v}" for v in presets()} <= names
     assert "rope:eager-attention" in names
     assert {"size:d64:reference", "size:d64:nope"} <= names
     assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 2 for r in result["train"])

@@ -21,6 +21,8 @@ assert posleak.__file__.startswith({target!r}), posleak.__file__
 assert posleak.model.__file__.startswith({target!r}), posleak.model.__file__
 model = posleak.model.Decoder(posleak.model.ModelConfig(n_layer=1, d_model=16, n_head=2))
 print(tuple(model(torch.zeros(1, 5, dtype=torch.long)).shape))
+from posleak.train.config import presets
+assert {{"rope", "ntk", "swa", "sink", "nope", "learned"}} <= set(presets()), presets()
 print(sorted(m for m in sys.modules if m.split(".")[0] in ("model", "data", "train", "analysis")))
 """
 

@@ -14,7 +14,7 @@ import torch
 from conftest import tiny_overrides, write_config
 
 from posleak.model import ConfigError
-from posleak.train.config import build
+from posleak.train.config import build, presets, read_toml
 from posleak.train.loop import Run, deterministic_metrics
 from posleak.train.sweep import expand, read_sweep
 
@@ -162,3 +162,18 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_continues_exactly(tmp_path):
     reference = tmp_path / "reference"
     Run(build(json.loads(json.dumps(expand(read_sweep(path))[0].values))), reference).fit()
     assert deterministic_metrics(metrics) == deterministic_metrics(reference / "metrics.jsonl")
+
+
+def test_presets_are_the_one_definition_of_each_variant(tmp_path):
+    preset_keys = presets()
+    for name, keys in preset_keys.items():
+        config = ROOT / "configs" / f"{name}.toml"
+        assert read_toml(config) == {**read_toml(ROOT / "configs/base.toml"), **keys}, name
+    runs = expand(read_sweep(ROOT / "configs/sweeps/variants.toml"))
+    for run in runs:
+        assert {k: run.values[k] for k in preset_keys[run.variant]} == preset_keys[run.variant]
+    body = 'seeds = [0]\n[variants.wide]\npreset = "swa"\n"model.window" = 64\n'
+    (run,) = expand(read_sweep(sweep_file(tmp_path, body)))
+    assert run.values["model.window"] == 64 and run.values["model.position"] == "rope"
+    with pytest.raises(ConfigError, match="unknown preset 'swb'; valid presets"):
+        read_sweep(sweep_file(tmp_path, 'seeds = [0]\n[variants.x]\npreset = "swb"\n'))

@@ -30,16 +30,9 @@ import torch.nn.functional as F
 
 from posleak.data import BatchStream, DataConfig
 from posleak.model import Decoder, ModelConfig
+from posleak.train.config import preset, presets
 from posleak.train.environment import autocast, cpu_has_fast_bf16, device_name, resolve_device
 from posleak.train.reference import ReferenceGPT
-
-VARIANTS = {
-    "nope": {"position": "nope"},
-    "learned": {"position": "learned"},
-    "rope": {"position": "rope"},
-    "rope_ntk": {"position": "rope_ntk", "rope_scale": 8.0},
-    "swa": {"position": "rope", "window": "T/4"},
-}
 
 
 def matmul_peak(dtype: torch.dtype, device, n: int, repeats: int) -> float:
@@ -121,8 +114,9 @@ def _sync(device) -> None:
 
 
 def model_config(d: int, T: int, variant: str, layers: int = 4) -> ModelConfig:
-    extra = dict(VARIANTS[variant])
-    if extra.get("window") == "T/4":
+    """A preset of train/presets.toml at the benchmark's size; a window is scaled to T/4."""
+    extra = {k.removeprefix("model."): v for k, v in preset(variant).items()}
+    if "window" in extra:
         extra["window"] = T // 4
     return ModelConfig(n_layer=layers, n_head=max(1, d // 64), d_model=d, max_seq_len=T, **extra)
 
@@ -216,7 +210,7 @@ def run_bench(quick: bool) -> dict:
     rounds, steps = (1, 2) if quick else (5, 2)
     d, T, B = (64, 64, 4) if quick else (256, 256, 16)
     cases = [
-        TrainCase(f"variant:{v}", model_config(d, T, v), B, T, "fp32", device) for v in VARIANTS
+        TrainCase(f"variant:{v}", model_config(d, T, v), B, T, "fp32", device) for v in presets()
     ]
     rope = model_config(d, T, "rope")
     cases.append(TrainCase("rope:eager-attention", rope, B, T, "fp32", device, eager=True))

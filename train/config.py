@@ -140,8 +140,25 @@ def flatten(values: dict, prefix: str = "") -> dict:
     return out
 
 
+PRESETS = Path(__file__).with_name("presets.toml")
+
+
+def presets() -> dict[str, dict]:
+    """{name: flat keys} of every positional variant (train/presets.toml)."""
+    return {name: flatten(keys) for name, keys in read_toml_file(PRESETS, "presets").items()}
+
+
+def preset(name) -> dict:
+    """The flat keys of one preset, or a ConfigError that lists the valid names."""
+    known = presets()
+    if name not in known:
+        raise ConfigError(f"unknown preset {name!r}; valid presets: {sorted(known)}")
+    return known[name]
+
+
 def read_toml(path: Path, seen: tuple = ()) -> dict:
-    """Flat {dotted key: value} of a file and its includes (includes first)."""
+    """Flat {dotted key: value} of a file and its includes: includes first, then the file's
+    preset (train/presets.toml), then the file's own keys."""
     path = Path(path).resolve()
     if path in seen:
         raise ConfigError(f"include cycle: {' -> '.join(map(str, (*seen, path)))}")
@@ -155,6 +172,8 @@ def read_toml(path: Path, seen: tuple = ()) -> dict:
     merged: dict = {}
     for inc in includes:
         merged.update(read_toml(path.parent / inc, (*seen, path)))
+    if "preset" in raw:
+        merged.update(preset(raw.pop("preset")))
     merged.update(flatten(raw))
     return merged
 

@@ -6,9 +6,12 @@ a grid over any other keys:
     base = "../base.toml"          # relative to the sweep file
     seeds = [0, 1, 2]
     [variants.rope]
-    model.position = "rope"
+    preset = "rope"                 # a variant of train/presets.toml ...
+    [variants.swa64]
+    preset = "swa"
+    model.window = 64               # ... with keys of its own on top
     [variants.nope]
-    model.position = "nope"
+    model.position = "nope"         # or keys alone
     [variants.markov]
     data.source = "markov"
     seeds = [0]                     # optional: this variant's own seeds
@@ -46,7 +49,7 @@ import tomli_w
 
 from posleak.files import atomic_write
 from posleak.model import ConfigError
-from posleak.train.config import build, flatten, read_toml, read_toml_file
+from posleak.train.config import build, flatten, preset, presets, read_toml, read_toml_file
 
 SWEEP_KEYS = {"name", "base", "seeds", "variants", "grid", "set"}
 SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
@@ -96,6 +99,11 @@ def spec_problems(spec: dict) -> list[str]:
             own = overlay.get("seeds", [0]) if isinstance(overlay, dict) else None
             if not (isinstance(own, list) and own and all(type(x) is int for x in own)):
                 out.append(f"variants.{name} must be a table whose seeds, if given, are integers")
+            elif "preset" in overlay and overlay["preset"] not in presets():
+                out.append(
+                    f"variants.{name}: unknown preset {overlay['preset']!r}; "
+                    f"valid presets: {sorted(presets())}"
+                )
     for key, values in flatten(spec.get("grid", {})).items():
         if not (isinstance(values, list) and values):
             out.append(f"grid.{key} must be a non-empty list of values, got {values!r}")
@@ -127,9 +135,10 @@ def expand(spec: dict) -> list[PlannedRun]:
     for point in itertools.product(*(grid[k] for k in grid_keys)):
         grid_values = dict(zip(grid_keys, point, strict=True))
         for variant, overlay in spec["variants"].items():
-            keys = {k: v for k, v in overlay.items() if k != "seeds"}
+            keys = {k: v for k, v in overlay.items() if k not in ("seeds", "preset")}
+            keys = {**(preset(overlay["preset"]) if "preset" in overlay else {}), **flatten(keys)}
             for seed in overlay.get("seeds", spec["seeds"]):
-                values = {**base, **shared, **flatten(keys), **grid_values, "seed": seed}
+                values = {**base, **shared, **keys, **grid_values, "seed": seed}
                 digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
                 label = "".join(
                     f"-{k.rsplit('.', 1)[-1]}{_label(v)}" for k, v in grid_values.items()
