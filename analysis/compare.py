@@ -153,50 +153,42 @@ def difference_table(summaries: dict, reference: str, rows) -> list[str]:
 
 def draw_figures(groups: dict, out: Path) -> dict:
     """Every figure of the report; returns {key: PNG file name}."""
-    fig = {
-        "probe": plots.figure(out / "probe", lambda ax: plots.probe_curve(ax, groups)),
-        "c_mask_q": plots.per_layer_queries(
-            out / "c_mask_query", groups, "c_mask", "mask component"
-        ),
-        "c_res_q": plots.per_layer_queries(
-            out / "c_res_query", groups, "c_res", "residual component"
-        ),
-        "c_content_q": plots.per_layer_queries(
-            out / "c_content_query", groups, "c_content", "content variation"
-        ),
+
+    def curve(name, draw):
+        return plots.figure(out / name, draw)
+
+    def by_layer(metric, ylabel, title):
+        return lambda ax: plots.layer_curve(
+            ax, groups, metric, ylabel, title, query=None, condition=None
+        )
+
+    per_query = plots.per_layer_queries
+    return {
+        "probe": curve("probe", lambda ax: plots.probe_curve(ax, groups)),
+        "c_mask_q": per_query(out / "c_mask_query", groups, "c_mask", "mask component"),
+        "c_res_q": per_query(out / "c_res_query", groups, "c_res", "residual component"),
+        "c_content_q": per_query(out / "c_content_query", groups, "c_content", "content variation"),
         "abs_share": plots.head_maps(out / "abs_share", groups, "abs_share", "absolute share"),
         "sinks": plots.head_maps(out / "sinks", groups, "sink_alpha0", "α₀, mean A_i0", vmin=0.0),
-        "fp": plots.figure(out / "fingerprint", lambda ax: plots.fingerprint_curve(ax, groups)),
+        "fp": curve("fingerprint", lambda ax: plots.fingerprint_curve(ax, groups)),
         "swap": plots.swap_bars(out / "bos_swap", groups),
-        "knockout": plots.figure(out / "knockout", lambda ax: plots.knockout_curve(ax, groups)),
-        "shift": plots.figure(
-            out / "shift",
+        "knockout": curve("knockout", lambda ax: plots.knockout_curve(ax, groups)),
+        "shift": curve(
+            "shift", by_layer("shift_js", "JS distance", "Shift test, content keys only")
+        ),
+        "extrapolation": curve("extrapolation", lambda ax: plots.extrapolation_curve(ax, groups)),
+        "c_res_l": curve(
+            "c_res_layer",
             lambda ax: plots.layer_curve(
                 ax,
                 groups,
-                "shift_js",
-                "JS distance",
-                "Shift test, content keys only",
-                query=None,
+                "c_res",
+                "residual component",
+                "C_res vs layer, mean over queries",
                 condition=None,
             ),
         ),
-        "extrapolation": plots.figure(
-            out / "extrapolation", lambda ax: plots.extrapolation_curve(ax, groups)
-        ),
     }
-    fig["c_res_l"] = plots.figure(
-        out / "c_res_layer",
-        lambda ax: plots.layer_curve(
-            ax,
-            groups,
-            "c_res",
-            "residual component",
-            "C_res vs layer, mean over queries",
-            condition=None,
-        ),
-    )
-    return fig
 
 
 SECTIONS = (
@@ -234,8 +226,24 @@ def write_report(groups: dict, summaries: dict, out: Path, reference: str | None
         raise ValueError(f"reference variant {reference!r} is not among {sorted(summaries)}")
     fig = draw_figures(groups, out)
     rows = [*HEADLINES, *extra_headlines(summaries)]
-    first = next(iter(summaries.values()))[0]
     lines = [
+        *_header(summaries, out),
+        *_tables(summaries, reference, rows),
+        *(line for title, keys in SECTIONS for line in _section(title, keys, fig)),
+        *_runs_table(summaries),
+    ]
+    report = out / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    title = "posleak variant comparison"
+    (out / "report.html").write_text(to_html(report.read_text(), out, title))
+    headline = {v: {k: by_seed(items, k) for k, _ in rows} for v, items in summaries.items()}
+    (out / "headline.json").write_text(json.dumps(headline, indent=2) + "\n")
+    return report
+
+
+def _header(summaries: dict, out: Path) -> list[str]:
+    first = next(iter(summaries.values()))[0]
+    return [
         "# Where does absolute position come from? Variant comparison",
         "",
         f"Runs: {sum(len(v) for v in summaries.values())} in {len(summaries)} variants, analysed "
@@ -243,6 +251,11 @@ def write_report(groups: dict, summaries: dict, out: Path, reference: str | None
         f"from `{first['data']}`. "
         f"Definitions version {DEFINITIONS}: {definitions_link(out)}. "
         f"posleak {version()}.",
+    ]
+
+
+def _tables(summaries: dict, reference: str, rows) -> list[str]:
+    return [
         "",
         "## Levels (mean ± sd over seeds [95% t-interval of the mean])",
         "",
@@ -256,9 +269,14 @@ def write_report(groups: dict, summaries: dict, out: Path, reference: str | None
         "",
         *difference_table(summaries, reference, rows),
     ]
-    for title, keys in SECTIONS:
-        lines += ["", f"## {title}", *(f"![{k}]({fig[k]})" for k in keys)]
-    lines += [
+
+
+def _section(title: str, keys, fig: dict) -> list[str]:
+    return ["", f"## {title}", *(f"![{k}]({fig[k]})" for k in keys)]
+
+
+def _runs_table(summaries: dict) -> list[str]:
+    lines = [
         "",
         "## Runs",
         "",
@@ -269,13 +287,7 @@ def write_report(groups: dict, summaries: dict, out: Path, reference: str | None
         for s in items:
             name, loss = Path(s["run"]).name, _fmt(s["val_loss"])
             lines.append(f"| {variant} | {s['seed']} | `{name}` | {s['step']} | {loss} |")
-    report = out / "report.md"
-    report.write_text("\n".join(lines) + "\n")
-    title = "posleak variant comparison"
-    (out / "report.html").write_text(to_html(report.read_text(), out, title))
-    headline = {v: {k: by_seed(items, k) for k, _ in rows} for v, items in summaries.items()}
-    (out / "headline.json").write_text(json.dumps(headline, indent=2) + "\n")
-    return report
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:

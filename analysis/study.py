@@ -130,20 +130,7 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 # ---------------------------------------------------------------- the three claims
 def claim_a(study: Study, out: Path) -> list[str]:
-    ref = per_seed(study.runs_of(REFERENCE), deep_c_res)
-    ref_slope = per_seed(study.runs_of(REFERENCE), depth_slope)
-    rows, diffs = [], {}
-    for v in study.text:
-        deep, slope = (
-            per_seed(study.runs_of(v), deep_c_res),
-            per_seed(study.runs_of(v), depth_slope),
-        )
-        diffs[v] = (verdict(deep, ref), verdict(slope, ref_slope))
-        rows.append(
-            [v, level(deep), level(slope), *diffs[v]]
-            if v != REFERENCE
-            else [v, level(deep), level(slope), "reference", "reference"]
-        )
+    rows, diffs = _claim_a_rows(study)
     curves = {
         v: [_numeric(s["per_layer"]["c_res_early"]) for s in study.runs_of(v)] for v in study.text
     }
@@ -155,25 +142,33 @@ def claim_a(study: Study, out: Path) -> list[str]:
         "Residual-stream component at early queries by layer",
     )
     ntk, swa = diffs.get(NTK, ("not run",) * 2), diffs.get(WINDOWED, ("not run",) * 2)
+    header = ["variant", f"C_res, i < 16, layers ≥ {DEEP}", "slope per layer"]
     return [
         "## (a) Does the residual-stream component order NTK < RoPE < window at layers ≥ 2?",
         "",
         f"Answer: NTK − RoPE at layers ≥ {DEEP}: {ntk[0]}. Window − RoPE: {swa[0]}. "
         f"Growth with depth (least-squares slope of C_res over layers), window − RoPE: {swa[1]}.",
         "",
-        *table(
-            [
-                "variant",
-                f"C_res, i < 16, layers ≥ {DEEP}",
-                "slope per layer",
-                "− rope (paired)",
-                "slope − rope (paired)",
-            ],
-            rows,
-        ),
+        *table([*header, "− rope (paired)", "slope − rope (paired)"], rows),
         "",
         f"![C_res by layer]({fig})",
     ]
+
+
+def _claim_a_rows(study: Study) -> tuple[list[list[str]], dict]:
+    """Per text variant: levels of deep C_res and its slope, and both paired against rope."""
+    ref = per_seed(study.runs_of(REFERENCE), deep_c_res)
+    ref_slope = per_seed(study.runs_of(REFERENCE), depth_slope)
+    rows, diffs = [], {}
+    for v in study.text:
+        deep = per_seed(study.runs_of(v), deep_c_res)
+        slope = per_seed(study.runs_of(v), depth_slope)
+        if v == REFERENCE:
+            paired = ("reference", "reference")
+        else:
+            paired = diffs[v] = (verdict(deep, ref), verdict(slope, ref_slope))
+        rows.append([v, level(deep), level(slope), *paired])
+    return rows, diffs
 
 
 def claim_b(study: Study) -> list[str]:
@@ -307,25 +302,12 @@ def position_readout(study: Study, out: Path) -> list[str]:
     figs = [plots.figure(out / "probe_text", lambda ax: plots.probe_curve(ax, text))]
     if markov:
         figs.append(plots.figure(out / "probe_markov", lambda ax: plots.probe_curve(ax, markov)))
-    ext = plots.figure(out / "extrapolation", lambda ax: plots.extrapolation_curve(ax, text))
     keys = ("probe_r2_log_last", "knockout_probe_r2_log_drop", "c_mask", "shift_js")
     rows = [
         [v, *(level(per_seed(study.runs_of(v), headline(k))) for k in keys)]
         for v in study.summaries
     ]
-    beyond = sorted(
-        {
-            k
-            for items in study.summaries.values()
-            for s in items
-            for k in s["headline"]
-            if k.startswith("loss_beyond_")
-        },
-        key=lambda k: (len(k), k),
-    )
-    loss_rows = [
-        [v, *(level(per_seed(study.runs_of(v), headline(k))) for k in beyond)] for v in study.text
-    ]
+    header = ["variant", "probe R² (last layer)", "R² lost by key-0 knockout", "C_mask (mean)"]
     return [
         "## Where absolute position becomes decodable, and what key 0 carries",
         "",
@@ -334,22 +316,27 @@ def position_readout(study: Study, out: Path) -> list[str]:
         "",
         *(f"![probe]({f})" for f in figs),
         "",
-        *table(
-            [
-                "variant",
-                "probe R² (last layer)",
-                "R² lost by key-0 knockout",
-                "C_mask (mean)",
-                "shift-test JS",
-            ],
-            rows,
-        ),
-        "",
+        *table([*header, "shift-test JS"], rows),
+    ]
+
+
+def extrapolation(study: Study, out: Path) -> list[str]:
+    text = {v: study.groups[v] for v in study.text}
+    fig = plots.figure(out / "extrapolation", lambda ax: plots.extrapolation_curve(ax, text))
+    beyond = sorted(
+        {k for v in study.text for s in study.runs_of(v) for k in s["headline"]},
+        key=lambda k: (len(k), k),
+    )
+    beyond = [k for k in beyond if k.startswith("loss_beyond_")]
+    rows = [
+        [v, *(level(per_seed(study.runs_of(v), headline(k))) for k in beyond)] for v in study.text
+    ]
+    return [
         "## Length extrapolation (loss beyond the training length; `ntkS`: NTK at inference)",
         "",
-        *table(["variant", *(k.removeprefix("loss_beyond_") for k in beyond)], loss_rows),
+        *table(["variant", *(k.removeprefix("loss_beyond_") for k in beyond)], rows),
         "",
-        f"![extrapolation]({ext})",
+        f"![extrapolation]({fig})",
     ]
 
 

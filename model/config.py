@@ -38,6 +38,14 @@ class ModelConfig:
         if problems:
             raise ConfigError("invalid model config:\n  - " + "\n  - ".join(problems))
 
+    @classmethod
+    def problems_of(cls, values: dict) -> list[str]:
+        """problems() of the config these values would make, without raising."""
+        unvalidated = object.__new__(cls)
+        for f in dataclasses.fields(cls):
+            object.__setattr__(unvalidated, f.name, values.get(f.name, f.default))
+        return unvalidated.problems()
+
     def problems(self) -> list[str]:
         """Every reason this config is impossible, each naming the field and the fix."""
         out = []

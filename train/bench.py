@@ -169,35 +169,31 @@ def analysis_cost(cases: list[tuple[int, int, float | None]], d: int) -> list[di
         )
         train(cfg, run_dir)
         for seqs, seq_len, scale in cases:
-            cmd = [
-                sys.executable,
-                "-m",
-                "posleak",
-                "analyze",
-                str(run_dir),
-                "--seqs",
-                str(seqs),
-                "--seq-len",
-                str(seq_len),
-                "--out",
-                str(Path(tmp) / f"an-{seq_len}"),
-            ]
-            cmd += ["--rope-scale", str(scale)] if scale else []
-            started = time.perf_counter()
-            child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-            _, status, usage = os.wait4(child.pid, 0)
+            out = Path(tmp) / f"an-{seq_len}"
+            args = ["--seqs", seqs, "--seq-len", seq_len, "--out", out]
+            args += ["--rope-scale", scale] if scale else []
+            seconds, status, peak_mb = _child_cost(["analyze", run_dir, *args])
             rows.append(
                 {
                     "seqs": seqs,
                     "seq_len": seq_len,
                     "rope_scale": scale,
                     "d_model": d,
-                    "seconds": time.perf_counter() - started,
+                    "seconds": seconds,
                     "exit": status,
-                    "peak_rss_mb": usage.ru_maxrss / 1024,
+                    "peak_rss_mb": peak_mb,
                 }
             )
     return rows
+
+
+def _child_cost(args: list) -> tuple[float, int, float]:
+    """Wall seconds, exit status and peak RSS (MB) of `python -m posleak ARGS...`."""
+    started = time.perf_counter()
+    cmd = [sys.executable, "-m", "posleak", *map(str, args)]
+    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(child.pid, 0)
+    return time.perf_counter() - started, status, usage.ru_maxrss / 1024
 
 
 def run_bench(quick: bool) -> dict:

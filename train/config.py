@@ -78,6 +78,10 @@ class RunConfig:
     log: LogConfig = field(default_factory=LogConfig)
 
     def model_config(self, vocab_size: int) -> ModelConfig:
+        return ModelConfig(**self.model_values(vocab_size))
+
+    def model_values(self, vocab_size: int) -> dict:
+        """ModelConfig's fields: TOML's 0 for "none" translated, the vocabulary filled in."""
         values = dict(self.model)
         for key in ("window", "d_ff"):
             if values.get(key) == 0:
@@ -89,7 +93,7 @@ class RunConfig:
                 f"model.vocab_size={values['vocab_size']} is smaller than the data's vocabulary "
                 f"({vocab_size}); set model.vocab_size = 0 to take it from the data"
             )
-        return ModelConfig(**values)
+        return values
 
     def to_dict(self) -> dict:
         out = {"seed": self.seed, "model": dict(self.model)}
@@ -205,30 +209,7 @@ def parse_override(text: str) -> tuple[str, object]:
 
 def build(values: dict) -> RunConfig:
     """RunConfig from flat dotted values; every problem is collected and raised together."""
-    problems = []
-    keys = valid_keys()
-    sections: dict[str, dict] = {name: {} for name in SECTIONS}
-    seed = 0
-    for key, value in values.items():
-        if key not in keys:
-            close = difflib.get_close_matches(key, keys, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            problems.append(f"unknown key {key!r}{hint} (valid keys: {', '.join(keys)})")
-            continue
-        if key == "seed":
-            if not _type_ok(value, int):
-                problems.append(f"seed: expected int, got {value!r}")
-            seed = value
-            continue
-        section, name = key.split(".", 1)
-        expected = _expected_type(section, name)
-        if not _type_ok(value, expected):
-            problems.append(
-                f"{key}: expected {_type_name(expected)}, got {type(value).__name__} {value!r}"
-            )
-            continue
-        sections[section][name] = value
-
+    seed, sections, problems = _sort_keys(values)
     data = DataConfig(**sections["data"])
     train = TrainConfig(**sections["train"])
     log = LogConfig(**sections["log"])
@@ -240,13 +221,36 @@ def build(values: dict) -> RunConfig:
             "learned position table cannot cover the sequence; raise model.max_seq_len"
         )
     run = RunConfig(seed=seed, model=sections["model"], data=data, train=train, log=log)
-    try:  # the data's vocabulary is known only once the corpus is loaded: checked at run time
-        run.model_config(vocab_size=1)
-    except ConfigError as err:
-        problems += [f"model: {line.strip()[2:]}" for line in str(err).splitlines()[1:]]
+    # the data's vocabulary is known only once the corpus is loaded: checked at run time
+    problems += [f"model: {p}" for p in ModelConfig.problems_of(run.model_values(vocab_size=1))]
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
     return run
+
+
+def _sort_keys(values: dict) -> tuple[int, dict, list[str]]:
+    """The seed, {section: {name: value}} and the problems of unknown or mistyped keys."""
+    problems = []
+    keys = valid_keys()
+    sections: dict[str, dict] = {name: {} for name in SECTIONS}
+    seed = 0
+    for key, value in values.items():
+        if key not in keys:
+            close = difflib.get_close_matches(key, keys, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            problems.append(f"unknown key {key!r}{hint} (valid keys: {', '.join(keys)})")
+            continue
+        section, _, name = key.rpartition(".")
+        expected = int if key == "seed" else _expected_type(section, name)
+        if not _type_ok(value, expected):
+            problems.append(
+                f"{key}: expected {_type_name(expected)}, got {type(value).__name__} {value!r}"
+            )
+        elif key == "seed":
+            seed = value
+        else:
+            sections[section][name] = value
+    return seed, sections, problems
 
 
 def train_problems(t: TrainConfig) -> list[str]:

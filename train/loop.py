@@ -82,19 +82,14 @@ class Run:
         self.dir = RunDir(self.out)
         if cfg.log.wandb:
             tracking.require_wandb()  # before anything is written
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        self.rank = dist.get_rank() if self.world > 1 else 0
+        self.world, self.rank = _join_process_group()
         self.cfg = self._check_run_dir(cfg, resume)
         if self.cfg.train.threads:
             torch.set_num_threads(self.cfg.train.threads)
         self.device = resolve_device(self.cfg.train.device)
-        self.train_stream = BatchStream(
-            self.cfg.data, self.cfg.seed, "train", self.cfg.train.batch_size
-        )
-        self.val_stream = BatchStream(
-            self.cfg.data, self.cfg.seed, "val", self.cfg.train.batch_size
+        self.train_stream, self.val_stream = (
+            BatchStream(self.cfg.data, self.cfg.seed, split, self.cfg.train.batch_size)
+            for split in ("train", "val")
         )
         for stream in (self.train_stream, self.val_stream):  # data too short: fail before writing
             stream.batch(0)
@@ -105,30 +100,35 @@ class Run:
         torch.manual_seed(self.cfg.seed)
         self.model = Decoder(self.model_cfg, seed=self.cfg.seed).to(self.device)
         self.optimizer = make_optimizer(self.model, self.cfg)
-        self.step, self.elapsed = 0, 0.0
         self.ckpt_root = self.dir.checkpoints_dir
-        state = None
-        if resume:
-            checkpoint.clean_temporaries(self.ckpt_root)
-            state = checkpoint.load_latest(self.ckpt_root, self.model, self.optimizer)
-            if state:
-                self.step, self.elapsed = state["step"], state["elapsed_s"]
-            if self.step > self.cfg.train.steps:
-                raise ConfigError(
-                    f"{self.out} is at step {self.step}, past train.steps="
-                    f"{self.cfg.train.steps}; resume with train.steps >= {self.step}"
-                )
-        self.forward_model = self.model
+        self.step, self.elapsed = 0, 0.0
+        resumed = self._restore() if resume else False
+        self.forward_model = self._wrap(self.model)
+        if self.rank == 0:
+            self._write_header(reason, resumed=resumed)
+        self._stop_signal = None
+
+    def _restore(self) -> bool:
+        """Continue from the newest good checkpoint, if any; True when one was loaded."""
+        checkpoint.clean_temporaries(self.ckpt_root)
+        state = checkpoint.load_latest(self.ckpt_root, self.model, self.optimizer)
+        if state:
+            self.step, self.elapsed = state["step"], state["elapsed_s"]
+        if self.step > self.cfg.train.steps:
+            raise ConfigError(
+                f"{self.out} is at step {self.step}, past train.steps="
+                f"{self.cfg.train.steps}; resume with train.steps >= {self.step}"
+            )
+        return state is not None
+
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module the training step calls: DDP across ranks, compiled when asked."""
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.forward_model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=ids
-            )
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         if self.cfg.train.compile:
-            self.forward_model = torch.compile(self.forward_model)
-        if self.rank == 0:
-            self._write_header(reason, resumed=state is not None)
-        self._stop_signal = None
+            model = torch.compile(model)
+        return model
 
     # ------------------------------------------------------------------ run directory
     def _check_run_dir(self, cfg: RunConfig, resume: bool) -> RunConfig:
@@ -213,16 +213,7 @@ class Run:
                 done = self.step == t.steps
                 evaluate = self.step % t.eval_every == 0 or done
                 if self.step % t.log_every == 0 or evaluate:
-                    now = time.perf_counter()
-                    self.elapsed += now - window_start
-                    record = {
-                        "step": self.step,
-                        "train_loss": loss,
-                        "lr": lr_at(self.step - 1, self.cfg),
-                        "tokens": self.step * tokens_per_step,
-                        "tokens_per_s": window_steps * tokens_per_step / (now - window_start),
-                        "elapsed_s": self.elapsed,
-                    }
+                    record = self._record(loss, window_steps * tokens_per_step, window_start)
                     if evaluate:
                         record["val_loss"] = last_val = self.evaluate()
                     log(record)
@@ -244,6 +235,19 @@ class Run:
         if self.rank == 0:
             self.dir.write("summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
+
+    def _record(self, loss: float, window_tokens: int, window_start: float) -> dict:
+        """The metrics line of this step; the wall time since window_start joins elapsed."""
+        now = time.perf_counter()
+        self.elapsed += now - window_start
+        return {
+            "step": self.step,
+            "train_loss": loss,
+            "lr": lr_at(self.step - 1, self.cfg),
+            "tokens": self.step * self.cfg.train.batch_size * self.cfg.data.seq_len,
+            "tokens_per_s": window_tokens / (now - window_start),
+            "elapsed_s": self.elapsed,
+        }
 
     @contextlib.contextmanager
     def _metrics_log(self):
@@ -383,6 +387,14 @@ def progress_fields(record: dict, total: int) -> str:
 def _clock(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
+def _join_process_group() -> tuple[int, int]:
+    """(world size, rank) under torchrun; the process group is joined when there are ranks."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return world, dist.get_rank() if world > 1 else 0
 
 
 def train(cfg: RunConfig, out: str | Path, resume: bool = False) -> dict:
