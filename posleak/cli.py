@@ -1,4 +1,4 @@
-"""The `posleak` command: train, sweep, analyze, compare, bench.
+"""The `posleak` command: train, sweep, analyze, compare, study, export, bench.
 
 Arguments are declared here, without importing torch, so that `posleak --help` is instant; a
 subcommand's module is imported only to run it. Every error reaches the user as one line
@@ -22,6 +22,7 @@ RUNNERS = {
     "compare": "posleak.analysis.compare",
     "study": "posleak.analysis.study",
     "bench": "posleak.train.bench",
+    "export": "posleak.train.export",
 }
 
 
@@ -65,6 +66,12 @@ def _analyze(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output directory (default: RUN/analysis)")
 
 
+def _export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run directory")
+    p.add_argument("--format", choices=["hf"], default="hf", help="hf: a transformers checkpoint")
+    p.add_argument("--out", required=True, help="directory to write")
+
+
 def _study(p: argparse.ArgumentParser) -> None:
     p.add_argument("sweep", help="the study's sweep directory (runs/sweeps/study)")
     p.add_argument("--out", default="docs/study", help="report directory")
@@ -89,6 +96,7 @@ ARGUMENTS = {
     "analyze": (_analyze, "measure where absolute position emerges in one run"),
     "compare": (_compare, "report the variants of several runs or sweeps side by side"),
     "study": (_study, "the study's report from a study sweep (docs/study)"),
+    "export": (_export, "write a run's model as a transformers (Llama/Mistral) checkpoint"),
     "bench": (_bench, "measure training, data and analysis speed against the matmul peak"),
 }
 

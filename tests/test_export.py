@@ -1,0 +1,76 @@
+"""Export to transformers: a trained run loaded by transformers gives posleak's logits, and the
+byte tokenizer gives posleak's ids."""
+
+import pytest
+import torch
+from conftest import tiny_overrides
+
+from posleak.cli import main
+from posleak.data import ByteTokenizer
+from posleak.train.config import build
+from posleak.train.export import ExportError, export_hf
+from posleak.train.loop import train
+from posleak.train.rundir import RunDir
+
+transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
+
+EXPORTABLE = {
+    "rope": dict(model__position="rope"),
+    "ntk": dict(model__position="rope_ntk", model__rope_scale=4.0),
+    "window": dict(model__position="rope", model__window=5),
+    "tied": dict(model__position="rope", model__tie_embeddings=True),
+}
+
+
+@pytest.mark.parametrize("name", EXPORTABLE)
+def test_exported_model_gives_posleak_logits_in_transformers(tmp_path, name):
+    run = tmp_path / "run"
+    train(build(tiny_overrides(**EXPORTABLE[name])), run)
+    out = export_hf(run, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ours, _, _ = RunDir(run).load_model()
+    expected = "MistralForCausalLM" if name == "window" else "LlamaForCausalLM"
+    assert type(hf).__name__ == expected
+    tokens = torch.randint(0, 20, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs = hf(tokens).logits
+    assert torch.allclose(theirs, ours(tokens), atol=1e-5), (theirs - ours(tokens)).abs().max()
+
+
+@pytest.mark.parametrize(
+    "overrides", [dict(model__position="nope"), dict(model__sink="learned")], ids=["nope", "sink"]
+)
+def test_variants_without_a_faithful_architecture_are_refused_in_one_line(
+    tmp_path, overrides, capsys
+):
+    train(build(tiny_overrides(**overrides)), tmp_path / "run")
+    with pytest.raises(ExportError, match="export supports|sink-free"):
+        export_hf(tmp_path / "run", tmp_path / "hf")
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not (tmp_path / "hf").exists()
+
+
+def test_byte_tokenizer_maps_bytes_to_posleak_ids_and_prepends_bos(tmp_path):
+    from posleak.train.export import write_tokenizer
+
+    write_tokenizer(tmp_path, bos=True)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    text = "In the beginning, Gott schuf — ∂x ☃\n"
+    ours = ByteTokenizer()
+    assert hf(text)["input_ids"] == [ours.bos, *ours.encode(text).tolist()]
+    assert hf.decode(hf(text)["input_ids"], skip_special_tokens=True) == text
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (256, 257, 258)
+
+
+def test_a_text_run_exports_with_its_tokenizer(tmp_path):
+    run = tmp_path / "run"
+    train(build(tiny_overrides(data__source="bible")), run)
+    out = export_hf(run, tmp_path / "hf")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ours, _, _ = RunDir(run).load_model()
+    ids = tokenizer("And God said", return_tensors="pt")["input_ids"]
+    assert ids[0, 0].item() == hf.config.bos_token_id == ByteTokenizer().bos
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, ours(ids), atol=1e-5)

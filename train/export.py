@@ -1,0 +1,143 @@
+"""`posleak export RUN --format hf --out DIR`: a run's model as a `transformers` checkpoint.
+
+RoPE and NTK-scaled RoPE models map one to one onto Llama (the effective base b' becomes
+`rope_theta`: NTK at a fixed scale is plain RoPE with another base); a sliding-window model
+onto Mistral (`sliding_window` = w keys including the query, as in posleak). Parameter names
+are already Llama's. NoPE, the learned table and sink logits have no faithful transformers
+architecture and are refused. A byte-vocabulary model also gets a fast tokenizer that maps
+bytes to the same ids and prepends BOS when the run trained with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from posleak.data import ByteTokenizer
+from posleak.model import Decoder
+from posleak.train.config import RunConfig
+from posleak.train.rundir import RunDir
+
+
+class ExportError(ValueError):
+    """A model that no transformers architecture expresses, or a missing extra."""
+
+
+def refusal(model: Decoder) -> str | None:
+    """Why this model cannot be written as a transformers checkpoint, or None."""
+    cfg = model.cfg
+    if not cfg.position.startswith("rope"):
+        return (
+            f"position={cfg.position!r} has no faithful transformers architecture (Llama and "
+            "Mistral apply RoPE in every layer); export supports rope and rope_ntk models"
+        )
+    if cfg.sink != "none":
+        return f"sink={cfg.sink!r} has no counterpart in Llama or Mistral; export a sink-free model"
+    return None
+
+
+def hf_config(model: Decoder, special: dict):
+    """The Llama (full causal) or Mistral (sliding window) config of a posleak model."""
+    import transformers
+
+    cfg = model.cfg
+    shared = dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.ff_width,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_head,
+        head_dim=cfg.d_head,
+        hidden_act="silu",
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        tie_word_embeddings=cfg.tie_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": model.rope_effective_base},
+        **special,
+    )
+    if cfg.window is None:
+        return transformers.LlamaConfig(architectures=["LlamaForCausalLM"], **shared)
+    return transformers.MistralConfig(
+        architectures=["MistralForCausalLM"], sliding_window=cfg.window, **shared
+    )
+
+
+def hf_weights(model: Decoder) -> dict:
+    """posleak's Llama-named tensors under transformers' prefixes (the head stays on top)."""
+    return {
+        (name if name == "lm_head.weight" else f"model.{name}"): tensor
+        for name, tensor in model.weights().items()
+    }
+
+
+def write_tokenizer(out: Path, bos: bool) -> None:
+    """A fast byte-level tokenizer with posleak's ids: byte b -> b, then BOS, EOS, PAD."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {char: b for b, char in enumerate(byte_level_chars())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<bos>", "<eos>", "<pad>"]
+    tok.add_special_tokens(specials)  # ids 256, 257, 258 as in ByteTokenizer
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", special_tokens=[("<bos>", ByteTokenizer().bos)]
+        )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
+    fast.save_pretrained(out)
+
+
+def byte_level_chars() -> list[str]:
+    """The printable character byte-level BPE (GPT-2's convention) stands for each byte:
+    printable Latin-1 bytes stand for themselves, the others for U+0100 onwards."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    shifted = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(shifted)) for b in range(256)]
+
+
+def export_hf(run: str | Path, out: str | Path) -> Path:
+    if importlib.util.find_spec("transformers") is None:
+        raise ExportError("export needs transformers: pip install 'posleak[hf]'")
+    model, cfg, _ = RunDir(run).load_model()
+    why = refusal(model)
+    if why:
+        raise ExportError(f"cannot export {run}: {why}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    bytes_vocab = _byte_vocabulary(cfg, model)
+    special = _special_ids() if bytes_vocab else {}
+    hf_config(model, special).save_pretrained(out)
+    save_file(hf_weights(model), str(out / "model.safetensors"), metadata={"format": "pt"})
+    if bytes_vocab:
+        write_tokenizer(out, bos=cfg.data.bos == "always")
+    return out
+
+
+def _byte_vocabulary(cfg: RunConfig, model: Decoder) -> bool:
+    return cfg.data.source not in ("uniform", "markov", "induction") and (
+        model.cfg.vocab_size == ByteTokenizer().size
+    )
+
+
+def _special_ids() -> dict:
+    tok = ByteTokenizer()
+    return {"bos_token_id": tok.bos, "eos_token_id": tok.eos, "pad_token_id": tok.pad}
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        out = export_hf(args.run, args.out)
+    except (ExportError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported: {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
+    return 0
