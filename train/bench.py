@@ -32,6 +32,7 @@ from posleak.data import BatchStream, DataConfig
 from posleak.model import Decoder, ModelConfig
 from posleak.train.config import preset, presets
 from posleak.train.environment import autocast, cpu_has_fast_bf16, device_name, resolve_device
+from posleak.train.optim import AdamW
 from posleak.train.reference import ReferenceGPT
 
 
@@ -80,7 +81,8 @@ class TrainCase:
         else:
             self.model = Decoder(cfg).to(device)
             self.model.force_eager = eager
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, foreach=True)
+        groups = [{"params": self.model.parameters(), "weight_decay": 0.1}]
+        self.opt = AdamW(groups, lr=1e-4, betas=(0.9, 0.95))
         self.tokens = torch.randint(0, cfg.vocab_size, (B, T + 1), device=device)
         self.times: list[float] = []
 

@@ -27,6 +27,7 @@ from posleak.model import ConfigError, Decoder
 from posleak.train import checkpoint, tracking
 from posleak.train.config import RunConfig, flatten, from_resolved, to_toml, tomllib
 from posleak.train.environment import autocast, describe, resolve_device, resolve_precision
+from posleak.train.optim import AdamW
 from posleak.train.rundir import RunDir
 
 # keys that may differ when a run is resumed: the budget may grow, logging may change
@@ -56,7 +57,7 @@ def lr_at(step: int, cfg) -> float:
     return floor + (t.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> AdamW:
     """AdamW; weight decay on matrices only (not norms or sink logits)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
@@ -64,9 +65,7 @@ def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
         {"params": decay, "weight_decay": cfg.train.weight_decay},
         {"params": rest, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(
-        groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), foreach=True
-    )
+    return AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2))
 
 
 def lm_loss(model, tokens: torch.Tensor) -> torch.Tensor:
