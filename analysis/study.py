@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -99,15 +100,25 @@ def _fmt(x) -> str:
     return "–" if x is None else f"{x:.3g}"
 
 
-def level(values: dict) -> str:
+def interval(values: dict) -> tuple[float, float, float, int] | None:
+    """Mean over seeds with its 95% t-interval (NaN bounds with a single seed)."""
     vals = [v for v in values.values() if v is not None]
     if not vals:
-        return "–"
+        return None
     m, s, n = mean_std(vals)
+    half = t_quantile_975(n - 1) * s / n**0.5 if n > 1 else math.nan
+    return m, m - half, m + half, n
+
+
+def level(values: dict, percent: bool = False) -> str:
+    found = interval(values)
+    if found is None:
+        return "–"
+    m, lo, hi, n = found
+    show = (lambda x: f"{x:.0%}") if percent else (lambda x: f"{x:.3g}")
     if n < 2:
-        return f"{m:.3g} (n=1)"
-    half = t_quantile_975(n - 1) * s / n**0.5
-    return f"{m:.3g} [{m - half:.3g}, {m + half:.3g}] (n={n})"
+        return f"{show(m)} (n=1)"
+    return f"{show(m)} [{show(lo)}, {show(hi)}] (n={n})"
 
 
 def verdict(values: dict, reference: dict) -> str:
@@ -146,8 +157,9 @@ def claim_a(study: Study, out: Path) -> list[str]:
     return [
         "## (a) Does the residual-stream component order NTK < RoPE < window at layers ≥ 2?",
         "",
-        f"Answer: NTK − RoPE at layers ≥ {DEEP}: {ntk[0]}. Window − RoPE: {swa[0]}. "
-        f"Growth with depth (least-squares slope of C_res over layers), window − RoPE: {swa[1]}.",
+        f"Answer: NTK − RoPE at layers ≥ {DEEP} (the claim: lower): {ntk[0]}. Window − RoPE "
+        f"(the claim: higher): {swa[0]}. Growth with depth (least-squares slope of C_res over "
+        f"layers), window − RoPE (the claim: higher): {swa[1]}.",
         "",
         *table([*header, "− rope (paired)", "slope − rope (paired)"], rows),
         "",
@@ -172,43 +184,45 @@ def _claim_a_rows(study: Study) -> tuple[list[list[str]], dict]:
 
 
 def claim_b(study: Study) -> list[str]:
-    rows = []
-    for v in study.text:
-        cells = [
-            level(per_seed(study.runs_of(v), headline(f"bos_swap_removed_{k}_k16"))) for k in KINDS
-        ]
-        rows.append([v, *cells])
-    control = {
-        k: per_seed(study.runs_of(CONTROL), headline(f"bos_swap_removed_{k}_k16")) for k in KINDS
-    }
+    def removed(variant: str, kind: str) -> dict:
+        return per_seed(study.runs_of(variant), headline(f"bos_swap_removed_{kind}_k16"))
+
+    rows = [[v, *(level(removed(v, k), percent=True) for k in KINDS)] for v in study.text]
     versus = [
-        [
-            v,
-            *(
-                verdict(
-                    per_seed(study.runs_of(v), headline(f"bos_swap_removed_{k}_k16")), control[k]
-                )
-                for k in KINDS
-            ),
-        ]
+        [v, *(verdict(removed(v, k), removed(CONTROL, k)) for k in KINDS)]
         for v in study.text
         if v != CONTROL
     ]
-    rope_mean = level(per_seed(study.runs_of(REFERENCE), headline("bos_swap_removed_mean_k16")))
     return [
         "## (b) What share of the residual component at early queries does replacing BOS remove?",
         "",
         "Share of Σ C_res² over queries 1–15 and all layers removed when the position-0 "
-        "embedding is replaced (negative: the replacement adds position signal). Answer: for "
-        f"RoPE, BOS → frequency-weighted mean embedding removes {rope_mean} (the source study "
-        "reports about 40%).",
+        "embedding is replaced (negative: the replacement adds position signal). Answer: "
+        + _against_source(interval(removed(REFERENCE, "mean"))),
         "",
         *table(["variant", *(f"BOS→{k}" for k in KINDS)], rows),
         "",
-        f"Against the learned-sink control (`{CONTROL}`), paired by seed:",
+        f"Against the learned-sink control (`{CONTROL}`), paired by seed (removed share, as a "
+        "fraction):",
         "",
         *table(["variant", *(f"BOS→{k} − {CONTROL}" for k in KINDS)], versus),
     ]
+
+
+def _against_source(found) -> str:
+    """RoPE's BOS→mean removed share set against the source study's 40%."""
+    if found is None:
+        return f"`{REFERENCE}` was not measured."
+    m, lo, hi, n = found
+    said = f"for RoPE, BOS → frequency-weighted mean embedding removes {m:.0%}"
+    if n < 2:
+        return said + " (one seed: no interval)."
+    span = f"[{lo:.0%}, {hi:.0%}] over {n} seeds"
+    zero = "excludes" if lo > 0 or hi < 0 else "includes"
+    source = "includes" if lo <= 0.4 <= hi else "excludes"
+    return (
+        f"{said}, 95% t-interval {span}: the interval {zero} 0 and {source} the source study's 40%."
+    )
 
 
 def claim_c(study: Study) -> list[str]:
@@ -236,8 +250,8 @@ def claim_c(study: Study) -> list[str]:
         "## (c) Do sink heads form, and is their position-0 output identical across inputs?",
         "",
         f"Answer: sink heads (α₀ > 0.3) form in {where}. With BOS at position 0 the "
-        f"position-0 output of every head is identical across inputs up to {bos_max:.2g} "
-        "(largest dispersion in any run and layer): position 0 sees only itself, so its "
+        f"position-0 output of every head is identical across inputs (largest difference "
+        f"{bos_max:.2g} in any run and layer): position 0 sees only itself, so its "
         "trajectory is a deterministic fingerprint of the BOS token, whether or not a head "
         "reads it. Without BOS it varies with the first token.",
         "",
@@ -252,6 +266,11 @@ def claim_c(study: Study) -> list[str]:
             rows,
         ),
     ]
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
 
 
 def _numeric(curve: dict) -> dict:
@@ -282,8 +301,9 @@ def training(study: Study, out: Path) -> list[str]:
     return [
         "## Training: loss curves and the cost of one run",
         "",
-        "Wall time is that of one run on one core of a 2-core CPU (two runs at a time); a "
-        "larger study can be planned from it.",
+        "Wall time is that of one run on one core of a 2-core CPU (two runs at a time, while "
+        "other work shared the machine, so an upper bound); a larger study can be planned "
+        "from it.",
         "",
         *table(["variant", "steps", "final validation loss", "minutes per run", "tokens/s"], rows),
         "",
@@ -302,9 +322,14 @@ def position_readout(study: Study, out: Path) -> list[str]:
     figs = [plots.figure(out / "probe_text", lambda ax: plots.probe_curve(ax, text))]
     if markov:
         figs.append(plots.figure(out / "probe_markov", lambda ax: plots.probe_curve(ax, markov)))
-    keys = ("probe_r2_log_last", "knockout_probe_r2_log_drop", "c_mask", "shift_js")
+    numbers = (
+        headline("probe_r2_log_last"),
+        headline("knockout_probe_r2_log_drop"),
+        lambda s: _mean(s["per_layer"]["c_mask"].values()),
+        headline("shift_js"),
+    )
     rows = [
-        [v, *(level(per_seed(study.runs_of(v), headline(k))) for k in keys)]
+        [v, *(level(per_seed(study.runs_of(v), number)) for number in numbers)]
         for v in study.summaries
     ]
     header = ["variant", "probe R² (last layer)", "R² lost by key-0 knockout", "C_mask (mean)"]
@@ -421,8 +446,8 @@ def scale_note(study: Study) -> list[str]:
         f"{'not yet' if (last_drop or 0) > 0.01 else 'nearly'} flattened. One run took "
         f"{minutes:.1f} minutes on one CPU core; the cost grows linearly with steps and seeds. "
         "A null here is 'not detected at this scale', not a failure to reproduce: the source "
-        "study's models were pretrained far longer, and sinks in particular are known to "
-        "appear with training length and scale.",
+        "study's models were pretrained far longer, and sinks in particular are reported to "
+        "emerge with training length and data scale.",
     ]
 
 
@@ -433,7 +458,8 @@ def write_report(study: Study, out: Path) -> Path:
     lines = [
         "# The study: where absolute position comes from, at 6 layers and context 256",
         "",
-        f"Generated by `posleak study {study.sweep_dir.name}` from the records of {finished} "
+        f"Generated by `posleak study` (sweep `{study.sweep_dir.name}`, {study.seqs} held-out "
+        f"sequences per analysis) from the records of {finished} "
         f"finished runs (of {planned} planned) in {len(study.summaries)} variants; "
         f"definitions version {DEFINITIONS} ({compare.definitions_link(out)}). Differences are "
         f"paired by seed; **higher**/**lower** marks a 95% t-interval that excludes 0 with at "
