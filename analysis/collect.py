@@ -5,7 +5,6 @@ that memory does not grow with the number of sequences (beyond the probe feature
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,9 +23,8 @@ def load_run(run_dir: str | Path, step: int | None = None) -> tuple[Decoder, Run
 
 def run_label(run_dir: Path, cfg: RunConfig) -> dict:
     """variant and seed of a run: the sweep's variant name if it has one, else from config."""
-    sweep = Path(run_dir) / "sweep.json"
-    if sweep.exists():
-        info = json.loads(sweep.read_text())
+    info = RunDir(run_dir).sweep_label()
+    if info:
         return {"variant": info["variant"], "seed": info["seed"]}
     m = cfg.model
     name = m.get("position", "rope")

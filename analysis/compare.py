@@ -22,6 +22,7 @@ from posleak.analysis.html import to_html
 from posleak.analysis.measures import DEFINITIONS
 from posleak.analysis.records import mean_std, read
 from posleak.analysis.stats import MIN_SEEDS, paired_difference, t_quantile_975
+from posleak.train.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADLINES = (
@@ -47,7 +48,7 @@ HEADLINES = (
 def find_runs(paths: list[str]) -> list[Path]:
     runs = []
     for p in map(Path, paths):
-        if (p / "config.toml").exists():
+        if RunDir(p).config_file.exists():
             runs.append(p)
         else:
             found = sorted(c.parent for c in p.glob("*/config.toml"))
@@ -67,7 +68,7 @@ def load_groups(runs: list[Path], opts: Options) -> tuple[dict, dict]:
             json.loads(summary_path.read_text()).get("definitions") == DEFINITIONS
         )
         if not current:
-            if not (run / "summary.json").exists():
+            if RunDir(run).summary() is None:
                 print(f"[compare] skipping {run}: training has not finished", file=sys.stderr)
                 continue
             print(f"[compare] analysing {run}", file=sys.stderr)

@@ -6,12 +6,12 @@ number per run for the comparison table (the units that are paired by seed acros
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 
 from posleak import version
 from posleak.analysis.measures import DEFINITIONS
+from posleak.train.rundir import RunDir
 
 EARLY = 16  # "early queries": 1 <= i < EARLY
 KINDS = ("mean", "token", "random", "zeros")
@@ -142,10 +142,7 @@ def headline(rows, layers: dict, val_loss: float | None) -> dict:
 def summarise(analysis, seconds: float) -> dict:
     """summary.json of an Analysis that has run."""
     rows = analysis.rec.rows
-    run_summary = analysis.run_dir / "summary.json"
-    val_loss = None
-    if run_summary.exists():
-        val_loss = json.loads(run_summary.read_text()).get("final_val_loss")
+    val_loss = (RunDir(analysis.run_dir).summary() or {}).get("final_val_loss")
     layers = per_layer(rows)
     model = analysis.model
     return {

@@ -56,6 +56,12 @@ class RunDir:
             return None
         return json.loads(self.summary_file.read_text())
 
+    def sweep_label(self) -> dict:
+        """sweep.json: the variant, seed and grid point a sweep gave this run ({} if none)."""
+        if not self.sweep_file.exists():
+            return {}
+        return json.loads(self.sweep_file.read_text())
+
     def checkpoints(self) -> list[Path]:
         """Complete checkpoint folders, oldest first."""
         return checkpoint.list_checkpoints(self.checkpoints_dir)

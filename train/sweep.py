@@ -50,6 +50,7 @@ import tomli_w
 from posleak.files import atomic_write
 from posleak.model import ConfigError
 from posleak.train.config import build, flatten, preset, presets, read_toml, read_toml_file
+from posleak.train.rundir import RunDir
 
 SWEEP_KEYS = {"name", "base", "seeds", "variants", "grid", "set"}
 SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
@@ -170,7 +171,7 @@ def write_plan(sweep_dir: Path, runs: list[PlannedRun]) -> None:
             atomic_write(path, text)
         label = {"variant": run.variant, "seed": run.seed, "grid": run.grid}
         (sweep_dir / run.name).mkdir(exist_ok=True)
-        atomic_write(sweep_dir / run.name / "sweep.json", json.dumps(label) + "\n")
+        RunDir(sweep_dir / run.name).write("sweep.json", json.dumps(label) + "\n")
 
 
 def command(sweep_dir: Path, run: PlannedRun) -> list[str]:
@@ -190,7 +191,7 @@ class Executor:
 
     def run_one(self, run: PlannedRun) -> None:
         out = self.sweep_dir / run.name
-        if (out / "summary.json").exists():
+        if RunDir(out).summary_file.exists():
             run.status = "done"
             return
         if self.stopping:
@@ -252,9 +253,9 @@ def _error_line(log: Path) -> str:
 
 def collect(sweep_dir: Path, runs: list[PlannedRun]) -> None:
     for run in runs:
-        summary = sweep_dir / run.name / "summary.json"
-        if summary.exists():
-            run.result = json.loads(summary.read_text())
+        summary = RunDir(sweep_dir / run.name).summary()
+        if summary is not None:
+            run.result = summary
             run.status = "done"
 
 

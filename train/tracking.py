@@ -3,11 +3,12 @@ posleak (stable across resumes), and the full resolved config with readable name
 
 from __future__ import annotations
 
-import json
 import netrc
 import os
 import secrets
 from pathlib import Path
+
+from posleak.train.rundir import RunDir
 
 
 def require_wandb():
@@ -47,9 +48,7 @@ def open_run(out: Path, project: str, config: dict):
         id_file.write_text(secrets.token_hex(6) + "\n")
     chosen, why = mode()
     print(f"[wandb] mode {chosen} ({why})", flush=True)
-    label = {}
-    if (out / "sweep.json").exists():
-        label = json.loads((out / "sweep.json").read_text())
+    label = RunDir(out).sweep_label()
     tags = [str(label.get("variant", "")), f"seed={config.get('seed')}"]
     return wandb.init(
         project=project,
