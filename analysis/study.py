@@ -467,18 +467,10 @@ def write_report(study: Study, out: Path) -> Path:
         "[comparison/report.md](comparison/report.md).",
         "",
     ]
-    for section in (
-        claim_a,
-        claim_b,
-        claim_c,
-        inference_ntk,
-        emergence,
-        position_readout,
-        training,
-        scale_note,
-    ):
-        takes_out = section in (claim_a, emergence, position_readout, training)
-        lines += [*(section(study, out) if takes_out else section(study)), ""]
+    with_figures = (claim_a, emergence, position_readout, extrapolation, training)
+    for section in (claim_a, claim_b, claim_c, inference_ntk, emergence, *with_figures[2:]):
+        lines += [*(section(study, out) if section in with_figures else section(study)), ""]
+    lines += scale_note(study)
     text = {v: study.summaries[v] for v in study.text}
     compare.write_report({v: study.groups[v] for v in text}, text, out / "comparison", REFERENCE)
     report = out / "report.md"

@@ -47,7 +47,8 @@ def test_study_small_runs_end_to_end_at_a_tiny_budget(tmp_path):
     assert report.returncode == 0, report.stderr[-2000:]
     text = (tmp_path / "report" / "report.md").read_text()
     assert "from the records of 19 finished runs (of 19 planned) in 9 variants" in text
-    for claim in ("## (a)", "## (b)", "## (c)", "Sink emergence", "4× its training length"):
+    sections = ("## (a)", "## (b)", "## (c)", "Sink emergence", "4× its training length")
+    for claim in (*sections, "Length extrapolation", "Training: loss curves", "## Scale"):
         assert claim in text, claim
     assert "| markov-nope |" in text and "| sink |" in text
     assert text.count("not detected at this scale") + text.count("**") >= 3
