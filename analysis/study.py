@@ -414,7 +414,7 @@ def emergence(study: Study, out: Path) -> list[str]:
         curves,
         "training step",
         "value",
-        f"`{REFERENCE}` seed {first['seed']} over training",
+        f"{REFERENCE}, seed {first['seed']}, over training (a sink head: α₀ > 0.3)",
     )
     return [
         f"## Sink emergence over training (`{REFERENCE}`, seed {first['seed']})",
