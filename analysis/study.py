@@ -23,6 +23,7 @@ from posleak.analysis.measures import DEFINITIONS
 from posleak.analysis.records import mean_std
 from posleak.analysis.stats import MIN_SEEDS, paired_difference, t_quantile_975
 from posleak.analysis.summary import KINDS
+from posleak.data import make_source
 from posleak.train.rundir import RunDir
 
 REFERENCE, CONTROL, WINDOWED, NTK = "rope", "sink", "swa", "ntk"
@@ -291,6 +292,7 @@ def training(study: Study, out: Path) -> list[str]:
                 v,
                 str(done[0]["steps"]),
                 level(per_seed(study.runs_of(v), headline("val_loss"))),
+                _floors(runs[0]),
                 f"{sum(minutes) / len(minutes):.1f}",
                 f"{sum(speed) / len(speed):,.0f}",
             ]
@@ -303,12 +305,32 @@ def training(study: Study, out: Path) -> list[str]:
         "",
         "Wall time is that of one run on one core of a 2-core CPU (two runs at a time, while "
         "other work shared the machine, so an upper bound); a larger study can be planned "
-        "from it.",
+        "from it. For a synthetic corpus, the loss floors are the chain's entropy rate (the "
+        "best possible predictor) and its unigram entropy (token frequencies alone), in nats.",
         "",
-        *table(["variant", "steps", "final validation loss", "minutes per run", "tokens/s"], rows),
+        *table(
+            [
+                "variant",
+                "steps",
+                "final validation loss",
+                "floor / unigram",
+                "min per run",
+                "tok/s",
+            ],
+            rows,
+        ),
         "",
         f"![validation loss]({fig})",
     ]
+
+
+def _floors(run: RunDir) -> str:
+    """Entropy rate / unigram entropy of a Markov run's corpus; '–' for text."""
+    data = run.read_config()[0].data
+    if data.source != "markov":
+        return "–"
+    chain = make_source(data)
+    return f"{chain.entropy_rate():.3g} / {chain.unigram_entropy():.3g}"
 
 
 def _val_curve(run: RunDir) -> dict:

@@ -80,6 +80,17 @@ class Markov(Vocabulary):
         n = self.n_ordinary
         return self.stationary.reshape(n ** (self.order - 1), n).sum(axis=0)
 
+    def entropy_rate(self) -> float:
+        """Nats per token of the best possible predictor (knowing the chain): the loss floor."""
+        p = self.transitions
+        logs = np.log(np.where(p > 0, p, 1.0))
+        return float(-(self.stationary[:, None] * p * logs).sum())
+
+    def unigram_entropy(self) -> float:
+        """Nats per token of predicting from token frequencies alone."""
+        u = self.token_marginal()
+        return float(-(u * np.log(np.where(u > 0, u, 1.0))).sum())
+
     def sequences(self, key, index: np.ndarray, length: int) -> np.ndarray:
         """Sampling is a loop over time, so it runs on whole chunks of CHUNK sequences (each
         row still a pure function of its own index) and keeps the last chunks: consecutive

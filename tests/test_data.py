@@ -183,3 +183,21 @@ def test_bad_sources_give_specific_errors(tmp_path):
         BatchStream(cfg, 0, "train", 2).batch(0)
     with pytest.raises((ImportError, RuntimeError), match="hf"):
         make_source(DataConfig(source="hf:no-such/dataset"))
+
+
+def test_markov_loss_floors_match_a_closed_form_and_an_empirical_estimate():
+    chain = Markov(2, order=1, concentration=1.0, corpus_seed=0)
+    (a, b) = chain.transitions[0, 1], chain.transitions[1, 0]  # leave 0, leave 1
+    pi = np.array([b, a]) / (a + b)
+
+    def h(p):
+        return -(p * math.log(p) + (1 - p) * math.log(1 - p))
+
+    assert math.isclose(chain.entropy_rate(), pi[0] * h(a) + pi[1] * h(b), rel_tol=1e-9)
+    assert math.isclose(chain.unigram_entropy(), h(pi[0]), rel_tol=1e-9)
+    order2 = Markov(5, order=2, concentration=0.5, corpus_seed=3)
+    seqs = order2.sequences(np.uint64(7), np.arange(64), 400)
+    context = seqs[:, :-2] * 5 + seqs[:, 1:-1]
+    probs = order2.transitions[context, seqs[:, 2:]]
+    assert abs(-np.log(probs).mean() - order2.entropy_rate()) < 0.05
+    assert order2.entropy_rate() < order2.unigram_entropy()
