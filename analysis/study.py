@@ -43,7 +43,6 @@ class Study:
     def __init__(self, sweep_dir: Path, seqs: int):
         self.sweep_dir, self.seqs = Path(sweep_dir), seqs
         runs = compare.find_runs([str(sweep_dir)])
-        self.planned = len(runs)
         groups, self.summaries = compare.load_groups(runs, Options(seqs=seqs))
         if not self.summaries:
             raise FileNotFoundError(f"{sweep_dir} holds no finished runs yet")

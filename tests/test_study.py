@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from posleak.analysis.study import depth_slope, verdict
+from posleak.analysis.study import deep_c_res, depth_slope, verdict
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = """
@@ -79,3 +79,11 @@ def test_removed_shares_are_set_against_zero_and_the_source_studys_forty_percent
     assert "excludes 0 and excludes the source study's 40%" in _against_source(tight)
     assert level({0: 0.10, 1: 0.11, 2: 0.12}, percent=True) == "11% [9%, 13%] (n=3)"
     assert level({0: 0.5}) == "0.5 (n=1)" and level({}) == "–"
+
+
+def test_deep_c_res_reads_only_layers_from_two_on():
+    planted = {"per_layer": {"c_res_early": {"0": 9.0, "1": 9.0, "2": 0.3, "3": 0.5}}}
+    assert math.isclose(deep_c_res(planted), 0.4)  # the planted deep signal, early layers ignored
+    nothing = {"per_layer": {"c_res_early": {"0": 0.7, "1": 0.0, "2": 0.0, "3": 0.0}}}
+    assert deep_c_res(nothing) == 0.0
+    assert deep_c_res({"per_layer": {"c_res_early": {"0": 1.0, "1": 1.0}}}) is None
