@@ -1,15 +1,16 @@
-"""`posleak analyze RUN [--seqs N] [--step S] [--seq-len L] [--rope-scale S] [--data SRC] [--out D]`
+"""`posleak analyze RUN|hf:MODEL [--seqs N] [--step S] [--seq-len L] [--rope-scale S] [--data SRC]
+[--bos always|never] [--device D] [--dtype T] [--out D]`
 
 Runs every measurement of docs/science.md (definitions version 2) on a trained run's latest
-good checkpoint over held-out sequences, and writes analysis/records.jsonl (tidy rows),
-analysis/summary.json (headline numbers) and figures into the run (or --out).
+good checkpoint, or on a pretrained transformers model, over held-out sequences, and writes
+records.jsonl (tidy rows), summary.json (headline numbers) and figures into RUN/analysis (or
+--out; a pretrained model's default is analyses/NAME).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import sys
 import time
@@ -22,12 +23,12 @@ import torch.nn.functional as F
 
 from posleak.analysis import measures, plots
 from posleak.analysis import probe as probes
-from posleak.analysis.collect import LogitSums, held_out_tokens, load_run, run_label, stream
+from posleak.analysis.collect import LogitSums, Subject, run_subject, stream
 from posleak.analysis.logits import LogitStats, early_sum, logit_stats, pooled
 from posleak.analysis.records import Recorder, write
 from posleak.analysis.stats import bootstrap_weights, percentile_interval
 from posleak.analysis.summary import summarise
-from posleak.data import vocab_size_of
+from posleak.files import atomic_write
 from posleak.model.masks import attention_mask
 
 
@@ -39,7 +40,10 @@ class Options:
     step: int | None = None  # checkpoint to analyse; default: the newest that verifies
     seq_len: int | None = None  # default: the run's training length
     rope_scale: float | None = None  # NTK scaling applied at inference (composes with trained)
-    data: str | None = None  # default: the run's data source
+    data: str | None = None  # default: the run's data source (a pretrained model: bible)
+    bos: str | None = None  # BOS policy of the sequences; default: the run's, or the tokenizer's
+    device: str = "cpu"
+    dtype: str = "float32"  # a pretrained model's weights; a posleak run is analysed in float32
     sink_eps: float = 0.3  # a head is a sink head when alpha_0 > sink_eps
     probe_min_pos: int = 1  # probe positions >= this (0 holds BOS, identifiable by token)
     probe_folds: int = 5  # cross-validation folds (grouped by sequence) for the ridge strength
@@ -68,6 +72,8 @@ class Options:
             out.append(f"--seq-len must be at least 4 for the probe and the fits, got {T}")
         if self.rope_scale is not None and not self.rope_scale >= 1:
             out.append(f"--rope-scale must be >= 1 (1 = no scaling), got {self.rope_scale}")
+        if self.bos not in (None, "always", "never"):
+            out.append(f"--bos must be always or never, got {self.bos!r}")
         return out
 
 
@@ -75,27 +81,27 @@ class Pass(NamedTuple):
     """What one forward pass over the analysis sequences leaves behind."""
 
     logits: list[LogitStats]  # per attention layer
-    features: list[torch.Tensor]  # per residual site: (N, T, d) (base pass only)
+    probe_data: list[probes.ProbeData]  # per residual site, half A (base pass only)
     first_column: list[torch.Tensor]  # per attention layer: A_i0, (N, H, T) (base pass only)
     probe_r2_log: list[float] | None  # the base probes scored on half B (interventions only)
 
 
 class Analysis:
-    def __init__(self, run_dir: str | Path, opts: Options):
-        self.run_dir, self.opts = Path(run_dir), opts
-        self.model, self.cfg, self.state = load_run(run_dir, opts.step)
-        problems = opts.problems(self.cfg.data.seq_len)
+    def __init__(self, subject: Subject, opts: Options):
+        self.subject, self.opts = subject, opts
+        self.model = subject.model
+        problems = opts.problems(subject.train_len)
         if problems:
             raise ValueError("; ".join(problems))
         self._set_rope_scale(opts.rope_scale or 1.0)
-        self.data = self._data(opts.data)
-        self.T = self.cfg.data.seq_len if opts.seq_len is None else opts.seq_len
+        self.T = subject.train_len if opts.seq_len is None else opts.seq_len
+        self.bos = opts.bos or subject.bos
         self.L, self.H = self.model.cfg.n_layer, self.model.cfg.n_head
         self.window = self.model.cfg.window
         self.visible = attention_mask(self.T, self.window)
         self.design = measures.two_way_design(self.visible)
-        self.label = run_label(self.run_dir, self.cfg)
-        self.rec = Recorder(run=self.run_dir.name, **self.label)
+        self.label = subject.label
+        self.rec = Recorder(run=subject.name, **self.label)
         self.resid_names = ["blocks.0.resid_pre"] + [
             f"blocks.{l}.resid_post" for l in range(self.L)
         ]
@@ -109,30 +115,16 @@ class Analysis:
         )
         self.timings: dict[str, float] = {}  # seconds per stage of run_all
 
-    def _data(self, source: str | None):
-        if not source:
-            return self.cfg.data
-        data = dataclasses.replace(self.cfg.data, source=source)
-        size, trained = vocab_size_of(data), vocab_size_of(self.cfg.data)
-        if size != trained:
-            raise ValueError(
-                f"data source {source!r} has a vocabulary of {size} tokens but the run was "
-                f"trained on {self.cfg.data.source!r} with {trained}; its special tokens (BOS) "
-                "would not match: analyse on data of the same kind"
-            )
-        return data
-
     def tokens(self, n: int, seq_len: int, stream_name: str, bos: str | None = None):
         """(n, seq_len + 1) held-out tokens; the model reads [:, :seq_len]."""
-        bos = bos or self.cfg.data.bos
-        return held_out_tokens(self.data, self.cfg.seed, n, seq_len, bos, stream_name)
+        return self.subject.draw(n, seq_len, bos or self.bos, stream_name)
 
     def run_all(self) -> tuple[list[dict], dict]:
         started = time.perf_counter()
         tokens = self.tokens(self.opts.seqs, self.T, "analysis")[:, : self.T]
         with self._timed("base pass, probes, logits, sinks"):
             base = self.measure(tokens)
-            fitted = self.record_probes(base)
+            fitted = self.record_probes(base, tokens)
             self.record_logits(base, tokens)
             self.record_sinks(base)
         with self._timed("BOS replacements"):
@@ -159,40 +151,53 @@ class Analysis:
         self.timings[stage] = round(time.perf_counter() - started, 2)
 
     # ---------------------------------------------------------------- one pass
-    def measure(self, tokens: torch.Tensor, interventions=(), probes=None) -> Pass:
-        """Logit sums, residual features and the key-0 column, accumulated batch by batch.
+    def measure(self, tokens: torch.Tensor, interventions=(), fitted=None) -> Pass:
+        """Logit sums, the probes' half-A sums and the key-0 column, accumulated batch by batch.
 
         Given the base pass's fitted probes (an intervention pass), the residual stream is
-        scored on half B as it streams past instead of being kept."""
+        scored on half B as it streams past instead."""
         sums = [LogitSums(self.n_blocks, self.H, self.visible) for _ in range(self.L)]
         consumers = {f"blocks.{l}.attn.scores": sums[l].add for l in range(self.L)}
-        features, first, sse = [], [], torch.zeros(len(self.resid_names), dtype=torch.float64)
-        if probes is None:
+        data, first, scorers = [], [], []
+        if fitted is None:
             d = self.model.cfg.d_model
-            features = [torch.empty(len(tokens), self.T, d) for _ in self.resid_names]
+            data = [self._probe_data(d) for _ in self.resid_names]
             first = [torch.empty(len(tokens), self.H, self.T) for _ in range(self.L)]
             for l in range(self.L):
                 consumers[f"blocks.{l}.attn.pattern"] = _store(first[l], _key0_column)
-        for site, name in enumerate(self.resid_names):
-            if probes is None:
-                consumers[name] = _store(features[site], _same)
-            else:
-                consumers[name] = self._probe_scorer(probes[site]["log"], sse, site)
+            for site, name in enumerate(self.resid_names):
+                consumers[name] = self._probe_collector(data[site])
+        else:
+            n_b = len(self.halves(len(tokens))[1])
+            scorers = [probes.Scorer(p["log"], self.positions, n_b) for p in fitted]
+            for site, name in enumerate(self.resid_names):
+                consumers[name] = self._held_out(scorers[site].add)
         stream(self.model, tokens, consumers, self.batch, list(interventions))
         stats = [logit_stats(s, self.design, self.boot_a, self.boot_b) for s in sums]
-        y = torch.log1p(self.positions.double())
-        n_b = len(self.halves(len(tokens))[1])
-        r2 = (1 - sse / (n_b * (y - y.mean()).pow(2).sum())).tolist() if probes else None
-        return Pass(stats, features, first, r2)
+        r2 = [s.result().r2 for s in scorers] if fitted else None
+        return Pass(stats, data, first, r2)
 
-    def _probe_scorer(self, fitted: probes.Probe, sse: torch.Tensor, site: int):
-        """A consumer adding the squared errors of a log-target probe on half-B sequences."""
-        y = torch.log1p(self.positions.double())
+    def _probe_data(self, d: int) -> probes.ProbeData:
+        return probes.ProbeData(d, self.opts.probe_folds)
+
+    def _probe_collector(self, data: probes.ProbeData):
+        """A consumer adding half-A sequences (even rows) to a probe's sums; fold by sequence."""
+        P = len(self.positions)
+
+        def consume(resid, rows):
+            mine = rows % 2 == 0
+            x = resid[mine, self.opts.probe_min_pos :]
+            groups = (rows[mine] // 2).repeat_interleave(P)
+            data.add(x.reshape(-1, x.shape[-1]), self.positions.repeat(len(x)), groups)
+
+        return consume
+
+    def _held_out(self, add):
+        """A consumer passing half-B sequences (odd rows) to add(resid, index within B)."""
 
         def consume(resid, rows):
             held = rows % 2 == 1
-            pred = fitted.predict(resid[held, self.opts.probe_min_pos :].float().cpu())
-            sse[site] += (pred - y).pow(2).sum()
+            add(resid[held, self.opts.probe_min_pos :], rows[held] // 2)
 
         return consume
 
@@ -201,34 +206,40 @@ class Analysis:
         return index[index % 2 == 0], index[index % 2 == 1]
 
     # ---------------------------------------------------------------- 1: probes
-    def record_probes(self, base: Pass) -> list[dict]:
-        """Fit both probes per residual site on half A (lambda cross-validated), score on B."""
-        a, b = self.halves(self.opts.seqs)
+    def record_probes(self, base: Pass, tokens: torch.Tensor) -> list[dict]:
+        """Fit both probes per residual site on half A (lambda cross-validated), then score
+        them on half B in a pass of its own (nothing of the stream is kept in memory)."""
+        b = self.halves(len(tokens))[1]
+        targets = (("linear", ""), ("log", "_log"))
+        fitted = [{t: data.fit(t) for t, _ in targets} for data in base.probe_data]
+        scorers = [
+            {t: probes.Scorer(site[t], self.positions, len(b)) for t, _ in targets}
+            for site in fitted
+        ]
+        consumers = {}
+        for name, site in zip(self.resid_names, scorers, strict=True):
+            consumers[name] = _each(
+                [
+                    lambda resid, rows, s=s: s.add(resid[:, self.opts.probe_min_pos :], rows)
+                    for s in site.values()
+                ]
+            )
+        stream(self.model, tokens[b], consumers, self.batch)
         weights = bootstrap_weights(len(b), self.opts.bootstrap, seed=3)
-        P, add = len(self.positions), self.rec.add
-        groups = torch.arange(len(a)).repeat_interleave(P)
-        fitted = []
-        for site, feats in enumerate(base.features):
-            x = feats[:, self.opts.probe_min_pos :]
-            x_a = x[a].reshape(-1, x.shape[-1])
-            site_probes = {}
-            for target, suffix in (("linear", ""), ("log", "_log")):
-                p = probes.fit(
-                    x_a, self.positions.repeat(len(a)), groups, target, folds=self.opts.probe_folds
-                )
-                s = probes.score(p, x[b], self.positions)
+        add = self.rec.add
+        for layer, (site, site_scorers) in enumerate(zip(fitted, scorers, strict=True)):
+            for target, suffix in targets:
+                s = site_scorers[target].result()
                 lo, hi = probes.r2_interval(s, weights)
-                add(f"probe_r2{suffix}", s.r2, layer=site, lo=lo, hi=hi, n=len(b))
-                add(f"probe_mae{suffix}", s.mae, layer=site, n=len(b))
-                add(f"probe_lambda{suffix}", p.lam, layer=site)
-                site_probes[target] = p
-            fitted.append(site_probes)
+                add(f"probe_r2{suffix}", s.r2, layer=layer, lo=lo, hi=hi, n=len(b))
+                add(f"probe_mae{suffix}", s.mae, layer=layer, n=len(b))
+                add(f"probe_lambda{suffix}", site[target].lam, layer=layer)
             add(
                 "probe_mae_mean",
                 probes.mean_baseline_mae(self.positions, self.positions),
-                layer=site,
+                layer=layer,
             )
-            add("probe_mae_uniform", measures.uniform_guess_mae(P), layer=site)
+            add("probe_mae_uniform", measures.uniform_guess_mae(len(self.positions)), layer=layer)
         return fitted
 
     # ---------------------------------------------------------------- 2: logits
@@ -328,7 +339,7 @@ class Analysis:
     # ---------------------------------------------------------------- 5, 6: interventions
     def replacement(self, kind: str, tokens: torch.Tensor) -> torch.Tensor:
         """The vector that replaces the position-0 embedding (science.md, measurement 5)."""
-        table = self.model.embed_tokens.weight.detach()
+        table = self.model.embed_tokens.weight.detach().float().cpu()
         body = tokens[:, 1:].flatten()
         if kind == "mean":  # frequency-weighted over the tokens that occur in the data
             counts = body.bincount(minlength=len(table)).to(table.dtype)
@@ -337,7 +348,7 @@ class Analysis:
             return table[int(body.bincount().argmax())]
         first = table[tokens[:, 0]].mean(0)
         if kind == "random":
-            gen = torch.Generator().manual_seed(self.cfg.seed)
+            gen = torch.Generator().manual_seed(self.subject.seed)
             v = torch.randn(table.shape[1], generator=gen, dtype=table.dtype)
             return v * first.norm() / v.norm()
         if kind == "zeros":
@@ -351,10 +362,10 @@ class Analysis:
 
         def swap(embed, name):
             embed = embed.clone()
-            embed[:, 0] = vector.to(embed.dtype)
+            embed[:, 0] = vector.to(embed.device, embed.dtype)
             return embed
 
-        swapped = self.measure(tokens, [("embed", swap)], probes=fitted)
+        swapped = self.measure(tokens, [("embed", swap)], fitted=fitted)
         self._record_removal("bos_swap", kind, base, swapped)
         for site, r2 in enumerate(swapped.probe_r2_log):
             self.rec.add("bos_swap_probe_r2_log", r2, layer=site, condition=kind)
@@ -362,7 +373,7 @@ class Analysis:
     def record_knockout(self, target, tokens, base: Pass, fitted) -> None:
         layers = range(self.L) if target == "all" else [target]
         hooks = [(f"blocks.{l}.attn.pattern", _knockout) for l in layers]
-        knocked = self.measure(tokens, hooks, probes=fitted)
+        knocked = self.measure(tokens, hooks, fitted=fitted)
         self._record_removal("knockout", f"layer={target}", base, knocked)
         for site, r2 in enumerate(knocked.probe_r2_log):
             self.rec.add("knockout_probe_r2_log", r2, layer=site, condition=f"layer={target}")
@@ -409,6 +420,8 @@ class Analysis:
         """Position-0 states and each head's position-0 output across inputs, batch size 1."""
         i_f = min(self.opts.fingerprint_query, self.T - 1)
         for condition, bos in (("bos", "always"), ("nobos", "never")):
+            if bos not in self.subject.bos_policies:  # a tokenizer without a BOS token
+                continue
             tokens = self.tokens(self.opts.fingerprint_seqs, self.T, "fingerprint", bos)
             n = len(tokens)
             x0 = [torch.empty(n, self.model.cfg.d_model) for _ in self.resid_names]
@@ -431,7 +444,7 @@ class Analysis:
                 self._record_head_fingerprint(l, v0[l], gain[l], condition, i_f)
 
     def _record_head_fingerprint(self, layer, v0, gain, condition, i_f) -> None:
-        o_proj = self.model.layers[layer].self_attn.o_proj.weight.detach().double()
+        o_proj = self.model.output_projection(layer).detach().double().cpu()
         dh = self.model.cfg.d_head
         for h in range(self.H):
             direction = v0[:, h].double() @ o_proj[:, h * dh : (h + 1) * dh].T  # W_O v_0, (n, d)
@@ -498,8 +511,8 @@ class Analysis:
     def extrapolation(self) -> None:
         """Validation loss per position at multiples of the training length, and for RoPE models
         also with NTK scaling at inference (s = the length ratio, composed with a trained s)."""
-        T0, cfg = self.cfg.data.seq_len, self.model.cfg
-        for m in self.opts.extrapolation:
+        T0, cfg = (self.subject.train_len if self.subject.extrapolate else self.T), self.model.cfg
+        for m in self.opts.extrapolation if self.subject.extrapolate else (1,):
             length = T0 * m
             if cfg.position == "learned" and length > cfg.max_seq_len:
                 continue
@@ -531,12 +544,13 @@ class Analysis:
     @torch.no_grad()
     def _loss_by_position(self, tokens: torch.Tensor) -> torch.Tensor:
         total = torch.zeros(tokens.shape[1] - 1, dtype=torch.float64)
-        step = max(1, (1 << 18) // tokens.shape[1])
-        for chunk in tokens.split(step):
+        device = next(self.model.parameters()).device
+        step = max(1, (1 << 25) // (tokens.shape[1] * self.model.cfg.vocab_size))  # logits' size
+        for chunk in tokens.to(device).split(step):
             logits = self.model(chunk[:, :-1])
             loss = F.cross_entropy(
                 logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="none"
-            )
+            ).cpu()
             total += loss.view(len(chunk), -1).double().sum(0)
         return total / len(tokens)
 
@@ -554,8 +568,14 @@ def _store(target: torch.Tensor, pick):
     return consume
 
 
-def _same(tensor):
-    return tensor
+def _each(consumers):
+    """One consumer feeding several."""
+
+    def consume(tensor, rows):
+        for c in consumers:
+            c(tensor, rows)
+
+    return consume
 
 
 def _key0_column(pattern):
@@ -570,15 +590,42 @@ def _knockout(pattern, name):
     return measures.knock_out_key0(pattern)
 
 
-def analyze(run_dir: str | Path, opts: Options = Options(), out: str | Path | None = None) -> dict:
-    """Analyse one run; write records, summary and figures into out (default RUN/analysis)."""
-    analysis = Analysis(run_dir, opts)
+def subject_of(target: str | Path, opts: Options) -> Subject:
+    """A run directory, or `hf:PATH_OR_NAME` for a pretrained transformers model."""
+    if str(target).startswith("hf:"):
+        from posleak.analysis import pretrained  # imports transformers
+
+        if opts.step is not None:
+            raise ValueError("--step selects a checkpoint of a posleak run, not of hf: models")
+        return pretrained.subject(str(target)[3:], opts.data, opts.seq_len, opts.device, opts.dtype)
+    if opts.dtype != "float32":
+        raise ValueError("--dtype applies to hf: models; a posleak run is analysed in float32")
+    subject = run_subject(target, opts.step, opts.data)
+    subject.model.to(opts.device)
+    return subject
+
+
+def default_out(target: str | Path) -> Path:
+    """RUN/analysis, or analyses/NAME for a pretrained model hf:.../NAME."""
+    if str(target).startswith("hf:"):
+        return Path("analyses") / Path(str(target)[3:].rstrip("/")).name
+    return Path(target) / "analysis"
+
+
+def analysis_of(target: str | Path, opts: Options = Options()) -> Analysis:
+    return Analysis(subject_of(target, opts), opts)
+
+
+def analyze(target: str | Path, opts: Options = Options(), out: str | Path | None = None) -> dict:
+    """Analyse one run or pretrained model; write records, summary and figures into out."""
+    analysis = analysis_of(target, opts)
+    subject = analysis.subject
     rows, summary = analysis.run_all()
-    out = Path(out or Path(run_dir) / "analysis")
+    out = Path(out or default_out(target))
     out.mkdir(parents=True, exist_ok=True)
     write(out / "records.jsonl", rows)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plots.run_figures({summary["variant"]: [rows]}, out, title=Path(run_dir).name)
+    atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    plots.run_figures({summary["variant"]: [rows]}, out, title=subject.name)
     return summary
 
 
@@ -589,13 +636,16 @@ def run(args: argparse.Namespace) -> int:
         seq_len=args.seq_len,
         rope_scale=args.rope_scale,
         data=args.data,
+        bos=args.bos,
+        device=args.device,
+        dtype=args.dtype,
     )
     try:
         summary = analyze(args.run, opts, args.out)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out = Path(args.out or Path(args.run) / "analysis")
+    out = Path(args.out or default_out(args.run))
     layers = summary["per_layer"]
     print(f"analysis: {out} ({summary['seconds']:.1f}s)")
     print("probe R^2 (log target) by layer: " + _row(layers["probe_r2_log"], "{:.2f}"))

@@ -1,19 +1,75 @@
 """From a run directory to activations: load the model, draw held-out sequences, and run
 forward passes whose hooks keep only what each measurement reads, accumulating as they go so
-that memory does not grow with the number of sequences (beyond the probe features)."""
+that memory does not grow with the number of sequences."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from posleak.data import BatchStream, DataConfig
+from posleak.data import BatchStream, DataConfig, vocab_size_of
 from posleak.model import Decoder
 from posleak.train.config import RunConfig
 from posleak.train.rundir import RunDir
+
+
+@dataclass(frozen=True)
+class Subject:
+    """What an analysis reads: a model behind posleak's hook names (a Decoder, or a pretrained
+    model in an adapter), how to draw its held-out sequences, and what the records say of it."""
+
+    model: torch.nn.Module
+    name: str  # the records' `run` field
+    label: dict  # variant and seed
+    train_len: int  # the default analysis length; T0 of the length extrapolation
+    bos: str  # the default BOS policy of the held-out sequences
+    seed: int  # seeds the random BOS replacement
+    data: str  # the name of the text source
+    draw: Callable[[int, int, str, str], torch.Tensor]  # (n, seq_len, bos, stream) -> tokens
+    info: dict  # for summary.json: run, checkpoint, step, val_loss, ...
+    extrapolate: bool = True  # T0 is a training length, so multiples of it mean something
+    bos_policies: tuple = ("always", "never")  # those the sequences can be drawn with
+
+
+def run_subject(run_dir: str | Path, step: int | None = None, source: str | None = None) -> Subject:
+    """A posleak run at its latest good checkpoint (or at `step`), read on its own data or on
+    `source`, which must share its vocabulary."""
+    run_dir = Path(run_dir)
+    model, cfg, state = load_run(run_dir, step)
+    data = cfg.data if not source else dataclasses.replace(cfg.data, source=source)
+    size, trained = vocab_size_of(data), vocab_size_of(cfg.data)
+    if size != trained:
+        raise ValueError(
+            f"data source {source!r} has a vocabulary of {size} tokens but the run was "
+            f"trained on {cfg.data.source!r} with {trained}; its special tokens (BOS) "
+            "would not match: analyse on data of the same kind"
+        )
+
+    def draw(n: int, seq_len: int, bos: str, stream_name: str) -> torch.Tensor:
+        return held_out_tokens(data, cfg.seed, n, seq_len, bos, stream_name)
+
+    info = {
+        "run": str(run_dir),
+        "checkpoint": state["checkpoint"],
+        "step": state["step"],
+        "val_loss": (RunDir(run_dir).summary() or {}).get("final_val_loss"),
+    }
+    label = run_label(run_dir, cfg)
+    return Subject(
+        model,
+        run_dir.name,
+        label,
+        cfg.data.seq_len,
+        cfg.data.bos,
+        cfg.seed,
+        data.source,
+        draw,
+        info,
+    )
 
 
 def load_run(run_dir: str | Path, step: int | None = None) -> tuple[Decoder, RunConfig, dict]:
@@ -57,16 +113,17 @@ def stream(
     interventions: list = (),
 ) -> None:
     """Run tokens (N, T) through the model in mini-batches; each consumer receives its hook's
-    activation and the indices of the sequences in that batch."""
+    activation (on the CPU) and the indices of the sequences in that batch."""
     rows = torch.arange(0)
+    device = next(model.parameters()).device
 
     def hook(name):
-        return lambda tensor, _: consumers[name](tensor.detach(), rows)
+        return lambda tensor, _: consumers[name](tensor.detach().cpu(), rows)
 
     with model.hooks([*interventions, *((name, hook(name)) for name in consumers)]):
         for start in range(0, len(tokens), batch_size):
             rows = torch.arange(start, min(start + batch_size, len(tokens)))
-            model(tokens[rows])
+            model(tokens[rows].to(device))
 
 
 def collect(

@@ -46,16 +46,24 @@ HEADLINES = (
 
 
 def find_runs(paths: list[str]) -> list[Path]:
+    """Run directories, folders of runs, and analysis folders (such as `posleak analyze
+    hf:MODEL` writes: summary.json and records.jsonl without a run around them)."""
     runs = []
     for p in map(Path, paths):
-        if RunDir(p).config_file.exists():
+        if RunDir(p).config_file.exists() or _is_analysis(p):
             runs.append(p)
         else:
             found = sorted(c.parent for c in p.glob("*/config.toml"))
             if not found:
-                raise FileNotFoundError(f"{p} is neither a run directory nor holds any runs")
+                raise FileNotFoundError(
+                    f"{p} is neither a run directory, an analysis folder, nor holds any runs"
+                )
             runs += found
     return runs
+
+
+def _is_analysis(path: Path) -> bool:
+    return (path / "summary.json").is_file() and (path / "records.jsonl").is_file()
 
 
 def load_groups(runs: list[Path], opts: Options) -> tuple[dict, dict]:
@@ -63,10 +71,13 @@ def load_groups(runs: list[Path], opts: Options) -> tuple[dict, dict]:
     groups: dict = {}
     summaries: dict = {}
     for run in runs:
-        summary_path = run / "analysis" / "summary.json"
+        folder = run if _is_analysis(run) else run / "analysis"
+        summary_path = folder / "summary.json"
         current = summary_path.exists() and (
             json.loads(summary_path.read_text()).get("definitions") == DEFINITIONS
         )
+        if not current and folder == run:
+            raise ValueError(f"{run} was analysed with other definitions: analyse it again")
         if not current:
             if RunDir(run).summary() is None:
                 print(f"[compare] skipping {run}: training has not finished", file=sys.stderr)
@@ -74,7 +85,7 @@ def load_groups(runs: list[Path], opts: Options) -> tuple[dict, dict]:
             print(f"[compare] analysing {run}", file=sys.stderr)
             analyze(run, opts)
         summary = json.loads(summary_path.read_text())
-        groups.setdefault(summary["variant"], []).append(read(run / "analysis" / "records.jsonl"))
+        groups.setdefault(summary["variant"], []).append(read(folder / "records.jsonl"))
         summaries.setdefault(summary["variant"], []).append(summary)
     return groups, summaries
 
@@ -287,7 +298,8 @@ def _runs_table(summaries: dict) -> list[str]:
     for variant, items in summaries.items():
         for s in items:
             name, loss = Path(s["run"]).name, _fmt(s["val_loss"])
-            lines.append(f"| {variant} | {s['seed']} | `{name}` | {s['step']} | {loss} |")
+            step = "—" if s["step"] is None else s["step"]
+            lines.append(f"| {variant} | {s['seed']} | `{name}` | {step} | {loss} |")
     return lines
 
 

@@ -31,20 +31,14 @@ class Probe(NamedTuple):
 
 
 class Moments(NamedTuple):
-    """Sufficient statistics of a ridge fit: row count, sums, and cross products."""
+    """Sufficient statistics of a ridge fit on standardised features z and a target y."""
 
     n: float
     z: torch.Tensor  # (d,) sum of features
     y: torch.Tensor  # () sum of targets
     zz: torch.Tensor  # (d, d)
     zy: torch.Tensor  # (d,)
-
-    @classmethod
-    def of(cls, z: torch.Tensor, y: torch.Tensor) -> Moments:
-        return cls(float(len(z)), z.sum(0), y.sum(), z.T @ z, z.T @ y)
-
-    def __sub__(self, other: Moments) -> Moments:
-        return Moments(*(a - b for a, b in zip(self, other, strict=True)))
+    yy: torch.Tensor  # () sum of squared targets
 
 
 def _ridge_path(m: Moments, grid) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,6 +51,91 @@ def _ridge_path(m: Moments, grid) -> tuple[torch.Tensor, torch.Tensor]:
     return coef, y_mean - mu @ coef
 
 
+def _sse(m: Moments, coef: torch.Tensor, intercept: torch.Tensor) -> torch.Tensor:
+    """sum over the rows of m of (z . coef + intercept - y)^2, for every column of coef."""
+    quad = (coef * (m.zz @ coef)).sum(0)
+    linear = 2 * intercept * (m.z @ coef) - 2 * (m.zy @ coef)
+    return quad + linear + m.n * intercept**2 - 2 * intercept * m.y + m.yy
+
+
+class ProbeData:
+    """Per-fold sums of the features, targets and their products, accumulated batch by batch.
+
+    Memory is folds x d^2 whatever the number of sequences, so a probe on a large model reads
+    its residual stream as it streams past. Sums are taken about a shift (the first batch's
+    mean) so that large feature means do not cancel precision away. Both targets share the
+    feature products."""
+
+    def __init__(self, d: int, folds: int = 5):
+        self.folds = folds
+        self.shift: torch.Tensor | None = None
+        self.n = torch.zeros(folds, dtype=torch.float64)
+        self.sx = torch.zeros(folds, d, dtype=torch.float64)
+        self.sxx = torch.zeros(folds, d, d, dtype=torch.float64)
+        self.sy = {t: torch.zeros(folds, dtype=torch.float64) for t in TARGETS}
+        self.syy = {t: torch.zeros(folds, dtype=torch.float64) for t in TARGETS}
+        self.sxy = {t: torch.zeros(folds, d, dtype=torch.float64) for t in TARGETS}
+
+    def add(self, x: torch.Tensor, positions: torch.Tensor, groups: torch.Tensor) -> None:
+        """Rows x (n, d) at `positions` (n,), in sequences `groups` (n,): fold = group % folds."""
+        x = x.double()
+        if self.shift is None:
+            self.shift = x.mean(0)
+        x = x - self.shift
+        fold_of = groups % self.folds
+        for f in fold_of.unique().tolist():
+            rows = fold_of == f
+            xf = x[rows]
+            self.n[f] += len(xf)
+            self.sx[f] += xf.sum(0)
+            self.sxx[f] += xf.T @ xf
+            for t, transform in TARGETS.items():
+                y = transform(positions[rows].double())
+                self.sy[t][f] += y.sum()
+                self.syy[t][f] += y @ y
+                self.sxy[t][f] += xf.T @ y
+
+    def fit(self, target: str, grid=LAMBDA_GRID) -> Probe:
+        """Ridge probe on standardised features; lambda by cross-validation over the folds."""
+        if self.shift is None:
+            raise ValueError("the probe has no rows to fit")
+        n = self.n.sum()
+        mean = self.sx.sum(0) / n
+        var = (self.sxx.sum(0).diagonal() - n * mean**2) / (n - 1)
+        scale = var.clamp(min=0).sqrt().clamp_min(1e-12)
+        folds = [self._standard(target, f, mean, scale) for f in range(self.folds)]
+        total = self._standard(target, slice(None), mean, scale)
+        sse = torch.zeros(len(grid), dtype=torch.float64)
+        for held in folds:
+            if held.n == 0 or held.n == total.n:
+                continue
+            rest = Moments(*(a - b for a, b in zip(total, held, strict=True)))
+            coef, intercept = _ridge_path(rest, grid)
+            sse += _sse(held, coef, intercept)
+        best = int(sse.argmin())
+        coef, intercept = _ridge_path(total, grid[best : best + 1])
+        return Probe(self.shift + mean, scale, coef[:, 0], float(intercept[0]), grid[best], target)
+
+    def _standard(self, target: str, part, mean: torch.Tensor, scale: torch.Tensor) -> Moments:
+        """The moments of z = (x - mean) / scale over fold `part` (an index or every fold)."""
+
+        def total(t: torch.Tensor) -> torch.Tensor:
+            return t[part].sum(0) if isinstance(part, slice) else t[part]
+
+        n, sx, sxx = float(total(self.n)), total(self.sx), total(self.sxx)
+        sy, syy, sxy = total(self.sy[target]), total(self.syy[target]), total(self.sxy[target])
+        cross = torch.outer(sx, mean)
+        centred = sxx - cross - cross.T + n * torch.outer(mean, mean)
+        return Moments(
+            n,
+            (sx - n * mean) / scale,
+            sy,
+            centred / torch.outer(scale, scale),
+            (sxy - mean * sy) / scale,
+            syy,
+        )
+
+
 def fit(
     x: torch.Tensor,
     positions: torch.Tensor,
@@ -67,22 +146,9 @@ def fit(
 ) -> Probe:
     """Ridge probe x (n, d) -> target(positions); lambda by `folds`-fold CV over `groups`
     (the sequence of each row, so that no sequence is split between fit and score)."""
-    x, y = x.double(), TARGETS[target](positions.double())
-    mean, scale = x.mean(0), x.std(0).clamp_min(1e-12)
-    z = (x - mean) / scale
-    fold_of = groups % folds
-    parts = [(fold_of == f) for f in range(folds)]
-    moments = [Moments.of(z[held], y[held]) for held in parts]
-    total = Moments.of(z, y)
-    sse = torch.zeros(len(grid), dtype=torch.float64)
-    for held, m in zip(parts, moments, strict=True):
-        if m.n == 0 or m.n == total.n:
-            continue
-        coef, intercept = _ridge_path(total - m, grid)
-        sse += (z[held] @ coef + intercept - y[held, None]).pow(2).sum(0)
-    best = int(sse.argmin())
-    coef, intercept = _ridge_path(total, grid[best : best + 1])
-    return Probe(mean, scale, coef[:, 0], float(intercept[0]), grid[best], target)
+    data = ProbeData(x.shape[-1], folds)
+    data.add(x, positions, groups)
+    return data.fit(target, grid)
 
 
 class Score(NamedTuple):
@@ -92,15 +158,34 @@ class Score(NamedTuple):
     seq_sst: float  # sum of squares of the target about its mean, per sequence
 
 
+class Scorer:
+    """A probe's held-out errors, added batch by batch: per-sequence squared errors (for R^2
+    and its bootstrap) and absolute errors in positions (for the MAE)."""
+
+    def __init__(self, probe: Probe, positions: torch.Tensor, n: int):
+        self.probe, self.positions = probe, positions.double()
+        self.y = TARGETS[probe.target](self.positions)
+        self.sse = torch.zeros(n, dtype=torch.float64)
+        self.abs_err = torch.zeros(n, dtype=torch.float64)
+
+    def add(self, resid: torch.Tensor, rows: torch.Tensor) -> None:
+        """resid (B, len(positions), d) of sequences `rows`."""
+        pred = self.probe.predict(resid)
+        self.sse[rows] = (pred - self.y).pow(2).sum(-1)
+        in_positions = pred.expm1() if self.probe.target == "log" else pred
+        self.abs_err[rows] = (in_positions - self.positions).abs().mean(-1)
+
+    def result(self) -> Score:
+        sst = (self.y - self.y.mean()).pow(2).sum().item()
+        r2 = 1 - self.sse.sum().item() / (sst * len(self.sse))
+        return Score(r2, self.abs_err.mean().item(), self.sse, sst)
+
+
 def score(probe: Probe, resid: torch.Tensor, positions: torch.Tensor) -> Score:
     """Held-out R^2 and MAE of a probe on resid (N, len(positions), d)."""
-    y = TARGETS[probe.target](positions.double())
-    pred = probe.predict(resid)  # (N, P)
-    sse = (pred - y).pow(2).sum(-1)
-    sst = (y - y.mean()).pow(2).sum().item()
-    in_positions = pred.expm1() if probe.target == "log" else pred
-    mae = (in_positions - positions.double()).abs().mean().item()
-    return Score(1 - sse.sum().item() / (sst * len(sse)), mae, sse, sst)
+    scorer = Scorer(probe, positions, len(resid))
+    scorer.add(resid, torch.arange(len(resid)))
+    return scorer.result()
 
 
 def mean_baseline_mae(train_positions: torch.Tensor, test_positions: torch.Tensor) -> float:

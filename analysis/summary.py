@@ -11,7 +11,6 @@ from collections import defaultdict
 
 from posleak import version
 from posleak.analysis.measures import DEFINITIONS
-from posleak.train.rundir import RunDir
 
 EARLY = 16  # "early queries": 1 <= i < EARLY
 KINDS = ("mean", "token", "random", "zeros")
@@ -142,25 +141,23 @@ def headline(rows, layers: dict, val_loss: float | None) -> dict:
 def summarise(analysis, seconds: float) -> dict:
     """summary.json of an Analysis that has run."""
     rows = analysis.rec.rows
-    val_loss = (RunDir(analysis.run_dir).summary() or {}).get("final_val_loss")
+    subject = analysis.subject
     layers = per_layer(rows)
     model = analysis.model
     return {
         **analysis.label,
         "definitions": DEFINITIONS,
         "posleak": version(),
-        "run": str(analysis.run_dir),
-        "checkpoint": analysis.state["checkpoint"],
-        "step": analysis.state["step"],
-        "val_loss": val_loss,
+        **subject.info,
         "position": model.cfg.position,
         "window": model.cfg.window,
         "rope_base": model.rope_effective_base,
         "seqs": analysis.opts.seqs,
         "seq_len": analysis.T,
-        "data": analysis.data.source,
+        "data": subject.data,
+        "bos": analysis.bos,
         "seconds": round(seconds, 2),
         "timings": analysis.timings,
         "per_layer": layers,
-        "headline": headline(rows, layers, val_loss),
+        "headline": headline(rows, layers, subject.info.get("val_loss")),
     }

@@ -268,6 +268,12 @@ class TextCorpus:
             if _cache_problem(folder):
                 raise
 
+    def documents(self, split: str) -> list[str]:
+        """The split's documents as text, for a model with a tokenizer of its own."""
+        tokens, starts = self.splits[split]
+        ends = [*starts[1:], len(tokens)]
+        return [self.tokenizer.decode(tokens[s:e]) for s, e in zip(starts, ends, strict=True)]
+
     def sequences(self, key, index: np.ndarray, length: int, split: str, align: str) -> np.ndarray:
         tokens, starts = self.splits[split]
         if length > len(tokens):

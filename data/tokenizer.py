@@ -35,5 +35,5 @@ class ByteTokenizer(Vocabulary):
 
     def decode(self, ids) -> str:
         """Bytes back to text; specials are dropped, invalid UTF-8 becomes U+FFFD."""
-        ordinary = bytes(int(i) for i in ids if int(i) < 256)
-        return ordinary.decode("utf-8", errors="replace")
+        ids = np.asarray(ids)
+        return ids[ids < 256].astype(np.uint8).tobytes().decode("utf-8", errors="replace")

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from posleak.model.config import ModelConfig
-from posleak.model.hooks import HookFn, HookPoint, hook_points
+from posleak.model.hooks import HookFn, HookPoint, attached, hook_points
 from posleak.model.masks import attention_mask
 from posleak.model.rope import apply_rope, ntk_base, rope_tables
 
@@ -278,17 +278,12 @@ class Decoder(nn.Module):
         A returned tensor replaces the activation (an intervention). Hooks are always removed,
         also when the block raises.
         """
-        hooks = list(hooks)
-        unknown = [name for name, _ in hooks if name not in self.hook_points]
-        if unknown:
-            raise KeyError(f"unknown hook names {unknown}; valid names: {self.hook_names()}")
-        for name, fn in hooks:
-            self.hook_points[name].fns.append(fn)
-        try:
+        with attached(self.hook_points, hooks):
             yield self
-        finally:
-            for name, fn in hooks:
-                self.hook_points[name].fns.remove(fn)
+
+    def output_projection(self, layer: int) -> torch.Tensor:
+        """W_O of an attention layer, (d_model, n_head * d_head): head h owns columns h*d_h.."""
+        return self.layers[layer].self_attn.o_proj.weight
 
     def run_with_cache(self, tokens: torch.Tensor, names: Iterable[str] | None = None):
         """Forward pass that also returns {name: detached activation} for the names asked for."""

@@ -7,7 +7,8 @@ TransformerLens habit: `layers.{l}.self_attn.hook_q` is `blocks.{l}.attn.q`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -52,3 +53,20 @@ def hook_points(model: nn.Module) -> dict[str, HookPoint]:
             module.name = public_name(path)
             found[module.name] = module
     return found
+
+
+@contextlib.contextmanager
+def attached(points: dict[str, HookPoint], hooks: Iterable[tuple[str, HookFn]]):
+    """Register hooks `fn(tensor, name) -> tensor | None` on named points for the duration of
+    the block; they are removed also when the block raises."""
+    hooks = list(hooks)
+    unknown = [name for name, _ in hooks if name not in points]
+    if unknown:
+        raise KeyError(f"unknown hook names {unknown}; valid names: {list(points)}")
+    for name, fn in hooks:
+        points[name].fns.append(fn)
+    try:
+        yield
+    finally:
+        for name, fn in hooks:
+            points[name].fns.remove(fn)

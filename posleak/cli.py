@@ -57,13 +57,29 @@ def _sweep(p: argparse.ArgumentParser) -> None:
 
 
 def _analyze(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", help="run directory (holds config.toml and checkpoints/)")
+    p.add_argument(
+        "run",
+        help="run directory (holds config.toml and checkpoints/), or hf:PATH_OR_NAME for a "
+        "pretrained transformers model (Llama, Mistral, Qwen2, GPT-NeoX)",
+    )
     p.add_argument("--seqs", type=int, default=256, help="held-out sequences (default 256)")
     p.add_argument("--step", type=int, help="checkpoint step (default: the newest good one)")
     p.add_argument("--seq-len", type=int, help="sequence length (default: training length)")
     p.add_argument("--rope-scale", type=float, help="apply static NTK scaling s at inference")
-    p.add_argument("--data", help="data source to analyse on (default: the run's)")
-    p.add_argument("--out", help="output directory (default: RUN/analysis)")
+    p.add_argument("--data", help="data source to analyse on (default: the run's; hf: bible)")
+    p.add_argument(
+        "--bos",
+        choices=["always", "never"],
+        help="BOS at position 0 (default: as the run trained, or as the tokenizer does)",
+    )
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="weights of an hf: model (default float32)",
+    )
+    p.add_argument("--out", help="output directory (default: RUN/analysis, or analyses/NAME)")
 
 
 def _export(p: argparse.ArgumentParser) -> None:

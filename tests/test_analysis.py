@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import tiny_overrides
 
 from posleak.analysis import probe
-from posleak.analysis.analyze import Analysis, Options, analyze
+from posleak.analysis.analyze import Options, analysis_of, analyze
 from posleak.analysis.collect import collect, keep
 from posleak.analysis.compare import find_runs, load_groups, write_report
 from posleak.analysis.records import FIELDS, read
@@ -105,7 +105,7 @@ def runs(tmp_path_factory):
 
 
 def test_fingerprints_are_exactly_zero_with_bos_and_positive_without(runs):
-    analysis = Analysis(runs / "rope-s0", SMALL)
+    analysis = analysis_of(runs / "rope-s0", SMALL)
     analysis.fingerprints()
     rows = analysis.rec.rows
 
@@ -119,7 +119,7 @@ def test_fingerprints_are_exactly_zero_with_bos_and_positive_without(runs):
 
 
 def test_bos_replacements_change_only_position_zero_and_follow_their_definitions(runs):
-    analysis = Analysis(runs / "rope-s0", SMALL)
+    analysis = analysis_of(runs / "rope-s0", SMALL)
     tokens = analysis.tokens(16, analysis.T, "analysis")[:, : analysis.T]
     table = analysis.model.embed_tokens.weight.detach()
     for kind in SMALL.swaps:
@@ -151,7 +151,7 @@ def test_mean_replacement_has_the_norm_of_an_ordinary_token_on_real_text(tmp_pat
         tiny_overrides(data__source="bible", model__d_model=32, train__steps=40, train__lr=1e-2)
     )
     train(cfg, tmp_path / "bible")
-    analysis = Analysis(tmp_path / "bible", Options(seqs=16))
+    analysis = analysis_of(tmp_path / "bible", Options(seqs=16))
     tokens = analysis.tokens(16, analysis.T, "analysis")[:, : analysis.T]
     table = analysis.model.embed_tokens.weight.detach()
     present = tokens[:, 1:].unique()
@@ -163,10 +163,10 @@ def test_mean_replacement_has_the_norm_of_an_ordinary_token_on_real_text(tmp_pat
 
 
 def test_key0_knockout_leaves_upstream_layers_exactly_untouched(runs):
-    analysis = Analysis(runs / "rope-s0", SMALL)
+    analysis = analysis_of(runs / "rope-s0", SMALL)
     tokens = analysis.tokens(16, analysis.T, "analysis")[:, : analysis.T]
     base = analysis.measure(tokens)
-    fitted = analysis.record_probes(base)
+    fitted = analysis.record_probes(base, tokens)
     analysis.record_knockout(1, tokens, base, fitted)
     removed = {
         (r["layer"], r["condition"]): r["value"]
@@ -266,7 +266,7 @@ def test_compare_pairs_by_seed_and_says_when_there_are_too_few_seeds(runs, tmp_p
 
 def test_analysing_on_data_of_another_vocabulary_is_refused(runs):
     with pytest.raises(ValueError, match="special tokens"):
-        Analysis(runs / "rope-s0", Options(data="bible"))
+        analysis_of(runs / "rope-s0", Options(data="bible"))
 
 
 @pytest.mark.parametrize(
@@ -274,7 +274,7 @@ def test_analysing_on_data_of_another_vocabulary_is_refused(runs):
 )
 def test_bad_analysis_options_are_refused_with_the_fix(runs, bad):
     with pytest.raises(ValueError, match="must be"):
-        Analysis(runs / "rope-s0", Options(**bad))
+        analysis_of(runs / "rope-s0", Options(**bad))
 
 
 def test_rope_scale_at_analysis_time_composes_with_a_trained_ntk_scale():
@@ -286,7 +286,7 @@ def test_rope_scale_at_analysis_time_composes_with_a_trained_ntk_scale():
 
 
 def test_rope_scale_applies_ntk_scaling_at_analysis_time_on_longer_inputs(runs):
-    analysis = Analysis(runs / "rope-s0", Options(seqs=4, seq_len=64, rope_scale=4.0))
+    analysis = analysis_of(runs / "rope-s0", Options(seqs=4, seq_len=64, rope_scale=4.0))
     assert analysis.model.rope_effective_base == ntk_base(10000.0, 4.0, 16)
     assert analysis.tokens(4, 64, "analysis").shape == (4, 65)  # twice the training length
     assert analysis.visible.shape == (64, 64)

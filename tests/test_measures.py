@@ -224,6 +224,30 @@ def test_ridge_matches_a_closed_form_solve():
     assert torch.allclose(p.beta, beta, atol=1e-10)
 
 
+def test_probe_sums_added_batch_by_batch_equal_one_fit_even_far_from_the_origin():
+    """The analysis streams the residual stream into ProbeData a few sequences at a time; the
+    sums are taken about the first batch's mean, so a mean of 1e4 (massive activations) loses
+    nothing against the same features centred by hand."""
+    N, T, d = 24, 16, 6
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(N, T, d, generator=gen, dtype=torch.float64)
+    x[..., 0] += 0.05 * torch.arange(T, dtype=torch.float64)  # a position ramp
+    positions = torch.arange(T)
+    far = x + 1e4
+    data = probe.ProbeData(d)
+    for start in range(0, N, 5):
+        part = far[start : start + 5]
+        groups = torch.arange(start, start + len(part)).repeat_interleave(T)
+        data.add(part.reshape(-1, d), positions.repeat(len(part)), groups)
+    groups = torch.arange(N).repeat_interleave(T)
+    for target in ("linear", "log"):
+        streamed = data.fit(target)
+        whole = probe.fit(x.reshape(-1, d), positions.repeat(N), groups, target)
+        assert streamed.lam == whole.lam
+        assert torch.allclose(streamed.beta, whole.beta, rtol=1e-6, atol=1e-9)
+        assert torch.allclose(streamed.predict(far), whole.predict(x), atol=1e-6)
+
+
 def test_baselines():
     n = 7
     brute = sum(abs(a - b) for a in range(n) for b in range(n)) / n**2

@@ -1,0 +1,259 @@
+"""Pretrained transformers models behind posleak's hooks: the adapter's activations are the
+model's own (checked against transformers' eager attention), every measurement runs on each
+supported family, and a posleak run exported to transformers is analysed to the same numbers
+as the run itself."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_overrides
+
+from posleak.analysis.analyze import Options, analysis_of, analyze
+from posleak.analysis.collect import collect
+from posleak.cli import main
+from posleak.model.rope import ntk_base
+from posleak.train.config import build
+from posleak.train.export import export_hf, write_tokenizer
+from posleak.train.loop import train
+from posleak.train.rundir import RunDir
+
+transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
+from posleak.analysis import pretrained  # noqa: E402  (needs transformers)
+
+COMMON = dict(
+    vocab_size=259,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=128,
+    bos_token_id=256,
+    eos_token_id=257,
+    pad_token_id=258,
+)
+LLAMA3_ROPE = dict(
+    rope_type="llama3",
+    rope_theta=500000.0,
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=32,
+)
+FAMILIES = {  # name: (config, the tokenizer prepends BOS)
+    "llama": (lambda: transformers.LlamaConfig(num_key_value_heads=2, **COMMON), True),
+    "llama3-rope": (
+        lambda: transformers.LlamaConfig(rope_parameters=LLAMA3_ROPE, **COMMON),
+        True,
+    ),
+    "mistral": (
+        lambda: transformers.MistralConfig(num_key_value_heads=2, sliding_window=8, **COMMON),
+        True,
+    ),
+    "qwen2": (lambda: transformers.Qwen2Config(num_key_value_heads=1, **COMMON), False),
+    "gpt_neox": (
+        lambda: transformers.GPTNeoXConfig(rotary_pct=0.5, use_parallel_residual=True, **COMMON),
+        False,  # as Pythia's: a BOS token that the tokenizer does not prepend
+    ),
+}
+MEASUREMENTS = ("probe_r2_log", "c_res", "c_mask", "c_content", "abs_share", "sink_alpha0")
+MEASUREMENTS += ("fingerprint_dispersion", "bos_swap_removed", "knockout_removed", "shift_js")
+MEASUREMENTS += ("loss_by_position",)
+NO_BOS_TOKEN = ("qwen2",)  # as Qwen2's tokenizer: none at all
+SMALL = Options(
+    seqs=8, seq_len=24, fingerprint_seqs=3, shift_seqs=4, early_k=(4, 8), batch_size=4,
+    extrapolation_seqs=4, bootstrap=20, content_seqs=4,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A randomly initialised tiny model of each family, saved with a byte tokenizer."""
+    root = tmp_path_factory.mktemp("hf")
+    for name, (config, bos) in FAMILIES.items():
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config())
+        model.save_pretrained(root / name)
+        write_tokenizer(root / name, bos=bos)
+        if name in NO_BOS_TOKEN:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(root / name)
+            tokenizer.bos_token = None
+            tokenizer.save_pretrained(root / name)
+    return root
+
+
+def eager(path):
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        path, attn_implementation="eager"
+    ).eval()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hidden_states_and_attention_weights_are_the_models_own(models, family):
+    model, _ = pretrained.load(str(models / family))
+    L = model.cfg.n_layer
+    names = ["blocks.0.resid_pre", *(f"blocks.{l}.resid_post" for l in range(L))]
+    names += [f"blocks.{l}.attn.pattern" for l in range(L)]
+    tokens = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(0))
+    ours = collect(model, tokens, {n: lambda t: t for n in names}, batch_size=2)
+    with torch.no_grad():
+        ref = eager(models / family)(tokens, output_hidden_states=True, output_attentions=True)
+    for l in range(L):  # hidden_states[L] has the final norm applied: compared through logits
+        site = "blocks.0.resid_pre" if l == 0 else f"blocks.{l - 1}.resid_post"
+        assert torch.allclose(ours[site], ref.hidden_states[l], atol=1e-6), (family, site)
+        assert torch.allclose(ours[f"blocks.{l}.attn.pattern"], ref.attentions[l], atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(model(tokens), ref.logits, atol=1e-5)
+
+
+def test_the_window_is_the_models_own_and_mixed_windows_below_the_length_are_refused(models):
+    mistral, _ = pretrained.load(str(models / "mistral"))
+    assert mistral.cfg.window == 8
+    tokens = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0))
+    pattern = collect(mistral, tokens, {"blocks.0.attn.pattern": lambda t: t})
+    i, j = torch.meshgrid(torch.arange(20), torch.arange(20), indexing="ij")
+    outside = (j > i) | (i - j >= 8)
+    assert pattern["blocks.0.attn.pattern"][..., outside].abs().max() == 0
+    assert pattern["blocks.0.attn.pattern"][..., ~outside].min() > 0
+    mixed = pretrained.Shape("qwen2", 2, 4, 32, 8, 259, 128, (4, None))
+    assert "mixes attention windows" in mixed.problem(16)
+    assert mixed.problem(4) is None
+
+
+def test_ntk_at_inference_sets_the_frequencies_of_the_scaled_base(models):
+    model, _ = pretrained.load(str(models / "llama"))
+    model.set_rope_scale(4.0)
+    d = model.rotary_dim
+    expected = ntk_base(10000.0, 4.0, d) ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    assert torch.allclose(model._rotary[0].inv_freq.double(), expected, rtol=1e-6)
+    assert model.rope_effective_base == pytest.approx(ntk_base(10000.0, 4.0, d))
+    model.set_rope_scale(1.0)
+    assert torch.allclose(model._rotary[0].inv_freq.double(), expected * 0 + 10000.0 ** (
+        -torch.arange(0, d, 2, dtype=torch.float64) / d
+    ), rtol=1e-6)  # fmt: skip
+
+
+def test_fingerprint_is_bit_identical_with_a_shared_first_token(models):
+    analysis = analysis_of(f"hf:{models / 'llama'}", SMALL)
+    assert analysis.bos == "always"  # the tokenizer prepends BOS
+    analysis.fingerprints()
+    rows = analysis.rec.rows
+
+    def values(condition):
+        return [
+            r["value"]
+            for r in rows
+            if r["metric"] == "fingerprint_dispersion" and r["condition"] == condition
+        ]
+
+    assert values("bos") == [0.0] * 3
+    assert all(v > 0.01 for v in values("nobos"))
+
+
+def test_a_tokenizer_without_bos_is_measured_without_and_cannot_be_asked_for_one(models):
+    analysis = analysis_of(f"hf:{models / 'qwen2'}", SMALL)
+    assert analysis.bos == "never"
+    analysis.fingerprints()
+    assert {r["condition"] for r in analysis.rec.rows} == {"nobos"}
+    with pytest.raises(ValueError, match="no BOS token"):
+        analysis.tokens(2, 8, "analysis", "always")
+
+
+def test_knockout_removes_key_zero_in_the_models_own_forward(models):
+    model, _ = pretrained.load(str(models / "gpt_neox"))
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    names = {"blocks.0.resid_post": lambda t: t, "blocks.1.resid_post": lambda t: t}
+    names["blocks.1.attn.pattern"] = lambda t: t
+    base = collect(model, tokens, names)
+    knocked = collect(
+        model, tokens, names, interventions=[("blocks.1.attn.pattern", pretrained_knockout)]
+    )
+    assert torch.equal(base["blocks.0.resid_post"], knocked["blocks.0.resid_post"])
+    assert knocked["blocks.1.attn.pattern"][..., 1:, 0].abs().max() == 0
+    assert not torch.allclose(base["blocks.1.resid_post"], knocked["blocks.1.resid_post"])
+
+
+def pretrained_knockout(pattern, name):
+    from posleak.analysis.measures import knock_out_key0
+
+    return knock_out_key0(pattern)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_measurement_runs_on_each_family_and_writes_records(models, family, tmp_path):
+    summary = analyze(f"hf:{models / family}", SMALL, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "records.jsonl").open()]
+    metrics = {r["metric"] for r in rows}
+    assert set(MEASUREMENTS) <= metrics, (family, set(MEASUREMENTS) - metrics)
+    assert summary["family"] == family.split("-")[0].replace("llama3", "llama")
+    assert summary["tokenizer_adds_bos"] == FAMILIES[family][1]
+    assert (tmp_path / "report.png").exists()
+
+
+def test_the_command_line_analyses_a_local_model_and_compare_reads_it(models, tmp_path, capsys):
+    out = tmp_path / "llama"
+    args = [
+        "analyze",
+        f"hf:{models / 'llama'}",
+        "--seqs",
+        "8",
+        "--seq-len",
+        "16",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    assert "probe R^2" in capsys.readouterr().out
+    assert main(["compare", str(out), "--out", str(tmp_path / "report")]) == 0
+    assert "`llama`" in (tmp_path / "report" / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        ("hf:someone/not-here-for-sure", "cannot load"),
+        ("hf:{models}/llama --data markov", "must be a text source"),
+        ("hf:{models}/qwen2 --bos always", "no BOS token"),
+        ("hf:{models}/llama --step 3", "--step selects"),
+        ("hf:{models}/gpt2", "not among them"),
+    ],
+)
+def test_bad_pretrained_input_gets_one_line(models, target, message, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    if not (models / "gpt2").exists():
+        gpt2 = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2)
+        transformers.GPT2LMHeadModel(gpt2).save_pretrained(models / "gpt2")
+    args = ["analyze", *target.format(models=models).split(), "--seqs", "4", "--seq-len", "8"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_an_exported_run_analysed_through_transformers_gives_the_runs_numbers(tmp_path):
+    """Byte tokenizer, seed 0 and the same validation text: the hf: path draws the very tokens
+    the run's own analysis reads, so every record must agree to float tolerance."""
+    cfg = build(tiny_overrides(data__source="bible", data__bos="always", train__steps=30))
+    run = tmp_path / "run"
+    train(cfg, run)
+    export_hf(run, tmp_path / "hf")
+    native = analysis_of(run, SMALL)
+    through = analysis_of(f"hf:{tmp_path / 'hf'}", SMALL)
+    assert torch.equal(native.tokens(8, 24, "analysis"), through.tokens(8, 24, "analysis"))
+    native_rows, _ = native.run_all()
+    through_rows, _ = through.run_all()
+
+    def table(rows):  # extrapolation aside: the run's T0 is its training length, 32
+        return {
+            (r["metric"], r["layer"], r["head"], r["query"], r["condition"]): r["value"]
+            for r in rows
+            if "len=" not in (r["condition"] or "") and r["metric"] != "loss_beyond_train"
+        }
+
+    a, b = table(native_rows), table(through_rows)
+    assert set(a) == set(b) and len(a) > 900
+    for key, value in a.items():
+        if value is None:
+            assert b[key] is None, key
+        else:
+            assert b[key] == pytest.approx(value, rel=1e-3, abs=1e-4), key
+    assert RunDir(run).read_config()[0].seed == 0
