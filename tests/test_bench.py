@@ -1,8 +1,9 @@
 """The benchmark runs end to end and counts FLOPs by the stated convention."""
 
 from posleak.model import Decoder, ModelConfig
-from posleak.train.bench import flops_per_token, print_table, run_bench
+from posleak.train.bench import print_table, run_bench
 from posleak.train.config import presets
+from posleak.train.environment import flops_per_token
 
 
 def test_flops_per_token_follows_the_stated_convention():

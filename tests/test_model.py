@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from posleak.model import ConfigError, Decoder, ModelConfig
+from posleak.model import ConfigError, Decoder, ModelConfig, decoder
 from posleak.model.masks import attention_mask
 from posleak.model.rope import apply_rope, ntk_base, rope_frequencies, rope_tables
 
@@ -191,6 +191,30 @@ def test_eager_and_fast_paths_agree(overrides):
     fast = model(x)
     model.force_eager = True
     assert torch.allclose(model(x), fast, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", VARIANTS)
+def test_bf16_on_cpu_materialises_short_attention_and_agrees_with_the_kernel(overrides):
+    """Up to EAGER_BF16_CPU keys, bf16 attention on CPU is the eager path without the NaN
+    check (faster than SDPA there, and no host read); beyond it, SDPA. Both agree with fp32
+    to bf16's precision and with each other."""
+    model = Decoder(tiny(**overrides))
+    x = tokens(seq=20)
+    reference = model(x)
+    with torch.autocast("cpu", torch.bfloat16), _Calls() as calls:
+        short = model(x)
+    assert "scaled_dot_product_attention" not in calls.names
+    assert not calls.names & HOST_READS
+    decoder.EAGER_BF16_CPU, saved = 0, decoder.EAGER_BF16_CPU
+    try:
+        with torch.autocast("cpu", torch.bfloat16), _Calls() as calls:
+            kernel = model(x)
+    finally:
+        decoder.EAGER_BF16_CPU = saved
+    assert "scaled_dot_product_attention" in calls.names
+    assert reference.std() > 0.05  # logits of this size: bf16 errors are about 1e-3
+    assert torch.allclose(short.float(), kernel.float(), atol=5e-3)
+    assert torch.allclose(short.float(), reference, atol=5e-3)
 
 
 def test_identity_hook_leaves_outputs_unchanged_and_replacing_hook_changes_them():

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from posleak.model import ConfigError, Decoder
 from posleak.train import checkpoint
 from posleak.train.config import build, from_resolved, load, parse_override, read_toml
+from posleak.train.environment import COMPILE_CPU_MIN_FLOP, resolve_compile
 from posleak.train.lock import RunLock, RunLocked
 from posleak.train.loop import RunExistsError, TrainingDiverged, deterministic_metrics, train
 from posleak.train.rundir import RunDir
@@ -271,6 +272,37 @@ def test_compiled_training_runs_and_learns(tmp_path):
     summary = train(build(tiny_overrides(train__compile=True, train__steps=20)), tmp_path / "run")
     first = deterministic_metrics(tmp_path / "run/metrics.jsonl")[0]["train_loss"]
     assert summary["final_val_loss"] < first
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("position", ["rope", "nope"])
+def test_compiled_model_equals_eager_at_fp32_tolerance(position):
+    """Forward and gradients of torch.compile(Decoder) against eager (about 20 s on CPU)."""
+    model = Decoder(build(tiny_overrides(model__position=position)).model_config(20))
+    tokens = torch.randint(0, 20, (3, 32), generator=torch.Generator().manual_seed(0))
+    eager = model(tokens)
+    eager.square().mean().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model)(tokens)
+    compiled.square().mean().backward()
+    assert torch.allclose(compiled, eager, atol=1e-5)
+    for g, p in zip(grads, model.parameters(), strict=True):
+        assert torch.allclose(p.grad, g, atol=1e-6, rtol=1e-4)
+
+
+def test_compile_auto_decides_from_training_flops_and_says_why(tmp_path):
+    cpu = torch.device("cpu")
+    assert resolve_compile(True, cpu, 0) == (True, "set in the config")
+    off, why = resolve_compile("auto", cpu, COMPILE_CPU_MIN_FLOP / 2)
+    on, _ = resolve_compile("auto", cpu, COMPILE_CPU_MIN_FLOP)
+    assert (off, on) == (False, True) and "TFLOP" in why
+    assert resolve_compile("auto", torch.device("cuda"), 1e30)[0] is False  # not measured
+    train(build(tiny_overrides(train__compile="auto")), tmp_path / "run")
+    env = json.loads((tmp_path / "run" / "env.json").read_text())
+    assert env["compile"] is False and env["compile_reason"].startswith("auto: ")
+    with pytest.raises(ConfigError, match="train.compile must be true, false or"):
+        build(tiny_overrides(train__compile="yes"))
 
 
 def test_the_run_directory_loads_the_newest_good_model_or_a_named_step(tmp_path):

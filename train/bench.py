@@ -31,7 +31,13 @@ import torch.nn.functional as F
 from posleak.data import BatchStream, DataConfig
 from posleak.model import Decoder, ModelConfig
 from posleak.train.config import preset, presets
-from posleak.train.environment import autocast, cpu_has_fast_bf16, device_name, resolve_device
+from posleak.train.environment import (
+    autocast,
+    cpu_has_fast_bf16,
+    device_name,
+    flops_per_token,
+    resolve_device,
+)
 from posleak.train.optim import AdamW
 from posleak.train.reference import ReferenceGPT
 
@@ -51,14 +57,6 @@ def matmul_peak(dtype: torch.dtype, device, n: int, repeats: int) -> float:
     return 2 * n**3 / best
 
 
-def flops_per_token(model, T: int) -> float:
-    """6N + 12·L·d·T, N = the block matrices and the LM head (posleak's or the reference's)."""
-    n = sum(p.numel() for p in model.layers.parameters() if p.dim() == 2)
-    n += model.lm_head.weight.numel()
-    d = model.lm_head.weight.shape[1]
-    return 6 * n + 12 * len(model.layers) * d * T
-
-
 class TrainCase:
     """One training configuration, built once, stepped on demand (forward, backward, AdamW)."""
 
@@ -72,6 +70,7 @@ class TrainCase:
         device,
         eager=False,
         reference=False,
+        compiled=False,
     ):
         self.name, self.cfg, self.B, self.T, self.precision = name, cfg, B, T, precision
         self.device = device
@@ -81,16 +80,18 @@ class TrainCase:
         else:
             self.model = Decoder(cfg).to(device)
             self.model.force_eager = eager
+        self.forward = torch.compile(self.model) if compiled else self.model
         groups = [{"params": self.model.parameters(), "weight_decay": 0.1}]
         self.opt = AdamW(groups, lr=1e-4, betas=(0.9, 0.95))
         self.tokens = torch.randint(0, cfg.vocab_size, (B, T + 1), device=device)
         self.times: list[float] = []
+        self.first_step_s: float | None = None  # includes compilation for a compiled case
 
     def step(self) -> float:
         _sync(self.device)
         t = time.perf_counter()
         with autocast(self.device, self.precision):
-            logits = self.model(self.tokens[:, :-1])
+            logits = self.forward(self.tokens[:, :-1])
             loss = F.cross_entropy(logits.float().flatten(0, 1), self.tokens[:, 1:].flatten())
         loss.backward()
         self.opt.step()
@@ -103,7 +104,7 @@ def measure(cases: list[TrainCase], rounds: int, steps: int) -> None:
     """Round-robin over the cases so that machine noise (shared VMs) hits them alike; each
     case keeps every timed step, after two warm-up steps."""
     for case in cases:
-        case.step()
+        case.first_step_s = case.step()
         case.step()
     for _ in range(rounds):
         for case in cases:
@@ -138,6 +139,7 @@ def train_row(case: TrainCase, peaks: dict) -> dict:
         "tokens_per_s": tps,
         "flops_per_token": fpt,
         "mfu": fpt * tps / peaks[case.precision],
+        "first_step_s": case.first_step_s,
     }
 
 
@@ -225,6 +227,10 @@ def run_bench(quick: bool) -> dict:
         cases.append(
             TrainCase(f"size:d{d_}:reference", cfg, B_, T_, "fp32", device, reference=True)
         )
+        if not quick:  # torch.compile takes 20-30 s per model on a CPU
+            cases.append(
+                TrainCase(f"size:d{d_}:compiled", cfg, B_, T_, "fp32", device, compiled=True)
+            )
         measure(cases, rounds if d_ < 512 else max(1, rounds // 2), steps)
         rows += [train_row(case, peaks) for case in cases]
     data = {src: batch_throughput(src, 16, 256, 5 if quick else 50) for src in ("bible", "markov")}
@@ -269,6 +275,14 @@ def print_table(result: dict) -> None:
         )
         if "bf16" in p:
             print(f"bf16 / fp32 at d_model={dm}: {p['bf16'] / p['fp32']:.2f}x")
+        if "compiled" in p:
+            first = next(
+                r["first_step_s"] for r in result["train"] if r["name"] == f"size:d{dm}:compiled"
+            )
+            print(
+                f"compiled / eager fp32 at d_model={dm}: {p['compiled'] / p['fp32']:.2f}x, "
+                f"first step (with compilation) {first:.1f}s"
+            )
     batch = result["batch_tokens_per_s"]
     print("batch assembly: " + ", ".join(f"{k} {v / 1e6:.1f}M tok/s" for k, v in batch.items()))
     for a in result["analysis"]:

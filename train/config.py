@@ -50,7 +50,7 @@ class TrainConfig:
     log_every: int = 10
     precision: str = "auto"
     device: str = "auto"
-    compile: bool = False
+    compile: bool | str = False  # true, false, or "auto" (train/environment.py)
     threads: int = 0  # torch intra-op threads; 0 = torch's default (or $OMP_NUM_THREADS)
 
 
@@ -280,6 +280,8 @@ def train_problems(t: TrainConfig) -> list[str]:
         out.append(f"train.precision must be one of {PRECISIONS}, got {t.precision!r}")
     if t.device not in DEVICES:
         out.append(f"train.device must be one of {DEVICES}, got {t.device!r}")
+    if isinstance(t.compile, str) and t.compile != "auto":
+        out.append(f'train.compile must be true, false or "auto", got {t.compile!r}')
     return out
 
 

@@ -26,7 +26,14 @@ from posleak.data import BatchStream, vocab_size_of
 from posleak.model import ConfigError, Decoder
 from posleak.train import checkpoint, tracking
 from posleak.train.config import RunConfig, flatten, from_resolved, to_toml, tomllib
-from posleak.train.environment import autocast, describe, resolve_device, resolve_precision
+from posleak.train.environment import (
+    autocast,
+    describe,
+    flops_per_token,
+    resolve_compile,
+    resolve_device,
+    resolve_precision,
+)
 from posleak.train.optim import AdamW
 from posleak.train.rundir import RunDir
 
@@ -98,6 +105,9 @@ class Run:
         )
         torch.manual_seed(self.cfg.seed)
         self.model = Decoder(self.model_cfg, seed=self.cfg.seed).to(self.device)
+        t, T = self.cfg.train, self.cfg.data.seq_len
+        flops = flops_per_token(self.model, T) * t.batch_size * T * t.steps
+        self.compiled = resolve_compile(t.compile, self.device, flops)
         self.optimizer = make_optimizer(self.model, self.cfg)
         self.ckpt_root = self.dir.checkpoints_dir
         self.step, self.elapsed = 0, 0.0
@@ -125,7 +135,7 @@ class Run:
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        if self.cfg.train.compile:
+        if self.compiled[0]:
             model = torch.compile(model)
         return model
 
@@ -175,7 +185,7 @@ class Run:
         derived = self.derived()
         self.dir.write("config.toml", to_toml(self.cfg, self.model_cfg, derived))
         env_path = self.dir.env_file
-        env = describe(self.device, self.precision, reason, self.world)
+        env = describe(self.device, self.precision, reason, self.world, self.compiled)
         if resumed and env_path.exists():
             first = json.loads(env_path.read_text())
             first.setdefault("resumes", []).append({**env, "from_step": self.step})
