@@ -3,6 +3,7 @@ model's own (checked against transformers' eager attention), every measurement r
 supported family, and a posleak run exported to transformers is analysed to the same numbers
 as the run itself."""
 
+import dataclasses
 import json
 
 import pytest
@@ -148,6 +149,22 @@ def test_fingerprint_is_bit_identical_with_a_shared_first_token(models):
 
     assert values("bos") == [0.0] * 3
     assert all(v > 0.01 for v in values("nobos"))
+
+
+def test_bf16_weights_keep_the_fingerprint_exact_and_the_probe_close(models):
+    opts = dataclasses.replace(SMALL, dtype="bfloat16")
+    bf16 = analysis_of(f"hf:{models / 'llama'}", opts)
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    bf16.fingerprints()
+    fp = [r["value"] for r in bf16.rec.rows if r["metric"] == "fingerprint_dispersion"]
+    assert fp[:3] == [0.0] * 3  # the bos condition comes first
+    rows, _ = bf16.run_all()
+    fp32_rows, _ = analysis_of(f"hf:{models / 'llama'}", SMALL).run_all()
+
+    def last_probe(rows):
+        return [r["value"] for r in rows if r["metric"] == "probe_r2_log"][-1]
+
+    assert last_probe(rows) == pytest.approx(last_probe(fp32_rows), abs=0.1)
 
 
 def test_a_tokenizer_without_bos_is_measured_without_and_cannot_be_asked_for_one(models):

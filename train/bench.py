@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -191,13 +190,28 @@ def analysis_cost(cases: list[tuple[int, int, float | None]], d: int) -> list[di
     return rows
 
 
-def _child_cost(args: list) -> tuple[float, int, float]:
-    """Wall seconds, exit status and peak RSS (MB) of `python -m posleak ARGS...`."""
+# The child reports its own high-water mark: ru_maxrss would keep the benchmark's (the forked
+# parent's) pages from before exec, which made every analysis look as large as the benchmark.
+_CHILD = """import sys
+from posleak.cli import main
+code = main(sys.argv[1:])
+try:
+    peak = next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM"))
+except (OSError, StopIteration):
+    peak = -1
+print("peak_kb", peak)
+sys.exit(code)
+"""
+
+
+def _child_cost(args: list) -> tuple[float, int, float | None]:
+    """Wall seconds, exit status and peak RSS (MB; None off Linux) of `posleak ARGS...`."""
     started = time.perf_counter()
-    cmd = [sys.executable, "-m", "posleak", *map(str, args)]
-    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(child.pid, 0)
-    return time.perf_counter() - started, status, usage.ru_maxrss / 1024
+    cmd = [sys.executable, "-c", _CHILD, *map(str, args)]
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    seconds = time.perf_counter() - started
+    kb = int(done.stdout.split()[-1]) if "peak_kb" in done.stdout else -1
+    return seconds, done.returncode, kb / 1024 if kb > 0 else None
 
 
 def run_bench(quick: bool) -> dict:
@@ -288,9 +302,8 @@ def print_table(result: dict) -> None:
     for a in result["analysis"]:
         shape = f"{a['seqs']} x {a['seq_len']} tokens (4 layers, d={a['d_model']})"
         scale = f", rope scale {a['rope_scale']:g}" if a["rope_scale"] else ""
-        print(
-            f"analysis of {shape}{scale}: {a['seconds']:.1f}s, peak RSS {a['peak_rss_mb']:.0f} MB"
-        )
+        peak = "unknown" if a["peak_rss_mb"] is None else f"{a['peak_rss_mb']:.0f} MB"
+        print(f"analysis of {shape}{scale}: {a['seconds']:.1f}s, peak RSS {peak}")
 
 
 def run(args: argparse.Namespace) -> int:
