@@ -592,6 +592,7 @@ def _knockout(pattern, name):
 
 def subject_of(target: str | Path, opts: Options) -> Subject:
     """A run directory, or `hf:PATH_OR_NAME` for a pretrained transformers model."""
+    check_device(opts.device)
     if str(target).startswith("hf:"):
         from posleak.analysis import pretrained  # imports transformers
 
@@ -603,6 +604,15 @@ def subject_of(target: str | Path, opts: Options) -> Subject:
     subject = run_subject(target, opts.step, opts.data)
     subject.model.to(opts.device)
     return subject
+
+
+def check_device(name: str) -> None:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a torch device; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} needs a CUDA device; this machine has none: use cpu")
 
 
 def default_out(target: str | Path) -> Path:

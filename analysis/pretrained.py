@@ -21,7 +21,7 @@ from torch import nn
 from posleak.analysis.collect import Subject
 from posleak.data import DataConfig, make_source
 from posleak.data.counter_rng import random_below, stream_key
-from posleak.data.text import TextCorpus
+from posleak.data.text import TextCorpus, hub_reachable
 from posleak.model.hooks import HookPoint, attached, hook_points
 from posleak.model.rope import ntk_base
 
@@ -226,6 +226,11 @@ class Pretrained(nn.Module):
 def load(name: str, device: str = "cpu", dtype: str = "float32"):
     """The adapted model and its tokenizer, from a local directory or (with network) the hub."""
     tf = _transformers()
+    if not Path(name).is_dir() and not hub_reachable():
+        raise ValueError(
+            f"cannot load hf:{name}: it is not a local directory and huggingface.co cannot be "
+            "reached (give the directory of a downloaded model)"
+        )
     register()
     tf.utils.logging.disable_progress_bar()
     try:

@@ -5,6 +5,7 @@ as the run itself."""
 
 import dataclasses
 import json
+import sys
 
 import pytest
 import torch
@@ -80,6 +81,8 @@ def models(tmp_path_factory):
             tokenizer = transformers.AutoTokenizer.from_pretrained(root / name)
             tokenizer.bos_token = None
             tokenizer.save_pretrained(root / name)
+    gpt2 = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2)  # a family posleak refuses
+    transformers.GPT2LMHeadModel(gpt2).save_pretrained(root / "gpt2")
     return root
 
 
@@ -233,17 +236,20 @@ def test_the_command_line_analyses_a_local_model_and_compare_reads_it(models, tm
         ("hf:{models}/qwen2 --bos always", "no BOS token"),
         ("hf:{models}/llama --step 3", "--step selects"),
         ("hf:{models}/gpt2", "not among them"),
+        ("hf:{models}/llama --device nonsense", "not a torch device"),
     ],
 )
-def test_bad_pretrained_input_gets_one_line(models, target, message, capsys, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    if not (models / "gpt2").exists():
-        gpt2 = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2)
-        transformers.GPT2LMHeadModel(gpt2).save_pretrained(models / "gpt2")
+def test_bad_pretrained_input_gets_one_line(models, target, message, capsys):
     args = ["analyze", *target.format(models=models).split(), "--seqs", "4", "--seq-len", "8"]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_without_transformers_the_command_says_how_to_install_it(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import fails as if absent
+    assert main(["analyze", "hf:any/model", "--seqs", "4"]) == 2
+    assert "pip install 'posleak[hf]'" in capsys.readouterr().err
 
 
 def test_an_exported_run_analysed_through_transformers_gives_the_runs_numbers(tmp_path):
