@@ -545,7 +545,10 @@ class Analysis:
     def _loss_by_position(self, tokens: torch.Tensor) -> torch.Tensor:
         total = torch.zeros(tokens.shape[1] - 1, dtype=torch.float64)
         device = next(self.model.parameters()).device
-        step = max(1, (1 << 25) // (tokens.shape[1] * self.model.cfg.vocab_size))  # logits' size
+        T, cfg = tokens.shape[1], self.model.cfg
+        attention = self.opts.max_attention_elements // (cfg.n_head * T * T)
+        logits = (1 << 25) // (T * cfg.vocab_size)
+        step = max(1, min(attention, logits))  # sequences per forward pass
         for chunk in tokens.to(device).split(step):
             logits = self.model(chunk[:, :-1])
             loss = F.cross_entropy(

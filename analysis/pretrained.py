@@ -138,7 +138,7 @@ def register() -> None:
 class Pretrained(nn.Module):
     """A transformers causal LM with the hook names, shape and methods of posleak's Decoder
     that the analysis uses. The model must have been loaded with attn_implementation="posleak"
-    (see `load`). Hook points: embed, blocks.0.resid_pre, blocks.{l}.resid_post and
+    (see `load`). Hook points: embed, blocks.{l}.resid_pre, blocks.{l}.resid_post and
     blocks.{l}.attn.{q,k,v,scores,pattern} (q and k after RoPE, repeated per query head)."""
 
     def __init__(self, hf_model):
@@ -154,7 +154,9 @@ class Pretrained(nn.Module):
             a = self.layers[l].self_attn
             points = (a.hook_q, a.hook_k, a.hook_v, a.hook_scores, a.hook_pattern)
             self._attention_module(layer).posleak_points = points  # a tuple: not a submodule
-            layer.register_forward_hook(self._on_layer(self.layers[l].hook_resid_post))
+            after = [self.layers[l].hook_resid_post]
+            after += [self.layers[l + 1].hook_resid_pre] if l + 1 < self.cfg.n_layer else []
+            layer.register_forward_hook(self._on_layer(after))
         self._rotary = [
             m for m in hf_model.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)
         ]
@@ -169,10 +171,14 @@ class Pretrained(nn.Module):
         return self.layers[0].hook_resid_pre(self.hook_embed(output))
 
     @staticmethod
-    def _on_layer(point: HookPoint):
+    def _on_layer(points: list[HookPoint]):
+        """A layer's output is resid_post of its block and resid_pre of the next."""
+
         def on_output(module, args, output):
             hidden = output[0] if isinstance(output, tuple) else output
-            new = point(hidden)
+            new = hidden
+            for point in points:
+                new = point(new)
             if new is hidden:
                 return None
             return (new, *output[1:]) if isinstance(output, tuple) else new

@@ -96,15 +96,15 @@ def eager(path):
 def test_hidden_states_and_attention_weights_are_the_models_own(models, family):
     model, _ = pretrained.load(str(models / family))
     L = model.cfg.n_layer
-    names = ["blocks.0.resid_pre", *(f"blocks.{l}.resid_post" for l in range(L))]
+    names = [f"blocks.{l}.{site}" for l in range(L) for site in ("resid_pre", "resid_post")]
     names += [f"blocks.{l}.attn.pattern" for l in range(L)]
     tokens = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(0))
     ours = collect(model, tokens, {n: lambda t: t for n in names}, batch_size=2)
     with torch.no_grad():
         ref = eager(models / family)(tokens, output_hidden_states=True, output_attentions=True)
     for l in range(L):  # hidden_states[L] has the final norm applied: compared through logits
-        site = "blocks.0.resid_pre" if l == 0 else f"blocks.{l - 1}.resid_post"
-        assert torch.allclose(ours[site], ref.hidden_states[l], atol=1e-6), (family, site)
+        for site in {f"blocks.{l}.resid_pre", f"blocks.{l - 1}.resid_post"} & set(ours):
+            assert torch.allclose(ours[site], ref.hidden_states[l], atol=1e-6), (family, site)
         assert torch.allclose(ours[f"blocks.{l}.attn.pattern"], ref.attentions[l], atol=1e-6)
     with torch.no_grad():
         assert torch.allclose(model(tokens), ref.logits, atol=1e-5)
