@@ -109,7 +109,7 @@ def _bench(p: argparse.ArgumentParser) -> None:
 ARGUMENTS = {
     "train": (_train, "train one variant from a config into a run directory"),
     "sweep": (_sweep, "run variants x seeds (x grid) with everything else matched"),
-    "analyze": (_analyze, "measure where absolute position emerges in one run"),
+    "analyze": (_analyze, "measure where absolute position emerges in one run or pretrained model"),
     "compare": (_compare, "report the variants of several runs or sweeps side by side"),
     "study": (_study, "the study's report from a study sweep (docs/study)"),
     "export": (_export, "write a run's model as a transformers (Llama/Mistral) checkpoint"),
