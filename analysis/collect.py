@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 
 from posleak.data import BatchStream, DataConfig, vocab_size_of
-from posleak.model import Decoder
 from posleak.train.config import RunConfig
 from posleak.train.rundir import RunDir
 
@@ -39,7 +38,7 @@ def run_subject(run_dir: str | Path, step: int | None = None, source: str | None
     """A posleak run at its latest good checkpoint (or at `step`), read on its own data or on
     `source`, which must share its vocabulary."""
     run_dir = Path(run_dir)
-    model, cfg, state = load_run(run_dir, step)
+    model, cfg, state = RunDir(run_dir).load_model(step)
     data = cfg.data if not source else dataclasses.replace(cfg.data, source=source)
     size, trained = vocab_size_of(data), vocab_size_of(cfg.data)
     if size != trained:
@@ -58,23 +57,17 @@ def run_subject(run_dir: str | Path, step: int | None = None, source: str | None
         "step": state["step"],
         "val_loss": (RunDir(run_dir).summary() or {}).get("final_val_loss"),
     }
-    label = run_label(run_dir, cfg)
     return Subject(
-        model,
-        run_dir.name,
-        label,
-        cfg.data.seq_len,
-        cfg.data.bos,
-        cfg.seed,
-        data.source,
-        draw,
-        info,
+        model=model,
+        name=run_dir.name,
+        label=run_label(run_dir, cfg),
+        train_len=cfg.data.seq_len,
+        bos=cfg.data.bos,
+        seed=cfg.seed,
+        data=data.source,
+        draw=draw,
+        info=info,
     )
-
-
-def load_run(run_dir: str | Path, step: int | None = None) -> tuple[Decoder, RunConfig, dict]:
-    """The model at the run's latest good checkpoint (or at `step`), its config and state."""
-    return RunDir(run_dir).load_model(step)
 
 
 def run_label(run_dir: Path, cfg: RunConfig) -> dict:
@@ -106,7 +99,7 @@ Consumer = Callable[[torch.Tensor, torch.Tensor], None]  # (activation, sequence
 
 @torch.no_grad()
 def stream(
-    model: Decoder,
+    model: torch.nn.Module,  # a Decoder or a Pretrained adapter
     tokens: torch.Tensor,
     consumers: dict[str, Consumer],
     batch_size: int,
@@ -127,7 +120,7 @@ def stream(
 
 
 def collect(
-    model: Decoder,
+    model: torch.nn.Module,
     tokens: torch.Tensor,
     extract: dict[str, Callable[[torch.Tensor], torch.Tensor]],
     batch_size: int = 32,
