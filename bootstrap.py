@@ -4,8 +4,11 @@
     python3 bootstrap.py test   # set up, lint, run the test suite
 
 Needs only Python 3.10+ and git. The environment lives in .venv (POSLEAK_VENV overrides)
-and is reinstalled only when pyproject.toml changes. Without an NVIDIA GPU it installs a
-CPU build of torch (POSLEAK_TORCH overrides the requirement, e.g. "torch==2.13.0").
+and is reinstalled only when pyproject.toml changes; `run` installs what training and
+analysis need, `test` adds the test and integration stack. Afterwards `posleak` is
+.venv/bin/posleak (or on PATH after `source .venv/bin/activate`). Without an NVIDIA GPU
+it installs a CPU build of torch (POSLEAK_TORCH overrides the requirement, e.g.
+"torch==2.13.0").
 """
 
 from __future__ import annotations
@@ -35,18 +38,20 @@ def torch_install_args() -> list[str]:
     return ["--no-deps", "--retries", "1", "--extra-index-url", CPU_INDEX, CPU_TORCH]
 
 
-def setup() -> None:
-    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
-    want += " " + " ".join(torch_install_args())
+def setup(dev: bool) -> None:
+    """posleak and what its main job needs; with dev, also the test and integration stack."""
+    key = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    key += " " + " ".join(torch_install_args())
     stamp = VENV / ".posleak-installed"
-    if stamp.exists() and stamp.read_text() == want:
+    have = stamp.read_text() if stamp.exists() else ""
+    if have == key + " dev" or (have == key + " main" and not dev):
         return
-    print(f"[bootstrap] creating {VENV}", flush=True)
+    print(f"[bootstrap] setting up {VENV} ({'tests' if dev else 'main job'})", flush=True)
     venv.EnvBuilder(with_pip=True, clear=False).create(VENV)
     pip = [str(BIN / "python"), "-m", "pip", "install", "-q"]
     subprocess.run([*pip, *torch_install_args()], check=True)
-    subprocess.run([*pip, "-e", f"{ROOT}[dev]"], check=True)
-    stamp.write_text(want)
+    subprocess.run([*pip, "-e", f"{ROOT}[dev]" if dev else str(ROOT)], check=True)
+    stamp.write_text(key + (" dev" if dev else " main"))
 
 
 def run(*cmd: str) -> None:
@@ -58,9 +63,9 @@ def run(*cmd: str) -> None:
 
 def main() -> None:
     job = sys.argv[1] if len(sys.argv) > 1 else ""
-    if job not in ("run", "test", "setup"):
+    if job not in ("run", "test"):
         sys.exit(__doc__)
-    setup()
+    setup(dev=job == "test")
     if job == "run":
         run_dir = "runs/quickstart/rope"
         run("posleak", "train", "configs/rope.toml", "--out", run_dir, "--resume")

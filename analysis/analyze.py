@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -24,12 +24,13 @@ import torch.nn.functional as F
 from posleak.analysis import measures, plots
 from posleak.analysis import probe as probes
 from posleak.analysis.collect import LogitSums, Subject, run_subject, stream
+from posleak.analysis.folder import AnalysisDir
 from posleak.analysis.logits import LogitStats, early_sum, logit_stats, pooled
-from posleak.analysis.records import Recorder, write
+from posleak.analysis.records import Recorder
 from posleak.analysis.stats import bootstrap_weights, percentile_interval
-from posleak.analysis.summary import summarise
-from posleak.files import atomic_write
+from posleak.analysis.summary import EARLY, summarise
 from posleak.model.masks import attention_mask
+from posleak.train.environment import check_fits
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,10 @@ class Options:
             out.append(f"--seqs must be at least 4 (two halves of two sequences), got {self.seqs}")
         if T < max(4, self.probe_min_pos + 3):
             out.append(f"--seq-len must be at least 4 for the probe and the fits, got {T}")
-        if self.rope_scale is not None and not self.rope_scale >= 1:
-            out.append(f"--rope-scale must be >= 1 (1 = no scaling), got {self.rope_scale}")
+        if self.rope_scale is not None and not (
+            math.isfinite(self.rope_scale) and self.rope_scale >= 1
+        ):
+            out.append(f"--rope-scale must be finite and >= 1 (1 = none), got {self.rope_scale}")
         if self.bos not in (None, "always", "never"):
             out.append(f"--bos must be always or never, got {self.bos!r}")
         return out
@@ -98,6 +101,11 @@ class Analysis:
         self.bos = opts.bos or subject.bos
         self.L, self.H = self.model.cfg.n_layer, self.model.cfg.n_head
         self.window = self.model.cfg.window
+        check_fits(
+            analysis_bytes(opts, self.L, self.H, self.T, self.window, self.model.cfg.d_model),
+            f"analysing {opts.seqs} sequences of {self.T} tokens",
+            "lower --seqs or --seq-len",
+        )
         self.visible = attention_mask(self.T, self.window)
         self.design = measures.two_way_design(self.visible)
         self.label = subject.label
@@ -562,6 +570,19 @@ class Analysis:
         return summarise(self, seconds)
 
 
+def analysis_bytes(opts: Options, L: int, H: int, T: int, window: int | None, d: int) -> float:
+    """What the largest stage keeps at once: per-block logit sums and the key-0 column of
+    every layer, the probes' statistics, the fit's design, one batch's attention maps."""
+    w = min(T, window or T)
+    pairs = T * w - w * (w - 1) // 2  # visible (query, key) pairs
+    blocks = min(opts.blocks, opts.seqs)
+    per_layer = blocks * H * pairs * 4 + opts.seqs * H * T * 4
+    probes_ = (L + 1) * (opts.probe_folds + 1) * d * d * 8
+    design = 4 * T * T * 8 + 4 * pairs * 8
+    attention = 3 * 4 * max(opts.max_attention_elements, H * T * T)
+    return L * per_layer + probes_ + design + attention
+
+
 def _store(target: torch.Tensor, pick):
     """A consumer that writes pick(activation) into target rows of its sequences."""
 
@@ -614,6 +635,8 @@ def check_device(name: str) -> None:
         device = torch.device(name)
     except RuntimeError:
         raise ValueError(f"--device {name!r} is not a torch device; use cpu or cuda") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name!r} cannot run an analysis; use cpu, cuda or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name} needs a CUDA device; this machine has none: use cpu")
 
@@ -631,14 +654,13 @@ def analysis_of(target: str | Path, opts: Options = Options()) -> Analysis:
 
 def analyze(target: str | Path, opts: Options = Options(), out: str | Path | None = None) -> dict:
     """Analyse one run or pretrained model; write records, summary and figures into out."""
+    folder = AnalysisDir(out or default_out(target))
+    folder.check_writable()  # before minutes of work
     analysis = analysis_of(target, opts)
-    subject = analysis.subject
     rows, summary = analysis.run_all()
-    out = Path(out or default_out(target))
-    out.mkdir(parents=True, exist_ok=True)
-    write(out / "records.jsonl", rows)
-    atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    plots.run_figures({summary["variant"]: [rows]}, out, title=subject.name)
+    with folder.writing():
+        folder.write(rows, summary)
+        plots.run_figures({summary["variant"]: [rows]}, folder.path, title=analysis.subject.name)
     return summary
 
 
@@ -661,8 +683,18 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or default_out(args.run))
     layers = summary["per_layer"]
     print(f"analysis: {out} ({summary['seconds']:.1f}s)")
-    print("probe R^2 (log target) by layer: " + _row(layers["probe_r2_log"], "{:.2f}"))
-    print("C_res at queries 1-15 by layer:  " + _row(layers["c_res_early"], "{:.3f}"))
+    interval = layers["probe_r2_log_interval"]
+    probe = [
+        f"{r2:.2f} [{interval[l][0]:.2f}, {interval[l][1]:.2f}]"
+        if r2 is not None and None not in interval.get(l, [None])
+        else "nan"
+        for l, r2 in layers["probe_r2_log"].items()
+    ]
+    print(f"probe R^2 (log target) by layer, [95% bootstrap over {opts.seqs} sequences]:")
+    print("  " + "  ".join(probe))
+    print(
+        f"C_res RMS over queries 1-{EARLY - 1} by layer: " + _row(layers["c_res_early"], "{:.3f}")
+    )
     print(f"report: {out / 'report.png'}")
     return 0
 

@@ -18,10 +18,13 @@ from pathlib import Path
 from posleak import version
 from posleak.analysis import plots
 from posleak.analysis.analyze import Options, analyze
+from posleak.analysis.folder import AnalysisDir
 from posleak.analysis.html import to_html
 from posleak.analysis.measures import DEFINITIONS
-from posleak.analysis.records import mean_std, read
+from posleak.analysis.records import mean_std
 from posleak.analysis.stats import MIN_SEEDS, paired_difference, t_quantile_975
+from posleak.files import atomic_write, safe_dir
+from posleak.log import log
 from posleak.train.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,25 +48,27 @@ HEADLINES = (
 )
 
 
+POOLED = ("definitions", "seqs", "seq_len", "data", "bos", "rope_scale")  # within a variant
+COMPARED = ("definitions", "seqs")  # across variants (data and length may be what differs)
+
+
 def find_runs(paths: list[str]) -> list[Path]:
     """Run directories, folders of runs, and analysis folders (such as `posleak analyze
-    hf:MODEL` writes: summary.json and records.jsonl without a run around them)."""
-    runs = []
+    hf:MODEL` writes: summary.json and records.jsonl without a run around them). A run named
+    twice (directly and through its sweep, say) counts once."""
+    runs: dict[Path, Path] = {}
     for p in map(Path, paths):
-        if RunDir(p).config_file.exists() or _is_analysis(p):
-            runs.append(p)
+        if RunDir(p).config_file.exists() or AnalysisDir.is_analysis(p):
+            found = [p]
         else:
             found = sorted(c.parent for c in p.glob("*/config.toml"))
             if not found:
                 raise FileNotFoundError(
                     f"{p} is neither a run directory, an analysis folder, nor holds any runs"
                 )
-            runs += found
-    return runs
-
-
-def _is_analysis(path: Path) -> bool:
-    return (path / "summary.json").is_file() and (path / "records.jsonl").is_file()
+        for run in found:
+            runs.setdefault(run.resolve(), run)
+    return list(runs.values())
 
 
 def load_groups(runs: list[Path], opts: Options) -> tuple[dict, dict]:
@@ -71,23 +76,43 @@ def load_groups(runs: list[Path], opts: Options) -> tuple[dict, dict]:
     groups: dict = {}
     summaries: dict = {}
     for run in runs:
-        folder = run if _is_analysis(run) else run / "analysis"
-        summary_path = folder / "summary.json"
-        current = summary_path.exists() and (
-            json.loads(summary_path.read_text()).get("definitions") == DEFINITIONS
+        folder = AnalysisDir(run if AnalysisDir.is_analysis(run) else run / "analysis")
+        current = folder.summary_file.exists() and (
+            folder.read_summary().get("definitions") == DEFINITIONS
         )
-        if not current and folder == run:
+        if not current and folder.path == run:
             raise ValueError(f"{run} was analysed with other definitions: analyse it again")
         if not current:
             if RunDir(run).summary() is None:
-                print(f"[compare] skipping {run}: training has not finished", file=sys.stderr)
+                log.warning(f"[compare] skipping {run}: training has not finished")
                 continue
-            print(f"[compare] analysing {run}", file=sys.stderr)
+            log.info(f"[compare] analysing {run}")
             analyze(run, opts)
-        summary = json.loads(summary_path.read_text())
-        groups.setdefault(summary["variant"], []).append(read(folder / "records.jsonl"))
+        summary = folder.read_summary()
+        groups.setdefault(summary["variant"], []).append(folder.read_records())
         summaries.setdefault(summary["variant"], []).append(summary)
+    check_matched(summaries)
     return groups, summaries
+
+
+def check_matched(summaries: dict) -> None:
+    """Refuse to pool (over seeds) or compare analyses made with different options: their
+    numbers are not comparable."""
+    for items in summaries.values():
+        _same(items, POOLED)
+    _same([s for items in summaries.values() for s in items], COMPARED)
+
+
+def _same(items: list[dict], keys) -> None:
+    for key in keys:
+        values = {json.dumps(s.get(key)): s.get("run") for s in items}
+        if len(values) > 1:
+            (a, run_a), (b, run_b) = list(values.items())[:2]
+            raise ValueError(
+                f"the analyses differ in {key} ({run_a}: {a}, {run_b}: {b}), so their numbers "
+                "are not comparable; analyse them again with the same options, or compare "
+                "them separately"
+            )
 
 
 def extra_headlines(summaries: dict) -> list[tuple[str, str]]:
@@ -232,7 +257,7 @@ def definitions_link(out: Path) -> str:
 
 
 def write_report(groups: dict, summaries: dict, out: Path, reference: str | None = None) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
+    safe_dir(out, "report folder")
     reference = reference or ("rope" if "rope" in summaries else next(iter(summaries)))
     if reference not in summaries:
         raise ValueError(f"reference variant {reference!r} is not among {sorted(summaries)}")
@@ -245,11 +270,12 @@ def write_report(groups: dict, summaries: dict, out: Path, reference: str | None
         *_runs_table(summaries),
     ]
     report = out / "report.md"
-    report.write_text("\n".join(lines) + "\n")
+    markdown = "\n".join(lines) + "\n"
+    atomic_write(report, markdown)
     title = "posleak variant comparison"
-    (out / "report.html").write_text(to_html(report.read_text(), out, title))
+    atomic_write(out / "report.html", to_html(markdown, out, title))
     headline = {v: {k: by_seed(items, k) for k, _ in rows} for v, items in summaries.items()}
-    (out / "headline.json").write_text(json.dumps(headline, indent=2) + "\n")
+    atomic_write(out / "headline.json", json.dumps(headline, indent=2) + "\n")
     return report
 
 
@@ -314,4 +340,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"report: {report}")
+    print(f"html: {report.with_suffix('.html')}")
     return 0

@@ -4,6 +4,7 @@ every title says what was averaged."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib
@@ -15,6 +16,7 @@ from matplotlib.ticker import MaxNLocator
 
 from posleak.analysis.records import across_runs, mean_std, select
 from posleak.analysis.summary import EARLY, KINDS, removed_over_layers
+from posleak.files import atomic_write
 
 COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 FORMATS = ("png", "svg")
@@ -245,9 +247,16 @@ def figure(path: Path, draw, size=(6.5, 4.2)) -> str:
 def save(fig, path: Path) -> str:
     """PNG for the reports and SVG for papers; returns the PNG's file name."""
     for fmt in FORMATS:
-        fig.savefig(Path(path).with_suffix(f".{fmt}"), dpi=100)
+        write_figure(fig, Path(path).with_suffix(f".{fmt}"), dpi=100)
     plt.close(fig)
     return Path(path).with_suffix(".png").name
+
+
+def write_figure(fig, path: Path, dpi: int) -> None:
+    """fig rendered in memory, then written atomically (never through a link)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=Path(path).suffix[1:], dpi=dpi)
+    atomic_write(path, buffer.getvalue())
 
 
 def run_figures(groups: dict, out: Path, title: str) -> Path:
@@ -277,6 +286,6 @@ def run_figures(groups: dict, out: Path, title: str) -> Path:
             ax.legend(fontsize=7)
     fig.suptitle(title)
     path = Path(out) / "report.png"
-    fig.savefig(path, dpi=80)
+    write_figure(fig, path, dpi=80)
     plt.close(fig)
     return path

@@ -231,28 +231,61 @@ class Pretrained(nn.Module):
 
 def load(name: str, device: str = "cpu", dtype: str = "float32"):
     """The adapted model and its tokenizer, from a local directory or (with network) the hub."""
+    if not name.strip("/ "):
+        raise ValueError("hf: names no model; give hf:PATH (a local checkpoint folder) or hf:NAME")
     tf = _transformers()
     if not Path(name).is_dir() and not hub_reachable():
         raise ValueError(
             f"cannot load hf:{name}: it is not a local directory and huggingface.co cannot be "
             "reached (give the directory of a downloaded model)"
         )
+    if Path(name).is_dir():
+        refuse_foreign_code(Path(name))
     register()
     tf.utils.logging.disable_progress_bar()
+    local = {"trust_remote_code": False}  # a checkpoint's own Python never runs
     try:
-        config = tf.AutoConfig.from_pretrained(name)
+        config = tf.AutoConfig.from_pretrained(name, **local)
         shape_of(config)  # refuses an unsupported family before loading weights
         model = tf.AutoModelForCausalLM.from_pretrained(
-            name, dtype=getattr(torch, dtype), attn_implementation=ATTENTION
+            name,
+            dtype=getattr(torch, dtype),
+            attn_implementation=ATTENTION,
+            use_safetensors=True,  # pickled weights could run code when loaded
+            **local,
         )
-        tokenizer = tf.AutoTokenizer.from_pretrained(name)
-    except (OSError, KeyError) as err:
+        tokenizer = tf.AutoTokenizer.from_pretrained(name, **local)
+    except (OSError, KeyError, IndexError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(
             f"cannot load hf:{name}: {first} (a local directory with config, weights and "
             "tokenizer works offline; a hub name needs the network)"
         ) from None
     return Pretrained(model.to(device)), tokenizer
+
+
+def refuse_foreign_code(folder: Path) -> None:
+    """Refuse a checkpoint that asks to run its own code, or ships only pickled weights."""
+    for name in ("config.json", "tokenizer_config.json"):
+        path = folder / name
+        try:
+            text = path.read_text() if path.is_file() else ""
+        except (OSError, UnicodeDecodeError):
+            raise ValueError(
+                f"{path} cannot be read as text; give a transformers checkpoint"
+            ) from None
+        if '"auto_map"' in text:
+            raise ValueError(
+                f"{path} names custom code (auto_map); posleak never runs a checkpoint's own "
+                "Python: use a model whose architecture transformers ships"
+            )
+    pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+    if pickles and not any(folder.glob("*.safetensors")):
+        raise ValueError(
+            f"{folder} holds pickled weights only ({', '.join(sorted(pickles))}), which can run "
+            "code when loaded; posleak loads safetensors: convert the checkpoint to safetensors "
+            "with a tool you trust"
+        )
 
 
 class PretrainedText:

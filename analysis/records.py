@@ -104,14 +104,6 @@ def _num(x):
     return None if math.isnan(x) else x
 
 
-def write(path: Path, rows: list[dict]) -> None:
-    tmp = Path(path).with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    tmp.replace(path)
-
-
 def read(path: Path) -> list[dict]:
     """Every row of a records.jsonl; a damaged file is named with the line that fails."""
     rows = []

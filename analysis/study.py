@@ -24,6 +24,9 @@ from posleak.analysis.records import mean_std
 from posleak.analysis.stats import MIN_SEEDS, paired_difference, t_quantile_975
 from posleak.analysis.summary import KINDS
 from posleak.data import make_source
+from posleak.files import atomic_write, safe_dir
+from posleak.log import log
+from posleak.train import checkpoint
 from posleak.train.rundir import RunDir
 
 REFERENCE, CONTROL, WINDOWED, NTK = "rope", "sink", "swa", "ntk"
@@ -59,7 +62,7 @@ class Study:
         path = out / "summary.json"
         if path.exists() and json.loads(path.read_text()).get("definitions") == DEFINITIONS:
             return json.loads(path.read_text())
-        print(f"[study] {summary['run']}: {name}", file=sys.stderr)
+        log.info(f"[study] {summary['run']}: {name}")
         return analyze(summary["run"], opts, out)
 
 
@@ -414,7 +417,7 @@ def inference_ntk(study: Study) -> list[str]:
 def emergence(study: Study, out: Path) -> list[str]:
     """The first seed of the reference variant at every kept checkpoint."""
     first = study.runs_of(REFERENCE)[0]
-    steps = [int(p.name.removeprefix("step_")) for p in RunDir(first["run"]).checkpoints()]
+    steps = [checkpoint.step_of(p) for p in RunDir(first["run"]).checkpoints()]
     by_step = {}
     for step in steps:
         if step == first["step"]:
@@ -473,7 +476,7 @@ def scale_note(study: Study) -> list[str]:
 
 
 def write_report(study: Study, out: Path) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
+    safe_dir(out, "report folder")
     planned = len(list((study.sweep_dir / "configs").glob("*.toml")))
     finished = sum(len(v) for v in study.summaries.values())
     lines = [
@@ -495,7 +498,7 @@ def write_report(study: Study, out: Path) -> Path:
     text = {v: study.summaries[v] for v in study.text}
     compare.write_report({v: study.groups[v] for v in text}, text, out / "comparison", REFERENCE)
     report = out / "report.md"
-    report.write_text("\n".join(lines))
+    atomic_write(report, "\n".join(lines))
     return report
 
 

@@ -75,6 +75,11 @@ def per_layer(rows) -> dict:
             "abs_share",
         )
     }
+    out["probe_r2_log_interval"] = {  # 95% bootstrap interval over held-out sequences
+        r["layer"]: [r["lo"], r["hi"]]
+        for r in rows
+        if r["metric"] == "probe_r2_log" and r["condition"] is None and r["head"] is None
+    }
     c_res = _per_layer_queries(rows, "c_res")
     out["c_res_early"] = {
         l: math.sqrt(_early_square_sum(c, EARLY) / (EARLY - 1)) for l, c in c_res.items()
@@ -152,6 +157,7 @@ def summarise(analysis, seconds: float) -> dict:
         "position": model.cfg.position,
         "window": model.cfg.window,
         "rope_base": model.rope_effective_base,
+        "rope_scale": analysis.opts.rope_scale,  # NTK applied at inference (None: none)
         "seqs": analysis.opts.seqs,
         "seq_len": analysis.T,
         "data": subject.data,

@@ -7,6 +7,7 @@ from the training stream. Exact resume and distributed training need no data sta
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cache
 
@@ -56,8 +57,10 @@ class DataConfig:
             out.append(
                 f"data.vocab_size must be >= 5 (2 tokens + 3 specials), got {self.vocab_size}"
             )
-        if not self.markov_concentration > 0:
-            out.append(f"data.markov_concentration must be > 0, got {self.markov_concentration}")
+        if not (math.isfinite(self.markov_concentration) and self.markov_concentration > 0):
+            out.append(
+                f"data.markov_concentration must be finite and > 0, got {self.markov_concentration}"
+            )
         if self.markov_order < 1 or self.induction_segment < 1 or self.induction_copies < 0:
             out.append(
                 "data.markov_order and data.induction_segment must be >= 1, "

@@ -11,6 +11,13 @@ from posleak.model.rope import ntk_base
 POSITIONS = ("nope", "learned", "rope", "rope_ntk")
 SINKS = ("none", "learned", "off_by_one")
 MAX_WIDTH = 1 << 14  # d_model and n_layer: beyond this a typo, not a plan
+LIMITS = {  # beyond these a typo, not a plan (each far above any model posleak trains)
+    "d_model": MAX_WIDTH,
+    "n_layer": MAX_WIDTH,
+    "vocab_size": 1 << 22,
+    "d_ff": 1 << 18,
+    "max_seq_len": 1 << 20,
+}
 
 
 class ConfigError(ValueError):
@@ -72,9 +79,10 @@ class ModelConfig:
             )
         if self.d_ff is not None and (not isinstance(self.d_ff, int) or self.d_ff < 1):
             out.append(f"d_ff must be a positive integer or None, got {self.d_ff!r}")
-        for name, value in (("d_model", self.d_model), ("n_layer", self.n_layer)):
-            if value > MAX_WIDTH:
-                out.append(f"{name}={value} is beyond what posleak builds (at most {MAX_WIDTH})")
+        for name, limit in LIMITS.items():
+            value = getattr(self, name)
+            if isinstance(value, int) and value > limit:
+                out.append(f"{name}={value} is beyond what posleak builds (at most {limit})")
         if not (math.isfinite(self.norm_eps) and self.norm_eps > 0):
             out.append(f"norm_eps must be a finite number > 0, got {self.norm_eps!r}")
         if not (math.isfinite(self.rope_base) and self.rope_base > 1):

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from posleak.files import atomic_write
 from posleak.model.config import ModelConfig
 from posleak.model.hooks import HookFn, HookPoint, attached, hook_points
 from posleak.model.masks import attention_mask
@@ -339,7 +340,7 @@ class Decoder(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_file(self.weights(), str(directory / "model.safetensors"))
-        (directory / "config.json").write_text(self.config_json())
+        atomic_write(directory / "config.json", self.config_json())
 
     @classmethod
     def load(cls, directory: str | Path, device="cpu") -> Decoder:

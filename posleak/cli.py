@@ -14,6 +14,7 @@ import sys
 import traceback
 
 from posleak import version
+from posleak.log import show
 
 RUNNERS = {
     "train": "posleak.train.cli",
@@ -23,11 +24,17 @@ RUNNERS = {
     "study": "posleak.analysis.study",
     "bench": "posleak.train.bench",
     "export": "posleak.train.export",
+    "sample": "posleak.train.sample",
 }
 
 
 def _train(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="TOML config file (see configs/)")
+    p.add_argument(
+        "config",
+        nargs="?",
+        help="TOML config file (see configs/; a run's config.toml works), or a preset name "
+        "(rope, ntk, swa, sink, nope, learned) on the built-in defaults",
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -39,8 +46,16 @@ def _train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="run directory (default: runs/<config name>-s<seed>)")
     p.add_argument(
         "--resume",
-        action="store_true",
-        help="continue the run in --out from its latest good checkpoint (starts it if absent)",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="RUN",
+        help="continue the run in --out from its latest good checkpoint (starts it if absent); "
+        "--resume RUN continues RUN with its own config (only train.steps, train.threads, "
+        "train.device and log.* may be --set)",
+    )
+    p.add_argument(
+        "--print-config", action="store_true", help="print the resolved config, run nothing"
     )
 
 
@@ -49,6 +64,9 @@ def _sweep(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="sweep directory (default: runs/sweeps/<name>)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (threads are split)")
     p.add_argument("--dry-run", action="store_true", help="print the expansion, run nothing")
+    p.add_argument(
+        "--print-config", action="store_true", help="print every run's resolved config, run nothing"
+    )
     p.add_argument(
         "--print-commands",
         action="store_true",
@@ -90,7 +108,7 @@ def _export(p: argparse.ArgumentParser) -> None:
 
 def _study(p: argparse.ArgumentParser) -> None:
     p.add_argument("sweep", help="the study's sweep directory (runs/sweeps/study)")
-    p.add_argument("--out", default="docs/study", help="report directory")
+    p.add_argument("--out", default="runs/study", help="report directory (default runs/study)")
     p.add_argument("--seqs", type=int, default=256, help="held-out sequences per analysis")
 
 
@@ -99,6 +117,16 @@ def _compare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/compare", help="report directory")
     p.add_argument("--reference", help="variant the others are compared with (default: rope)")
     p.add_argument("--seqs", type=int, default=256, help="sequences for runs not yet analysed")
+
+
+def _sample(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run directory")
+    p.add_argument("--prompt", default="", help="text to continue (token ids for synthetic data)")
+    p.add_argument("--tokens", type=int, default=200, help="new tokens to write (default 200)")
+    p.add_argument("--top-k", type=int, default=1, help="1 = greedy (default); K samples")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the newest good one)")
 
 
 def _bench(p: argparse.ArgumentParser) -> None:
@@ -113,6 +141,7 @@ ARGUMENTS = {
     "compare": (_compare, "report the variants of several runs or sweeps side by side"),
     "study": (_study, "the study's report from a study sweep (docs/study)"),
     "export": (_export, "write a run's model as a transformers (Llama/Mistral) checkpoint"),
+    "sample": (_sample, "write a few lines with a trained model (greedy or top-k)"),
     "bench": (_bench, "measure training, data and analysis speed against the matmul peak"),
 }
 
@@ -123,12 +152,16 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = top.add_subparsers(dest="command", required=True)
     for name, (add, help_text) in ARGUMENTS.items():
-        add(sub.add_parser(name, help=help_text, description=help_text))
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        add(command)
+        # --debug also after the subcommand; SUPPRESS keeps a --debug given before it
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     return top
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    show()
     debug = args.debug or os.environ.get("POSLEAK_DEBUG") == "1"
     try:
         return importlib.import_module(RUNNERS[args.command]).run(args)

@@ -1,29 +1,79 @@
-"""File primitives every layer shares: atomic writes and content hashes.
+"""File primitives every layer shares: atomic writes that never follow links, and hashes.
 
-An atomic write goes to a private temporary file in the same folder, is fsync'ed, then
-renamed over the target: a reader sees the old contents or the new, never a mixture, and
-concurrent writers (sweep runners, distributed ranks) never share a temporary file.
+An atomic write goes to a fresh temporary file in the same folder (created with O_EXCL and
+O_NOFOLLOW under an unpredictable name, so a planted file or link there is never written
+through), is fsync'ed, then renamed over the target: a reader sees the old contents or the
+new, never a mixture, and concurrent writers never share a temporary file. A target that is
+a symbolic link, or a folder on the way that is one, is refused: whoever can write into a
+run folder must not be able to redirect our writes elsewhere.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import threading
+import secrets
 from pathlib import Path
+
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+class UnsafePath(OSError):
+    """A path we would write through that is a symbolic link (or not what it should be)."""
+
+
+def refuse_link(path: str | Path, what: str = "path") -> Path:
+    """`path`, unless it is a symbolic link (then UnsafePath names it and the fix)."""
+    path = Path(path)
+    if path.is_symlink():
+        raise UnsafePath(
+            f"{what} {path} is a symbolic link; posleak writes only into real files and "
+            "folders: replace the link with a folder or file of its own"
+        )
+    return path
+
+
+def safe_dir(path: str | Path, what: str = "folder") -> Path:
+    """Create folder `path` (and its parents) if needed; refuse it if it is a link."""
+    path = refuse_link(path, what)
+    if path.exists() and not path.is_dir():
+        raise UnsafePath(f"{what} {path} is a file, not a folder; give a folder")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def open_new(path: str | Path, mode: int = 0o644) -> int:
+    """A file descriptor of a newly created file (never an existing one, never via a link)."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, mode)
 
 
 def atomic_write(path: str | Path, data: str | bytes) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    path = refuse_link(path, "file")
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(8)}")
+    fd = open_new(tmp)
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def open_append(path: str | Path):
+    """A text file opened for appending, refused if it is a link (created if absent)."""
+    path = refuse_link(path, "file")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NOFOLLOW, 0o644)
+    return os.fdopen(fd, "a")
+
+
+def share(path: str | Path) -> None:
+    """Give a folder made by mkdtemp (0700) or a file by mkstemp (0600) the modes the umask
+    gives ordinary ones, so that runs and exports are readable on a shared disk."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~mask)
 
 
 def sha256_file(path: str | Path) -> str:

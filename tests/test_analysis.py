@@ -338,7 +338,7 @@ def test_html_report_is_self_contained_and_every_figure_loads_in_a_browser(runs,
         "--virtual-time-budget=10000",
     ]
     dom = subprocess.run(
-        [browser, *flags, "--dump-dom", moved.as_uri()], capture_output=True, text=True, timeout=120
+        [browser, *flags, "--dump-dom", moved.as_uri()], capture_output=True, text=True, timeout=600
     ).stdout
     assert f"<title>{expected}/{expected}</title>" in dom
 

@@ -306,14 +306,13 @@ def test_sigterm_to_a_sweep_checkpoints_its_children_and_leaves_no_orphans(tmp_p
     cmd = [sys.executable, "-m", "posleak", "sweep", str(path), "--out", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     run = out / expand(read_sweep(path))[0].name
-    deadline = time.time() + 120
-    while time.time() < deadline and not (
+    while proc.poll() is None and not (
         (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().split()) > 20
     ):
         time.sleep(0.02)
     child = json.loads((run / ".lock").read_text())["pid"]
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate()
     assert proc.returncode == 130, err
     with pytest.raises(ProcessLookupError):
         os.kill(child, 0)
@@ -334,16 +333,21 @@ def test_two_processes_never_both_take_over_a_stale_lock(tmp_path):
         (run / ".lock").write_text(
             json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout)})
         )
+        # every process waits for `go`, tries once, reports, and a holder keeps the lock
+        # until `done` appears: however slow the machine, the attempts overlap
+        go, done = run / "go", run / "done"
         script = (
-            "import sys, time; from train.lock import RunLock, RunLocked\n"
-            "lock = RunLock(sys.argv[1]); time.sleep(float(sys.argv[2]) - time.time())\n"
-            "try:\n    lock.acquire(); print('held'); time.sleep(4)\n"
-            "except RunLocked:\n    print('refused')\n"
+            "import sys, time, pathlib; from posleak.train.lock import RunLock, RunLocked\n"
+            "go, done = pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3])\n"
+            "lock = RunLock(sys.argv[1]); print('ready', flush=True)\n"
+            "while not go.exists(): time.sleep(0.001)\n"
+            "try:\n    lock.acquire(); print('held', flush=True)\n"
+            "except RunLocked:\n    print('refused', flush=True)\n"
+            "while not done.exists(): time.sleep(0.01)\n"
         )
-        start = str(time.time() + 2.0)
         procs = [
             subprocess.Popen(
-                [sys.executable, "-c", script, str(run), start],
+                [sys.executable, "-c", script, str(run), str(go), str(done)],
                 cwd=ROOT,
                 env={**os.environ, "PYTHONPATH": str(ROOT)},
                 stdout=subprocess.PIPE,
@@ -351,7 +355,12 @@ def test_two_processes_never_both_take_over_a_stale_lock(tmp_path):
             )
             for _ in range(6)
         ]
-        outcomes = [p.communicate(timeout=60)[0].strip() for p in procs]
+        assert [p.stdout.readline().strip() for p in procs] == ["ready"] * 6
+        go.touch()
+        outcomes = [p.stdout.readline().strip() for p in procs]
+        done.touch()
+        for p in procs:
+            p.communicate()
         assert outcomes.count("held") == 1, outcomes
 
 
@@ -362,3 +371,532 @@ def test_unreadable_locks_are_named_and_respected(tmp_path, capsys, content):
     (run / ".lock").write_text(content)
     one_line_error(capsys, "train", tiny_config(tmp_path), "--out", run, match=str(run / ".lock"))
     assert (run / ".lock").read_text() == content
+
+
+# ================================================================== round 2
+# Each case of the second hostile battery, through the real command line: the one-line error
+# (naming the file or key and the fix) and the state on disk afterwards.
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished 12-step run (checkpoints at 8 and 12) to copy; never modified."""
+    root = tmp_path_factory.mktemp("finished")
+    config = write_config(root / "tiny.toml", tiny_overrides())
+    train(build(tiny_overrides()), root / "run")
+    return config, root / "run"
+
+
+def copy_run(finished, tmp_path) -> tuple[Path, Path]:
+    import shutil
+
+    config, run = finished
+    shutil.copytree(run, tmp_path / "run")
+    return config, tmp_path / "run"
+
+
+def tree(path: Path) -> dict:
+    """{relative path: bytes} of every file under path (links not followed)."""
+    return {
+        str(p.relative_to(path)): p.read_bytes()
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+def test_checkpoints_without_config_toml_are_a_run_and_are_never_retrained_over(
+    finished, tmp_path, capsys
+):
+    config, run = copy_run(finished, tmp_path)
+    (run / "config.toml").unlink()
+    before = tree(run)
+    for extra in ([], ["--resume"], ["--set", "model.n_layer=3", "--resume"]):
+        one_line_error(
+            capsys,
+            "train",
+            config,
+            "--set",
+            "seed=1",
+            "--out",
+            run,
+            *extra,
+            match="no config.toml",
+        )
+        assert tree(run) == before  # nothing moved to corrupt/, nothing rewritten
+
+
+def test_a_checkpoint_that_does_not_fit_an_edited_config_is_kept_not_quarantined(
+    finished, tmp_path, capsys
+):
+    _, run = copy_run(finished, tmp_path)
+    edited = (run / "config.toml").read_text().replace("n_layer = 2", "n_layer = 3")
+    (run / "config.toml").write_text(edited)
+    err = one_line_error(capsys, "analyze", run, "--seqs", 8, match="does not describe")
+    assert "restore the config.toml" in err and "resume" not in err
+    one_line_error(capsys, "train", "--resume", run, match="does not fit")
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000008", "step_00000012"]
+
+
+@pytest.mark.parametrize("planted", ["config.toml", "metrics.jsonl", "notes.txt"])
+def test_train_writes_only_into_an_empty_folder_or_a_run_of_its_own(tmp_path, capsys, planted):
+    folder = tmp_path / "D"
+    folder.mkdir()
+    (folder / planted).write_text("mine\n")
+    match = "no config.toml" if planted == "metrics.jsonl" else "not a posleak run"
+    if planted == "config.toml":
+        match = "config.toml"
+    one_line_error(capsys, "train", tiny_config(tmp_path), "--out", folder, match=match)
+    assert (folder / planted).read_text() == "mine\n"
+    assert sorted(p.name for p in folder.iterdir()) == [planted]
+
+
+def test_out_dot_in_a_project_folder_is_refused(tmp_path, capsys, monkeypatch):
+    (tmp_path / "README.md").write_text("my project\n")
+    config = tiny_config(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    one_line_error(capsys, "train", config, "--out", ".", match="not a posleak run")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "run.toml"]
+
+
+def test_pruning_and_loading_touch_only_checkpoint_names_we_wrote(finished, tmp_path, capsys):
+    _config, run = copy_run(finished, tmp_path)
+    backup = run / "checkpoints" / "step_00000020-backup"
+    backup.mkdir()
+    (backup / "mine.txt").write_text("keep")
+    code, _ = cli(capsys, "train", "--resume", run, "--set", "train.steps=16")
+    assert code == 0
+    assert (backup / "mine.txt").read_text() == "keep"
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["step_00000012", "step_00000016", "step_00000020-backup"]
+    state = json.loads((run / "checkpoints" / "step_00000016" / "state.json").read_text())
+    assert state["step"] == 16  # it resumed from 12, not from the "step 20" backup
+
+
+def test_a_symlinked_checkpoints_folder_is_refused_and_the_target_untouched(
+    finished, tmp_path, capsys
+):
+    import shutil
+
+    _config, run = copy_run(finished, tmp_path)
+    other = tmp_path / "other-run-checkpoints"
+    shutil.move(run / "checkpoints", other)
+    (run / "checkpoints").symlink_to(other)
+    before = tree(other)
+    one_line_error(
+        capsys, "train", "--resume", run, "--set", "train.steps=40", match="symbolic link"
+    )
+    assert tree(other) == before
+
+
+def test_one_bad_metrics_line_keeps_every_other_record_and_is_named(finished, tmp_path, capsys):
+    _, run = copy_run(finished, tmp_path)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    lines[0] = "{x"
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.warns(UserWarning, match="line 1 is not a metrics record"):
+        assert cli(capsys, "train", "--resume", run, "--set", "train.steps=16")[0] == 0
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in lines]
+    assert steps == list(range(2, 17))  # only the damaged line (step 1) is gone
+
+
+def test_concurrent_analyses_of_one_folder_never_mix_rows(finished, tmp_path):
+    _, run = copy_run(finished, tmp_path)
+    other = tmp_path / "other"
+    import shutil
+
+    shutil.copytree(run, other)
+    out = tmp_path / "shared-analysis"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "posleak", "analyze", str(r), "--seqs", "8", "--out", str(out)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for r in (run, other)
+    ]
+    for p in procs:
+        _, err = p.communicate()
+        assert p.returncode == 0, err[-1000:]
+    rows = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert len({r["run"] for r in rows}) == 1  # one writer's rows, whole
+    assert json.loads((out / "summary.json").read_text())["run"].endswith(rows[0]["run"])
+    assert not list(out.glob(".*tmp*"))
+
+
+def test_a_checkpoint_asking_for_its_own_code_is_refused_and_its_code_never_runs(tmp_path, capsys):
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    marker = tmp_path / "ran"
+    (folder / "config.json").write_text(
+        json.dumps({"model_type": "llama", "auto_map": {"AutoConfig": "evil.EvilConfig"}})
+    )
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    one_line_error(capsys, "analyze", f"hf:{folder}", match="custom code (auto_map)")
+    assert not marker.exists()
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (pickled / "pytorch_model.bin").write_bytes(b"not really a pickle")
+    err = one_line_error(capsys, "analyze", f"hf:{pickled}", match="pickled weights only")
+    assert "weights_only" not in err
+
+
+def test_atomic_writes_never_follow_a_planted_link(tmp_path, monkeypatch):
+    from posleak.files import UnsafePath, atomic_write
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (tmp_path / "config.toml").symlink_to(victim)
+    with pytest.raises(UnsafePath, match="symbolic link"):
+        atomic_write(tmp_path / "config.toml", "x")
+    monkeypatch.setattr("secrets.token_hex", lambda n: "predictable")
+    (tmp_path / ".summary.json.tmp-predictable").symlink_to(victim)
+    with pytest.raises(FileExistsError):
+        atomic_write(tmp_path / "summary.json", "x")
+    assert victim.read_text() == "precious"
+
+
+@pytest.mark.parametrize("planted", ["config.toml", "metrics.jsonl", "analysis"])
+def test_planted_links_in_a_run_folder_redirect_no_write(finished, tmp_path, capsys, planted):
+    config, run = copy_run(finished, tmp_path)
+    victim = tmp_path / "victim"
+    if planted == "analysis":
+        victim.mkdir()
+        one_line = ["analyze", run, "--seqs", 8]
+    else:
+        victim.write_text("precious")
+        one_line = ["train", "--resume", run, "--set", "train.steps=16"]
+        if planted == "config.toml":
+            one_line = ["train", config, "--out", run, "--resume", "--set", "train.steps=16"]
+    target = run / planted
+    if target.is_dir():
+        import shutil
+
+        shutil.rmtree(target)
+    else:
+        target.unlink(missing_ok=True)
+    target.symlink_to(victim)
+    one_line_error(capsys, *one_line, match="symbolic link")
+    if planted == "analysis":
+        assert list(victim.iterdir()) == []
+    else:
+        assert victim.read_text() == "precious"
+
+
+def test_export_into_the_runs_own_checkpoints_is_refused(finished, tmp_path, capsys):
+    _, run = copy_run(finished, tmp_path)
+    newest = run / "checkpoints" / "step_00000012"
+    one_line_error(capsys, "export", run, "--out", newest, match="inside the run")
+    checkpoint.verify(newest)
+
+
+def test_seed_in_a_grid_is_refused(tmp_path, capsys):
+    path = sweep(tmp_path, "seeds = [0]\n[variants.rope]\n[grid]\nseed = [5, 6]\n")
+    one_line_error(capsys, "sweep", path, "--out", tmp_path / "s", match="grid.seed")
+    assert not (tmp_path / "s").exists()
+
+
+def test_compare_counts_a_run_once_refuses_mixed_options_and_empty_records(
+    finished, tmp_path, capsys
+):
+    import shutil
+
+    _, run = copy_run(finished, tmp_path)
+    twin = tmp_path / "twin"
+    shutil.copytree(run, twin)
+    assert cli(capsys, "analyze", run, "--seqs", 8)[0] == 0
+    assert cli(capsys, "analyze", twin, "--seqs", 12)[0] == 0
+    assert cli(capsys, "compare", run, run, tmp_path / "run", "--out", tmp_path / "c")[0] == 0
+    assert "(n=1)" in (tmp_path / "c" / "report.md").read_text()
+    one_line_error(capsys, "compare", run, twin, "--out", tmp_path / "c2", match="differ in seqs")
+    (twin / "analysis" / "records.jsonl").write_text("")
+    one_line_error(capsys, "compare", twin, "--out", tmp_path / "c3", match="holds no records")
+
+
+def test_an_infinite_rope_scale_is_refused(trained, capsys):
+    one_line_error(capsys, "analyze", trained, "--rope-scale", "inf", match="--rope-scale must")
+
+
+def test_nul_bytes_anywhere_in_a_file_are_refused(tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_bytes(b"plain text\n" * 2000 + b"\0" * 50 + b"more\n" * 100)
+    config = tiny_config(tmp_path, data__source=str(text), data__cache_dir=str(tmp_path / "c"))
+    one_line_error(capsys, "train", config, "--out", tmp_path / "r", match="NUL bytes")
+
+
+@pytest.mark.parametrize(
+    ("file", "damage", "command", "match"),
+    [
+        ("config.toml", "truncate", "train", "config.toml is damaged"),
+        ("config.toml", "truncate", "analyze", "config.toml is damaged"),
+        ("config.toml", "no-model", "analyze", "config.toml is damaged"),
+        ("env.json", "truncate", "train", "env.json is damaged"),
+        ("env.json", "list", "train", "env.json holds a list"),
+        ("summary.json", "truncate", "analyze", "summary.json is damaged"),
+        ("sweep.json", "list", "analyze", "sweep.json holds a list"),
+        ("sweep.json", "no-variant", "analyze", "sweep.json lacks its variant"),
+    ],
+)
+def test_damaged_run_files_are_named_with_the_fix(
+    finished, tmp_path, capsys, file, damage, command, match
+):
+    _, run = copy_run(finished, tmp_path)
+    path = run / file
+    if damage == "truncate":
+        path.write_text((path.read_text() if path.exists() else "{}")[:-7])
+    elif damage == "list":
+        path.write_text("[1, 2]\n")
+    elif damage == "no-model":
+        path.write_text("seed = 0\n")
+    else:
+        path.write_text('{"seed": 0}\n')
+    args = ["train", "--resume", run, "--set", "train.steps=16"]
+    if command == "analyze":
+        args = ["analyze", run, "--seqs", 8]
+    err = one_line_error(capsys, *args, match=match)
+    assert len(err.strip().splitlines()) == 1 and str(run) in err
+
+
+def test_a_damaged_run_file_fails_its_run_not_the_sweep(tmp_path, capsys):
+    path = sweep(tmp_path, "seeds = [0, 1]\n[variants.rope]\n")
+    out = tmp_path / "s"
+    assert cli(capsys, "sweep", path, "--out", out)[0] == 0
+    first, second = sorted(p for p in out.iterdir() if (p / "sweep.json").exists())
+    (first / "summary.json").write_text("{")
+    (second / "summary.json").unlink()  # the second run has to finish again
+    code, err = cli(capsys, "sweep", path, "--out", out)
+    assert code == 1 and f"{first.name}: failed: {first / 'summary.json'} is damaged" in err
+    assert json.loads((second / "summary.json").read_text())["steps"] == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--set", f"seed={2**63}"], "seed must be in"),
+        (["--set", "model.vocab_size=100000000"], "vocab_size=100000000 is beyond"),
+        (["--set", "model.d_ff=1000000000"], "d_ff=1000000000 is beyond"),
+        (["--set", "model.max_seq_len=100000000"], "max_seq_len=100000000 is beyond"),
+        (["--set", "data.markov_concentration=inf"], "markov_concentration must be finite"),
+        (["--set", "preset=nonesuch"], "unknown preset 'nonesuch'"),
+        (["--set", "model.d_ff=200000", "--set", "model.d_model=8192"], "GiB"),
+    ],
+)
+def test_unbounded_values_are_refused_before_anything_is_allocated(tmp_path, capsys, args, match):
+    one_line_error(
+        capsys, "train", tiny_config(tmp_path), *args, "--out", tmp_path / "r", match=match
+    )
+    assert not (tmp_path / "r").exists()
+
+
+def test_huge_seeds_in_a_sweep_and_huge_analyses_are_refused(trained, tmp_path, capsys):
+    path = sweep(tmp_path, f"seeds = [{2**63}]\n[variants.rope]\n")
+    one_line_error(capsys, "sweep", path, "--out", tmp_path / "s", match="seeds must be")
+    one_line_error(
+        capsys, "analyze", trained, "--seqs", 10**9, "--out", tmp_path / "a", match="GiB"
+    )
+    one_line_error(
+        capsys, "analyze", trained, "--seq-len", 10**6, "--out", tmp_path / "a", match="GiB"
+    )
+    assert not (tmp_path / "a").exists()
+
+
+def test_an_absurd_lock_pid_and_deep_includes_are_one_line(tmp_path, capsys):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / ".lock").write_text(json.dumps({"host": "h", "pid": 10**20}))
+    one_line_error(capsys, "train", tiny_config(tmp_path), "--out", run, match="no readable owner")
+    tiny_config(tmp_path, name="c0.toml")
+    for i in range(1, 60):
+        (tmp_path / f"c{i}.toml").write_text(f'include = "c{i - 1}.toml"\n')
+    one_line_error(
+        capsys, "train", tmp_path / "c59.toml", "--out", tmp_path / "x", match="nest deeper"
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        ('seeds = [0]\n[variants.rope]\npreset = ["rope"]\n', "unknown preset"),
+        ("seeds = [0]\ngrid = 3\n[variants.rope]\n", "grid must be a table"),
+        ("seeds = [0]\nset = 3\n[variants.rope]\n", "set must be a table"),
+    ],
+)
+def test_wrong_shapes_in_a_sweep_are_one_line(tmp_path, capsys, body, match):
+    one_line_error(capsys, "sweep", sweep(tmp_path, body), "--out", tmp_path / "s", match=match)
+
+
+def test_wrong_shapes_on_the_command_line_are_one_line(trained, tmp_path, capsys):
+    (tmp_path / "preset.toml").write_text('preset = ["rope"]\n')
+    one_line_error(
+        capsys, "train", tmp_path / "preset.toml", "--out", tmp_path / "r", match="unknown preset"
+    )
+    one_line_error(capsys, "analyze", "hf:", match="hf: names no model")
+    one_line_error(capsys, "analyze", trained, "--device", "meta", match="--device 'meta'")
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    one_line_error(capsys, "analyze", trained, "--seqs", 8, "--out", a_file, match="is a file")
+    one_line_error(capsys, "train", "/dev/null", match="is not a regular file")
+
+
+def test_a_utf8_bom_and_a_preset_on_the_command_line_are_accepted(tmp_path, capsys):
+    config = tiny_config(tmp_path)
+    config.write_bytes(b"\xef\xbb\xbf" + config.read_bytes())
+    args = ["train", str(config), "--set", "preset=swa", "--out", str(tmp_path / "r")]
+    assert main([*args, "--print-config"]) == 0
+    assert "window = 32" in capsys.readouterr().out and not (tmp_path / "r").exists()
+    assert main(args) == 0
+    assert "window = 32" in (tmp_path / "r" / "config.toml").read_text()
+
+
+def test_a_malformed_safetensors_header_is_named_and_analysis_falls_back(
+    finished, tmp_path, capsys
+):
+    _, run = copy_run(finished, tmp_path)
+    newest = run / "checkpoints" / "step_00000012"
+    (newest / "model.safetensors").write_bytes(b"\xff" * 8 + b"{not json")
+    manifest = json.loads((newest / "manifest.json").read_text())
+    from posleak.files import sha256_file
+
+    manifest["model.safetensors"] = sha256_file(newest / "model.safetensors")
+    (newest / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.warns(UserWarning, match="model.safetensors: unreadable safetensors"):
+        assert cli(capsys, "analyze", run, "--seqs", 8)[0] == 0
+    summary = json.loads((run / "analysis" / "summary.json").read_text())
+    assert summary["step"] == 8
+
+
+def test_a_lock_guard_that_is_a_folder_is_refused_before_training(tmp_path, capsys):
+    run = tmp_path / "r"
+    (run / ".lock.guard").mkdir(parents=True)
+    one_line_error(capsys, "train", tiny_config(tmp_path), "--out", run, match="lock guard")
+    assert not (run / ".lock").exists() and not (run / "metrics.jsonl").exists()
+
+
+def test_a_failing_clean_up_never_hides_the_real_error(tmp_path, capsys, monkeypatch):
+    def busy(self):
+        raise OSError(16, "Device or resource busy", str(self))
+
+    monkeypatch.setattr(Path, "rmdir", busy)
+    config = tiny_config(tmp_path, data__source=str(tmp_path / "missing.txt"))
+    one_line_error(capsys, "train", config, "--out", tmp_path / "r", match="matches no file")
+
+
+def test_a_reader_racing_the_pruning_gets_the_newer_checkpoint(finished, tmp_path, monkeypatch):
+    import shutil
+
+    from posleak.train.rundir import RunDir
+
+    _, run = copy_run(finished, tmp_path)
+    real = checkpoint.load_weights
+    calls = []
+
+    def pruned_meanwhile(path, model):
+        calls.append(path.name)
+        if len(calls) == 1:  # the run prunes step 12 after listing, and writes step 16
+            shutil.copytree(path, path.with_name("step_00000016"))
+            shutil.rmtree(path)
+            raise FileNotFoundError(2, "No such file or directory", str(path / "model.safetensors"))
+        return real(path, model)
+
+    monkeypatch.setattr(checkpoint, "load_weights", pruned_meanwhile)
+    _, _, state = RunDir(run).load_model()
+    assert calls == ["step_00000012", "step_00000016"]
+    assert Path(state["checkpoint"]).name == "step_00000016"
+
+
+def test_sigterm_during_set_up_exits_130_and_leaves_no_lock(tmp_path):
+    run = tmp_path / "r"
+    config = tiny_config(tmp_path)
+    script = (
+        "import sys, time\n"
+        "from posleak.train import loop\n"
+        "loop.Run.__init__ = lambda *a, **k: time.sleep(60)\n"
+        "from posleak.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, "train", str(config), "--out", str(run)],
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    while not (run / ".lock").exists() and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate()
+    assert proc.returncode == 130, err
+    assert not (run / ".lock").exists()
+
+
+def test_jobs_below_one_is_refused_before_anything_is_written(tmp_path, capsys):
+    path = sweep(tmp_path, "seeds = [0]\n[variants.rope]\n")
+    for jobs in ("0", "-1"):
+        one_line_error(
+            capsys, "sweep", path, "--out", tmp_path / "s", "--jobs", jobs, match="--jobs"
+        )
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_failed_train_keeps_the_users_own_empty_folder(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    config = tiny_config(tmp_path, data__source=str(tmp_path / "missing.txt"))
+    one_line_error(capsys, "train", config, "--out", mine, match="matches no file")
+    assert mine.is_dir() and list(mine.iterdir()) == []
+
+
+def test_analyze_into_a_read_only_folder_fails_before_any_work(
+    trained, tmp_path, capsys, monkeypatch
+):
+    import posleak.analysis.folder as folder
+
+    monkeypatch.setattr(folder.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(
+        "posleak.analysis.analyze.analysis_of", lambda *a: pytest.fail("work started")
+    )
+    one_line_error(capsys, "analyze", trained, "--out", tmp_path / "ro", match="read-only")
+
+
+def test_a_large_dry_run_prints_every_run(tmp_path, capsys):
+    values = ", ".join(str(1e-4 * (i + 1)) for i in range(250))
+    path = sweep(
+        tmp_path,
+        f"seeds = [0, 1]\n[variants.rope]\n[variants.nope]\n[grid]\n'train.lr' = [{values}]\n",
+    )
+    assert main(["sweep", str(path), "--dry-run", "--out", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == "1000 runs" and out.count(" pending ") == 1000
+
+
+def test_a_sigkilled_sweeps_child_checkpoints_and_stops(tmp_path):
+    path = sweep(tmp_path, 'seeds = [0]\n[variants.rope]\nmodel.position = "rope"\n')
+    write_config(tmp_path / "base.toml", tiny_overrides(train__steps=5000, train__ckpt_every=1000))
+    out = tmp_path / "s"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "posleak", "sweep", str(path), "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    run = out / expand(read_sweep(path))[0].name
+    while proc.poll() is None and not (
+        (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().split()) > 5
+    ):
+        time.sleep(0.02)
+    child = json.loads((run / ".lock").read_text())["pid"]
+    proc.kill()
+    proc.communicate()
+    while running(child):  # it stops after its current step: bounded work, no deadline
+        time.sleep(0.05)
+    assert not (run / ".lock").exists()
+    assert checkpoint.list_checkpoints(run / "checkpoints")
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's exit is reaped by whoever adopted it)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "State:\tZ" not in status

@@ -41,9 +41,9 @@ def test_study_small_runs_end_to_end_at_a_tiny_budget(tmp_path):
     sweep = tmp_path / "study-small.toml"
     sweep.write_text(spec + TINY)
     out = tmp_path / "sweep"
-    done = posleak("sweep", sweep, "--out", out, "--jobs", "2", timeout=600)
+    done = posleak("sweep", sweep, "--out", out, "--jobs", "2")
     assert done.returncode == 0, done.stderr[-2000:]
-    report = posleak("study", out, "--out", tmp_path / "report", "--seqs", "8", timeout=600)
+    report = posleak("study", out, "--out", tmp_path / "report", "--seqs", "8")
     assert report.returncode == 0, report.stderr[-2000:]
     text = (tmp_path / "report" / "report.md").read_text()
     assert "from the records of 19 finished runs (of 19 planned) in 9 variants" in text

@@ -94,7 +94,7 @@ def test_tiny_sweep_runs_isolates_a_broken_variant_and_skips_completed_runs(tmp_
     )
     path = sweep_file(tmp_path, body, train__steps=6)
     out = tmp_path / "sweep"
-    result = posleak("sweep", path, "--out", out, "--jobs", "2", timeout=300)
+    result = posleak("sweep", path, "--out", out, "--jobs", "2")
     assert result.returncode == 1, result.stderr
     rows = list(csv.DictReader((out / "summary.csv").read_text().splitlines()))
     status = {r["variant"]: set() for r in rows}
@@ -115,7 +115,7 @@ def test_tiny_sweep_runs_isolates_a_broken_variant_and_skips_completed_runs(tmp_
     assert "| rope-s0-" in (out / "summary.md").read_text()
 
     stamps = {r["run"]: (out / r["run"] / "summary.json").stat().st_mtime_ns for r in done}
-    again = posleak("sweep", path, "--out", out, timeout=300)
+    again = posleak("sweep", path, "--out", out)
     assert again.returncode == 1
     assert stamps == {r: (out / r / "summary.json").stat().st_mtime_ns for r in stamps}
 
@@ -140,25 +140,22 @@ def test_print_commands_gives_one_independent_command_per_valid_run(tmp_path):
 
 def test_ctrl_c_stops_cleanly_and_a_rerun_continues_exactly(tmp_path):
     body = 'seeds = [0]\n[variants.rope]\nmodel.position = "rope"\n'
-    path = sweep_file(
-        tmp_path, body, train__steps=1000, train__eval_every=100, train__ckpt_every=100
-    )
+    path = sweep_file(tmp_path, body, train__steps=200, train__eval_every=50, train__ckpt_every=50)
     out = tmp_path / "sweep"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "posleak", "sweep", str(path), "--out", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     run_name = expand(read_sweep(path))[0].name
     metrics = out / run_name / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (
+    while proc.poll() is None and not (
         metrics.exists() and len(metrics.read_text().splitlines()) >= 20
     ):
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate()
     assert proc.returncode == 130, err
     assert not (out / run_name / "summary.json").exists()
-    assert posleak("sweep", path, "--out", out, timeout=300).returncode == 0
+    assert posleak("sweep", path, "--out", out).returncode == 0
     reference = tmp_path / "reference"
     Run(build(json.loads(json.dumps(expand(read_sweep(path))[0].values))), reference).fit()
     assert deterministic_metrics(metrics) == deterministic_metrics(reference / "metrics.jsonl")

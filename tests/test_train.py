@@ -129,15 +129,14 @@ def test_resume_refuses_a_changed_config_but_may_extend_the_budget(tmp_path):
 
 def test_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
     """SIGKILL a real training process mid-run, resume it, compare bit for bit."""
-    values = tiny_overrides(train__steps=1000, train__ckpt_every=7, train__eval_every=50)
+    values = tiny_overrides(train__steps=300, train__ckpt_every=7, train__eval_every=50)
     config = write_config(tmp_path / "tiny.toml", values)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     cmd = [sys.executable, "-m", "train", str(config), "--set", "train.threads=1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([*cmd, "--out", str(killed)], cwd=ROOT, env=env)
     metrics = killed / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline:
+    while proc.poll() is None:  # no deadline: the run's work is bounded
         lines = metrics.read_text().splitlines() if metrics.exists() else []
         if len(lines) >= 45:
             break

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from posleak.data import BatchStream, DataConfig
+from posleak.files import atomic_write
 from posleak.model import Decoder, ModelConfig
 from posleak.train.config import preset, presets
 from posleak.train.environment import (
@@ -309,6 +310,6 @@ def print_table(result: dict) -> None:
 def run(args: argparse.Namespace) -> int:
     result = run_bench(args.quick)
     print_table(result)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write(args.out, json.dumps(result, indent=2) + "\n")
     print(f"written: {args.out}")
     return 0

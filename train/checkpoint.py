@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -21,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from posleak.files import fsync_path, sha256_file
+from posleak.files import fsync_path, refuse_link, safe_dir, sha256_file, share
 
 MODEL_FILE, CONFIG_FILE, OPTIM_FILE, STATE_FILE, MANIFEST = (
     "model.safetensors",
@@ -36,8 +37,29 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file and why."""
 
 
+STEP_NAME = re.compile(r"step_(\d{8})")  # exactly what step_dir writes: nothing else is ours
+
+
+class CheckpointMismatch(CheckpointError):
+    """A checkpoint that verifies but does not fit the model the config builds: the config
+    changed, the checkpoint did not break. It is kept, never quarantined."""
+
+    def __init__(self, path: Path, detail: str):
+        super().__init__(
+            f"{path} verifies but does not fit the model of this config ({detail}); the config "
+            "changed since it was written: continue with the run's own config "
+            "(posleak train --resume RUN), or train the new config into another --out"
+        )
+        self.detail = detail
+
+
 def step_dir(root: Path, step: int) -> Path:
     return Path(root) / f"step_{step:08d}"
+
+
+def step_of(path: Path) -> int:
+    """The step of a checkpoint folder named by step_dir."""
+    return int(STEP_NAME.fullmatch(Path(path).name).group(1))
 
 
 def save(root: Path, step: int, model, optimizer, extra: dict, keep: int) -> Path:
@@ -45,8 +67,7 @@ def save(root: Path, step: int, model, optimizer, extra: dict, keep: int) -> Pat
 
     An existing checkpoint for the same step is kept if it verifies, else moved aside and
     rewritten."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    root = safe_dir(root, "checkpoint folder")
     final = step_dir(root, step)
     if final.exists():
         try:
@@ -55,6 +76,7 @@ def save(root: Path, step: int, model, optimizer, extra: dict, keep: int) -> Pat
         except CheckpointError as err:
             quarantine(final, err)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-step_{step:08d}-"))
+    share(tmp)
     try:
         save_file(model.weights(), str(tmp / MODEL_FILE))
         (tmp / CONFIG_FILE).write_text(model.config_json())
@@ -80,11 +102,13 @@ def save(root: Path, step: int, model, optimizer, extra: dict, keep: int) -> Pat
 
 
 def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoint folders, oldest first (temporary folders are ignored)."""
-    root = Path(root)
-    if not root.exists():
+    """Complete checkpoint folders, oldest first: real folders named exactly as step_dir
+    names them (a user's step_N-backup, a link, a temporary folder are not ours)."""
+    root = refuse_link(root, "checkpoint folder")
+    if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+    ours = [p for p in root.iterdir() if STEP_NAME.fullmatch(p.name) and not p.is_symlink()]
+    return sorted(p for p in ours if p.is_dir())
 
 
 def quarantine(path: Path, reason: Exception) -> Path:
@@ -122,28 +146,30 @@ def verify(path: Path) -> dict:
             raise CheckpointError(
                 f"{file}: contents do not match the manifest (corrupt or truncated)"
             )
-    return json.loads((path / STATE_FILE).read_text())
+    try:
+        return json.loads((path / STATE_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path / STATE_FILE}: not valid JSON ({err})") from None
 
 
 def load(path: Path, model, optimizer) -> dict:
     """Verify and restore model, optimizer and RNG states; return state.json's contents."""
     state = verify(path)
-    try:
-        weights = load_file(str(path / MODEL_FILE))
-        tensors = load_file(str(path / OPTIM_FILE))
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{path}: unreadable safetensors file ({err})") from None
-    _load_weights(model, weights)
+    weights, tensors = _read(path / MODEL_FILE), _read(path / OPTIM_FILE)
+    _load_weights(model, weights, path)
     optimizer.load_state_dict(_unflatten_optimizer(tensors, state["param_groups"]))
     _restore_rng(tensors)
     return state
 
 
 def load_latest(root: Path, model, optimizer) -> dict | None:
-    """Restore the newest checkpoint that verifies; corrupt ones are moved aside, named."""
+    """Restore the newest checkpoint that verifies; corrupt ones are moved aside, named. One
+    that verifies but does not fit the model raises CheckpointMismatch and stays in place."""
     for path in reversed(list_checkpoints(root)):
         try:
             return load(path, model, optimizer)
+        except CheckpointMismatch:
+            raise
         except CheckpointError as err:
             quarantine(path, err)
     return None
@@ -152,16 +178,23 @@ def load_latest(root: Path, model, optimizer) -> dict | None:
 def load_weights(path: Path, model) -> dict:
     """Restore only the model weights (for analysis); verifies the checkpoint first."""
     state = verify(path)
-    _load_weights(model, load_file(str(Path(path) / MODEL_FILE)))
+    _load_weights(model, _read(Path(path) / MODEL_FILE), path)
     return state
 
 
 # ------------------------------------------------------------------ helpers
-def _load_weights(model, weights: dict) -> None:
+def _read(file: Path) -> dict:
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{file}: unreadable safetensors file ({err})") from None
+
+
+def _load_weights(model, weights: dict, path: Path) -> None:
     try:
         model.load_weights(weights)
     except ValueError as err:
-        raise CheckpointError(f"checkpoint {err}") from None
+        raise CheckpointMismatch(path, str(err)) from None
 
 
 def _flatten_optimizer(sd: dict) -> tuple[dict, list]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import sys
 import typing
@@ -28,6 +29,16 @@ from posleak.data import DataConfig
 from posleak.model import ConfigError, ModelConfig
 
 MAX_BATCH = 1 << 16  # sequences per step: beyond this a typo, not a plan
+MAX_SEED = 1 << 63  # torch.manual_seed takes a signed 64-bit integer
+MAX_INCLUDE_DEPTH = 32
+DERIVED = (  # config.toml's informational [derived] table, written by train/loop.py
+    "rope_effective_base",
+    "precision",
+    "n_params",
+    "n_params_non_embedding",
+    "tokens_per_step",
+    "world_size",
+)
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -147,17 +158,18 @@ def flatten(values: dict, prefix: str = "") -> dict:
 PRESETS = Path(__file__).with_name("presets.toml")
 
 
+@functools.cache
 def presets() -> dict[str, dict]:
-    """{name: flat keys} of every positional variant (train/presets.toml)."""
+    """{name: flat keys} of every positional variant (train/presets.toml), read once."""
     return {name: flatten(keys) for name, keys in read_toml_file(PRESETS, "presets").items()}
 
 
 def preset(name) -> dict:
     """The flat keys of one preset, or a ConfigError that lists the valid names."""
     known = presets()
-    if name not in known:
+    if not isinstance(name, str) or name not in known:
         raise ConfigError(f"unknown preset {name!r}; valid presets: {sorted(known)}")
-    return known[name]
+    return dict(known[name])
 
 
 def read_toml(path: Path, seen: tuple = ()) -> dict:
@@ -166,7 +178,12 @@ def read_toml(path: Path, seen: tuple = ()) -> dict:
     path = Path(path).resolve()
     if path in seen:
         raise ConfigError(f"include cycle: {' -> '.join(map(str, (*seen, path)))}")
+    if len(seen) >= MAX_INCLUDE_DEPTH:
+        raise ConfigError(
+            f"{seen[0]}: includes nest deeper than {MAX_INCLUDE_DEPTH} files; flatten them"
+        )
     raw = read_toml_file(path, "config file")
+    _check_derived(path, raw.pop("derived", None))
     includes = raw.pop("include", [])
     includes = [includes] if isinstance(includes, str) else includes
     if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
@@ -182,14 +199,32 @@ def read_toml(path: Path, seen: tuple = ()) -> dict:
     return merged
 
 
+def _check_derived(path: Path, derived) -> None:
+    """A saved config.toml's [derived] table: informational, but it must be what we write."""
+    if derived is None:
+        return
+    if not isinstance(derived, dict) or set(derived) - set(DERIVED):
+        unknown = sorted(set(derived) - set(DERIVED)) if isinstance(derived, dict) else derived
+        raise ConfigError(
+            f"{path}: [derived] holds {unknown!r}; it may hold only {', '.join(DERIVED)} "
+            "(values computed by training, ignored when read): remove the others"
+        )
+
+
 def read_toml_file(path: Path, what: str) -> dict:
     """A TOML file's contents, or a ConfigError that names the file and the problem."""
     path = Path(path)
     if not path.is_file():
-        problem = "is a directory" if path.is_dir() else "does not exist"
+        problem = (
+            "is a directory"
+            if path.is_dir()
+            else "is not a regular file"
+            if path.exists()
+            else "does not exist"
+        )
         raise ConfigError(f"{what} {path} {problem}; give the path of a .toml file")
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8-sig"))  # a BOM is harmless
     except UnicodeDecodeError:
         raise ConfigError(f"{what} {path} is not UTF-8 text; give a .toml file") from None
     except tomllib.TOMLDecodeError as err:
@@ -234,11 +269,13 @@ def _sort_keys(values: dict) -> tuple[int, dict, list[str]]:
     keys = valid_keys()
     sections: dict[str, dict] = {name: {} for name in SECTIONS}
     seed = 0
+    unknown = False
     for key, value in values.items():
         if key not in keys:
             close = difflib.get_close_matches(key, keys, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            problems.append(f"unknown key {key!r}{hint} (valid keys: {', '.join(keys)})")
+            problems.append(f"unknown key {key!r}{hint}")
+            unknown = True
             continue
         section, _, name = key.rpartition(".")
         expected = int if key == "seed" else _expected_type(section, name)
@@ -248,8 +285,12 @@ def _sort_keys(values: dict) -> tuple[int, dict, list[str]]:
             )
         elif key == "seed":
             seed = value
+            if not 0 <= seed < MAX_SEED:
+                problems.append(f"seed must be in [0, 2^63), got {seed}")
         else:
             sections[section][name] = value
+    if unknown:
+        problems.append(f"valid keys: {', '.join(keys)}")
     return seed, sections, problems
 
 
@@ -286,9 +327,14 @@ def train_problems(t: TrainConfig) -> list[str]:
 
 
 def load(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    """Read a config file (or only defaults), apply `key=value` overrides and validate."""
+    """Read a config file (or only defaults), apply `key=value` overrides and validate.
+    `--set preset=NAME` applies a preset's keys under the other overrides."""
     values = read_toml(Path(path)) if path else {}
-    values.update(dict(parse_override(o) for o in overrides))
+    pairs = [parse_override(o) for o in overrides]
+    for key, value in pairs:
+        if key == "preset":
+            values.update(preset(value))
+    values.update({key: value for key, value in pairs if key != "preset"})
     return build(values)
 
 
@@ -304,8 +350,8 @@ def to_toml(cfg: RunConfig, model_cfg: ModelConfig | None = None, derived: dict 
 
 def from_resolved(path: Path) -> RunConfig:
     """Read a run directory's resolved config.toml (its [derived] table is informational)."""
-    raw = tomllib.loads(Path(path).read_text())
-    raw.pop("derived", None)
+    raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    _check_derived(Path(path), raw.pop("derived", None))
     return build(flatten(raw))
 
 

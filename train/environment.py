@@ -34,6 +34,27 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def available_memory() -> int | None:
+    """Bytes of memory this process could still allocate (Linux's MemAvailable), or None."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_fits(need: float, what: str, fix: str) -> None:
+    """Refuse, before allocating, work whose estimated memory exceeds what is available."""
+    have = available_memory()
+    if have is not None and need > 0.9 * have:
+        raise MemoryError(
+            f"{what} needs about {need / 2**30:.1f} GiB, but {have / 2**30:.1f} GiB is "
+            f"available; {fix}"
+        )
+
+
 def cpu_has_fast_bf16() -> bool:
     """AMX or AVX-512 BF16 instructions, read from /proc/cpuinfo (Linux)."""
     try:

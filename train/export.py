@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from safetensors.torch import save_file
 
 from posleak.data import ByteTokenizer
+from posleak.files import refuse_link, share
 from posleak.model import Decoder
 from posleak.train.config import RunConfig
 from posleak.train.rundir import RunDir
@@ -40,8 +44,9 @@ def refusal(model: Decoder) -> str | None:
     return None
 
 
-def hf_config(model: Decoder, special: dict):
-    """The Llama (full causal) or Mistral (sliding window) config of a posleak model."""
+def hf_config(model: Decoder, special: dict, train_len: int | None = None):
+    """The Llama (full causal) or Mistral (sliding window) config of a posleak model;
+    max_position_embeddings is the training length (what the model has seen)."""
     import transformers
 
     cfg = model.cfg
@@ -54,7 +59,7 @@ def hf_config(model: Decoder, special: dict):
         num_key_value_heads=cfg.n_head,
         head_dim=cfg.d_head,
         hidden_act="silu",
-        max_position_embeddings=cfg.max_seq_len,
+        max_position_embeddings=train_len or cfg.max_seq_len,
         rms_norm_eps=cfg.norm_eps,
         tie_word_embeddings=cfg.tie_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": model.rope_effective_base},
@@ -107,19 +112,102 @@ def byte_level_chars() -> list[str]:
 def export_hf(run: str | Path, out: str | Path) -> Path:
     if importlib.util.find_spec("transformers") is None:
         raise ExportError("export needs transformers: pip install 'posleak[hf]'")
-    model, cfg, _ = RunDir(run).load_model()
+    out = Path(out)
+    check_out(Path(run), out)
+    model, cfg, state = RunDir(run).load_model()
     why = refusal(model)
     if why:
         raise ExportError(f"cannot export {run}: {why}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     bytes_vocab = _byte_vocabulary(cfg, model)
     special = _special_ids() if bytes_vocab else {}
-    hf_config(model, special).save_pretrained(out)
-    save_file(hf_weights(model), str(out / "model.safetensors"), metadata={"format": "pt"})
-    if bytes_vocab:
-        write_tokenizer(out, bos=cfg.data.bos == "always")
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        hf_config(model, special, cfg.data.seq_len).save_pretrained(tmp)
+        save_file(hf_weights(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if bytes_vocab:
+            write_tokenizer(tmp, bos=cfg.data.bos == "always")
+        if special:
+            import transformers
+
+            transformers.GenerationConfig(**special).save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card(Path(run), model, cfg, state))
+        _publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def check_out(run: Path, out: Path) -> None:
+    """--out must not be inside the run (its checkpoints would be overwritten) and must be
+    new, empty, or an earlier export (its README.md starts with CARD_MARK)."""
+    inside = out.resolve().is_relative_to(run.resolve())
+    if inside:
+        raise ExportError(
+            f"--out {out} is inside the run {run}; export next to the run, e.g. --out "
+            f"{run.parent / (run.name + '-hf')}"
+        )
+    refuse_link(out, "--out")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file; give a folder for the checkpoint")
+    card = out / "README.md"
+    earlier = card.is_file() and card.read_text(errors="replace").startswith(CARD_MARK)
+    if out.is_dir() and any(out.iterdir()) and not earlier:
+        raise ExportError(
+            f"--out {out} holds files that are not an earlier posleak export; give a new or "
+            "empty folder"
+        )
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move the finished export into place: a reader sees the old export or the new one."""
+    for path in (tmp, *tmp.rglob("*")):
+        share(path)
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+CARD_MARK = "<!-- written by posleak export -->"
+
+
+def model_card(run: Path, model: Decoder, cfg: RunConfig, state: dict) -> str:
+    """README.md of the export: what was trained, on what, and how it encodes position."""
+    m = model.cfg
+    scheme = {
+        "rope": f"RoPE, base {m.rope_base:g}",
+        "rope_ntk": f"NTK-scaled RoPE, s = {m.rope_scale:g} (effective base "
+        f"{model.rope_effective_base:g})",
+    }[m.position]
+    if m.window is not None:
+        scheme += f", sliding window of {m.window} keys (Mistral)"
+    loss = (RunDir(run).summary() or {}).get("final_val_loss")
+    lines = [
+        CARD_MARK,
+        f"# {run.name}: a posleak decoder",
+        "",
+        "A small decoder-only transformer trained with posleak (a testbed for where absolute "
+        "position comes from in a decoder told only relative offsets), exported as a "
+        "transformers checkpoint.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| architecture | {m.n_layer} layers, d_model {m.d_model}, {m.n_head} heads, SwiGLU "
+        f"{m.ff_width}, RMSNorm, no biases |",
+        f"| position | {scheme} |",
+        f"| data | `{cfg.data.source}`, {cfg.data.seq_len} tokens per sequence, BOS "
+        f"{cfg.data.bos} |",
+        f"| vocabulary | {m.vocab_size} |",
+        f"| training | {state.get('step')} steps of {cfg.train.batch_size} sequences, AdamW lr "
+        f"{cfg.train.lr:g}, seed {cfg.seed} |",
+        f"| validation loss | {'–' if loss is None else f'{loss:.4f}'} (nats per token) |",
+        "",
+        f"Trained at {cfg.data.seq_len} tokens: `max_position_embeddings` says so; longer "
+        "inputs run, but the model has not seen them.",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def _byte_vocabulary(cfg: RunConfig, model: Decoder) -> bool:

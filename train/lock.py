@@ -13,9 +13,14 @@ import contextlib
 import fcntl
 import json
 import os
+import secrets
 import socket
 import time
 from pathlib import Path
+
+from posleak.files import NOFOLLOW, open_new, refuse_link
+
+MAX_PID = 1 << 22  # Linux's pid_max ceiling: a larger "pid" is not a process
 
 
 class RunLocked(RuntimeError):
@@ -40,9 +45,12 @@ class RunLock:
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        record = self.path.with_name(f".lock.{self.me['host']}.{self.me['pid']}")
+        with self._guard():  # the guard must work now, or release would fail at the end
+            pass
+        record = self.path.with_name(f".lock.{secrets.token_hex(8)}")
         try:
-            record.write_text(json.dumps({**self.me, "since": time.time()}))
+            with os.fdopen(open_new(record), "w") as f:
+                f.write(json.dumps({**self.me, "since": time.time()}))
         except OSError as err:
             record.unlink(missing_ok=True)
             raise RunLocked(f"cannot write the lock file {self.path}: {err.strerror}") from None
@@ -84,7 +92,14 @@ class RunLock:
 
     @contextlib.contextmanager
     def _guard(self):
-        fd = os.open(self.path.with_name(".lock.guard"), os.O_CREAT | os.O_RDWR, 0o644)
+        guard = refuse_link(self.path.with_name(".lock.guard"), "lock guard")
+        try:
+            fd = os.open(guard, os.O_CREAT | os.O_RDWR | NOFOLLOW, 0o644)
+        except OSError as err:
+            raise RunLocked(
+                f"cannot open the lock guard {guard}: {err.strerror}; if no process uses "
+                f"{self.path.parent}, delete {guard}"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -106,5 +121,6 @@ def _parse(text: str) -> dict | None:
         owner = json.loads(text)
     except json.JSONDecodeError:
         return None
-    ok = isinstance(owner, dict) and isinstance(owner.get("pid"), int) and "host" in owner
+    pid = owner.get("pid") if isinstance(owner, dict) else None
+    ok = type(pid) is int and 0 < pid < MAX_PID and isinstance(owner.get("host"), str)
     return owner if ok else None

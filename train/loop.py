@@ -23,11 +23,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from posleak.data import BatchStream, vocab_size_of
+from posleak.log import log
 from posleak.model import ConfigError, Decoder
 from posleak.train import checkpoint, tracking
-from posleak.train.config import RunConfig, flatten, from_resolved, to_toml, tomllib
+from posleak.train.config import RunConfig, flatten, to_toml, tomllib
 from posleak.train.environment import (
     autocast,
+    check_fits,
     describe,
     flops_per_token,
     resolve_compile,
@@ -39,6 +41,7 @@ from posleak.train.rundir import RunDir
 
 # keys that may differ when a run is resumed: the budget may grow, logging may change
 RESUMABLE_CHANGES = ("train.steps", "train.threads", "train.device", "log.")
+PARENT_ENV = "POSLEAK_PARENT_PID"  # set by a sweep: its child stops cleanly once it is gone
 TIMING_FIELDS = ("tokens_per_s", "elapsed_s")
 
 
@@ -75,6 +78,16 @@ def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> AdamW:
     return AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2))
 
 
+def training_bytes(m, batch: int, T: int) -> float:
+    """A rough upper estimate of training memory: fp32 weights, gradients and two AdamW
+    moments, plus the activations autograd keeps (SDPA keeps no T x T attention map)."""
+    params = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
+    params += m.n_layer * (4 * m.d_model**2 + 3 * m.d_model * m.ff_width)
+    params += m.max_seq_len * m.d_model if m.position == "learned" else 0
+    per_token = m.n_layer * (12 * m.d_model + 3 * m.ff_width) + 2 * m.vocab_size  # SDPA: O(T)
+    return 16.0 * params + 4.0 * batch * T * per_token
+
+
 def lm_loss(model, tokens: torch.Tensor) -> torch.Tensor:
     logits = model(tokens[:, :-1])
     return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
@@ -100,6 +113,11 @@ class Run:
         for stream in (self.train_stream, self.val_stream):  # data too short: fail before writing
             stream.batch(0)
         self.model_cfg = self.cfg.model_config(vocab_size_of(self.cfg.data))
+        check_fits(
+            training_bytes(self.model_cfg, self.cfg.train.batch_size, self.cfg.data.seq_len),
+            "training this model",
+            "lower model.d_model, d_ff, vocab_size or max_seq_len, or train.batch_size",
+        )
         self.precision, reason = resolve_precision(
             self.cfg.train.precision, self.device, self.model_cfg.d_model
         )
@@ -149,7 +167,7 @@ class Run:
                 f"{self.out} already holds a run. Continue it with --resume, or start over "
                 f"deliberately: remove it (rm -r {self.out}) or pick another --out"
             )
-        previous = from_resolved(stored).to_dict()
+        previous = self.dir.read_config()[0].to_dict()
         now = cfg.to_dict()
         now["model"] = {**previous["model"], **now["model"]}  # defaults were filled in
         changed = [
@@ -160,7 +178,8 @@ class Run:
         if changed:
             raise ConfigError(
                 f"cannot resume {self.out} with a different config: {changed} changed "
-                f"(only {RESUMABLE_CHANGES} may change on resume); use another --out for a new run"
+                f"(only {RESUMABLE_CHANGES} may change on resume); continue it with its own "
+                f"config: posleak train --resume {self.out}; or use another --out for a new run"
             )
         return cfg
 
@@ -187,7 +206,7 @@ class Run:
         env_path = self.dir.env_file
         env = describe(self.device, self.precision, reason, self.world, self.compiled)
         if resumed and env_path.exists():
-            first = json.loads(env_path.read_text())
+            first = self.dir.read_json(env_path)
             first.setdefault("resumes", []).append({**env, "from_step": self.step})
             env = first
         self.dir.write(env_path.name, json.dumps(env, indent=2) + "\n")
@@ -195,28 +214,22 @@ class Run:
 
     def _truncate_metrics(self) -> None:
         """Keep the records up to the restored step; later ones will be recomputed."""
-        path = self.dir.metrics_file
-        if not path.exists():
-            return
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                break  # a line cut off by a crash
-            if record["step"] <= self.step:
-                kept.append(line)
-        self.dir.write(path.name, "".join(line + "\n" for line in kept))
+        if self.dir.metrics_file.exists():
+            kept = self.dir.metrics_lines(up_to_step=self.step)
+            self.dir.write(self.dir.metrics_file.name, "".join(line + "\n" for line in kept))
 
     # ------------------------------------------------------------------ training
     def fit(self) -> dict:
         t = self.cfg.train
         tokens_per_step = t.batch_size * self.cfg.data.seq_len
         last_val = None
-        with self._signals_stop_cleanly(), self._metrics_log() as log:
+        with self._signals_stop_cleanly(), self._metrics_log() as record_metrics:
             window_start, window_steps = time.perf_counter(), 0
+            parent = int(os.environ.get(PARENT_ENV, "0"))
             while self.step < t.steps:
                 loss = self._train_step()
+                if parent and os.getppid() != parent:  # the sweep was killed: do not run on
+                    self._stop_signal = "the sweep's exit"
                 self.step += 1
                 window_steps += 1
                 done = self.step == t.steps
@@ -225,7 +238,7 @@ class Run:
                     record = self._record(loss, window_steps * tokens_per_step, window_start)
                     if evaluate:
                         record["val_loss"] = last_val = self.evaluate()
-                    log(record)
+                    record_metrics(record)
                     window_start, window_steps = time.perf_counter(), 0
                 if self.step % t.ckpt_every == 0 or done or self._stop_signal:
                     self.save_checkpoint()
@@ -267,10 +280,10 @@ class Run:
         bar = self.cfg.log.progress and sys.stderr.isatty()
         wandb_run = self._open_wandb() if self.cfg.log.wandb else None
         total = self.cfg.train.steps
-        with open(self.dir.metrics_file, "a") as f:
+        with self.dir.append(self.dir.metrics_file.name) as f:
             progress = tqdm(total=total, initial=self.step, disable=not bar)
 
-            def log(record: dict) -> None:
+            def write(record: dict) -> None:
                 f.write(json.dumps(record) + "\n")
                 f.flush()
                 fields = progress_fields(record, total)
@@ -278,12 +291,12 @@ class Run:
                     progress.update(record["step"] - progress.n)
                     progress.set_postfix_str(fields)
                 elif self.cfg.log.progress:
-                    print(f"step {record['step']}/{total} | {fields}", flush=True)
+                    log.info(f"step {record['step']}/{total} | {fields}")
                 if wandb_run:
                     wandb_run.log(record, step=record["step"])
 
             try:
-                yield log
+                yield write
             finally:
                 progress.close()
                 if wandb_run:
@@ -409,26 +422,55 @@ def _join_process_group() -> tuple[int, int]:
 def train(cfg: RunConfig, out: str | Path, resume: bool = False) -> dict:
     """Train into `out`; the run directory is locked against a second writer meanwhile."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise RunExistsError(f"--out {out} is a file; give a directory for the run")
-    lock = RunDir(out).lock() if int(os.environ.get("RANK", "0")) == 0 else None
-    if lock:
-        lock.acquire()
-    try:
-        return Run(cfg, out, resume).fit()
-    finally:
+    run_dir = RunDir(out)
+    run_dir.check_for_training()  # before the lock writes anything into it
+    created = not out.exists()
+    lock = run_dir.lock() if int(os.environ.get("RANK", "0")) == 0 else None
+    with _sigterm_interrupts():  # during set-up; fit() then stops at a step boundary
+        if lock:
+            lock.acquire()
+        try:
+            return Run(cfg, out, resume).fit()
+        finally:
+            _finish(out, lock, created)
+
+
+def _finish(out: Path, lock, created: bool) -> None:
+    """Leave the process group, release the lock, remove what a failed start left."""
+    with _sigterm_interrupts(ignore=True):  # a second signal must not cut the clean-up short
         if dist.is_initialized():  # a gloo group left to the interpreter's exit can abort it
             dist.destroy_process_group()
         if lock:
             lock.release()
-            _remove_if_unused(out)
+            _remove_if_unused(out, created)
 
 
-def _remove_if_unused(out: Path) -> None:
-    """A run that failed before writing anything leaves no directory behind."""
-    if {p.name for p in out.iterdir()} <= {".lock.guard"}:
-        (out / ".lock.guard").unlink(missing_ok=True)
-        out.rmdir()
+@contextlib.contextmanager
+def _sigterm_interrupts(ignore: bool = False):
+    """SIGTERM raises KeyboardInterrupt (exit 130, lock released), or is ignored."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN if ignore else interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _remove_if_unused(out: Path, created: bool) -> None:
+    """A run that failed before writing anything leaves nothing behind: the guard file, and
+    the folder itself when this run created it (a user's own empty folder stays)."""
+    with contextlib.suppress(OSError):  # clean-up must never hide the error that ended the run
+        if {p.name for p in out.iterdir()} <= {".lock.guard"}:
+            (out / ".lock.guard").unlink(missing_ok=True)
+            if created:
+                out.rmdir()
 
 
 def deterministic_metrics(path: Path) -> list[dict]:

@@ -41,6 +41,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,11 +49,24 @@ from pathlib import Path
 import tomli_w
 
 from posleak.files import atomic_write
+from posleak.log import log
 from posleak.model import ConfigError
-from posleak.train.config import build, flatten, preset, presets, read_toml, read_toml_file
-from posleak.train.rundir import RunDir
+from posleak.train.config import (
+    MAX_SEED,
+    TrainConfig,
+    build,
+    flatten,
+    preset,
+    presets,
+    read_toml,
+    read_toml_file,
+    to_toml,
+)
+from posleak.train.loop import PARENT_ENV
+from posleak.train.rundir import RunDir, RunDirError
 
 SWEEP_KEYS = {"name", "base", "seeds", "variants", "grid", "set"}
+PROGRESS_EVERY_S = 30.0  # a progress line between runs' "done" lines
 SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
@@ -88,9 +102,11 @@ def read_sweep(path: Path) -> dict:
 def spec_problems(spec: dict) -> list[str]:
     """Shapes a sweep file must have; names must be safe as directory names."""
     out = []
-    seeds = spec["seeds"]
-    if not (isinstance(seeds, list) and seeds and all(type(x) is int for x in seeds)):
-        out.append(f"seeds must be a non-empty list of integers, e.g. [0, 1, 2]; got {seeds!r}")
+    if not _seed_list(spec["seeds"]):
+        out.append(
+            f"seeds must be a non-empty list of integers in [0, 2^63), e.g. [0, 1, 2]; "
+            f"got {spec['seeds']!r}"
+        )
     variants = spec["variants"]
     if not (isinstance(variants, dict) and variants):
         out.append("variants must be tables: [variants.NAME] followed by its keys")
@@ -98,21 +114,40 @@ def spec_problems(spec: dict) -> list[str]:
         out += [f"variant name {name!r} {why}" for name in variants if (why := _unsafe(name))]
         for name, overlay in variants.items():
             own = overlay.get("seeds", [0]) if isinstance(overlay, dict) else None
-            if not (isinstance(own, list) and own and all(type(x) is int for x in own)):
-                out.append(f"variants.{name} must be a table whose seeds, if given, are integers")
-            elif "preset" in overlay and overlay["preset"] not in presets():
+            if not _seed_list(own):
+                out.append(
+                    f"variants.{name} must be a table whose seeds, if given, are integers in "
+                    "[0, 2^63)"
+                )
+            elif "preset" in overlay and (
+                not isinstance(overlay["preset"], str) or overlay["preset"] not in presets()
+            ):
                 out.append(
                     f"variants.{name}: unknown preset {overlay['preset']!r}; "
                     f"valid presets: {sorted(presets())}"
                 )
-    for key, values in flatten(spec.get("grid", {})).items():
-        if not (isinstance(values, list) and values):
+    for key in ("grid", "set"):
+        if not isinstance(spec.get(key, {}), dict):
+            out.append(f"{key} must be a table ([{key}] followed by keys), got {spec[key]!r}")
+    grid = spec.get("grid", {})
+    for key, values in flatten(grid if isinstance(grid, dict) else {}).items():
+        if key == "seed":
+            out.append("grid.seed: seeds are not a grid key; list them in `seeds = [...]`")
+        elif not (isinstance(values, list) and values):
             out.append(f"grid.{key} must be a non-empty list of values, got {values!r}")
     if not isinstance(spec.get("base"), str):
         out.append(f"base must be the path of a config file, got {spec.get('base')!r}")
     if "name" in spec and (why := _unsafe(spec["name"])):
         out.append(f"sweep name {spec['name']!r} {why}")
     return out
+
+
+def _seed_list(seeds) -> bool:
+    return (
+        isinstance(seeds, list)
+        and bool(seeds)
+        and all(type(x) is int and 0 <= x < MAX_SEED for x in seeds)
+    )
 
 
 def _unsafe(name) -> str | None:
@@ -128,11 +163,15 @@ def _label(value) -> str:
 
 def expand(spec: dict) -> list[PlannedRun]:
     """Every (grid point, variant, seed) as a run; invalid configs are kept, marked with why."""
+    return list(planned(spec))
+
+
+def planned(spec: dict) -> Iterator[PlannedRun]:
+    """expand() one run at a time."""
     base = read_toml(Path(spec["base"]))
     shared = flatten(spec.get("set", {}))
     grid = flatten(spec.get("grid", {}))
     grid_keys = sorted(grid)
-    runs = []
     for point in itertools.product(*(grid[k] for k in grid_keys)):
         grid_values = dict(zip(grid_keys, point, strict=True))
         for variant, overlay in spec["variants"].items():
@@ -151,8 +190,7 @@ def expand(spec: dict) -> list[PlannedRun]:
                     build(values)
                 except ConfigError as err:
                     run.error, run.status = str(err), "invalid"
-                runs.append(run)
-    return runs
+                yield run
 
 
 def write_plan(sweep_dir: Path, runs: list[PlannedRun]) -> None:
@@ -201,6 +239,7 @@ class Executor:
             **os.environ,
             "OMP_NUM_THREADS": str(self.threads),
             "MKL_NUM_THREADS": str(self.threads),
+            PARENT_ENV: str(os.getpid()),  # the child stops (checkpointed) if the sweep dies
         }
         cmd = [sys.executable, "-m", "posleak", *command(self.sweep_dir, run)[1:]]
         run.status = "running"
@@ -223,6 +262,7 @@ class Executor:
 
     def execute(self) -> None:
         todo = [r for r in self.runs if r.error is None]
+        started = last_report = time.perf_counter()
         with ThreadPoolExecutor(max_workers=self.jobs) as pool:
             pending = {pool.submit(self.run_one, r): r for r in todo}
             try:
@@ -231,8 +271,11 @@ class Executor:
                     for fut in done:
                         run = pending.pop(fut)
                         fut.result()
-                        print(f"[sweep] {run.name}: {run.status}", flush=True)
+                        log.info(f"[sweep] {run.name}: {run.status}")
                         write_summary(self.sweep_dir, self.runs)
+                    if time.perf_counter() - last_report >= PROGRESS_EVERY_S and pending:
+                        last_report = time.perf_counter()
+                        log.info(self.progress(todo, last_report - started))
             except KeyboardInterrupt:
                 self.stopping = True
                 with self.lock:
@@ -241,6 +284,43 @@ class Executor:
                 for fut in pending:
                     fut.cancel()
                 raise
+
+    def progress(self, todo: list[PlannedRun], elapsed: float) -> str:
+        """One line: runs done, each running run's step, elapsed time and an ETA from the
+        steps done so far."""
+        total = done = 0
+        running = []
+        for run in todo:
+            steps = run.values.get("train.steps", TrainConfig.steps)
+            total += steps
+            if run.status == "done":
+                done += steps
+            elif run.status == "running":
+                step = _last_step(self.sweep_dir / run.name)
+                done += step
+                running.append(f"{run.name} {step}/{steps}")
+        finished = sum(r.status == "done" for r in todo)
+        eta = elapsed * (total - done) / done if done else float("nan")
+        return (
+            f"[sweep] {finished}/{len(todo)} done | running: {', '.join(running) or '-'} | "
+            f"elapsed {_clock(elapsed)} | eta {_clock(eta)}"
+        )
+
+
+def _last_step(run_dir: Path) -> int:
+    """The step of the last complete metrics line (0 before the first)."""
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        return int(json.loads(lines[-1])["step"]) if lines else 0
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def _clock(seconds: float) -> str:
+    if seconds != seconds:  # nan: nothing done yet
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
 
 
 def _error_line(log: Path) -> str:
@@ -253,7 +333,11 @@ def _error_line(log: Path) -> str:
 
 def collect(sweep_dir: Path, runs: list[PlannedRun]) -> None:
     for run in runs:
-        summary = RunDir(sweep_dir / run.name).summary()
+        try:
+            summary = RunDir(sweep_dir / run.name).summary()
+        except RunDirError as err:  # one damaged run never stops the others
+            run.status, run.error = "failed", str(err)
+            continue
         if summary is not None:
             run.result = summary
             run.status = "done"
@@ -285,25 +369,41 @@ def write_summary(sweep_dir: Path, runs: list[PlannedRun]) -> None:
     atomic_write(sweep_dir / "summary.md", "\n".join(lines) + "\n")
 
 
+def dry_run(spec: dict, sweep_dir: Path) -> int:
+    """Print the expansion run by run, as it is planned (a large grid shows progress)."""
+    print(f"runs into {sweep_dir}:", flush=True)
+    count = 0
+    for r in planned(spec):
+        collect(sweep_dir, [r])
+        grid = " ".join(f"{k}={v}" for k, v in r.grid.items())
+        print(f"  {r.name:40s} {r.variant:10s} seed={r.seed} {grid} {r.status} {r.error or ''}")
+        count += 1
+    print(f"{count} runs", flush=True)
+    return 0
+
+
 def _terminate(signum, frame):
     """SIGTERM stops a sweep as Ctrl-C does: children are told to checkpoint and waited for."""
     raise KeyboardInterrupt
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.jobs < 1:
+        print(f"error: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
+        return 2
     try:
         spec = read_sweep(Path(args.sweep))
+        sweep_dir = Path(args.out or f"runs/sweeps/{spec['name']}")
+        if args.dry_run:
+            return dry_run(spec, sweep_dir)
         runs = expand(spec)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    sweep_dir = Path(args.out or f"runs/sweeps/{spec['name']}")
-    if args.dry_run:
-        collect(sweep_dir, runs)
-        print(f"{len(runs)} runs into {sweep_dir}")
+    if args.print_config:
         for r in runs:
-            grid = " ".join(f"{k}={v}" for k, v in r.grid.items())
-            print(f"  {r.name:40s} {r.variant:10s} seed={r.seed} {grid} {r.status} {r.error or ''}")
+            print(f"# {r.name}" + (f"  (invalid: {r.error})" if r.error else ""))
+            print(to_toml(build(r.values)) if r.error is None else "", flush=True)
         return 0
     write_plan(sweep_dir, runs)
     if args.print_commands:
@@ -311,9 +411,6 @@ def run(args: argparse.Namespace) -> int:
             if r.error is None:
                 print(shlex.join(command(sweep_dir, r)))
         return 0
-    if args.jobs < 1:
-        print("error: --jobs must be >= 1", file=sys.stderr)
-        return 2
     started = time.perf_counter()
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:

@@ -8,6 +8,7 @@ import os
 import secrets
 from pathlib import Path
 
+from posleak.log import log
 from posleak.train.rundir import RunDir
 
 
@@ -43,12 +44,13 @@ def mode(environ=os.environ, netrc_file: str | None = None) -> tuple[str, str]:
 def open_run(out: Path, project: str, config: dict):
     """Start or resume the wandb run of the run directory `out`."""
     wandb = require_wandb()
-    id_file = out / "wandb_id.txt"
+    run_dir = RunDir(out)
+    id_file = run_dir.wandb_id_file
     if not id_file.exists():
-        id_file.write_text(secrets.token_hex(6) + "\n")
+        run_dir.write(id_file.name, secrets.token_hex(6) + "\n")
     chosen, why = mode()
-    print(f"[wandb] mode {chosen} ({why})", flush=True)
-    label = RunDir(out).sweep_label()
+    log.info(f"[wandb] mode {chosen} ({why})")
+    label = run_dir.sweep_label()
     tags = [str(label.get("variant", "")), f"seed={config.get('seed')}"]
     return wandb.init(
         project=project,

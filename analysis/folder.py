@@ -1,0 +1,99 @@
+"""The analysis folder: its layout, and the one place its files are written and read.
+
+    ANALYSIS/records.jsonl   tidy rows (analysis/records.py)
+    ANALYSIS/summary.json    the analysis's headline numbers and options (analysis/summary.py)
+    ANALYSIS/*.png           figures (analysis/plots.py)
+    ANALYSIS/.lock           one writer at a time (train/lock.py)
+
+A run's analysis is RUN/analysis; a pretrained model's is analyses/NAME (or --out). Writes
+are atomic, never through a link, and under the folder's lock, so two analyses of one folder
+never mix their rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+
+from posleak.analysis import records
+from posleak.files import atomic_write, refuse_link, safe_dir
+from posleak.train.lock import RunLock, RunLocked
+
+WAIT_S = 300.0  # how long an analysis waits for another one's writes to the same folder
+
+
+class AnalysisDir:
+    """An analysis folder by path; nothing is read until asked."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.records_file = self.path / "records.jsonl"
+        self.summary_file = self.path / "summary.json"
+
+    @staticmethod
+    def is_analysis(path: str | Path) -> bool:
+        folder = AnalysisDir(path)
+        return folder.summary_file.is_file() and folder.records_file.is_file()
+
+    def check_writable(self) -> None:
+        """Fail before any work if the folder could not be written (a file, a link, read-only)."""
+        refuse_link(self.path, "analysis folder")
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"--out {self.path} is a file; give a folder for the analysis")
+        existing = next(p for p in (self.path, *self.path.parents) if p.exists())
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(
+                f"cannot write the analysis into {self.path}: {existing} is read-only; give "
+                "--out a folder you can write"
+            )
+
+    @contextlib.contextmanager
+    def writing(self):
+        """The folder, created and locked for one analysis's writes."""
+        safe_dir(self.path, "analysis folder")
+        lock = RunLock(self.path)
+        waited = 0.0
+        while True:  # another analysis holds it only while it writes: wait for it
+            try:
+                lock.acquire()
+                break
+            except RunLocked:
+                if waited >= WAIT_S:
+                    raise
+                time.sleep(0.2)
+                waited += 0.2
+        try:
+            yield self
+        finally:
+            lock.release()
+
+    def write(self, rows: list[dict], summary: dict) -> None:
+        """records.jsonl and summary.json, each atomically (inside writing())."""
+        atomic_write(self.records_file, "".join(json.dumps(row) + "\n" for row in rows))
+        atomic_write(self.summary_file, json.dumps(summary, indent=2) + "\n")
+
+    def read_records(self) -> list[dict]:
+        rows = records.read(self.records_file)
+        if not rows:
+            raise ValueError(
+                f"{self.records_file} holds no records; run `posleak analyze` again to rewrite it"
+            )
+        return rows
+
+    def read_summary(self) -> dict:
+        try:
+            summary = json.loads(self.summary_file.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(
+                f"{self.summary_file} cannot be read ({err}); run `posleak analyze` again to "
+                "rewrite it"
+            ) from None
+        if not isinstance(summary, dict) or "variant" not in summary:
+            raise ValueError(
+                f"{self.summary_file} is not an analysis summary (no variant); run `posleak "
+                "analyze` again to rewrite it"
+            )
+        return summary
