@@ -28,7 +28,7 @@ from posleak.analysis.folder import AnalysisDir
 from posleak.analysis.logits import LogitStats, early_sum, logit_stats, pooled
 from posleak.analysis.records import Recorder
 from posleak.analysis.stats import bootstrap_weights, percentile_interval
-from posleak.analysis.summary import EARLY, summarise
+from posleak.analysis.summary import EARLY, run_report, summarise
 from posleak.model.masks import attention_mask
 from posleak.train.environment import check_fits
 
@@ -660,7 +660,8 @@ def analyze(target: str | Path, opts: Options = Options(), out: str | Path | Non
     rows, summary = analysis.run_all()
     with folder.writing():
         folder.write(rows, summary)
-        plots.run_figures({summary["variant"]: [rows]}, folder.path, title=analysis.subject.name)
+        figure = plots.run_figures({summary["variant"]: [rows]}, folder.path, analysis.subject.name)
+        folder.write_report(run_report(summary, figure.name))
     return summary
 
 
@@ -695,7 +696,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"C_res RMS over queries 1-{EARLY - 1} by layer: " + _row(layers["c_res_early"], "{:.3f}")
     )
-    print(f"report: {out / 'report.png'}")
+    print(f"report: {out / 'report.md'} (figure {out / 'report.png'})")
     return 0
 
 

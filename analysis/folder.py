@@ -2,7 +2,8 @@
 
     ANALYSIS/records.jsonl   tidy rows (analysis/records.py)
     ANALYSIS/summary.json    the analysis's headline numbers and options (analysis/summary.py)
-    ANALYSIS/*.png           figures (analysis/plots.py)
+    ANALYSIS/report.png      the overview figure (analysis/plots.py)
+    ANALYSIS/report.md       the per-layer numbers beside the figure (analysis/summary.py)
     ANALYSIS/.lock           one writer at a time (train/lock.py)
 
 A run's analysis is RUN/analysis; a pretrained model's is analyses/NAME (or --out). Writes
@@ -32,6 +33,7 @@ class AnalysisDir:
         self.path = Path(path)
         self.records_file = self.path / "records.jsonl"
         self.summary_file = self.path / "summary.json"
+        self.report_file = self.path / "report.md"
 
     @staticmethod
     def is_analysis(path: str | Path) -> bool:
@@ -74,6 +76,9 @@ class AnalysisDir:
         """records.jsonl and summary.json, each atomically (inside writing())."""
         atomic_write(self.records_file, "".join(json.dumps(row) + "\n" for row in rows))
         atomic_write(self.summary_file, json.dumps(summary, indent=2) + "\n")
+
+    def write_report(self, markdown: str) -> None:
+        atomic_write(self.report_file, markdown)
 
     def read_records(self) -> list[dict]:
         rows = records.read(self.records_file)

@@ -1,6 +1,6 @@
 """Figures as pure functions of records. `groups` maps a variant to the record lists of its
-runs (one per seed); a curve is the mean over runs with a band of +-1 sd across seeds, and
-every title says what was averaged."""
+runs (one per seed); a curve is the mean over runs with a band of +-1 sd across seeds (for a
+single run, its bootstrap interval over sequences), and every title says which."""
 
 from __future__ import annotations
 
@@ -20,19 +20,43 @@ from posleak.files import atomic_write
 
 COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 FORMATS = ("png", "svg")
+LEGEND = 9  # legend font size (points)
+DPI = 150
 
 
 def line_with_spread(ax, groups, metric, x, label_suffix="", style="-", **where) -> None:
+    """The mean over a variant's runs, with a band: ± 1 sd across seeds when it has several,
+    else the run's own 95% bootstrap interval over sequences where the records hold one."""
     for idx, (variant, runs) in enumerate(groups.items()):
         stats = across_runs(runs, metric, x, **where)
         if not stats:
             continue
         xs = np.array(list(stats))
         mean = np.array([v[0] for v in stats.values()])
-        std = np.array([v[1] for v in stats.values()])
         color = COLORS[idx % len(COLORS)]
         ax.plot(xs, mean, style, color=color, label=f"{variant}{label_suffix} (n={len(runs)})")
-        ax.fill_between(xs, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+        if len(runs) > 1:
+            std = np.array([v[1] for v in stats.values()])
+            ax.fill_between(xs, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+        elif (band := _interval(runs[0], metric, x, where)) is not None:
+            ax.fill_between(band[0], band[1], band[2], color=color, alpha=0.2, linewidth=0)
+
+
+def _interval(rows, metric, x, where) -> tuple | None:
+    """(x, lo, hi) of one run's curve, when every point has its bootstrap interval."""
+    points = sorted(
+        (r[x], r["lo"], r["hi"]) for r in select(rows, metric, **where) if r[x] is not None
+    )
+    if not points or any(lo is None or hi is None for _, lo, hi in points):
+        return None
+    return tuple(np.array(column, dtype=float) for column in zip(*points, strict=True))
+
+
+def spread(groups) -> str:
+    """What a figure's bands show, for its title."""
+    if any(len(runs) > 1 for runs in groups.values()):
+        return "mean ± sd over seeds"
+    return "one run; band: 95% bootstrap over sequences"
 
 
 def _layer_axis(ax, xlabel):
@@ -44,7 +68,7 @@ def probe_curve(ax, groups) -> None:
     line_with_spread(ax, groups, "probe_r2_log", "layer", head=None, query=None, condition=None)
     ax.set(
         ylabel="held-out R² (probe_r2_log)",
-        title="Position probe, target log(1+i)\nmean ± sd over seeds",
+        title=f"Position probe, target log(1+i)\n{spread(groups)}",
     )
     _layer_axis(ax, "residual site (0 = embedding)")
     ax.axhline(0, color="grey", lw=0.5)
@@ -52,7 +76,7 @@ def probe_curve(ax, groups) -> None:
 
 def layer_curve(ax, groups, metric, ylabel, title, **where) -> None:
     line_with_spread(ax, groups, metric, "layer", head=None, **where)
-    ax.set(ylabel=f"{ylabel} ({metric})", title=f"{title}\nmean ± sd over seeds")
+    ax.set(ylabel=f"{ylabel} ({metric})", title=f"{title}\n{spread(groups)}")
     _layer_axis(ax, "attention layer")
 
 
@@ -77,8 +101,8 @@ def per_layer_queries(path: Path, groups: dict, metric: str, ylabel: str, log_x=
             ax.set_xscale("symlog", linthresh=1)
         log_if_decades(ax)
     axes[0, 0].set_ylabel(f"{ylabel} ({metric})")
-    axes[0, 0].legend(fontsize=7)
-    fig.suptitle(f"{ylabel} vs query, pooled over heads; mean ± sd over seeds", fontsize=10)
+    axes[0, 0].legend(fontsize=LEGEND)
+    fig.suptitle(f"{ylabel} vs query, pooled over heads; {spread(groups)}", fontsize=11)
     return save(fig, path)
 
 
@@ -123,7 +147,7 @@ def fingerprint_curve(ax, groups) -> None:
     )
     ax.set(
         ylabel="std/‖mean‖ of x₀ (fingerprint_dispersion)",
-        title="Position-0 state across inputs (batch size 1)\nmean ± sd over seeds",
+        title=f"Position-0 state across inputs (batch size 1)\n{spread(groups)}",
     )
     _layer_axis(ax, "residual site (0 = embedding)")
 
@@ -152,7 +176,7 @@ def swap_bars(path: Path, groups, ks=(8, EARLY, 32, 64, None)) -> str:
         ax.set(title=f"BOS → {kind}")
         ax.axhline(0, color="grey", lw=0.5)
     axes[0].set_ylabel("1 − ΣC_res,swap² / ΣC_res² (bos_swap_removed)")
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=LEGEND)
     fig.suptitle(
         "BOS replacement: share of the residual component removed, pooled over layers; "
         "mean ± sd over seeds (each panel its own scale)",
@@ -176,7 +200,7 @@ def knockout_curve(ax, groups) -> None:
     )
     ax.set(
         ylabel="held-out R² (probe_r2_log)",
-        title="Key-0 knockout in every layer, original probe\nmean ± sd over seeds",
+        title=f"Key-0 knockout in every layer, original probe\n{spread(groups)}",
     )
     _layer_axis(ax, "residual site (0 = embedding)")
 
@@ -200,10 +224,13 @@ def extrapolation_curve(ax, groups) -> None:
     for cond in longest:
         style = "--" if "ntk" in cond else "-"
         line_with_spread(ax, groups, "loss_by_position", "query", f" {cond}", style, condition=cond)
+    lengths = sorted({int(c.split(",")[0][4:]) for c in conds})
+    if len(lengths) > 1:  # the shortest analysed length is the training length
+        ax.axvline(lengths[0], color="grey", lw=0.8, ls=":", label=f"T_train = {lengths[0]}")
     ax.set(
         xlabel="position",
         ylabel="loss (loss_by_position)",
-        title="Loss per position beyond the training length\nmean ± sd over seeds",
+        title=f"Loss per position beyond the training length\n{spread(groups)}",
     )
     ax.set_xscale("symlog", linthresh=16)
 
@@ -240,14 +267,14 @@ def figure(path: Path, draw, size=(6.5, 4.2)) -> str:
     draw(ax)
     log_if_decades(ax)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=LEGEND)
     return save(fig, path)
 
 
 def save(fig, path: Path) -> str:
     """PNG for the reports and SVG for papers; returns the PNG's file name."""
     for fmt in FORMATS:
-        write_figure(fig, Path(path).with_suffix(f".{fmt}"), dpi=100)
+        write_figure(fig, Path(path).with_suffix(f".{fmt}"), dpi=DPI)
     plt.close(fig)
     return Path(path).with_suffix(".png").name
 
@@ -263,12 +290,7 @@ def run_figures(groups: dict, out: Path, title: str) -> Path:
     """One overview figure (report.png) of one run's measurements."""
     fig, axes = plt.subplots(2, 3, figsize=(16, 9), constrained_layout=True)
     probe_curve(axes[0, 0], groups)
-    line_with_spread(axes[0, 1], groups, "c_res", "query", head=None, condition=None)
-    axes[0, 1].set(
-        title="C_res vs query, pooled heads, mean over layers",
-        xlabel="query position i",
-        ylabel="residual component (c_res)",
-    )
+    c_res_by_layer(axes[0, 1], groups)
     layer_curve(
         axes[0, 2],
         groups,
@@ -283,9 +305,23 @@ def run_figures(groups: dict, out: Path, title: str) -> Path:
     extrapolation_curve(axes[1, 2], groups)
     for ax in axes.flat:
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=LEGEND)
     fig.suptitle(title)
     path = Path(out) / "report.png"
-    write_figure(fig, path, dpi=80)
+    write_figure(fig, path, dpi=DPI)
     plt.close(fig)
     return path
+
+
+def c_res_by_layer(ax, groups) -> None:
+    """C_res vs query, one line per attention layer, of the first variant's runs."""
+    variant, runs = next(iter(groups.items()))
+    layers = sorted({r["layer"] for r in select(runs[0], "c_res") if r["layer"] is not None})
+    for layer in layers:
+        stats = across_runs(runs, "c_res", "query", head=None, layer=layer, condition=None)
+        ax.plot(list(stats), [v[0] for v in stats.values()], label=f"layer {layer}")
+    ax.set(
+        title=f"C_res vs query, pooled heads, per layer ({variant})",
+        xlabel="query position i",
+        ylabel="residual component (c_res)",
+    )

@@ -1,4 +1,4 @@
-"""`posleak study SWEEP_DIR [--out DIR] [--seqs N]`: the study's report (docs/study).
+"""`posleak study SWEEP_DIR [--out DIR] [--seqs N]`: the study's report (default runs/study).
 
 Reads the finished runs of a study sweep (configs/sweeps/study.toml or study-small.toml),
 analyses any that are not yet analysed, adds the study's own analyses (the reference

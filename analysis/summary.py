@@ -167,3 +167,47 @@ def summarise(analysis, seconds: float) -> dict:
         "per_layer": layers,
         "headline": headline(rows, layers, subject.info.get("val_loss")),
     }
+
+
+def run_report(summary: dict, figure: str) -> str:
+    """report.md of one analysis: what was analysed, the per-layer numbers, the figure."""
+    layers = summary["per_layer"]
+    interval = layers["probe_r2_log_interval"]
+
+    def cell(table: dict, layer, fmt="{:.3f}"):
+        value = table.get(layer, table.get(str(layer)))
+        return "–" if value is None else fmt.format(value)
+
+    def probe(layer):
+        lo, hi = interval.get(layer, interval.get(str(layer), [None, None]))
+        r2 = cell(layers["probe_r2_log"], layer, "{:.2f}")
+        return r2 if lo is None else f"{r2} [{lo:.2f}, {hi:.2f}]"
+
+    loss = summary.get("val_loss")
+    lines = [
+        f"# Analysis of `{summary['run']}`",
+        "",
+        f"Variant `{summary['variant']}`, seed {summary['seed']}, step {summary.get('step')}; "
+        f"{summary['seqs']} held-out sequences of {summary['seq_len']} tokens from "
+        f"`{summary['data']}`, BOS {summary['bos']}; definitions version "
+        f"{summary['definitions']}; validation loss {'–' if loss is None else f'{loss:.4f}'}.",
+        "",
+        f"| residual site | probe R², log target [95% bootstrap over {summary['seqs']} "
+        "sequences] |",
+        "|---|---|",
+        *(f"| {layer} | {probe(layer)} |" for layer in layers["probe_r2_log"]),
+        "",
+        f"| attention layer | C_res RMS over queries 1–{EARLY - 1} | abs_share | α₀ of the "
+        "strongest head | sink rate |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {layer} | {cell(layers['c_res_early'], layer)} | "
+            f"{cell(layers['abs_share'], layer)} | {cell(layers['alpha0_max'], layer)} | "
+            f"{cell(layers['sink_rate'], layer, '{:.2f}')} |"
+            for layer in layers["c_res_early"]
+        ),
+        "",
+        f"![overview]({figure})",
+        "",
+    ]
+    return "\n".join(lines)

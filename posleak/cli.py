@@ -139,7 +139,7 @@ ARGUMENTS = {
     "sweep": (_sweep, "run variants x seeds (x grid) with everything else matched"),
     "analyze": (_analyze, "measure where absolute position emerges in one run or pretrained model"),
     "compare": (_compare, "report the variants of several runs or sweeps side by side"),
-    "study": (_study, "the study's report from a study sweep (docs/study)"),
+    "study": (_study, "the study's report from a study sweep (into runs/study)"),
     "export": (_export, "write a run's model as a transformers (Llama/Mistral) checkpoint"),
     "sample": (_sample, "write a few lines with a trained model (greedy or top-k)"),
     "bench": (_bench, "measure training, data and analysis speed against the matmul peak"),

@@ -147,9 +147,12 @@ def verify(path: Path) -> dict:
                 f"{file}: contents do not match the manifest (corrupt or truncated)"
             )
     try:
-        return json.loads((path / STATE_FILE).read_text())
+        state = json.loads((path / STATE_FILE).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path / STATE_FILE}: not valid JSON ({err})") from None
+    if not isinstance(state, dict) or type(state.get("step")) is not int:
+        raise CheckpointError(f"{path / STATE_FILE}: holds no step, so it is not a checkpoint's")
+    return state
 
 
 def load(path: Path, model, optimizer) -> dict:
