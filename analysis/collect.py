@@ -119,6 +119,25 @@ def stream(
             model(tokens[rows].to(device))
 
 
+def store(target: torch.Tensor, pick) -> Consumer:
+    """A consumer that writes pick(activation) into target's rows of its sequences."""
+
+    def consume(tensor, rows):
+        target[rows] = pick(tensor).float().cpu()
+
+    return consume
+
+
+def each(consumers: list[Consumer]) -> Consumer:
+    """One consumer feeding several."""
+
+    def consume(tensor, rows):
+        for c in consumers:
+            c(tensor, rows)
+
+    return consume
+
+
 def collect(
     model: torch.nn.Module,
     tokens: torch.Tensor,

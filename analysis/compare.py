@@ -16,40 +16,24 @@ import sys
 from pathlib import Path
 
 from posleak import version
-from posleak.analysis import plots
-from posleak.analysis.analyze import Options, analyze
+from posleak.analysis.analyze import analyze
 from posleak.analysis.folder import AnalysisDir
 from posleak.analysis.html import to_html
 from posleak.analysis.measures import DEFINITIONS
+from posleak.analysis.options import Options
 from posleak.analysis.records import mean_std
+from posleak.analysis.stages import STAGES
 from posleak.analysis.stats import MIN_SEEDS, paired_difference, t_quantile_975
 from posleak.files import atomic_write, safe_dir
 from posleak.log import log
 from posleak.train.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
-HEADLINES = (
-    ("val_loss", "validation loss"),
-    ("probe_r2_log_last", "probe R², log target (last layer)"),
-    ("probe_r2_log_mean", "probe R², log target (mean over layers ≥ 1)"),
-    ("c_res_early", "C_res at queries 1–15 (mean over layers)"),
-    ("c_content", "c_content: content variation of logits (mean over layers)"),
-    ("abs_share", "abs_share (mean over layers)"),
-    ("alpha0_max", "α₀ of the strongest head"),
-    ("a0_early_max", "A_i0 at i < 16, strongest early reader"),
-    ("sink_rate", "sink rate, α₀ > 0.3 (mean over layers)"),
-    ("fingerprint_nobos_last", "x₀ dispersion without BOS (last layer)"),
-    ("bos_swap_removed_mean_k16", "C_res² removed by BOS→mean, i < 16"),
-    ("bos_swap_removed_token_k16", "C_res² removed by BOS→token, i < 16"),
-    ("bos_swap_removed_random_k16", "C_res² removed by BOS→random, i < 16"),
-    ("bos_swap_removed_zeros_k16", "C_res² removed by BOS→zeros, i < 16"),
-    ("knockout_probe_r2_log_drop", "probe R² lost by key-0 knockout (last layer)"),
-    ("shift_js", "shift-test JS distance (mean over layers)"),
-)
 
 
 POOLED = ("definitions", "seqs", "seq_len", "data", "bos", "rope_scale")  # within a variant
-COMPARED = ("definitions", "seqs")  # across variants (data and length may be what differs)
+LABELLED = ("early_queries", "sink_eps", "swaps", "early_k")  # options the labels are made from
+COMPARED = ("definitions", "seqs", *LABELLED)  # across variants (data and length may differ)
 
 
 def find_runs(paths: list[str]) -> list[Path]:
@@ -103,9 +87,15 @@ def check_matched(summaries: dict) -> None:
     _same([s for items in summaries.values() for s in items], COMPARED)
 
 
+def _option(summary: dict, key: str):
+    if key in LABELLED:
+        return getattr(Options.of_summary(summary), key)
+    return summary.get(key)
+
+
 def _same(items: list[dict], keys) -> None:
     for key in keys:
-        values = {json.dumps(s.get(key)): s.get("run") for s in items}
+        values = {json.dumps(_option(s, key)): s.get("run") for s in items}
         if len(values) > 1:
             (a, run_a), (b, run_b) = list(values.items())[:2]
             raise ValueError(
@@ -115,21 +105,12 @@ def _same(items: list[dict], keys) -> None:
             )
 
 
-def extra_headlines(summaries: dict) -> list[tuple[str, str]]:
-    """Length-extrapolation rows: whatever loss_beyond_* keys the runs carry."""
-    keys = sorted(
-        {
-            k
-            for items in summaries.values()
-            for s in items
-            for k in s["headline"]
-            if k.startswith("loss_beyond_")
-        },
-        key=lambda k: (len(k), k),
-    )
-    return [
-        (k, "loss beyond T_train at " + k[len("loss_beyond_") :].replace("_", ", ")) for k in keys
-    ]
+def headline_rows(summaries: dict, opts: Options) -> list[tuple[str, str]]:
+    """(key, label) of every comparison row: validation loss, then each stage's."""
+    rows = [("val_loss", "validation loss")]
+    for stage in STAGES:
+        rows += stage.headlines(opts, summaries)
+    return rows
 
 
 def by_seed(items: list[dict], key: str) -> dict:
@@ -188,65 +169,12 @@ def difference_table(summaries: dict, reference: str, rows) -> list[str]:
     return lines
 
 
-def draw_figures(groups: dict, out: Path) -> dict:
-    """Every figure of the report; returns {key: PNG file name}."""
-
-    def curve(name, draw):
-        return plots.figure(out / name, draw)
-
-    def by_layer(metric, ylabel, title):
-        return lambda ax: plots.layer_curve(
-            ax, groups, metric, ylabel, title, query=None, condition=None
-        )
-
-    per_query = plots.per_layer_queries
-    return {
-        "probe": curve("probe", lambda ax: plots.probe_curve(ax, groups)),
-        "c_mask_q": per_query(out / "c_mask_query", groups, "c_mask", "mask component"),
-        "c_res_q": per_query(out / "c_res_query", groups, "c_res", "residual component"),
-        "c_content_q": per_query(out / "c_content_query", groups, "c_content", "content variation"),
-        "abs_share": plots.head_maps(out / "abs_share", groups, "abs_share", "absolute share"),
-        "sinks": plots.head_maps(out / "sinks", groups, "sink_alpha0", "α₀, mean A_i0", vmin=0.0),
-        "fp": curve("fingerprint", lambda ax: plots.fingerprint_curve(ax, groups)),
-        "swap": plots.swap_bars(out / "bos_swap", groups),
-        "knockout": curve("knockout", lambda ax: plots.knockout_curve(ax, groups)),
-        "shift": curve(
-            "shift", by_layer("shift_js", "JS distance", "Shift test, content keys only")
-        ),
-        "extrapolation": curve("extrapolation", lambda ax: plots.extrapolation_curve(ax, groups)),
-        "c_res_l": curve(
-            "c_res_layer",
-            lambda ax: plots.layer_curve(
-                ax,
-                groups,
-                "c_res",
-                "residual component",
-                "C_res vs layer, mean over queries",
-                condition=None,
-            ),
-        ),
-    }
-
-
-SECTIONS = (
-    ("Position probe (held-out R², log target)", ("probe",)),
-    ("Causal-mask component C_mask(i) = log Σ_j exp ĝ(i−j) − ĝ(0)", ("c_mask_q",)),
-    (
-        "Residual-stream component C_res(i) (split-half, noise-free in expectation)",
-        ("c_res_q", "c_res_l"),
-    ),
-    (
-        "Content variation c_content(i) = mean |s_ij − M_ij| (read C_res against it)",
-        ("c_content_q",),
-    ),
-    ("Share of systematic logit structure not a function of i − j (abs_share)", ("abs_share",)),
-    ("Sinks: α₀ per layer and head", ("sinks",)),
-    ("Position-0 fingerprint", ("fp",)),
-    ("BOS replacement", ("swap",)),
-    ("Key-0 knockout", ("knockout",)),
-    ("Shift test", ("shift",)),
-    ("Length extrapolation", ("extrapolation",)),
-)
+def draw_figures(groups: dict, out: Path, opts: Options) -> dict:
+    """Every stage's figures; returns {key: PNG file name}."""
+    figures: dict = {}
+    for stage in STAGES:
+        figures.update(stage.figures(groups, out, opts))
+    return figures
 
 
 def definitions_link(out: Path) -> str:
@@ -261,12 +189,14 @@ def write_report(groups: dict, summaries: dict, out: Path, reference: str | None
     reference = reference or ("rope" if "rope" in summaries else next(iter(summaries)))
     if reference not in summaries:
         raise ValueError(f"reference variant {reference!r} is not among {sorted(summaries)}")
-    fig = draw_figures(groups, out)
-    rows = [*HEADLINES, *extra_headlines(summaries)]
+    opts = Options.of_summary(next(iter(summaries.values()))[0])  # matched: check_matched
+    fig = draw_figures(groups, out, opts)
+    rows = headline_rows(summaries, opts)
+    sections = [section for stage in STAGES for section in stage.sections(opts)]
     lines = [
         *_header(summaries, out),
         *_tables(summaries, reference, rows),
-        *(line for title, keys in SECTIONS for line in _section(title, keys, fig)),
+        *(line for s in sections for line in _section(s.title, s.figures, fig)),
         *_runs_table(summaries),
     ]
     report = out / "report.md"

@@ -14,8 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from posleak.analysis.records import across_runs, mean_std, select
-from posleak.analysis.summary import EARLY, KINDS, removed_over_layers
+from posleak.analysis.records import across_runs, mean_std, removed_over_layers, select
 from posleak.files import atomic_write
 
 COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -152,11 +151,15 @@ def fingerprint_curve(ax, groups) -> None:
     _layer_axis(ax, "residual site (0 = embedding)")
 
 
-def swap_bars(path: Path, groups, ks=(8, EARLY, 32, 64, None)) -> str:
-    """Removed share of C_res² at queries 1 <= i < k, pooled over layers, per replacement."""
-    fig, axes = plt.subplots(1, len(KINDS), figsize=(4 * len(KINDS), 3.4), constrained_layout=True)
+def swap_bars(path: Path, groups, ks: tuple, kinds: tuple) -> str:
+    """Removed share of C_res² at queries 1 <= i < k (None: all), pooled over layers, per
+    replacement kind."""
+    fig, axes = plt.subplots(
+        1, len(kinds), figsize=(4 * len(kinds), 3.4), constrained_layout=True, squeeze=False
+    )
+    axes = axes[0]
     width = 0.8 / max(len(groups), 1)
-    for ax, kind in zip(axes, KINDS, strict=True):
+    for ax, kind in zip(axes, kinds, strict=True):
         for idx, (variant, runs) in enumerate(groups.items()):
             stats = []
             for k in ks:

@@ -37,32 +37,12 @@ FIELDS = (
 )
 
 
-RESIDUAL_METRICS = (
-    "probe_r2",
-    "probe_r2_log",
-    "probe_mae",
-    "probe_mae_log",
-    "probe_lambda",
-    "probe_lambda_log",
-    "probe_mae_mean",
-    "probe_mae_uniform",
-    "fingerprint_dispersion",
-    "fingerprint_cosine",
-    "bos_swap_probe_r2_log",
-    "knockout_probe_r2_log",
-)
-RUN_METRICS = ("loss_by_position", "loss_mean", "loss_beyond_train")
-
-
-def site_of(metric: str) -> str | None:
-    if metric in RESIDUAL_METRICS:
-        return "resid"
-    return None if metric in RUN_METRICS else "attn"
-
-
 class Recorder:
-    def __init__(self, **labels):
-        self.labels = labels
+    """Rows of one analysis. `sites` maps every metric to its site (each stage declares its
+    own); a metric no stage declares is refused, never silently given a site."""
+
+    def __init__(self, sites: dict[str, str | None], **labels):
+        self.sites, self.labels = sites, labels
         self.rows: list[dict] = []
 
     def add(
@@ -81,7 +61,7 @@ class Recorder:
         self.rows.append(
             {
                 **self.labels,
-                "site": site_of(metric),
+                "site": self._site(metric),
                 "layer": layer,
                 "head": head,
                 "query": query,
@@ -95,6 +75,14 @@ class Recorder:
                 "definitions": DEFINITIONS,
             }
         )
+
+    def _site(self, metric: str) -> str | None:
+        try:
+            return self.sites[metric]
+        except KeyError:
+            raise KeyError(
+                f"metric {metric!r} is declared by no stage (analysis/stages/)"
+            ) from None
 
 
 def _num(x):
@@ -172,3 +160,51 @@ def mean_std(values: list[float]) -> tuple[float, float, int]:
     mean = sum(values) / n
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
     return mean, std, n
+
+
+def by_layer(rows, metric, head=None, query=None, condition=None) -> dict:
+    """{layer: value} of one metric at the given head, query and condition."""
+    return {
+        r["layer"]: r["value"]
+        for r in rows
+        if r["metric"] == metric
+        and r["head"] == head
+        and r["query"] == query
+        and r["condition"] == condition
+    }
+
+
+def per_layer_queries(rows, metric, condition=None, head=None) -> dict:
+    """{layer: {query: value}} of a per-query metric."""
+    out: dict = defaultdict(dict)
+    for r in rows:
+        if (
+            r["metric"] == metric
+            and r["head"] == head
+            and r["condition"] == condition
+            and r["query"] is not None
+        ):
+            out[r["layer"]][r["query"]] = r["value"]
+    return out
+
+
+def finite_mean(values) -> float | None:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(values) / len(values) if values else None
+
+
+def early_square_sum(curve: dict, k: int | None) -> float:
+    """sum over 1 <= i < k of C(i)^2 (C recorded as a root, clamped at 0)."""
+    return sum((v or 0.0) ** 2 for i, v in curve.items() if i >= 1 and (k is None or i < k))
+
+
+def removed_over_layers(rows, kind: str, k: int | None) -> float | None:
+    """1 - sum_{layers, 1<=i<k} C_swap^2 / sum C^2: the BOS replacement's removed share pooled
+    over layers (per-layer ratios explode where a layer has almost no signal)."""
+    base = per_layer_queries(rows, "c_res")
+    swap = per_layer_queries(rows, "c_res", condition=f"swap={kind}")
+    if not swap:
+        return None
+    orig = sum(early_square_sum(base[l], k) for l in base)
+    new = sum(early_square_sum(swap[l], k) for l in swap)
+    return 1 - new / orig if orig > 0 else None

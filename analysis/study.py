@@ -18,11 +18,11 @@ import sys
 from pathlib import Path
 
 from posleak.analysis import compare, plots
-from posleak.analysis.analyze import Options, analyze
+from posleak.analysis.analyze import analyze
 from posleak.analysis.measures import DEFINITIONS
+from posleak.analysis.options import Options
 from posleak.analysis.records import mean_std
 from posleak.analysis.stats import MIN_SEEDS, paired_difference, t_quantile_975
-from posleak.analysis.summary import KINDS
 from posleak.data import make_source
 from posleak.files import atomic_write, safe_dir
 from posleak.log import log
@@ -31,13 +31,18 @@ from posleak.train.rundir import RunDir
 
 REFERENCE, CONTROL, WINDOWED, NTK = "rope", "sink", "swa", "ntk"
 DEEP = 2  # claim (a) reads layers >= DEEP
-STEP_SERIES = (
-    ("alpha0_max", "α₀ of the strongest head"),
-    ("a0_early_max", "A_i0 at i < 16, strongest early reader"),
-    ("bos_swap_removed_mean_k16", "C_res² removed by BOS→mean, i < 16"),
-    ("probe_r2_log_last", "probe R², log target (last layer)"),
-    ("c_res_early", "C_res at queries 1–15"),
-)
+
+
+def step_series(opts: Options) -> list[tuple[str, str]]:
+    """(headline key, label) of the emergence table, labels from the analysis options."""
+    k = opts.early_queries
+    return [
+        ("alpha0_max", "α₀ of the strongest head"),
+        ("a0_early_max", f"A_i0 at i < {k}, strongest early reader"),
+        (f"bos_swap_removed_mean_k{k}", f"C_res² removed by BOS→mean, i < {k}"),
+        ("probe_r2_log_last", "probe R², log target (last layer)"),
+        ("c_res_early", f"C_res at queries 1–{k - 1}"),
+    ]
 
 
 class Study:
@@ -50,6 +55,7 @@ class Study:
         if not self.summaries:
             raise FileNotFoundError(f"{sweep_dir} holds no finished runs yet")
         self.groups = groups
+        self.opts = Options.of_summary(next(iter(self.summaries.values()))[0])
         self.text = [v for v, s in self.summaries.items() if s[0]["data"] != "markov"]
         self.markov = [v for v in self.summaries if v not in self.text]
 
@@ -152,11 +158,15 @@ def claim_a(study: Study, out: Path) -> list[str]:
         out / "claim_a_c_res_by_layer",
         curves,
         "layer",
-        "C_res, queries 1–15",
+        f"C_res, queries 1–{study.opts.early_queries - 1}",
         "Residual-stream component at early queries by layer",
     )
     ntk, swa = diffs.get(NTK, ("not run",) * 2), diffs.get(WINDOWED, ("not run",) * 2)
-    header = ["variant", f"C_res, i < 16, layers ≥ {DEEP}", "slope per layer"]
+    header = [
+        "variant",
+        f"C_res, i < {study.opts.early_queries}, layers ≥ {DEEP}",
+        "slope per layer",
+    ]
     return [
         "## (a) Does the residual-stream component order NTK < RoPE < window at layers ≥ 2?",
         "",
@@ -188,11 +198,13 @@ def _claim_a_rows(study: Study) -> tuple[list[list[str]], dict]:
 
 def claim_b(study: Study) -> list[str]:
     def removed(variant: str, kind: str) -> dict:
-        return per_seed(study.runs_of(variant), headline(f"bos_swap_removed_{kind}_k16"))
+        key = f"bos_swap_removed_{kind}_k{study.opts.early_queries}"
+        return per_seed(study.runs_of(variant), headline(key))
 
-    rows = [[v, *(level(removed(v, k), percent=True) for k in KINDS)] for v in study.text]
+    kinds = study.opts.swaps
+    rows = [[v, *(level(removed(v, k), percent=True) for k in kinds)] for v in study.text]
     versus = [
-        [v, *(verdict(removed(v, k), removed(CONTROL, k)) for k in KINDS)]
+        [v, *(verdict(removed(v, k), removed(CONTROL, k)) for k in kinds)]
         for v in study.text
         if v != CONTROL
     ]
@@ -203,12 +215,12 @@ def claim_b(study: Study) -> list[str]:
         "embedding is replaced (negative: the replacement adds position signal). Answer: "
         + _against_source(interval(removed(REFERENCE, "mean"))),
         "",
-        *table(["variant", *(f"BOS→{k}" for k in KINDS)], rows),
+        *table(["variant", *(f"BOS→{k}" for k in kinds)], rows),
         "",
         f"Against the learned-sink control (`{CONTROL}`), paired by seed (removed share, as a "
         "fraction):",
         "",
-        *table(["variant", *(f"BOS→{k} − {CONTROL}" for k in KINDS)], versus),
+        *table(["variant", *(f"BOS→{k} − {CONTROL}" for k in kinds)], versus),
     ]
 
 
@@ -252,7 +264,8 @@ def claim_c(study: Study) -> list[str]:
     return [
         "## (c) Do sink heads form, and is their position-0 output identical across inputs?",
         "",
-        f"Answer: sink heads (α₀ > 0.3) form in {where}. With BOS at position 0 the "
+        f"Answer: sink heads (α₀ > {study.opts.sink_eps:g}) form in {where}. With BOS at "
+        "position 0 the "
         f"position-0 output of every head is identical across inputs (largest difference "
         f"{bos_max:.2g} in any run and layer): position 0 sees only itself, so its "
         "trajectory is a deterministic fingerprint of the BOS token, whether or not a head "
@@ -410,7 +423,10 @@ def inference_ntk(study: Study) -> list[str]:
     return [
         f"## `{REFERENCE}` at 4× its training length, with and without NTK at inference",
         "",
-        *table(["inference scale", "probe R² (last layer)", "C_res, i < 16"], rows),
+        *table(
+            ["inference scale", "probe R² (last layer)", f"C_res, i < {study.opts.early_queries}"],
+            rows,
+        ),
     ]
 
 
@@ -425,25 +441,26 @@ def emergence(study: Study, out: Path) -> list[str]:
         else:
             opts = Options(seqs=study.seqs, step=step)
             by_step[step] = study.extra(first, f"analysis-step{step}", opts)
+    series = step_series(study.opts)
     rows = [
-        [str(step), *(_fmt(s["headline"].get(k)) for k, _ in STEP_SERIES)]
-        for step, s in by_step.items()
+        [str(step), *(_fmt(s["headline"].get(k)) for k, _ in series)] for step, s in by_step.items()
     ]
     curves = {
         label: [{step: s["headline"].get(k) for step, s in by_step.items()}]
-        for k, label in STEP_SERIES[:3]
+        for k, label in series[:3]
     }
     fig = plots.seed_curves(
         out / "emergence",
         curves,
         "training step",
         "value",
-        f"{REFERENCE}, seed {first['seed']}, over training (a sink head: α₀ > 0.3)",
+        f"{REFERENCE}, seed {first['seed']}, over training "
+        f"(a sink head: α₀ > {study.opts.sink_eps:g})",
     )
     return [
         f"## Sink emergence over training (`{REFERENCE}`, seed {first['seed']})",
         "",
-        *table(["step", *(label for _, label in STEP_SERIES)], rows),
+        *table(["step", *(label for _, label in series)], rows),
         "",
         f"![emergence]({fig})",
     ]

@@ -14,6 +14,7 @@ import sys
 import traceback
 
 from posleak import version
+from posleak.analysis.options import Options  # no torch: --help stays instant
 from posleak.log import show
 
 RUNNERS = {
@@ -80,7 +81,12 @@ def _analyze(p: argparse.ArgumentParser) -> None:
         help="run directory (holds config.toml and checkpoints/), or hf:PATH_OR_NAME for a "
         "pretrained transformers model (Llama, Mistral, Qwen2, GPT-NeoX)",
     )
-    p.add_argument("--seqs", type=int, default=256, help="held-out sequences (default 256)")
+    p.add_argument(
+        "--seqs",
+        type=int,
+        default=Options.seqs,
+        help=f"held-out sequences (default {Options.seqs})",
+    )
     p.add_argument("--step", type=int, help="checkpoint step (default: the newest good one)")
     p.add_argument("--seq-len", type=int, help="sequence length (default: training length)")
     p.add_argument("--rope-scale", type=float, help="apply static NTK scaling s at inference")
@@ -90,12 +96,14 @@ def _analyze(p: argparse.ArgumentParser) -> None:
         choices=["always", "never"],
         help="BOS at position 0 (default: as the run trained, or as the tokenizer does)",
     )
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
+    p.add_argument(
+        "--device", default=Options.device, help=f"torch device (default {Options.device})"
+    )
     p.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
-        default="float32",
-        help="weights of an hf: model (default float32)",
+        default=Options.dtype,
+        help=f"weights of an hf: model (default {Options.dtype})",
     )
     p.add_argument("--out", help="output directory (default: RUN/analysis, or analyses/NAME)")
 
@@ -109,14 +117,16 @@ def _export(p: argparse.ArgumentParser) -> None:
 def _study(p: argparse.ArgumentParser) -> None:
     p.add_argument("sweep", help="the study's sweep directory (runs/sweeps/study)")
     p.add_argument("--out", default="runs/study", help="report directory (default runs/study)")
-    p.add_argument("--seqs", type=int, default=256, help="held-out sequences per analysis")
+    p.add_argument("--seqs", type=int, default=Options.seqs, help="held-out sequences per analysis")
 
 
 def _compare(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", help="run directories or sweep directories")
     p.add_argument("--out", default="runs/compare", help="report directory")
     p.add_argument("--reference", help="variant the others are compared with (default: rope)")
-    p.add_argument("--seqs", type=int, default=256, help="sequences for runs not yet analysed")
+    p.add_argument(
+        "--seqs", type=int, default=Options.seqs, help="sequences for runs not yet analysed"
+    )
 
 
 def _sample(p: argparse.ArgumentParser) -> None:

@@ -1,5 +1,6 @@
 """Analysis: each measurement against closed forms, nested loops and hand computation."""
 
+import dataclasses
 import json
 import math
 import re
@@ -15,6 +16,9 @@ from posleak.analysis.analyze import Options, analysis_of, analyze
 from posleak.analysis.collect import collect, keep
 from posleak.analysis.compare import find_runs, load_groups, write_report
 from posleak.analysis.records import FIELDS, read
+from posleak.analysis.stages import stage
+from posleak.analysis.stages.bos_swap import replacement
+from posleak.analysis.stages.knockout import knock_out
 from posleak.model import Decoder, ModelConfig
 from posleak.model.rope import apply_rope, ntk_base, rope_tables
 from posleak.train.config import build
@@ -106,7 +110,7 @@ def runs(tmp_path_factory):
 
 def test_fingerprints_are_exactly_zero_with_bos_and_positive_without(runs):
     analysis = analysis_of(runs / "rope-s0", SMALL)
-    analysis.fingerprints()
+    stage("fingerprint").run(analysis, None)
     rows = analysis.rec.rows
 
     def values(metric, condition):
@@ -123,7 +127,7 @@ def test_bos_replacements_change_only_position_zero_and_follow_their_definitions
     tokens = analysis.tokens(16, analysis.T, "analysis")[:, : analysis.T]
     table = analysis.model.embed_tokens.weight.detach()
     for kind in SMALL.swaps:
-        vector = analysis.replacement(kind, tokens)
+        vector = replacement(analysis, kind, tokens)
 
         def swap(embed, name, vector=vector):
             embed = embed.clone()
@@ -138,10 +142,10 @@ def test_bos_replacements_change_only_position_zero_and_follow_their_definitions
     for t in tokens[:, 1:].flatten().tolist():
         counts[t] = counts.get(t, 0) + 1
     by_hand = sum(c * table[t] for t, c in counts.items()) / sum(counts.values())
-    assert torch.allclose(analysis.replacement("mean", tokens), by_hand, atol=1e-6)
+    assert torch.allclose(replacement(analysis, "mean", tokens), by_hand, atol=1e-6)
     most = max(counts, key=counts.get)
-    assert torch.equal(analysis.replacement("token", tokens), table[most])
-    assert analysis.replacement("random", tokens).norm().item() == pytest.approx(
+    assert torch.equal(replacement(analysis, "token", tokens), table[most])
+    assert replacement(analysis, "random", tokens).norm().item() == pytest.approx(
         table[tokens[0, 0]].norm().item()
     )
 
@@ -156,7 +160,7 @@ def test_mean_replacement_has_the_norm_of_an_ordinary_token_on_real_text(tmp_pat
     table = analysis.model.embed_tokens.weight.detach()
     present = tokens[:, 1:].unique()
     typical = table[present].norm(dim=1).median().item()
-    mean_norm = analysis.replacement("mean", tokens).norm().item()
+    mean_norm = replacement(analysis, "mean", tokens).norm().item()
     uniform_norm = table[:256].mean(0).norm().item()  # v1's average of every byte row
     assert mean_norm > 0.3 * typical
     assert mean_norm > 3 * uniform_norm
@@ -165,9 +169,9 @@ def test_mean_replacement_has_the_norm_of_an_ordinary_token_on_real_text(tmp_pat
 def test_key0_knockout_leaves_upstream_layers_exactly_untouched(runs):
     analysis = analysis_of(runs / "rope-s0", SMALL)
     tokens = analysis.tokens(16, analysis.T, "analysis")[:, : analysis.T]
-    base = analysis.measure(tokens)
-    fitted = analysis.record_probes(base, tokens)
-    analysis.record_knockout(1, tokens, base, fitted)
+    ctx = analysis.context(tokens)
+    stage("probes").run(analysis, ctx)
+    knock_out(analysis, ctx, 1)
     removed = {
         (r["layer"], r["condition"]): r["value"]
         for r in analysis.rec.rows
@@ -354,3 +358,28 @@ def test_level_table_gives_a_t_interval_of_each_mean():
     )[2:]
     half = 4.302652730 * 1.0 / math.sqrt(3)
     assert row == f"| validation loss | 2 ± 1 [{2 - half:.4g}, {2 + half:.4g}] |"
+
+
+def test_report_labels_follow_the_options_the_analysis_was_made_with(runs, tmp_path):
+    opts = dataclasses.replace(SMALL, early_queries=8, sink_eps=0.2, swaps=("mean", "zeros"))
+    for seed in (0, 1):
+        analyze(runs / f"rope-s{seed}", opts, tmp_path / f"a{seed}")
+    groups, summaries = load_groups(find_runs([str(tmp_path / "a0"), str(tmp_path / "a1")]), opts)
+    text = write_report(groups, summaries, tmp_path / "report").read_text()
+    assert "C_res² removed by BOS→mean, i < 8" in text and "BOS→token" not in text
+    assert "sink rate, α₀ > 0.2" in text and "A_i0 at i < 8" in text
+    assert "i < 16" not in text and "α₀ > 0.3" not in text
+    headline = summaries["rope"][0]["headline"]
+    assert "bos_swap_removed_mean_k8" in headline and "bos_swap_removed_mean_k16" not in headline
+
+
+def test_every_recorded_metric_is_declared_by_exactly_one_stage(runs):
+    from posleak.analysis.records import Recorder
+    from posleak.analysis.stages import sites
+
+    declared = sites()
+    rows, _ = analysis_of(runs / "rope-s0", SMALL).run_all()
+    assert {r["metric"] for r in rows} <= set(declared)
+    assert all(r["site"] == declared[r["metric"]] for r in rows)
+    with pytest.raises(KeyError, match="declared by no stage"):
+        Recorder(declared).add("an_undeclared_metric", 1.0)

@@ -13,6 +13,7 @@ from conftest import tiny_overrides
 
 from posleak.analysis.analyze import Options, analysis_of, analyze
 from posleak.analysis.collect import collect
+from posleak.analysis.stages import stage
 from posleak.cli import main
 from posleak.model.rope import ntk_base
 from posleak.train.config import build
@@ -140,7 +141,7 @@ def test_ntk_at_inference_sets_the_frequencies_of_the_scaled_base(models):
 def test_fingerprint_is_bit_identical_with_a_shared_first_token(models):
     analysis = analysis_of(f"hf:{models / 'llama'}", SMALL)
     assert analysis.bos == "always"  # the tokenizer prepends BOS
-    analysis.fingerprints()
+    stage("fingerprint").run(analysis, None)
     rows = analysis.rec.rows
 
     def values(condition):
@@ -158,7 +159,7 @@ def test_bf16_weights_keep_the_fingerprint_exact_and_the_probe_close(models):
     opts = dataclasses.replace(SMALL, dtype="bfloat16")
     bf16 = analysis_of(f"hf:{models / 'llama'}", opts)
     assert next(bf16.model.parameters()).dtype == torch.bfloat16
-    bf16.fingerprints()
+    stage("fingerprint").run(bf16, None)
     fp = [r["value"] for r in bf16.rec.rows if r["metric"] == "fingerprint_dispersion"]
     assert fp[:3] == [0.0] * 3  # the bos condition comes first
     rows, _ = bf16.run_all()
@@ -173,7 +174,7 @@ def test_bf16_weights_keep_the_fingerprint_exact_and_the_probe_close(models):
 def test_a_tokenizer_without_bos_is_measured_without_and_cannot_be_asked_for_one(models):
     analysis = analysis_of(f"hf:{models / 'qwen2'}", SMALL)
     assert analysis.bos == "never"
-    analysis.fingerprints()
+    stage("fingerprint").run(analysis, None)
     assert {r["condition"] for r in analysis.rec.rows} == {"nobos"}
     with pytest.raises(ValueError, match="no BOS token"):
         analysis.tokens(2, 8, "analysis", "always")

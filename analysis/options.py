@@ -1,0 +1,70 @@
+"""Options: every choice of the analysis that the definitions leave to us, with its default.
+
+The command line's defaults are these (posleak/cli.py reads them), the stages read them, and
+the reports format their labels from them, so changing one changes every place it shows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Options:
+    """Every choice of the analysis that the definitions leave to us, with its default."""
+
+    seqs: int = 256
+    step: int | None = None  # checkpoint to analyse; default: the newest that verifies
+    seq_len: int | None = None  # default: the run's training length
+    rope_scale: float | None = None  # NTK scaling applied at inference (composes with trained)
+    data: str | None = None  # default: the run's data source (a pretrained model: bible)
+    bos: str | None = None  # BOS policy of the sequences; default: the run's, or the tokenizer's
+    device: str = "cpu"
+    dtype: str = "float32"  # a pretrained model's weights; a posleak run is analysed in float32
+    sink_eps: float = 0.3  # a head is a sink head when alpha_0 > sink_eps
+    probe_min_pos: int = 1  # probe positions >= this (0 holds BOS, identifiable by token)
+    probe_folds: int = 5  # cross-validation folds (grouped by sequence) for the ridge strength
+    early_queries: int = 16  # "early queries" are 1 <= i < this: the A_i0 profile of every head,
+    # C_res at early queries and the headline share removed by a BOS replacement
+    fingerprint_seqs: int = 32
+    fingerprint_query: int = 8  # query i at which a head's position-0 output is compared
+    early_k: tuple = (8, 16, 32, 64)  # BOS replacement: removed share over queries i < k
+    swaps: tuple = ("mean", "token", "random", "zeros")
+    knockout: bool = True  # key-0 knockout in all layers at once
+    knockout_per_layer: bool = False  # also one layer at a time (one more pass per layer)
+    content_seqs: int = 32  # c_content's second pass reads the first this many sequences
+    shift_seqs: int = 32  # sequences for the shift test (two passes of their own)
+    blocks: int = 16  # sequence blocks (even): halves A/B and units of the bootstrap
+    bootstrap: int = 200  # bootstrap replicates for intervals over sequences
+    extrapolation: tuple = (1, 2, 4, 8)  # loss per position at these multiples of T_train
+    extrapolation_seqs: int = 32
+    batch_size: int = 32
+    max_attention_elements: int = 1 << 25  # the batch shrinks so B*H*T*T stays below this
+
+    def problems(self, train_len: int) -> list[str]:
+        out = []
+        T = train_len if self.seq_len is None else self.seq_len
+        if self.seqs < 4:
+            out.append(f"--seqs must be at least 4 (two halves of two sequences), got {self.seqs}")
+        if T < max(4, self.probe_min_pos + 3):
+            out.append(f"--seq-len must be at least 4 for the probe and the fits, got {T}")
+        if self.rope_scale is not None and not (
+            math.isfinite(self.rope_scale) and self.rope_scale >= 1
+        ):
+            out.append(f"--rope-scale must be finite and >= 1 (1 = none), got {self.rope_scale}")
+        if self.bos not in (None, "always", "never"):
+            out.append(f"--bos must be always or never, got {self.bos!r}")
+        return out
+
+    @classmethod
+    def of_summary(cls, summary: dict) -> Options:
+        """The options an analysis was made with (summary.json's `options`; defaults for an
+        older summary that has none)."""
+        stored = summary.get("options") or {}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in fields
+        }
+        return cls(**values)

@@ -1,0 +1,72 @@
+"""What a measurement declares: the hook points it reads, the metrics it writes (with their
+site), its per-layer curves and headline numbers, its figures and its report section.
+
+The engine (analysis/analyze.py) runs the stages in `order` after one shared base pass;
+summaries (analysis/summary.py), comparisons (analysis/compare.py) and the records' sites loop
+over them, so a new measurement is one module here, its test and its entry in docs/science.md.
+Labels are formatted from the Options the analysis was made with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from posleak.analysis.options import Options
+
+RESID, ATTN, RUN = "resid", "attn", None  # what a record's `layer` counts
+
+
+@dataclass
+class Context:
+    """What the stages of one analysis share: the analysed tokens, the base pass over them
+    (analysis/analyze.py: Pass) and, once the probe stage has run, its fitted probes."""
+
+    tokens: torch.Tensor
+    base: object
+    fitted: list | None = None
+
+
+@dataclass(frozen=True)
+class Section:
+    """A report section: its title and the figure keys it shows."""
+
+    title: str
+    figures: tuple[str, ...]
+
+
+@dataclass
+class Stage:
+    """One measurement. Subclasses override what they provide; the defaults provide nothing."""
+
+    name: str  # in timings and progress
+    order: int  # stages run, and report, in this order
+    reads: tuple[str, ...] = ()  # hook points read (documentation; the engine streams them)
+    metrics: dict = field(default_factory=dict)  # metric -> site (RESID, ATTN or RUN)
+
+    def enabled(self, opts: Options) -> bool:
+        return True
+
+    def run(self, analysis, ctx: Context) -> None:
+        """Measure, and record rows through analysis.rec.add."""
+
+    def per_layer(self, rows: list[dict], opts: Options) -> dict:
+        """{curve name: {layer: value}} for summary.json."""
+        return {}
+
+    def headline(self, rows: list[dict], layers: dict, opts: Options) -> dict:
+        """{key: one number per run} for the comparison tables (None where not measured)."""
+        return {}
+
+    def headlines(self, opts: Options, summaries: dict) -> list[tuple[str, str]]:
+        """(key, label) of the comparison rows, labels formatted from the options."""
+        return []
+
+    def figures(self, groups: dict, out: Path, opts: Options) -> dict:
+        """{figure key: PNG file name} of the comparison report."""
+        return {}
+
+    def sections(self, opts: Options) -> list[Section]:
+        return []

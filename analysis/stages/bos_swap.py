@@ -1,0 +1,100 @@
+"""Measurement 5: BOS replacement (docs/science.md): the position-0 embedding is overwritten
+before the forward pass (frequency-weighted mean embedding, most frequent token, a random
+vector of BOS's norm, zeros), and the share of the early-query residual component that is
+removed is measured, with controls (C_mask, the original probe on swapped states)."""
+
+from __future__ import annotations
+
+import torch
+
+from posleak.analysis import measures, plots
+from posleak.analysis.records import by_layer, removed_over_layers
+from posleak.analysis.stages._removal import record_removal
+from posleak.analysis.stages.base import ATTN, RESID, Section, Stage
+
+
+class BosSwap(Stage):
+    def run(self, analysis, ctx) -> None:
+        for kind in analysis.opts.swaps:
+            vector = replacement(analysis, kind, ctx.tokens)
+
+            def swap(embed, name, vector=vector):
+                embed = embed.clone()
+                embed[:, 0] = vector.to(embed.device, embed.dtype)
+                return embed
+
+            swapped = analysis.measure(ctx.tokens, [("embed", swap)], fitted=ctx.fitted)
+            record_removal(analysis, "bos_swap", kind, ctx.base, swapped)
+            for l in range(analysis.L):
+                signal = swapped.logits[l].signal.mean(-2)  # pooled over heads
+                for i in range(analysis.T):
+                    analysis.rec.add(
+                        "c_res",
+                        measures.c_res(signal[i]),
+                        layer=l,
+                        query=i,
+                        condition=f"swap={kind}",
+                    )
+            for site, r2 in enumerate(swapped.probe_r2_log):
+                analysis.rec.add("bos_swap_probe_r2_log", r2, layer=site, condition=kind)
+
+    def per_layer(self, rows, opts) -> dict:
+        k = opts.early_queries
+        return {
+            f"bos_swap_removed_{kind}_k{k}": by_layer(
+                rows, "bos_swap_removed", condition=f"{kind},k={k}"
+            )
+            for kind in opts.swaps
+        }
+
+    def headline(self, rows, layers, opts) -> dict:
+        k = opts.early_queries
+        return {
+            f"bos_swap_removed_{kind}_k{k}": removed_over_layers(rows, kind, k)
+            for kind in opts.swaps
+        }
+
+    def headlines(self, opts, summaries) -> list:
+        k = opts.early_queries
+        return [
+            (f"bos_swap_removed_{kind}_k{k}", f"C_res² removed by BOS→{kind}, i < {k}")
+            for kind in opts.swaps
+        ]
+
+    def figures(self, groups, out, opts) -> dict:
+        ks = (*opts.early_k, None)
+        return {"swap": plots.swap_bars(out / "bos_swap", groups, ks, opts.swaps)}
+
+    def sections(self, opts) -> list:
+        return [Section("BOS replacement", ("swap",))]
+
+
+def replacement(analysis, kind: str, tokens: torch.Tensor) -> torch.Tensor:
+    """The vector that replaces the position-0 embedding (science.md, measurement 5)."""
+    table = analysis.model.embed_tokens.weight.detach().float().cpu()
+    body = tokens[:, 1:].flatten()
+    if kind == "mean":  # frequency-weighted over the tokens that occur in the data
+        counts = body.bincount(minlength=len(table)).to(table.dtype)
+        return counts @ table / counts.sum()
+    if kind == "token":  # the most frequent token of the analysed text
+        return table[int(body.bincount().argmax())]
+    first = table[tokens[:, 0]].mean(0)
+    if kind == "random":
+        gen = torch.Generator().manual_seed(analysis.subject.seed)
+        v = torch.randn(table.shape[1], generator=gen, dtype=table.dtype)
+        return v * first.norm() / v.norm()
+    if kind == "zeros":
+        return torch.zeros_like(first)
+    raise ValueError(f"unknown BOS replacement {kind!r}; choose from mean, token, random, zeros")
+
+
+STAGE = BosSwap(
+    name="BOS replacements",
+    order=40,
+    reads=("embed", "blocks.{l}.attn.scores", "blocks.{l}.resid_post"),
+    metrics={
+        "bos_swap_removed": ATTN,
+        "bos_swap_removed_c_mask": ATTN,
+        "bos_swap_probe_r2_log": RESID,
+    },
+)

@@ -1,0 +1,92 @@
+"""Measurement 8: length extrapolation (docs/science.md): validation loss per position at
+multiples of the training length, and for RoPE models also with NTK scaling at inference
+(s = the length ratio, composed with a trained s)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from posleak.analysis import plots
+from posleak.analysis.stages.base import RUN, Section, Stage
+
+
+class Extrapolation(Stage):
+    def run(self, analysis, ctx) -> None:
+        subject, cfg = analysis.subject, analysis.model.cfg
+        T0 = subject.train_len if subject.extrapolate else analysis.T
+        for m in analysis.opts.extrapolation if subject.extrapolate else (1,):
+            length = T0 * m
+            if cfg.position == "learned" and length > cfg.max_seq_len:
+                continue
+            try:
+                tokens = analysis.tokens(analysis.opts.extrapolation_seqs, length, "extrapolation")
+            except ValueError:  # the validation split is shorter than this length
+                continue
+            scales = [1.0, float(m)] if cfg.position.startswith("rope") and m > 1 else [1.0]
+            for s in scales:
+                analysis.set_rope_scale(s)
+                losses = loss_by_position(analysis, tokens)
+                cond = f"len={length}" + (f",ntk={s:g}" if s > 1 else "")
+                for i in range(length):
+                    analysis.rec.add("loss_by_position", losses[i], query=i, condition=cond)
+                analysis.rec.add("loss_mean", losses.mean(), condition=cond)
+                beyond = losses[T0:].mean() if m > 1 else None
+                analysis.rec.add("loss_beyond_train", beyond, condition=cond)
+        analysis.set_rope_scale(analysis.opts.rope_scale or 1.0)
+
+    def headline(self, rows, layers, opts) -> dict:
+        return {
+            "loss_beyond_" + r["condition"].replace("=", "").replace(",", "_"): r["value"]
+            for r in rows
+            if r["metric"] == "loss_beyond_train" and r["value"] is not None
+        }
+
+    def headlines(self, opts, summaries) -> list:
+        """One row per length (and inference scale) that any of the runs measured."""
+        keys = sorted(
+            {
+                k
+                for items in summaries.values()
+                for s in items
+                for k in s["headline"]
+                if k.startswith("loss_beyond_")
+            },
+            key=lambda k: (len(k), k),
+        )
+        label = "loss beyond T_train at "
+        return [(k, label + k[len("loss_beyond_") :].replace("_", ", ")) for k in keys]
+
+    def figures(self, groups, out, opts) -> dict:
+        draw = lambda ax: plots.extrapolation_curve(ax, groups)  # noqa: E731
+        return {"extrapolation": plots.figure(out / "extrapolation", draw)}
+
+    def sections(self, opts) -> list:
+        return [Section("Length extrapolation", ("extrapolation",))]
+
+
+@torch.no_grad()
+def loss_by_position(analysis, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss at each position, in batches bounded by attention and logit size."""
+    model = analysis.model
+    total = torch.zeros(tokens.shape[1] - 1, dtype=torch.float64)
+    device = next(model.parameters()).device
+    T, cfg = tokens.shape[1], model.cfg
+    attention = analysis.opts.max_attention_elements // (cfg.n_head * T * T)
+    logits = (1 << 25) // (T * cfg.vocab_size)
+    step = max(1, min(attention, logits))  # sequences per forward pass
+    for chunk in tokens.to(device).split(step):
+        out = model(chunk[:, :-1])
+        loss = F.cross_entropy(
+            out.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="none"
+        ).cpu()
+        total += loss.view(len(chunk), -1).double().sum(0)
+    return total / len(tokens)
+
+
+STAGE = Extrapolation(
+    name="length extrapolation",
+    order=80,
+    reads=(),
+    metrics={"loss_by_position": RUN, "loss_mean": RUN, "loss_beyond_train": RUN},
+)

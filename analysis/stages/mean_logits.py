@@ -1,0 +1,161 @@
+"""Measurement 2: the mean-logit decomposition per layer and head (docs/science.md).
+
+The base pass sums each block of sequences' pre-softmax logits; the two-way fit
+M_ij ~ g(i - j) + a(i) of the split halves gives C_res (the residual-stream component, from
+the split-half product of residues), abs_share, C_mask (the causal-mask component) and the
+offset profile g. A second pass over a subsample measures the content variation c_content."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from posleak.analysis import measures, plots
+from posleak.analysis.collect import stream
+from posleak.analysis.logits import pooled
+from posleak.analysis.records import (
+    by_layer,
+    early_square_sum,
+    finite_mean,
+    per_layer_queries,
+)
+from posleak.analysis.stages.base import ATTN, Section, Stage
+from posleak.analysis.stats import percentile_interval
+
+
+class MeanLogits(Stage):
+    def run(self, analysis, ctx) -> None:
+        add = analysis.rec.add
+        content = content_deviation(analysis, ctx.tokens, ctx.base)
+        for l, st in enumerate(ctx.base.logits):
+            record_signal(analysis, l, st.signal, st.signal_boot, None)
+            for h in range(analysis.H):
+                record_signal(analysis, l, st.signal[h], st.signal_boot[:, h], h)
+                add("abs_share", st.abs_share[h], layer=l, head=h)
+                for i in range(analysis.T):
+                    add("c_mask", st.c_mask[h, i], layer=l, head=h, query=i)
+                    add("g_rel", st.g[h, i] - st.g[h, 0], layer=l, head=h, query=i)
+            add("abs_share", st.share_num.sum() / st.share_den.sum(), layer=l)
+            for i in range(analysis.T):
+                add("c_mask", st.c_mask[:, i].mean(), layer=l, query=i)
+                add("c_content", content[l][i], layer=l, query=i)
+
+    def per_layer(self, rows, opts) -> dict:
+        k = opts.early_queries
+        c_res = per_layer_queries(rows, "c_res")
+        return {
+            "abs_share": by_layer(rows, "abs_share"),
+            "c_res_early": {
+                l: math.sqrt(early_square_sum(c, k) / (k - 1)) for l, c in c_res.items()
+            },
+            "c_content": {
+                l: finite_mean(c.values()) for l, c in per_layer_queries(rows, "c_content").items()
+            },
+            "c_mask": {
+                l: finite_mean(c.values()) for l, c in per_layer_queries(rows, "c_mask").items()
+            },
+        }
+
+    def headline(self, rows, layers, opts) -> dict:
+        return {
+            key: finite_mean(layers[key].values())
+            for key in ("c_res_early", "c_content", "abs_share")
+        }
+
+    def headlines(self, opts, summaries) -> list:
+        return [
+            ("c_res_early", f"C_res at queries 1–{opts.early_queries - 1} (mean over layers)"),
+            ("c_content", "c_content: content variation of logits (mean over layers)"),
+            ("abs_share", "abs_share (mean over layers)"),
+        ]
+
+    def figures(self, groups, out, opts) -> dict:
+        per_query = plots.per_layer_queries
+        return {
+            "c_mask_q": per_query(out / "c_mask_query", groups, "c_mask", "mask component"),
+            "c_res_q": per_query(out / "c_res_query", groups, "c_res", "residual component"),
+            "c_content_q": per_query(
+                out / "c_content_query", groups, "c_content", "content variation"
+            ),
+            "abs_share": plots.head_maps(out / "abs_share", groups, "abs_share", "absolute share"),
+            "c_res_l": plots.figure(
+                out / "c_res_layer",
+                lambda ax: plots.layer_curve(
+                    ax,
+                    groups,
+                    "c_res",
+                    "residual component",
+                    "C_res vs layer, mean over queries",
+                    condition=None,
+                ),
+            ),
+        }
+
+    def sections(self, opts) -> list:
+        return [
+            Section("Causal-mask component C_mask(i) = log Σ_j exp ĝ(i−j) − ĝ(0)", ("c_mask_q",)),
+            Section(
+                "Residual-stream component C_res(i) (split-half, noise-free in expectation)",
+                ("c_res_q", "c_res_l"),
+            ),
+            Section(
+                "Content variation c_content(i) = mean |s_ij − M_ij| (read C_res against it)",
+                ("c_content_q",),
+            ),
+            Section(
+                "Share of systematic logit structure not a function of i − j (abs_share)",
+                ("abs_share",),
+            ),
+        ]
+
+
+def record_signal(analysis, layer: int, signal, boot, head) -> None:
+    """C_res(i) with its bootstrap interval, and the signed mean square with its SE."""
+    if head is None:
+        signal, boot = pooled(signal), pooled(boot)
+    lo, hi = percentile_interval(boot)
+    se = boot.std(0)
+    add, n = analysis.rec.add, analysis.opts.seqs
+    for i in range(analysis.T):
+        add(
+            "c_res",
+            measures.c_res(signal[i]),
+            layer=layer,
+            head=head,
+            query=i,
+            lo=measures.c_res(lo[i]),
+            hi=measures.c_res(hi[i]),
+            n=n,
+        )
+        add("c_res_signal", signal[i], layer=layer, head=head, query=i, std=se[i], n=n)
+
+
+def content_deviation(analysis, tokens: torch.Tensor, base) -> list[torch.Tensor]:
+    """c_content(i) per layer: mean over sequences and visible j of |s_ij - M_ij|, pooled
+    over heads. M must be known first, so this is a second pass, over the first
+    `content_seqs` sequences (a subsample of the mean over sequences)."""
+    tokens = tokens[: analysis.opts.content_seqs]
+    totals = [torch.zeros(analysis.H, analysis.T, dtype=torch.float64) for _ in range(analysis.L)]
+
+    def consumer(l):
+        def add(scores, rows):
+            mean = base.logits[l].mean
+            totals[l] += measures.content_deviation(scores, mean, analysis.design).sum(0)
+
+        return add
+
+    consumers = {f"blocks.{l}.attn.scores": consumer(l) for l in range(analysis.L)}
+    stream(analysis.model, tokens, consumers, analysis.batch)
+    rows = analysis.design.rows * len(tokens)
+    return [(t / rows).mean(0) for t in totals]
+
+
+STAGE = MeanLogits(
+    name="mean logits",
+    order=20,
+    reads=("blocks.{l}.attn.scores",),
+    metrics={
+        m: ATTN for m in ("c_res", "c_res_signal", "abs_share", "c_mask", "g_rel", "c_content")
+    },
+)

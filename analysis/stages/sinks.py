@@ -1,0 +1,89 @@
+"""Measurement 3: sinks per layer and head (docs/science.md): alpha_0, the mean attention on
+key 0 over the queries that can see it, read from the base pass's key-0 column; the early
+profile A_i0 for every head; A_i0 against i for sink heads (alpha_0 > eps)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from posleak.analysis import measures, plots
+from posleak.analysis.records import finite_mean
+from posleak.analysis.stages.base import ATTN, Section, Stage
+from posleak.analysis.stats import bootstrap_weights, percentile_interval
+
+
+class Sinks(Stage):
+    def run(self, analysis, ctx) -> None:
+        add, eps = analysis.rec.add, analysis.opts.sink_eps
+        weights = bootstrap_weights(analysis.opts.seqs, analysis.opts.bootstrap, seed=4)
+        early = range(1, min(analysis.opts.early_queries, analysis.T))
+        for l, column in enumerate(ctx.base.first_column):
+            alpha = measures.sink_alpha(column, analysis.window)  # (N, H)
+            boot = (weights @ alpha) / weights.sum(1, keepdim=True)  # (R, H)
+            lo, hi = percentile_interval(boot)
+            profile = column.double().mean(0)  # (H, T)
+            for h in range(analysis.H):
+                add(
+                    "sink_alpha0",
+                    alpha[:, h].mean(),
+                    layer=l,
+                    head=h,
+                    std=alpha[:, h].std(),
+                    lo=lo[h],
+                    hi=hi[h],
+                    n=len(alpha),
+                )
+                for i in early:
+                    add("a0_early", profile[h, i], layer=l, head=h, query=i)
+                if alpha[:, h].mean() > eps:
+                    for i in range(1, analysis.T):
+                        add("sink_gain", profile[h, i], layer=l, head=h, query=i)
+            rate = (alpha.mean(0) > eps).double().mean()
+            add("sink_rate", rate, layer=l, condition=f"eps={eps}")
+
+    def per_layer(self, rows, opts) -> dict:
+        alpha, early = defaultdict(list), defaultdict(lambda: defaultdict(list))
+        for r in rows:
+            if r["metric"] == "sink_alpha0":
+                alpha[r["layer"]].append(r["value"])
+            elif r["metric"] == "a0_early":
+                early[r["layer"]][r["head"]].append(r["value"])
+        return {
+            "alpha0_max": {l: max(v) for l, v in alpha.items()},
+            "a0_early_max": {
+                l: max(finite_mean(v) for v in heads.values()) for l, heads in early.items()
+            },
+            "sink_rate": {r["layer"]: r["value"] for r in rows if r["metric"] == "sink_rate"},
+        }
+
+    def headline(self, rows, layers, opts) -> dict:
+        return {
+            "alpha0_max": max(layers["alpha0_max"].values(), default=None),
+            "a0_early_max": max(layers["a0_early_max"].values(), default=None),
+            "sink_rate": finite_mean(layers["sink_rate"].values()),
+        }
+
+    def headlines(self, opts, summaries) -> list:
+        return [
+            ("alpha0_max", "α₀ of the strongest head"),
+            ("a0_early_max", f"A_i0 at i < {opts.early_queries}, strongest early reader"),
+            ("sink_rate", f"sink rate, α₀ > {opts.sink_eps:g} (mean over layers)"),
+        ]
+
+    def figures(self, groups, out, opts) -> dict:
+        return {
+            "sinks": plots.head_maps(
+                out / "sinks", groups, "sink_alpha0", "α₀, mean A_i0", vmin=0.0
+            )
+        }
+
+    def sections(self, opts) -> list:
+        return [Section("Sinks: α₀ per layer and head", ("sinks",))]
+
+
+STAGE = Sinks(
+    name="sinks",
+    order=30,
+    reads=("blocks.{l}.attn.pattern",),
+    metrics={m: ATTN for m in ("sink_alpha0", "a0_early", "sink_gain", "sink_rate")},
+)
