@@ -155,7 +155,7 @@ class Analysis:
         return index[index % 2 == 0], index[index % 2 == 1]
 
     def set_rope_scale(self, scale: float) -> None:
-        if self.model.cfg.position.startswith("rope"):
+        if self.model.cfg.scheme.inference_scale:
             self.model.set_rope_scale(scale)
         elif scale != 1:
             raise ValueError(

@@ -23,6 +23,7 @@ from posleak.data import DataConfig, make_source
 from posleak.data.counter_rng import random_below, stream_key
 from posleak.data.text import TextCorpus, hub_reachable
 from posleak.model.hooks import HookPoint, attached, hook_points
+from posleak.model.positions import SCHEMES
 from posleak.model.rope import ntk_base
 
 FAMILIES = ("llama", "mistral", "qwen2", "gpt_neox")  # each tested in tests/test_pretrained.py
@@ -53,6 +54,10 @@ class Shape:
     max_seq_len: int
     windows: tuple  # per layer: the sliding window w (keys i - w < j <= i), or None
     position: str = "rope"
+
+    @property
+    def scheme(self):
+        return SCHEMES[self.position]
 
     @property
     def window(self) -> int | None:

@@ -6,9 +6,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from posleak.model.rope import ntk_base
+from posleak.model.positions import SCHEMES
 
-POSITIONS = ("nope", "learned", "rope", "rope_ntk")
 SINKS = ("none", "learned", "off_by_one")
 MAX_WIDTH = 1 << 14  # d_model and n_layer: beyond this a typo, not a plan
 LIMITS = {  # beyond these a typo, not a plan (each far above any model posleak trains)
@@ -62,8 +61,8 @@ class ModelConfig:
                 out.append(f"{name} must be a positive integer, got {value!r}")
         if out:
             return out
-        if self.position not in POSITIONS:
-            out.append(f"position must be one of {POSITIONS}, got {self.position!r}")
+        if self.position not in SCHEMES:
+            out.append(f"position must be one of {tuple(SCHEMES)}, got {self.position!r}")
         if self.sink not in SINKS:
             out.append(f"sink must be one of {SINKS}, got {self.sink!r}")
         if self.d_model % self.n_head:
@@ -71,8 +70,6 @@ class ModelConfig:
                 f"d_model={self.d_model} is not divisible by n_head={self.n_head}; "
                 "pick n_head among the divisors of d_model"
             )
-        elif self.position.startswith("rope") and self.d_head % 2:
-            out.append(f"RoPE needs an even head dimension, got d_model/n_head = {self.d_head}")
         if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
             out.append(
                 f"window must be a positive integer or None (full causal), got {self.window!r}"
@@ -89,12 +86,8 @@ class ModelConfig:
             out.append(f"rope_base must be > 1, got {self.rope_base!r}")
         if not (math.isfinite(self.rope_scale) and self.rope_scale >= 1):
             out.append(f"rope_scale must be >= 1, got {self.rope_scale!r}")
-        elif self.rope_scale != 1 and self.position != "rope_ntk":
-            out.append(
-                f"rope_scale={self.rope_scale} has no effect with position={self.position!r}; "
-                "use position='rope_ntk' to train with NTK scaling, or set rope_scale=1 "
-                "(NTK scaling of a trained RoPE model is applied at analysis time)"
-            )
+        elif self.position in SCHEMES:
+            out += self.scheme.problems(self)
         return out
 
     @property
@@ -108,11 +101,14 @@ class ModelConfig:
         return -(-8 * self.d_model // 3 // 32) * 32
 
     @property
+    def scheme(self):
+        """The positional scheme object (model/positions.py) this config names."""
+        return SCHEMES[self.position]
+
+    @property
     def rope_effective_base(self) -> float | None:
         """The base the frequency table uses: b for `rope`, the NTK base b' for `rope_ntk`."""
-        if not self.position.startswith("rope"):
-            return None
-        return ntk_base(self.rope_base, self.rope_scale, self.d_head)
+        return self.scheme.effective_base(self, 1.0)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -24,7 +24,7 @@ from posleak.files import atomic_write
 from posleak.model.config import ModelConfig
 from posleak.model.hooks import HookFn, HookPoint, attached, hook_points
 from posleak.model.masks import attention_mask
-from posleak.model.rope import apply_rope, ntk_base, rope_tables
+from posleak.model.rope import apply_rope
 
 # On CPU in bf16, the materialised attention beats the SDPA kernel up to this length: training
 # steps 1.11-1.15x faster at T 64-256, 0.92x at T 1024 (measured; README, Performance).
@@ -65,8 +65,10 @@ class Attention(nn.Module):
             return torch.zeros(self.cfg.n_head, device=self.o_proj.weight.device)
         return None
 
-    def forward(self, x: torch.Tensor, rope: tuple | None, visible) -> torch.Tensor:
-        """x (B, T, d); visible: the (T, T) window mask, or None for plain causal attention."""
+    def forward(self, x: torch.Tensor, rope: tuple | None, visible, bias=None) -> torch.Tensor:
+        """x (B, T, d); rope: the scheme's (cos, sin) tables or None; visible: the (T, T) window
+        mask, or None for plain causal attention; bias: the scheme's additive score bias
+        (H, T, T), or None."""
         B, T, _ = x.shape
         H, Dh = self.cfg.n_head, self.cfg.d_head
         q = self.q_proj(x).view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
@@ -77,13 +79,13 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         if self.force_eager or self.hook_scores.fns or self.hook_pattern.fns:
-            y = self.eager(q, k, v, visible)
+            y = self.eager(q, k, v, visible, bias=bias)
         else:
-            y = self.fast(q, k, v, visible)
+            y = self.fast(q, k, v, visible, bias)
         y = y.transpose(1, 2).reshape(B, T, H * Dh)  # (B, T, H*Dh)
         return self.hook_out(self.o_proj(y))
 
-    def fast(self, q, k, v, visible) -> torch.Tensor:
+    def fast(self, q, k, v, visible, bias=None) -> torch.Tensor:
         """F.scaled_dot_product_attention; a sink becomes a zero key/value column with a bias.
 
         SDPA's CPU kernel silently zeroes NaN rows. Where a hook may have replaced q or k,
@@ -93,31 +95,38 @@ class Attention(nn.Module):
         """
         hooked = self.hook_q.fns or self.hook_k.fns
         if hooked and not torch.isfinite(q.sum() + k.sum()):
-            return self.eager(q, k, v, visible)
+            return self.eager(q, k, v, visible, bias=bias)
         if q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[2] <= EAGER_BF16_CPU:
-            return self.eager(q, k, v, visible, check=False)
+            return self.eager(q, k, v, visible, check=False, bias=bias)
         sink = self.sink_logits()
-        if sink is None and visible is None:
+        if sink is None and bias is None and visible is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        if sink is None:
+        if sink is None and bias is None:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
         B, H, T, Dh = q.shape
         if visible is None:
             visible = attention_mask(T, device=q.device)
-        zeros = q.new_zeros(B, H, 1, Dh)
-        k, v = torch.cat([k, zeros], dim=2), torch.cat([v, zeros], dim=2)  # (B, H, T+1, Dh)
-        bias = torch.zeros(H, T, T + 1, dtype=q.dtype, device=q.device)
-        bias[:, :, :T].masked_fill_(~visible, float("-inf"))
-        bias[:, :, T] = sink.to(q.dtype)[:, None]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        extra = 0 if sink is None else 1  # a sink is a zero key/value column with its logit
+        mask = torch.zeros(H, T, T + extra, dtype=q.dtype, device=q.device)
+        if bias is not None:
+            mask[:, :, :T] = bias.to(q.dtype)
+        mask[:, :, :T].masked_fill_(~visible, float("-inf"))
+        if sink is not None:
+            zeros = q.new_zeros(B, H, 1, Dh)
+            k, v = torch.cat([k, zeros], dim=2), torch.cat([v, zeros], dim=2)  # (B, H, T+1, Dh)
+            mask[:, :, T] = sink.to(q.dtype)[:, None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
-    def eager(self, q, k, v, visible, check: bool = True) -> torch.Tensor:
+    def eager(self, q, k, v, visible, check: bool = True, bias=None) -> torch.Tensor:
         """Materialise scores and pattern (and fire their hooks); the reference path. With
-        check, a NaN attention row raises an error that names it."""
+        check, a NaN attention row raises an error that names it. The scores the hooks see
+        include the scheme's bias."""
         T = q.shape[2]
         if visible is None:
             visible = attention_mask(T, device=q.device)
         scores = (q / math.sqrt(self.cfg.d_head)) @ k.transpose(-2, -1)  # (B, H, T, T)
+        if bias is not None:
+            scores = scores + bias.to(scores.dtype)
         scores.masked_fill_(~visible, float("-inf"))
         scores = self.hook_scores(scores)
         sink = self.sink_logits()
@@ -166,9 +175,10 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.hook_resid_post = HookPoint()
 
-    def forward(self, x: torch.Tensor, rope, visible) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope, visible, bias=None) -> torch.Tensor:
         x = self.hook_resid_pre(x)
-        x = self.hook_resid_mid(x + self.self_attn(self.input_layernorm(x), rope, visible))
+        attended = self.self_attn(self.input_layernorm(x), rope, visible, bias)
+        x = self.hook_resid_mid(x + attended)
         return self.hook_resid_post(x + self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -179,11 +189,14 @@ class Decoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.rope_inference_scale = 1.0  # NTK scale applied on top of the trained one
-        self._rope_cache: dict = {}
+        self._positional_cache: dict = {}
+        self.scheme = cfg.scheme  # model/positions.py: how position enters this model
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.hook_embed = HookPoint()
-        if cfg.position == "learned":
-            self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        scheme_modules = self.scheme.build(cfg)
+        for name, module in scheme_modules.items():
+            self.add_module(name, module)
+        self.scheme_modules = tuple(scheme_modules)  # their names (pos_embed for `learned`)
         self.layers = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.hook_final = HookPoint()
@@ -217,19 +230,12 @@ class Decoder(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) int64 -> logits (B, T, V)."""
         _, T = tokens.shape
-        x = self.hook_embed(self.embed_tokens(tokens))  # (B, T, d)
-        if self.cfg.position == "learned":
-            if T > self.cfg.max_seq_len:
-                raise ValueError(
-                    f"sequence length {T} exceeds max_seq_len={self.cfg.max_seq_len} of the "
-                    "learned position table; shorten the input or train with a larger max_seq_len"
-                )
-            x = x + self.pos_embed.weight[:T]
-        rope = self._rope(T, tokens.device)
+        x = self.scheme.embed(self, self.hook_embed(self.embed_tokens(tokens)))  # (B, T, d)
+        rope, bias = self._positional(T, tokens.device)
         windowed = self.cfg.window is not None and self.cfg.window < T
         visible = attention_mask(T, self.cfg.window, tokens.device) if windowed else None
         for block in self.layers:
-            x = block(x, rope, visible)
+            x = block(x, rope, visible, bias)
         x = self.hook_final(self.norm(x))
         return self.lm_head(x)
 
@@ -237,27 +243,23 @@ class Decoder(nn.Module):
     def rope_effective_base(self) -> float | None:
         """The base the frequency table uses now: NTK for the trained scale times the
         inference scale (b' = b * (s_train * s_inf)^(d/(d-2))); None without RoPE."""
-        if not self.cfg.position.startswith("rope"):
-            return None
-        scale = self.cfg.rope_scale * self.rope_inference_scale
-        return ntk_base(self.cfg.rope_base, scale, self.cfg.d_head)
+        return self.scheme.effective_base(self.cfg, self.rope_inference_scale)
 
-    def _rope(self, T: int, device) -> tuple | None:
-        base = self.rope_effective_base
-        if base is None:
-            return None
-        key = (T, str(device), base)
-        if key not in self._rope_cache:
-            cos, sin = rope_tables(T, self.cfg.d_head, base)
-            self._rope_cache = {key: (cos.to(device), sin.to(device))}
-        return self._rope_cache[key]
+    def _positional(self, T: int, device) -> tuple:
+        """The scheme's rotation tables and score bias at length T (cached per length)."""
+        key = (T, str(device), self.rope_inference_scale)
+        if key not in self._positional_cache:
+            rope = self.scheme.rotation(self.cfg, T, self.rope_inference_scale)
+            rope = None if rope is None else tuple(t.to(device) for t in rope)
+            self._positional_cache = {key: (rope, self.scheme.score_bias(self.cfg, T, device))}
+        return self._positional_cache[key]
 
     def set_rope_scale(self, scale: float) -> None:
         """Run a trained RoPE model with static NTK scaling s at inference (1 = as trained).
 
         The scale composes with a trained NTK scale s1: the base becomes that of s1 * s.
         """
-        if not self.cfg.position.startswith("rope"):
+        if not self.scheme.inference_scale:
             raise ValueError(
                 f"set_rope_scale needs a RoPE model, this one is {self.cfg.position!r}"
             )
@@ -358,8 +360,8 @@ class Decoder(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         if non_embedding:
             total -= self.embed_tokens.weight.numel()
-            if self.cfg.position == "learned":
-                total -= self.pos_embed.weight.numel()
+            for name in self.scheme_modules:
+                total -= sum(p.numel() for p in getattr(self, name).parameters())
         return total
 
 

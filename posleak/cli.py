@@ -34,7 +34,7 @@ def _train(p: argparse.ArgumentParser) -> None:
         "config",
         nargs="?",
         help="TOML config file (see configs/; a run's config.toml works), or a preset name "
-        "(rope, ntk, swa, sink, nope, learned) on the built-in defaults",
+        "(rope, ntk, swa, sink, nope, learned, alibi) on the built-in defaults",
     )
     p.add_argument(
         "--set",

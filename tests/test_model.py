@@ -19,6 +19,8 @@ VARIANTS = [
     dict(position="nope", window=3),
     dict(position="rope", sink="learned"),
     dict(position="rope", sink="off_by_one", window=5),
+    dict(position="alibi"),
+    dict(position="alibi", window=4, sink="learned"),
 ]
 
 
@@ -183,6 +185,65 @@ def test_sink_pattern_equals_softmax_over_appended_column(sink):
                     assert pattern[b, h, i, j].item() == pytest.approx(ref, abs=1e-6)
 
 
+# ------------------------------------------------------------------ ALiBi
+def test_alibi_slopes_are_the_papers():
+    from posleak.model.positions import alibi_slopes
+
+    assert alibi_slopes(8).tolist() == [2.0 ** (-h) for h in range(1, 9)]
+    assert alibi_slopes(4).tolist() == [2.0 ** (-2 * h) for h in range(1, 5)]
+    six = [2.0 ** (-2 * h) for h in range(1, 5)] + [2.0**-1, 2.0**-3]  # 4, then odd ones of 8
+    assert alibi_slopes(6).tolist() == pytest.approx(six)
+
+
+@pytest.mark.parametrize(("window", "sink"), [(None, "none"), (5, "none"), (5, "learned")])
+def test_alibi_attention_equals_a_nested_loop_reference(window, sink):
+    """One layer recomputed by hand: softmax_j(q_i.k_j / sqrt(d) - m_h (i - j)) over visible j
+    (and the sink's virtual key), times v_j, projected by W_O; both paths."""
+    cfg = tiny(position="alibi", n_layer=1, n_head=4, window=window, sink=sink)
+    model = Decoder(cfg)
+    if sink == "learned":
+        with torch.no_grad():
+            model.layers[0].self_attn.sink_logit.copy_(torch.tensor([0.5, -1.0, 2.0, 0.0]))
+    x = tokens(batch=1, seq=9)
+    T, H, dh = 9, 4, cfg.d_head
+    _, cache = model.run_with_cache(
+        x, names=["blocks.0.attn.q", "blocks.0.attn.k", "blocks.0.attn.v"]
+    )
+    q, k, v = (cache[f"blocks.0.attn.{n}"][0].double() for n in "qkv")
+    slopes = [2.0 ** (-2 * h) for h in range(1, H + 1)]
+    sinks = model.layers[0].self_attn.sink_logits()
+    ref = torch.zeros(T, H * dh, dtype=torch.float64)
+    for h in range(H):
+        for i in range(T):
+            keys = [j for j in range(i + 1) if window is None or i - j < window]
+            logits = {
+                j: float(q[h, i] @ k[h, j]) / math.sqrt(dh) - slopes[h] * (i - j) for j in keys
+            }
+            z = sum(math.exp(s) for s in logits.values())
+            z += math.exp(float(sinks[h].detach())) if sinks is not None else 0.0
+            for j in keys:
+                ref[i, h * dh : (h + 1) * dh] += math.exp(logits[j]) / z * v[h, j]
+    expected = ref @ model.layers[0].self_attn.o_proj.weight.double().T
+    for eager in (False, True):
+        model.force_eager = eager
+        _, cache = model.run_with_cache(x, names=["blocks.0.attn.out"])
+        got = cache["blocks.0.attn.out"][0].double()
+        assert torch.allclose(got, expected, atol=1e-5), (eager, (got - expected).abs().max())
+
+
+def test_alibi_scores_are_exactly_relative_for_the_two_way_fit():
+    """With q = k = 0 the scores are the bias alone: -m_h (i - j), a function of i - j."""
+    model = Decoder(tiny(position="alibi", n_layer=1))
+    with torch.no_grad():
+        model.layers[0].self_attn.q_proj.weight.zero_()
+    _, cache = model.run_with_cache(tokens(seq=8), names=["blocks.0.attn.scores"])
+    scores = cache["blocks.0.attn.scores"][0]
+    for i in range(8):
+        for j in range(i + 1):
+            assert scores[0, i, j].item() == pytest.approx(-(2.0**-4) * (i - j))
+            assert scores[1, i, j].item() == pytest.approx(-(2.0**-8) * (i - j))
+
+
 # ------------------------------------------------------------------ paths and hooks
 @pytest.mark.parametrize("overrides", VARIANTS)
 def test_eager_and_fast_paths_agree(overrides):
@@ -278,9 +339,9 @@ def test_nan_attention_row_raises_with_its_location():
 # ------------------------------------------------------------------ config, init, persistence
 def test_invalid_configs_name_every_problem():
     with pytest.raises(ConfigError) as err:
-        ModelConfig(d_model=30, n_head=4, position="alibi", sink="sometimes")
+        ModelConfig(d_model=30, n_head=4, position="xpos", sink="sometimes")
     text = str(err.value)
-    assert "not divisible by n_head=4" in text and "alibi" in text and "sometimes" in text
+    assert "not divisible by n_head=4" in text and "xpos" in text and "sometimes" in text
     with pytest.raises(ConfigError, match="rope_scale=2.0 has no effect with position='nope'"):
         ModelConfig(position="nope", rope_scale=2.0)
 

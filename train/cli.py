@@ -1,6 +1,6 @@
 """`posleak train CONFIG|PRESET [--set key=value ...] [--out DIR] [--resume] [--print-config]`,
 or `posleak train --resume RUN [--set train.steps=N ...]` to continue a run from its own config.
-PRESET names a variant of train/presets.toml (rope, ntk, swa, sink, nope, learned) on the
+PRESET names a variant of train/presets.toml (rope, ntk, swa, sink, nope, learned, alibi) on the
 built-in defaults, so an installed posleak trains without a config file."""
 
 from __future__ import annotations

@@ -249,15 +249,20 @@ def build(values: dict) -> RunConfig:
     train = TrainConfig(**sections["train"])
     log = LogConfig(**sections["log"])
     problems += data.problems() + train_problems(train)
-    max_len = sections["model"].get("max_seq_len", ModelConfig.max_seq_len)
-    if sections["model"].get("position") == "learned" and max_len < data.seq_len:
-        problems.append(
-            f"model.max_seq_len={max_len} is shorter than data.seq_len={data.seq_len}: the "
-            "learned position table cannot cover the sequence; raise model.max_seq_len"
-        )
     run = RunConfig(seed=seed, model=sections["model"], data=data, train=train, log=log)
     # the data's vocabulary is known only once the corpus is loaded: checked at run time
-    problems += [f"model: {p}" for p in ModelConfig.problems_of(run.model_values(vocab_size=1))]
+    values = run.model_values(vocab_size=1)
+    model_problems = ModelConfig.problems_of(values)
+    problems += [f"model: {p}" for p in model_problems]
+    if not model_problems:
+        model = ModelConfig(**values)
+        limit = model.scheme.max_len(model)
+        if limit is not None and limit < data.seq_len:
+            problems.append(
+                f"model.max_seq_len={limit} is shorter than data.seq_len={data.seq_len}: the "
+                f"{model.position} position table cannot cover the sequence; raise "
+                "model.max_seq_len"
+            )
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
     return run

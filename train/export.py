@@ -34,7 +34,7 @@ class ExportError(ValueError):
 def refusal(model: Decoder) -> str | None:
     """Why this model cannot be written as a transformers checkpoint, or None."""
     cfg = model.cfg
-    if not cfg.position.startswith("rope"):
+    if not cfg.scheme.exportable:
         return (
             f"position={cfg.position!r} has no faithful transformers architecture (Llama and "
             "Mistral apply RoPE in every layer); export supports rope and rope_ntk models"

@@ -83,7 +83,7 @@ def training_bytes(m, batch: int, T: int) -> float:
     moments, plus the activations autograd keeps (SDPA keeps no T x T attention map)."""
     params = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
     params += m.n_layer * (4 * m.d_model**2 + 3 * m.d_model * m.ff_width)
-    params += m.max_seq_len * m.d_model if m.position == "learned" else 0
+    params += (m.scheme.max_len(m) or 0) * m.d_model  # a learned position table
     per_token = m.n_layer * (12 * m.d_model + 3 * m.ff_width) + 2 * m.vocab_size  # SDPA: O(T)
     return 16.0 * params + 4.0 * batch * T * per_token
 

@@ -17,13 +17,14 @@ class Extrapolation(Stage):
         T0 = subject.train_len if subject.extrapolate else analysis.T
         for m in analysis.opts.extrapolation if subject.extrapolate else (1,):
             length = T0 * m
-            if cfg.position == "learned" and length > cfg.max_seq_len:
+            limit = cfg.scheme.max_len(cfg)
+            if limit is not None and length > limit:
                 continue
             try:
                 tokens = analysis.tokens(analysis.opts.extrapolation_seqs, length, "extrapolation")
             except ValueError:  # the validation split is shorter than this length
                 continue
-            scales = [1.0, float(m)] if cfg.position.startswith("rope") and m > 1 else [1.0]
+            scales = [1.0, float(m)] if cfg.scheme.inference_scale and m > 1 else [1.0]
             for s in scales:
                 analysis.set_rope_scale(s)
                 losses = loss_by_position(analysis, tokens)

@@ -1,0 +1,142 @@
+"""Positional schemes as objects: how each one enters the decoder, and what it supports.
+
+A scheme may add to the token embedding (a learned absolute table), rotate q and k (RoPE),
+or add a bias to the attention scores (ALiBi). The decoder, the analysis and the export ask
+the scheme; nothing else tests the name. A new scheme is one class here, registered in
+SCHEMES, plus its preset in train/presets.toml.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from posleak.model.rope import ntk_base, rope_tables
+
+
+class Scheme:
+    """No position information at all (NoPE): the base every scheme overrides."""
+
+    name = "nope"
+    rotary = False  # rotates q and k
+    inference_scale = False  # static NTK scaling can be applied at inference
+    exportable = False  # a transformers architecture (Llama, Mistral) computes it exactly
+
+    def problems(self, cfg) -> list[str]:
+        """Why this scheme cannot be built with cfg (each naming the field and the fix)."""
+        if cfg.rope_scale != 1:
+            return [
+                f"rope_scale={cfg.rope_scale} has no effect with position={self.name!r}; use "
+                "position='rope_ntk' to train with NTK scaling, or set rope_scale=1 (NTK scaling "
+                "of a trained RoPE model is applied at analysis time)"
+            ]
+        return []
+
+    def build(self, cfg) -> dict[str, nn.Module]:
+        """Modules the scheme owns, by attribute name on the decoder (initialised by name)."""
+        return {}
+
+    def max_len(self, cfg) -> int | None:
+        """The longest sequence the scheme can encode, or None for no limit."""
+        return None
+
+    def embed(self, model, x: torch.Tensor) -> torch.Tensor:
+        """The token embedding (B, T, d) plus whatever the scheme adds to it."""
+        return x
+
+    def effective_base(self, cfg, inference_scale: float) -> float | None:
+        """The RoPE base in use, or None for a scheme without rotation."""
+        return None
+
+    def rotation(self, cfg, T: int, inference_scale: float) -> tuple | None:
+        """cos and sin tables (T, d_head) for rotating q and k, or None."""
+        return None
+
+    def score_bias(self, cfg, T: int, device) -> torch.Tensor | None:
+        """An additive bias (H, T, T) on the attention scores, or None."""
+        return None
+
+
+class Learned(Scheme):
+    """A learned absolute position table added to the embedding (the positive control)."""
+
+    name = "learned"
+
+    def build(self, cfg) -> dict[str, nn.Module]:
+        return {"pos_embed": nn.Embedding(cfg.max_seq_len, cfg.d_model)}
+
+    def max_len(self, cfg) -> int | None:
+        return cfg.max_seq_len
+
+    def embed(self, model, x: torch.Tensor) -> torch.Tensor:
+        T = x.shape[1]
+        if T > model.cfg.max_seq_len:
+            raise ValueError(
+                f"sequence length {T} exceeds max_seq_len={model.cfg.max_seq_len} of the "
+                "learned position table; shorten the input or train with a larger max_seq_len"
+            )
+        return x + model.pos_embed.weight[:T]
+
+
+class Rope(Scheme):
+    """Rotary embedding (rotate-half pairing, omega_p = b^(-2p/d)): only i - j enters q.k."""
+
+    name = "rope"
+    rotary = True
+    inference_scale = True
+    exportable = True
+
+    def problems(self, cfg) -> list[str]:
+        odd = [f"RoPE needs an even head dimension, got d_model/n_head = {cfg.d_head}"]
+        divisible = cfg.d_model % cfg.n_head == 0  # else the config names that problem
+        return (odd if divisible and cfg.d_head % 2 else []) + self._scale_problems(cfg)
+
+    def _scale_problems(self, cfg) -> list[str]:
+        return Scheme.problems(self, cfg)  # plain RoPE trains with s = 1
+
+    def effective_base(self, cfg, inference_scale: float) -> float | None:
+        """NTK for the trained scale times the inference one: b' = b (s1 s2)^(d/(d-2))."""
+        return ntk_base(cfg.rope_base, cfg.rope_scale * inference_scale, cfg.d_head)
+
+    def rotation(self, cfg, T: int, inference_scale: float) -> tuple | None:
+        return rope_tables(T, cfg.d_head, self.effective_base(cfg, inference_scale))
+
+
+class RopeNTK(Rope):
+    """RoPE trained with static NTK scaling s (model.rope_scale)."""
+
+    name = "rope_ntk"
+
+    def _scale_problems(self, cfg) -> list[str]:
+        return []
+
+
+class ALiBi(Scheme):
+    """Attention with linear biases (Press et al. 2022): score_ij - m_h (i - j), with the
+    geometric head slopes of the paper. The bias is a function of i - j alone, so the two-way
+    fit absorbs it into g(i - j) exactly; no position enters q, k or the residual stream."""
+
+    name = "alibi"
+
+    def score_bias(self, cfg, T: int, device) -> torch.Tensor | None:
+        i = torch.arange(T, device=device)
+        offset = (i[:, None] - i[None, :]).clamp(min=0).float()  # (T, T); masked pairs: 0
+        slopes = alibi_slopes(cfg.n_head).to(device)
+        return -slopes[:, None, None] * offset  # (H, T, T)
+
+
+def alibi_slopes(n_head: int) -> torch.Tensor:
+    """The paper's slopes: 2^(-8h/n) for h = 1..n when n is a power of two; otherwise those of
+    the nearest lower power of two, then every other slope of the next one."""
+
+    def powers(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * h / n) for h in range(1, n + 1)]
+
+    lower = 2 ** math.floor(math.log2(n_head))
+    slopes = powers(lower) + powers(2 * lower)[0::2][: n_head - lower]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+SCHEMES = {s.name: s for s in (Scheme(), Learned(), Rope(), RopeNTK(), ALiBi())}
