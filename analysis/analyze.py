@@ -3,7 +3,7 @@
 
 The engine: one base pass over held-out sequences (logit sums, the probes' half-A statistics,
 the key-0 column), then every registered measurement of analysis/stages/ in order. It writes
-records.jsonl (tidy rows), summary.json (headline numbers and options), report.png and
+records.jsonl (tidy rows), analysis.json (headline numbers and options), report.png and
 report.md into RUN/analysis (or --out; a pretrained model's default is analyses/NAME).
 """
 

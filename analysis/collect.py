@@ -29,7 +29,7 @@ class Subject:
     seed: int  # seeds the random BOS replacement
     data: str  # the name of the text source
     draw: Callable[[int, int, str, str], torch.Tensor]  # (n, seq_len, bos, stream) -> tokens
-    info: dict  # for summary.json: run, checkpoint, step, val_loss, ...
+    info: dict  # for analysis.json: run, checkpoint, step, val_loss, ...
     extrapolate: bool = True  # T0 is a training length, so multiples of it mean something
     bos_policies: tuple = ("always", "never")  # those the sequences can be drawn with
 

@@ -23,9 +23,9 @@ from posleak.analysis.measures import DEFINITIONS
 from posleak.analysis.options import Options
 from posleak.analysis.records import mean_std
 from posleak.analysis.stages import STAGES
-from posleak.analysis.stats import MIN_SEEDS, paired_difference, t_quantile_975
 from posleak.files import atomic_write, safe_dir
 from posleak.log import log
+from posleak.report import MIN_SEEDS, mean_interval, number, paired_difference, table
 from posleak.train.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,7 +38,7 @@ COMPARED = ("definitions", "seqs", *LABELLED)  # across variants (data and lengt
 
 def find_runs(paths: list[str]) -> list[Path]:
     """Run directories, folders of runs, and analysis folders (such as `posleak analyze
-    hf:MODEL` writes: summary.json and records.jsonl without a run around them). A run named
+    hf:MODEL` writes: analysis.json and records.jsonl without a run around them). A run named
     twice (directly and through its sweep, say) counts once."""
     runs: dict[Path, Path] = {}
     for p in map(Path, paths):
@@ -117,56 +117,44 @@ def by_seed(items: list[dict], key: str) -> dict:
     return {s["seed"]: s["headline"].get(key) for s in items}
 
 
-def _fmt(x) -> str:
-    return "–" if x is None else f"{x:.4g}"
-
-
 def level_table(summaries: dict, rows) -> list[str]:
-    """Mean ± sd over seeds per variant."""
+    """Mean ± sd over seeds per variant, with the 95% t-interval of the mean."""
     variants = list(summaries)
-    lines = [
-        "| metric | " + " | ".join(f"{v} (n={len(summaries[v])})" for v in variants) + " |",
-        "|---|" + "---|" * len(variants),
-    ]
+    body = []
     for key, label in rows:
-        cells = []
+        cells = [label]
         for v in variants:
             vals = [x for x in by_seed(summaries[v], key).values() if x is not None]
-            if not vals:
-                cells.append("–")
+            found = mean_interval(vals)
+            if found is None or found[3] < 2:
+                cells.append(number(found and found[0]))
                 continue
-            m, s, n = mean_std(vals)
-            if n < 2:
-                cells.append(f"{m:.4g}")
-                continue
-            half = t_quantile_975(n - 1) * s / n**0.5
-            cells.append(f"{m:.4g} ± {s:.2g} [{_fmt(m - half)}, {_fmt(m + half)}]")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return lines
+            m, lo, hi, _ = found
+            sd = number(mean_std(vals)[1], 2)
+            cells.append(f"{number(m)} ± {sd} [{number(lo)}, {number(hi)}]")
+        body.append(cells)
+    return table(["metric", *(f"{v} (n={len(summaries[v])})" for v in variants)], body)
 
 
 def difference_table(summaries: dict, reference: str, rows) -> list[str]:
     """Paired-by-seed differences from the reference with 95% t-intervals."""
     others = [v for v in summaries if v != reference]
-    lines = [
-        "| metric | " + " | ".join(f"{v} − {reference}" for v in others) + " |",
-        "|---|" + "---|" * len(others),
-    ]
+    body = []
     for key, label in rows:
         ref = by_seed(summaries[reference], key)
-        cells = []
+        cells = [label]
         for v in others:
             d = paired_difference(by_seed(summaries[v], key), ref)
             if d is None:
                 cells.append("–")
             elif d.n < MIN_SEEDS:
-                interval = "" if d.n < 2 else f" [{_fmt(d.lo)}, {_fmt(d.hi)}]"
-                cells.append(f"{_fmt(d.mean)}{interval} (n={d.n} < {MIN_SEEDS}: no test)")
+                interval = "" if d.n < 2 else f" [{number(d.lo)}, {number(d.hi)}]"
+                cells.append(f"{number(d.mean)}{interval} (n={d.n} < {MIN_SEEDS}: no test)")
             else:
                 mark = " **finding**" if d.finding else ""
-                cells.append(f"{_fmt(d.mean)} [{_fmt(d.lo)}, {_fmt(d.hi)}]{mark}")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return lines
+                cells.append(f"{number(d.mean)} [{number(d.lo)}, {number(d.hi)}]{mark}")
+        body.append(cells)
+    return table(["metric", *(f"{v} − {reference}" for v in others)], body)
 
 
 def draw_figures(groups: dict, out: Path, opts: Options) -> dict:
@@ -244,19 +232,13 @@ def _section(title: str, keys, fig: dict) -> list[str]:
 
 
 def _runs_table(summaries: dict) -> list[str]:
-    lines = [
-        "",
-        "## Runs",
-        "",
-        "| variant | seed | run | step | val loss |",
-        "|---|---|---|---|---|",
-    ]
-    for variant, items in summaries.items():
-        for s in items:
-            name, loss = Path(s["run"]).name, _fmt(s["val_loss"])
-            step = "—" if s["step"] is None else s["step"]
-            lines.append(f"| {variant} | {s['seed']} | `{name}` | {step} | {loss} |")
-    return lines
+    rows = [
+        [variant, s["seed"], f"`{Path(s['run']).name}`", "—" if s["step"] is None else s["step"],
+         number(s["val_loss"])]
+        for variant, items in summaries.items()
+        for s in items
+    ]  # fmt: skip
+    return ["", "## Runs", "", *table(["variant", "seed", "run", "step", "val loss"], rows)]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,7 +1,8 @@
 """The analysis folder: its layout, and the one place its files are written and read.
 
     ANALYSIS/records.jsonl   tidy rows (analysis/records.py)
-    ANALYSIS/summary.json    the analysis's headline numbers and options (analysis/summary.py)
+    ANALYSIS/analysis.json   the analysis's headline numbers and options (analysis/summary.py);
+                             a run's own summary.json is training's, never this
     ANALYSIS/report.png      the overview figure (analysis/plots.py)
     ANALYSIS/report.md       the per-layer numbers beside the figure (analysis/summary.py)
     ANALYSIS/.lock           one writer at a time (train/lock.py)
@@ -32,7 +33,7 @@ class AnalysisDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.records_file = self.path / "records.jsonl"
-        self.summary_file = self.path / "summary.json"
+        self.summary_file = self.path / "analysis.json"
         self.report_file = self.path / "report.md"
 
     @staticmethod
@@ -73,7 +74,7 @@ class AnalysisDir:
             lock.release()
 
     def write(self, rows: list[dict], summary: dict) -> None:
-        """records.jsonl and summary.json, each atomically (inside writing())."""
+        """records.jsonl and analysis.json, each atomically (inside writing())."""
         atomic_write(self.records_file, "".join(json.dumps(row) + "\n" for row in rows))
         atomic_write(self.summary_file, json.dumps(summary, indent=2) + "\n")
 

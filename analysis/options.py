@@ -60,7 +60,7 @@ class Options:
 
     @classmethod
     def of_summary(cls, summary: dict) -> Options:
-        """The options an analysis was made with (summary.json's `options`; defaults for an
+        """The options an analysis was made with (analysis.json's `options`; defaults for an
         older summary that has none)."""
         stored = summary.get("options") or {}
         fields = {f.name: f for f in dataclasses.fields(cls)}

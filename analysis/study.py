@@ -13,19 +13,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 from posleak.analysis import compare, plots
 from posleak.analysis.analyze import analyze
+from posleak.analysis.folder import AnalysisDir
 from posleak.analysis.measures import DEFINITIONS
 from posleak.analysis.options import Options
-from posleak.analysis.records import mean_std
-from posleak.analysis.stats import MIN_SEEDS, paired_difference, t_quantile_975
 from posleak.data import make_source
 from posleak.files import atomic_write, safe_dir
 from posleak.log import log
+from posleak.report import MIN_SEEDS, mean_interval, number, paired_difference, table
 from posleak.train import checkpoint
 from posleak.train.rundir import RunDir
 
@@ -64,12 +63,11 @@ class Study:
 
     def extra(self, summary: dict, name: str, opts: Options) -> dict:
         """An additional analysis of one run, kept in RUN/name and reused when current."""
-        out = Path(summary["run"]) / name
-        path = out / "summary.json"
-        if path.exists() and json.loads(path.read_text()).get("definitions") == DEFINITIONS:
-            return json.loads(path.read_text())
+        folder = AnalysisDir(Path(summary["run"]) / name)
+        if folder.summary_file.exists() and folder.read_summary().get("definitions") == DEFINITIONS:
+            return folder.read_summary()
         log.info(f"[study] {summary['run']}: {name}")
-        return analyze(summary["run"], opts, out)
+        return analyze(summary["run"], opts, folder.path)
 
 
 # ---------------------------------------------------------------- numbers per run
@@ -106,21 +104,12 @@ def headline(key: str):
 
 # ---------------------------------------------------------------- words from numbers
 def _fmt(x) -> str:
-    return "–" if x is None else f"{x:.3g}"
-
-
-def interval(values: dict) -> tuple[float, float, float, int] | None:
-    """Mean over seeds with its 95% t-interval (NaN bounds with a single seed)."""
-    vals = [v for v in values.values() if v is not None]
-    if not vals:
-        return None
-    m, s, n = mean_std(vals)
-    half = t_quantile_975(n - 1) * s / n**0.5 if n > 1 else math.nan
-    return m, m - half, m + half, n
+    return number(x, 3)
 
 
 def level(values: dict, percent: bool = False) -> str:
-    found = interval(values)
+    """Mean over seeds with its 95% t-interval, in words for a table cell."""
+    found = mean_interval(values.values())
     if found is None:
         return "–"
     m, lo, hi, n = found
@@ -141,11 +130,6 @@ def verdict(values: dict, reference: dict) -> str:
     if d.finding:
         return f"**{'higher' if d.mean > 0 else 'lower'}**, {interval}"
     return f"not detected at this scale, {interval}"
-
-
-def table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
 # ---------------------------------------------------------------- the three claims
@@ -211,9 +195,10 @@ def claim_b(study: Study) -> list[str]:
     return [
         "## (b) What share of the residual component at early queries does replacing BOS remove?",
         "",
-        "Share of Σ C_res² over queries 1–15 and all layers removed when the position-0 "
+        f"Share of Σ C_res² over queries 1–{study.opts.early_queries - 1} and all layers removed "
+        "when the position-0 "
         "embedding is replaced (negative: the replacement adds position signal). Answer: "
-        + _against_source(interval(removed(REFERENCE, "mean"))),
+        + _against_source(mean_interval(removed(REFERENCE, "mean").values())),
         "",
         *table(["variant", *(f"BOS→{k}" for k in kinds)], rows),
         "",

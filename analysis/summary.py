@@ -1,4 +1,4 @@
-"""summary.json of one analysis, as a pure function of its records and options.
+"""analysis.json of one analysis, as a pure function of its records and options.
 
 `per_layer` holds one number per layer for each curve a stage draws; `headline` one number
 per run for the comparison table (the units that are paired by seed across variants). Both
@@ -32,7 +32,7 @@ def headline(rows: list[dict], layers: dict, val_loss: float | None, opts: Optio
 
 
 def summarise(analysis, seconds: float) -> dict:
-    """summary.json of an Analysis that has run."""
+    """analysis.json of an Analysis that has run."""
     rows = analysis.rec.rows
     subject = analysis.subject
     opts = analysis.opts

@@ -243,7 +243,7 @@ def test_analyze_writes_tidy_v2_records_summary_and_figures(runs):
     assert {r["variant"] for r in rows} == {"rope"} and {r["seed"] for r in rows} == {1}
     assert summary["per_layer"]["fingerprint_dispersion_bos"] == {0: 0.0, 1: 0.0, 2: 0.0}
     assert (out / "report.png").stat().st_size > 10_000
-    assert json.loads((out / "summary.json").read_text())["step"] == 6
+    assert json.loads((out / "analysis.json").read_text())["step"] == 6
     probe_rows = [r for r in rows if r["metric"] == "probe_r2_log"]
     assert all(r["lo"] <= r["value"] <= r["hi"] for r in probe_rows)
     lengths = {r["condition"] for r in rows if r["metric"] == "loss_mean"}

@@ -521,7 +521,7 @@ def test_concurrent_analyses_of_one_folder_never_mix_rows(finished, tmp_path):
         assert p.returncode == 0, err[-1000:]
     rows = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert len({r["run"] for r in rows}) == 1  # one writer's rows, whole
-    assert json.loads((out / "summary.json").read_text())["run"].endswith(rows[0]["run"])
+    assert json.loads((out / "analysis.json").read_text())["run"].endswith(rows[0]["run"])
     assert not list(out.glob(".*tmp*"))
 
 
@@ -763,7 +763,7 @@ def test_a_malformed_safetensors_header_is_named_and_analysis_falls_back(
     (newest / "manifest.json").write_text(json.dumps(manifest))
     with pytest.warns(UserWarning, match="model.safetensors: unreadable safetensors"):
         assert cli(capsys, "analyze", run, "--seqs", 8)[0] == 0
-    summary = json.loads((run / "analysis" / "summary.json").read_text())
+    summary = json.loads((run / "analysis" / "analysis.json").read_text())
     assert summary["step"] == 8
 
 

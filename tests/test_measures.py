@@ -10,8 +10,9 @@ import torch
 from posleak.analysis import measures, probe
 from posleak.analysis.collect import LogitSums
 from posleak.analysis.logits import early_sum, logit_stats, pooled
-from posleak.analysis.stats import bootstrap_weights, paired_difference, t_quantile_975
+from posleak.analysis.stats import bootstrap_weights
 from posleak.model.masks import attention_mask
+from posleak.report import paired_difference, t_quantile_975
 
 GEN = torch.Generator().manual_seed(0)
 

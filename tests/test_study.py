@@ -71,11 +71,12 @@ def test_verdicts_follow_the_paired_interval():
 
 
 def test_removed_shares_are_set_against_zero_and_the_source_studys_forty_percent():
-    from posleak.analysis.study import _against_source, interval, level
+    from posleak.analysis.study import _against_source, level
+    from posleak.report import mean_interval
 
-    wide = interval({0: 0.1, 1: 0.4, 2: 0.7})  # mean 0.4, t-interval [-0.345, 1.145]
+    wide = mean_interval([0.1, 0.4, 0.7])  # mean 0.4, t-interval [-0.345, 1.145]
     assert "includes 0 and includes the source study's 40%" in _against_source(wide)
-    tight = interval({0: 0.10, 1: 0.11, 2: 0.12})
+    tight = mean_interval([0.10, 0.11, 0.12])
     assert "excludes 0 and excludes the source study's 40%" in _against_source(tight)
     assert level({0: 0.10, 1: 0.11, 2: 0.12}, percent=True) == "11% [9%, 13%] (n=3)"
     assert level({0: 0.5}) == "0.5 (n=1)" and level({}) == "–"

@@ -51,6 +51,7 @@ import tomli_w
 from posleak.files import atomic_write
 from posleak.log import log
 from posleak.model import ConfigError
+from posleak.report import table
 from posleak.train.config import (
     MAX_SEED,
     TrainConfig,
@@ -243,7 +244,7 @@ class Executor:
         }
         cmd = [sys.executable, "-m", "posleak", *command(self.sweep_dir, run)[1:]]
         run.status = "running"
-        with open(out / "train.log", "a") as log:
+        with RunDir(out).append("train.log") as log:
             log.write(f"\n$ {shlex.join(cmd)}\n")
             log.flush()
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -258,7 +259,7 @@ class Executor:
             run.status = "interrupted"
         else:
             run.status = "failed"
-            run.error = _error_line(out / "train.log")
+            run.error = _error_line(RunDir(out).log_file)
 
     def execute(self) -> None:
         todo = [r for r in self.runs if r.error is None]
@@ -356,16 +357,12 @@ def write_summary(sweep_dir: Path, runs: list[PlannedRun]) -> None:
         row["wall_s"] = f"{res['elapsed_s']:.1f}" if "elapsed_s" in res else ""
         row["error"] = (r.error or "").replace("\n", " ")[:300]
         rows.append(row)
-    table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=header)
+    csv_text = io.StringIO()
+    writer = csv.DictWriter(csv_text, fieldnames=header)
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write(sweep_dir / "summary.csv", table.getvalue())
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += [
-        "| " + " | ".join(str(row.get(h, "")).replace("|", "/") for h in header) + " |"
-        for row in rows
-    ]
+    atomic_write(sweep_dir / "summary.csv", csv_text.getvalue())
+    lines = table(header, [[row.get(h, "") for h in header] for row in rows])
     atomic_write(sweep_dir / "summary.md", "\n".join(lines) + "\n")
 
 
