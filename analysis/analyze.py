@@ -9,9 +9,7 @@ report.md into RUN/analysis (or --out; a pretrained model's default is analyses/
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -229,41 +227,3 @@ def analyze(target: str | Path, opts: Options = Options(), out: str | Path | Non
         figure = plots.run_figures({summary["variant"]: [rows]}, folder.path, analysis.subject.name)
         folder.write_report(run_report(summary, figure.name))
     return summary
-
-
-def run(args: argparse.Namespace) -> int:
-    opts = Options(
-        seqs=args.seqs,
-        step=args.step,
-        seq_len=args.seq_len,
-        rope_scale=args.rope_scale,
-        data=args.data,
-        bos=args.bos,
-        device=args.device,
-        dtype=args.dtype,
-    )
-    try:
-        summary = analyze(args.run, opts, args.out)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    out = Path(args.out or default_out(args.run))
-    layers = summary["per_layer"]
-    print(f"analysis: {out} ({summary['seconds']:.1f}s)")
-    interval = layers["probe_r2_log_interval"]
-    probe = [
-        f"{r2:.2f} [{interval[l][0]:.2f}, {interval[l][1]:.2f}]"
-        if r2 is not None and None not in interval.get(l, [None])
-        else "nan"
-        for l, r2 in layers["probe_r2_log"].items()
-    ]
-    print(f"probe R^2 (log target) by layer, [95% bootstrap over {opts.seqs} sequences]:")
-    print("  " + "  ".join(probe))
-    early = f"C_res RMS over queries 1-{opts.early_queries - 1} by layer: "
-    print(early + _row(layers["c_res_early"], "{:.3f}"))
-    print(f"report: {out / 'report.md'} (figure {out / 'report.png'})")
-    return 0
-
-
-def _row(values: dict, fmt: str) -> str:
-    return " ".join(fmt.format(v) if v is not None else "nan" for v in values.values())

@@ -9,10 +9,8 @@ when its interval excludes zero with at least 3 seeds.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 from posleak import version
@@ -239,18 +237,3 @@ def _runs_table(summaries: dict) -> list[str]:
         for s in items
     ]  # fmt: skip
     return ["", "## Runs", "", *table(["variant", "seed", "run", "step", "val loss"], rows)]
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        runs = find_runs(args.paths)
-        groups, summaries = load_groups(runs, Options(seqs=args.seqs))
-        if not groups:
-            raise FileNotFoundError("no finished runs to compare")
-        report = write_report(groups, summaries, Path(args.out), args.reference)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"report: {report}")
-    print(f"html: {report.with_suffix('.html')}")
-    return 0

@@ -11,9 +11,7 @@ t-interval excludes zero with at least 3 seeds.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 from posleak.analysis import compare, plots
@@ -502,14 +500,3 @@ def write_report(study: Study, out: Path) -> Path:
     report = out / "report.md"
     atomic_write(report, "\n".join(lines))
     return report
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        study = Study(Path(args.sweep), args.seqs)
-        report = write_report(study, Path(args.out))
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"report: {report}")
-    return 0

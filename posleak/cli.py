@@ -8,7 +8,6 @@ subcommand's module is imported only to run it. Every error reaches the user as 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 import traceback
@@ -16,17 +15,6 @@ import traceback
 from posleak import version
 from posleak.analysis.options import Options  # no torch: --help stays instant
 from posleak.log import show
-
-RUNNERS = {
-    "train": "posleak.train.cli",
-    "sweep": "posleak.train.sweep",
-    "analyze": "posleak.analysis.analyze",
-    "compare": "posleak.analysis.compare",
-    "study": "posleak.analysis.study",
-    "bench": "posleak.train.bench",
-    "export": "posleak.train.export",
-    "sample": "posleak.train.sample",
-}
 
 
 def _train(p: argparse.ArgumentParser) -> None:
@@ -173,17 +161,31 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     show()
     debug = args.debug or os.environ.get("POSLEAK_DEBUG") == "1"
+    from posleak import commands  # imports nothing heavy itself; each handler imports its own
+
     try:
-        return importlib.import_module(RUNNERS[args.command]).run(args)
+        return getattr(commands, args.command)(args)
+    except commands.Interrupted as err:
+        print(f"interrupted: {err}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as err:
         if debug:
             traceback.print_exc()
-        message = str(err).strip() or type(err).__name__
-        if isinstance(err, OSError) and err.filename:
-            message = f"{err.strerror}: {err.filename}"
-        hint = "" if debug else " (run with --debug for the traceback)"
-        print(f"error: {type(err).__name__}: {message}{hint}", file=sys.stderr)
+        print(error_line(err, debug), file=sys.stderr)
         return 2
+
+
+def error_line(err: Exception, debug: bool = False) -> str:
+    """The one line an error gets. Errors a user can cause (posleak's own, bad values, files)
+    read as their message; anything else also names its type and how to see the traceback."""
+    message = str(err).strip() or type(err).__name__
+    if isinstance(err, OSError) and err.filename and err.strerror:
+        message = f"{err.strerror}: {err.filename}"
+    ours = type(err).__module__.startswith("posleak.")
+    if ours or isinstance(err, (ValueError, OSError, MemoryError)):
+        return f"error: {message}"  # a config's problems stay one per line, as listed
+    hint = "" if debug else " (run with --debug for the traceback)"
+    return f"error: {type(err).__name__}: {message.splitlines()[0]}{hint}"

@@ -14,7 +14,10 @@ def test_flops_per_token_follows_the_stated_convention():
 
 
 def test_quick_benchmark_measures_every_case(capsys):
+    from posleak.commands import analysis_cost
+
     result = run_bench(quick=True)
+    result["analysis"] = analysis_cost([(16, 32, None)], 64)
     names = {r["name"] for r in result["train"]}
     assert {f"variant:{v}" for v in presets()} <= names
     assert "rope:eager-attention" in names

@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RANK = {"model": 0, "data": 0, "posleak": 0, "train": 1, "analysis": 2, "cli": 3}
+RANK = {"model": 0, "data": 0, "posleak": 0, "train": 1, "analysis": 2, "cli": 3, "commands": 3}
 FOLDERS = ("model", "data", "train", "analysis", "posleak")
 
 

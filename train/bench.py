@@ -15,20 +15,13 @@ discount for the causal mask or a window.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from posleak.data import BatchStream, DataConfig
-from posleak.files import atomic_write
 from posleak.model import Decoder, ModelConfig
 from posleak.train.config import preset, presets
 from posleak.train.environment import (
@@ -152,69 +145,6 @@ def batch_throughput(source: str, B: int, T: int, batches: int) -> float:
     return batches * B * (T + 1) / (time.perf_counter() - t)
 
 
-def analysis_cost(cases: list[tuple[int, int, float | None]], d: int) -> list[dict]:
-    """Wall time and peak RSS of `posleak analyze` on a 4-layer model (untrained: the speed is
-    the same), one child process per (seqs, seq_len, rope_scale) case."""
-    from posleak.train.config import build
-    from posleak.train.loop import train
-
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        run_dir = Path(tmp) / "run"
-        cfg = build(
-            {
-                "model.d_model": d,
-                "train.steps": 1,
-                "train.warmup": 0,
-                "train.eval_batches": 1,
-                "train.precision": "fp32",
-                "log.progress": False,
-            }
-        )
-        train(cfg, run_dir)
-        for seqs, seq_len, scale in cases:
-            out = Path(tmp) / f"an-{seq_len}"
-            args = ["--seqs", seqs, "--seq-len", seq_len, "--out", out]
-            args += ["--rope-scale", scale] if scale else []
-            seconds, status, peak_mb = _child_cost(["analyze", run_dir, *args])
-            rows.append(
-                {
-                    "seqs": seqs,
-                    "seq_len": seq_len,
-                    "rope_scale": scale,
-                    "d_model": d,
-                    "seconds": seconds,
-                    "exit": status,
-                    "peak_rss_mb": peak_mb,
-                }
-            )
-    return rows
-
-
-# The child reports its own high-water mark: ru_maxrss would keep the benchmark's (the forked
-# parent's) pages from before exec, which made every analysis look as large as the benchmark.
-_CHILD = """import sys
-from posleak.cli import main
-code = main(sys.argv[1:])
-try:
-    peak = next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM"))
-except (OSError, StopIteration):
-    peak = -1
-print("peak_kb", peak)
-sys.exit(code)
-"""
-
-
-def _child_cost(args: list) -> tuple[float, int, float | None]:
-    """Wall seconds, exit status and peak RSS (MB; None off Linux) of `posleak ARGS...`."""
-    started = time.perf_counter()
-    cmd = [sys.executable, "-c", _CHILD, *map(str, args)]
-    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-    seconds = time.perf_counter() - started
-    kb = int(done.stdout.split()[-1]) if "peak_kb" in done.stdout else -1
-    return seconds, done.returncode, kb / 1024 if kb > 0 else None
-
-
 def run_bench(quick: bool) -> dict:
     device = resolve_device("auto")
     n = 512 if quick else 2048
@@ -249,7 +179,6 @@ def run_bench(quick: bool) -> dict:
         measure(cases, rounds if d_ < 512 else max(1, rounds // 2), steps)
         rows += [train_row(case, peaks) for case in cases]
     data = {src: batch_throughput(src, 16, 256, 5 if quick else 50) for src in ("bible", "markov")}
-    an_cases = [(16, 32, None)] if quick else [(256, 128, None), (256, 1024, 8.0)]
     return {
         "device": str(device),
         "device_name": device_name(device),
@@ -258,7 +187,6 @@ def run_bench(quick: bool) -> dict:
         "matmul_peak_flops": peaks,
         "train": rows,
         "batch_tokens_per_s": data,
-        "analysis": analysis_cost(an_cases, 64 if quick else 128),
     }
 
 
@@ -300,16 +228,8 @@ def print_table(result: dict) -> None:
             )
     batch = result["batch_tokens_per_s"]
     print("batch assembly: " + ", ".join(f"{k} {v / 1e6:.1f}M tok/s" for k, v in batch.items()))
-    for a in result["analysis"]:
+    for a in result.get("analysis", []):  # measured by the command (posleak/commands.py)
         shape = f"{a['seqs']} x {a['seq_len']} tokens (4 layers, d={a['d_model']})"
         scale = f", rope scale {a['rope_scale']:g}" if a["rope_scale"] else ""
         peak = "unknown" if a["peak_rss_mb"] is None else f"{a['peak_rss_mb']:.0f} MB"
         print(f"analysis of {shape}{scale}: {a['seconds']:.1f}s, peak RSS {peak}")
-
-
-def run(args: argparse.Namespace) -> int:
-    result = run_bench(args.quick)
-    print_table(result)
-    atomic_write(args.out, json.dumps(result, indent=2) + "\n")
-    print(f"written: {args.out}")
-    return 0

@@ -10,11 +10,9 @@ bytes to the same ids and prepends BOS when the run trained with it.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -219,13 +217,3 @@ def _byte_vocabulary(cfg: RunConfig, model: Decoder) -> bool:
 def _special_ids() -> dict:
     tok = ByteTokenizer()
     return {"bos_token_id": tok.bos, "eos_token_id": tok.eos, "pad_token_id": tok.pad}
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        out = export_hf(args.run, args.out)
-    except (ExportError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"exported: {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
-    return 0

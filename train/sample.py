@@ -1,5 +1,5 @@
-"""`posleak sample RUN [--prompt TEXT] [--tokens N] [--top-k K] [--temperature T] [--seed S]
-[--step S]`: a few lines of what a trained model writes.
+"""Sampling (`posleak sample RUN [--prompt TEXT] [--tokens N] [--top-k K] [--temperature T]
+[--seed S] [--step S]`): a few lines of what a trained model writes.
 
 Greedy by default (--top-k 1); --top-k K samples from the K most likely tokens at the given
 temperature, reproducibly for a --seed. A model trained on text reads and writes text (bytes);
@@ -9,13 +9,9 @@ gets the run's BOS at position 0 when the run trained with one.
 
 from __future__ import annotations
 
-import argparse
-import sys
-
 import torch
 
 from posleak.data import ByteTokenizer
-from posleak.train.rundir import RunDir
 
 SYNTHETIC = ("uniform", "markov", "induction")
 
@@ -45,39 +41,34 @@ def generate(
     return ids
 
 
-def run(args: argparse.Namespace) -> int:
-    try:
-        if args.tokens < 1 or args.top_k < 1 or not args.temperature > 0:
-            raise ValueError("--tokens and --top-k must be >= 1 and --temperature > 0")
-        model, cfg, _ = RunDir(args.run).load_model(args.step)
-        text = cfg.data.source not in SYNTHETIC
-        if text and model.cfg.vocab_size != ByteTokenizer().size:
-            raise ValueError(f"{args.run} was not trained on posleak's byte vocabulary")
-        bos = model.cfg.vocab_size - 3  # every posleak vocabulary ends with BOS, EOS, PAD
-        prompt = [bos] if cfg.data.bos == "always" else []
-        if text:
-            prompt += ByteTokenizer().encode(args.prompt).tolist()
+class Codec:
+    """Prompts and outputs of one run: text for a byte vocabulary, token ids for synthetic
+    data; the run's BOS first when it trained with one."""
+
+    def __init__(self, model, cfg):
+        self.text = cfg.data.source not in SYNTHETIC
+        self.vocab_size = model.cfg.vocab_size
+        if self.text and self.vocab_size != ByteTokenizer().size:
+            raise ValueError("the run's model was not trained on posleak's byte vocabulary")
+        bos = self.vocab_size - 3  # every posleak vocabulary ends with BOS, EOS, PAD
+        self.start = [bos] if cfg.data.bos == "always" else []
+
+    def encode(self, prompt: str) -> list[int]:
+        if self.text:
+            ids = ByteTokenizer().encode(prompt).tolist()
         else:
-            prompt += [_token_id(t, model.cfg.vocab_size) for t in args.prompt.split()]
-        if not prompt:
+            ids = [self._token_id(t) for t in prompt.split()]
+        if not self.start and not ids:
             raise ValueError("this run trained without BOS: give a --prompt to continue")
-        ids = generate(
-            model, prompt, args.tokens, args.top_k, args.temperature, args.seed, cfg.data.seq_len
-        )
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if text:
-        print(ByteTokenizer().decode(ids))
-    else:
-        print(" ".join(map(str, ids)))
-    return 0
+        return self.start + ids
 
+    def decode(self, ids: list[int]) -> str:
+        return ByteTokenizer().decode(ids) if self.text else " ".join(map(str, ids))
 
-def _token_id(text: str, vocab_size: int) -> int:
-    if not text.isdigit() or int(text) >= vocab_size:
-        raise ValueError(
-            f"--prompt of a synthetic-data run is token ids below {vocab_size} separated by "
-            f"spaces; got {text!r}"
-        )
-    return int(text)
+    def _token_id(self, text: str) -> int:
+        if not text.isdigit() or int(text) >= self.vocab_size:
+            raise ValueError(
+                f"--prompt of a synthetic-data run is token ids below {self.vocab_size} "
+                f"separated by spaces; got {text!r}"
+            )
+        return int(text)

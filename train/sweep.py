@@ -1,4 +1,4 @@
-"""`posleak sweep SWEEP.toml [--jobs N] [--dry-run] [--print-commands] [--out DIR]`
+"""Sweeps (`posleak sweep SWEEP.toml [--jobs N] [--dry-run] [--print-commands] [--out DIR]`)
 
 A sweep file names a base config, named variants (overlays of keys), seeds, and optionally
 a grid over any other keys:
@@ -27,7 +27,6 @@ independent command (`--print-commands`), so any scheduler can execute the sweep
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import io
@@ -61,7 +60,6 @@ from posleak.train.config import (
     presets,
     read_toml,
     read_toml_file,
-    to_toml,
 )
 from posleak.train.loop import PARENT_ENV
 from posleak.train.rundir import RunDir, RunDirError
@@ -366,17 +364,11 @@ def write_summary(sweep_dir: Path, runs: list[PlannedRun]) -> None:
     atomic_write(sweep_dir / "summary.md", "\n".join(lines) + "\n")
 
 
-def dry_run(spec: dict, sweep_dir: Path) -> int:
-    """Print the expansion run by run, as it is planned (a large grid shows progress)."""
-    print(f"runs into {sweep_dir}:", flush=True)
-    count = 0
+def dry_run(spec: dict, sweep_dir: Path) -> Iterator[PlannedRun]:
+    """The expansion run by run, as it is planned, each with the status it has on disk."""
     for r in planned(spec):
         collect(sweep_dir, [r])
-        grid = " ".join(f"{k}={v}" for k, v in r.grid.items())
-        print(f"  {r.name:40s} {r.variant:10s} seed={r.seed} {grid} {r.status} {r.error or ''}")
-        count += 1
-    print(f"{count} runs", flush=True)
-    return 0
+        yield r
 
 
 def _terminate(signum, frame):
@@ -384,45 +376,15 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.jobs < 1:
-        print(f"error: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
-        return 2
-    try:
-        spec = read_sweep(Path(args.sweep))
-        sweep_dir = Path(args.out or f"runs/sweeps/{spec['name']}")
-        if args.dry_run:
-            return dry_run(spec, sweep_dir)
-        runs = expand(spec)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        for r in runs:
-            print(f"# {r.name}" + (f"  (invalid: {r.error})" if r.error else ""))
-            print(to_toml(build(r.values)) if r.error is None else "", flush=True)
-        return 0
-    write_plan(sweep_dir, runs)
-    if args.print_commands:
-        for r in runs:
-            if r.error is None:
-                print(shlex.join(command(sweep_dir, r)))
-        return 0
-    started = time.perf_counter()
+def run_sweep(sweep_dir: Path, runs: list[PlannedRun], jobs: int) -> bool:
+    """Train every valid planned run, `jobs` at a time, and write the summary; False when
+    SIGINT or SIGTERM stopped it (every child checkpointed; the same call continues)."""
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        Executor(sweep_dir, runs, args.jobs).execute()
+        Executor(sweep_dir, runs, jobs).execute()
     except KeyboardInterrupt:
-        write_summary(sweep_dir, runs)
-        print("[sweep] interrupted; run the same command again to continue", file=sys.stderr)
-        return 130
+        return False
     finally:
         signal.signal(signal.SIGTERM, previous)
-    write_summary(sweep_dir, runs)
-    failed = [r for r in runs if r.status != "done"]
-    wall = time.perf_counter() - started
-    print(f"[sweep] {len(runs) - len(failed)}/{len(runs)} runs done in {wall:.0f}s")
-    for r in failed:
-        print(f"[sweep] {r.name}: {r.status}: {r.error}", file=sys.stderr)
-    print(f"[sweep] summary: {sweep_dir / 'summary.md'}")
-    return 1 if failed else 0
+        write_summary(sweep_dir, runs)
+    return True

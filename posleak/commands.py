@@ -1,0 +1,285 @@
+"""The command handlers: each turns parsed arguments into calls of the library and prints the
+command's result. Errors propagate to posleak/cli.py, whose one formatter prints them.
+
+Modules are imported inside each handler, so that `posleak --help` never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+class Interrupted(Exception):
+    """A command stopped by a signal after saving its state: exit 130 with this message."""
+
+
+def train(args: argparse.Namespace) -> int:
+    from posleak.data import vocab_size_of
+    from posleak.train import config as run_config
+    from posleak.train.loop import RunInterrupted
+    from posleak.train.loop import train as train_run
+
+    cfg, out, resume = _train_target(args)
+    if args.print_config:
+        model = cfg.model_config(vocab_size_of(cfg.data))  # every model key, as built
+        print(run_config.to_toml(cfg, model), end="")
+        return 0
+    try:
+        summary = train_run(cfg, out, resume=resume)
+    except RunInterrupted as err:
+        raise Interrupted(str(err)) from None
+    if _rank() == 0:
+        print(f"run: {out}")
+        loss, steps = summary["final_val_loss"], summary["steps"]
+        print(f"final validation loss: {loss:.4f} after {steps} steps")
+    return 0
+
+
+def _train_target(args: argparse.Namespace):
+    """The config, the run directory and whether to resume, from train's arguments:
+    `CONFIG|PRESET [--out] [--resume]`, or `--resume RUN` with the run's own config."""
+    from posleak.model import ConfigError
+    from posleak.train import config as run_config
+    from posleak.train.loop import RESUMABLE_CHANGES
+    from posleak.train.rundir import RunDir
+
+    if isinstance(args.resume, str):  # --resume RUN: the run's own config
+        if args.config or args.out:
+            raise ConfigError(
+                "--resume RUN continues RUN from its own config.toml: give no CONFIG or --out "
+                "(or use: posleak train CONFIG --out RUN --resume)"
+            )
+        run = RunDir(args.resume)
+        if not run.config_file.is_file():
+            raise ConfigError(f"--resume {run.path}: not a run directory (no config.toml)")
+        keys = [run_config.parse_override(o)[0] for o in args.overrides]
+        fixed = [k for k in keys if not k.startswith(RESUMABLE_CHANGES)]
+        if fixed:
+            raise ConfigError(
+                f"--set {', '.join(fixed)}: only {', '.join(RESUMABLE_CHANGES)} may change when "
+                "a run is resumed; train another config into a new --out"
+            )
+        run.read_config()  # names a damaged config.toml with the fix
+        return run_config.load(run.config_file, args.overrides), run.path, True
+    if not args.config:
+        raise ConfigError("give a CONFIG file to train, or --resume RUN to continue a run")
+    if not Path(args.config).exists() and args.config in run_config.presets():
+        # a preset by name: the built-in defaults plus its keys (no config file needed)
+        cfg = run_config.load(None, [f"preset={args.config}", *args.overrides])
+    else:
+        cfg = run_config.load(args.config, args.overrides)
+    out = Path(args.out or f"runs/{Path(args.config).stem}-s{cfg.seed}")
+    return cfg, out, bool(args.resume)
+
+
+def _rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", "0"))
+
+
+def sweep(args: argparse.Namespace) -> int:
+    from posleak.model import ConfigError
+    from posleak.train import sweep as sweeps
+    from posleak.train.config import build, to_toml
+
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
+    spec = sweeps.read_sweep(Path(args.sweep))
+    sweep_dir = Path(args.out or f"runs/sweeps/{spec['name']}")
+    if args.dry_run:
+        print(f"runs into {sweep_dir}:", flush=True)
+        count = 0
+        for r in sweeps.dry_run(spec, sweep_dir):  # printed as planned: a large grid shows
+            grid = " ".join(f"{k}={v}" for k, v in r.grid.items())
+            print(f"  {r.name:40s} {r.variant:10s} seed={r.seed} {grid} {r.status} {r.error or ''}")
+            count += 1
+        print(f"{count} runs", flush=True)
+        return 0
+    runs = sweeps.expand(spec)
+    if args.print_config:
+        for r in runs:
+            print(f"# {r.name}" + (f"  (invalid: {r.error})" if r.error else ""))
+            print(to_toml(build(r.values)) if r.error is None else "", flush=True)
+        return 0
+    sweeps.write_plan(sweep_dir, runs)
+    if args.print_commands:
+        for r in runs:
+            if r.error is None:
+                print(shlex.join(sweeps.command(sweep_dir, r)))
+        return 0
+    started = time.perf_counter()
+    if not sweeps.run_sweep(sweep_dir, runs, args.jobs):
+        raise Interrupted(
+            "the sweep stopped; every running run saved a checkpoint: run the same command "
+            "again to continue"
+        )
+    failed = [r for r in runs if r.status != "done"]
+    wall = time.perf_counter() - started
+    print(f"[sweep] {len(runs) - len(failed)}/{len(runs)} runs done in {wall:.0f}s")
+    for r in failed:
+        print(f"[sweep] {r.name}: {r.status}: {r.error}", file=sys.stderr)
+    print(f"[sweep] summary: {sweep_dir / 'summary.md'}")
+    return 1 if failed else 0
+
+
+def analyze(args: argparse.Namespace) -> int:
+    from posleak.analysis.analyze import analyze as analyze_target
+    from posleak.analysis.analyze import default_out
+    from posleak.analysis.options import Options
+
+    opts = Options(
+        seqs=args.seqs,
+        step=args.step,
+        seq_len=args.seq_len,
+        rope_scale=args.rope_scale,
+        data=args.data,
+        bos=args.bos,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    summary = analyze_target(args.run, opts, args.out)
+    out = Path(args.out or default_out(args.run))
+    layers = summary["per_layer"]
+    interval = layers["probe_r2_log_interval"]
+    probe = [
+        f"{r2:.2f} [{interval[l][0]:.2f}, {interval[l][1]:.2f}]"
+        if r2 is not None and None not in interval.get(l, [None])
+        else "nan"
+        for l, r2 in layers["probe_r2_log"].items()
+    ]
+    print(f"analysis: {out} ({summary['seconds']:.1f}s)")
+    print(f"probe R^2 (log target) by layer, [95% bootstrap over {opts.seqs} sequences]:")
+    print("  " + "  ".join(probe))
+    early = f"C_res RMS over queries 1-{opts.early_queries - 1} by layer: "
+    print(
+        early + " ".join("nan" if v is None else f"{v:.3f}" for v in layers["c_res_early"].values())
+    )
+    print(f"report: {out / 'report.md'} (figure {out / 'report.png'})")
+    return 0
+
+
+def compare(args: argparse.Namespace) -> int:
+    from posleak.analysis import compare as comparison
+    from posleak.analysis.options import Options
+
+    runs = comparison.find_runs(args.paths)
+    groups, summaries = comparison.load_groups(runs, Options(seqs=args.seqs))
+    if not groups:
+        raise FileNotFoundError("no finished runs to compare")
+    report = comparison.write_report(groups, summaries, Path(args.out), args.reference)
+    print(f"report: {report}")
+    print(f"html: {report.with_suffix('.html')}")
+    return 0
+
+
+def study(args: argparse.Namespace) -> int:
+    from posleak.analysis import study as studies
+
+    report = studies.write_report(studies.Study(Path(args.sweep), args.seqs), Path(args.out))
+    print(f"report: {report}")
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    from posleak.train.export import export_hf
+
+    out = export_hf(args.run, args.out)
+    print(f"exported: {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def sample(args: argparse.Namespace) -> int:
+    from posleak.train import sample as sampling
+    from posleak.train.rundir import RunDir
+
+    if args.tokens < 1 or args.top_k < 1 or not args.temperature > 0:
+        raise ValueError("--tokens and --top-k must be >= 1 and --temperature > 0")
+    model, cfg, _ = RunDir(args.run).load_model(args.step)
+    codec = sampling.Codec(model, cfg)
+    ids = sampling.generate(
+        model,
+        codec.encode(args.prompt),
+        args.tokens,
+        args.top_k,
+        args.temperature,
+        args.seed,
+        cfg.data.seq_len,
+    )
+    print(codec.decode(ids))
+    return 0
+
+
+def bench(args: argparse.Namespace) -> int:
+    from posleak.files import atomic_write
+    from posleak.train import bench as benchmark
+
+    result = benchmark.run_bench(args.quick)
+    cases = [(16, 32, None)] if args.quick else [(256, 128, None), (256, 1024, 8.0)]
+    result["analysis"] = analysis_cost(cases, 64 if args.quick else 128)
+    benchmark.print_table(result)
+    atomic_write(args.out, json.dumps(result, indent=2) + "\n")
+    print(f"written: {args.out}")
+    return 0
+
+
+def analysis_cost(cases: list[tuple[int, int, float | None]], d: int) -> list[dict]:
+    """Wall time and peak RSS of `posleak analyze` on a 4-layer model (untrained: the speed is
+    the same), one child process per (seqs, seq_len, rope_scale) case."""
+    from posleak.train.config import build
+    from posleak.train.loop import train as train_run
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        overrides = {"model.d_model": d, "train.steps": 1, "train.warmup": 0}
+        overrides |= {"train.eval_batches": 1, "train.precision": "fp32", "log.progress": False}
+        train_run(build(overrides), run_dir)
+        for seqs, seq_len, scale in cases:
+            out = Path(tmp) / f"an-{seq_len}"
+            args = ["--seqs", seqs, "--seq-len", seq_len, "--out", out]
+            args += ["--rope-scale", scale] if scale else []
+            seconds, status, peak_mb = _child_cost(["analyze", run_dir, *args])
+            rows.append(
+                {
+                    "seqs": seqs,
+                    "seq_len": seq_len,
+                    "rope_scale": scale,
+                    "d_model": d,
+                    "seconds": seconds,
+                    "exit": status,
+                    "peak_rss_mb": peak_mb,
+                }
+            )
+    return rows
+
+
+# The child reports its own high-water mark: ru_maxrss would keep the benchmark's (the forked
+# parent's) pages from before exec, which made every analysis look as large as the benchmark.
+_CHILD = """import sys
+from posleak.cli import main
+code = main(sys.argv[1:])
+try:
+    peak = next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM"))
+except (OSError, StopIteration):
+    peak = -1
+print("peak_kb", peak)
+sys.exit(code)
+"""
+
+
+def _child_cost(args: list) -> tuple[float, int, float | None]:
+    """Wall seconds, exit status and peak RSS (MB; None off Linux) of `posleak ARGS...`."""
+    started = time.perf_counter()
+    cmd = [sys.executable, "-c", _CHILD, *map(str, args)]
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    seconds = time.perf_counter() - started
+    kb = int(done.stdout.split()[-1]) if "peak_kb" in done.stdout else -1
+    return seconds, done.returncode, kb / 1024 if kb > 0 else None
