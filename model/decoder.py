@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from posleak.files import atomic_write
+from posleak.files import atomic_write, safe_dir
 from posleak.model.config import ModelConfig
 from posleak.model.hooks import HookFn, HookPoint, attached, hook_points
 from posleak.model.masks import attention_mask
@@ -339,9 +340,8 @@ class Decoder(nn.Module):
 
     def save(self, directory: str | Path) -> None:
         """Write model.safetensors and config.json (no pickle)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file(self.weights(), str(directory / "model.safetensors"))
+        directory = safe_dir(directory, "model folder")
+        atomic_write(directory / "model.safetensors", safetensors_bytes(self.weights()))
         atomic_write(directory / "config.json", self.config_json())
 
     @classmethod
