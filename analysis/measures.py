@@ -134,6 +134,42 @@ def sink_alpha(first_column: torch.Tensor, window: int | None) -> torch.Tensor:
     return first_column[..., sink_queries(first_column.shape[-1], window)].double().mean(-1)
 
 
+def visible_keys(seq_len: int, window: int | None) -> torch.Tensor:
+    """n_i = |W(i)|, the keys query i sees: i + 1, or at most w under a window. (T,)"""
+    n = torch.arange(1, seq_len + 1, dtype=torch.float64)
+    return n if window is None else n.clamp(max=window)
+
+
+def key0_lift(first_column: torch.Tensor, window: int | None) -> torch.Tensor:
+    """lambda_0 per sequence and head: the mean of n_i * A_i0 over the queries that see key 0
+    (1 for uniform attention whatever the window; the share of attention key 0 gets, in units
+    of its uniform share). first_column (N, H, T) -> (N, H)."""
+    T = first_column.shape[-1]
+    queries = sink_queries(T, window)
+    n = visible_keys(T, window)[queries]
+    return (first_column[..., queries].double() * n).mean(-1)
+
+
+def uniform_alpha(seq_len: int, window: int | None) -> float:
+    """alpha_0 of uniform attention: the mean of 1/n_i over the queries that see key 0."""
+    n = visible_keys(seq_len, window)[sink_queries(seq_len, window)]
+    return (1.0 / n).mean().item()
+
+
+def massive_ratio(x: torch.Tensor) -> torch.Tensor:
+    """||x_0|| / median_i ||x_i|| (i >= 1) per sequence: x (N, T, d) -> (N,). Position 0's
+    state in units of a typical position's (the massive activations of sinks)."""
+    norms = x.double().norm(dim=-1)
+    return norms[:, 0] / norms[:, 1:].median(dim=-1).values
+
+
+def value_drain(outputs: torch.Tensor) -> torch.Tensor:
+    """||W_O v_0|| / median_i ||W_O v_i|| (i >= 1) per sequence and head: the value a head
+    writes from key 0 in units of a typical key's. outputs W_O v: (N, H, T, d) -> (N, H)."""
+    norms = outputs.double().norm(dim=-1)
+    return norms[..., 0] / norms[..., 1:].median(dim=-1).values
+
+
 def dispersion(vectors: torch.Tensor) -> dict:
     """Spread across inputs of vectors (N, d): std/||mean|| and the mean pairwise cosine
     (0 and 1 when every input gives the same vector)."""

@@ -23,7 +23,9 @@ class Options:
     bos: str | None = None  # BOS policy of the sequences; default: the run's, or the tokenizer's
     device: str = "cpu"
     dtype: str = "float32"  # a pretrained model's weights; a posleak run is analysed in float32
-    sink_eps: float = 0.3  # a head is a sink head when alpha_0 > sink_eps
+    sink_eps: float = 0.3  # a head is a sink head when alpha_0 > sink_eps (Gu et al.'s convention)
+    sink_lift: float = 5.0  # ... and, in version 3, when its key-0 lift lambda_0 >= sink_lift
+    signature_seqs: int = 32  # sequences for the sink signatures (massive activation, drain)
     probe_min_pos: int = 1  # probe positions >= this (0 holds BOS, identifiable by token)
     probe_folds: int = 5  # cross-validation folds (grouped by sequence) for the ridge strength
     early_queries: int = 16  # "early queries" are 1 <= i < this: the A_i0 profile of every head,

@@ -214,8 +214,14 @@ METRIC_NAMES = {
     "g_rel",
     "c_content",
     "sink_alpha0",
+    "sink_alpha0_uniform",
+    "sink_lift",
     "sink_rate",
+    "sink_rate_lifted",
     "a0_early",
+    "massive_ratio",
+    "massive_top",
+    "value_drain",
     "fingerprint_dispersion",
     "fingerprint_cosine",
     "fingerprint_value_dispersion",
@@ -383,3 +389,41 @@ def test_every_recorded_metric_is_declared_by_exactly_one_stage(runs):
     assert all(r["site"] == declared[r["metric"]] for r in rows)
     with pytest.raises(KeyError, match="declared by no stage"):
         Recorder(declared).add("an_undeclared_metric", 1.0)
+
+
+def test_flat_attention_reads_lift_one_and_alpha0_its_uniform_baseline_in_the_analysis(runs):
+    """q = 0 in every layer: uniform attention, so lambda_0 = 1 exactly, alpha_0 equals its
+    uniform baseline, and no head is a version-3 sink head."""
+    analysis = analysis_of(runs / "rope-s0", SMALL)
+    with torch.no_grad():
+        for block in analysis.model.layers:
+            block.self_attn.q_proj.weight.zero_()
+    ctx = analysis.context(analysis.tokens(16, analysis.T, "analysis")[:, : analysis.T])
+    stage("sinks").run(analysis, ctx)
+    stage("sink signatures").run(analysis, ctx)
+    rows = analysis.rec.rows
+
+    def values(metric):
+        return [r["value"] for r in rows if r["metric"] == metric]
+
+    assert values("sink_lift") == pytest.approx([1.0] * 4)
+    uniform = values("sink_alpha0_uniform")[0]
+    assert values("sink_alpha0") == pytest.approx([uniform] * 4)
+    assert values("sink_rate_lifted") == [0.0, 0.0]
+    assert all(v > 0 for v in values("massive_ratio") + values("value_drain"))
+    assert not values("sink_virtual_mass")  # no sink logit in this model
+
+
+def test_the_mass_parked_on_a_sink_logit_is_read_per_head(tmp_path):
+    """Softmax-off-by-one with flat logits: query i gives the virtual key 1 / (i + 2)."""
+    run = tmp_path / "sink"
+    train(build(tiny_overrides(model__sink="off_by_one", train__steps=2)), run)
+    analysis = analysis_of(run, SMALL)
+    with torch.no_grad():
+        for block in analysis.model.layers:
+            block.self_attn.q_proj.weight.zero_()
+    ctx = analysis.context(analysis.tokens(8, analysis.T, "analysis")[:, : analysis.T])
+    stage("sink signatures").run(analysis, ctx)
+    parked = [r["value"] for r in analysis.rec.rows if r["metric"] == "sink_virtual_mass"]
+    expected = sum(1 / (i + 2) for i in range(1, analysis.T)) / (analysis.T - 1)
+    assert parked == pytest.approx([expected] * 4)

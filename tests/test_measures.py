@@ -349,3 +349,59 @@ def test_figures_switch_to_a_log_axis_only_when_positive_values_span_decades():
         log_if_decades(ax)
         assert ax.get_yscale() == expected
         plt.close(fig)
+
+
+# ------------------------------------------------------------------ v3: sinks against uniform
+def attention_rows(N, H, T, window, sink_bias, gen, rank=2):
+    """Softmax rows of low-rank content logits q_i.k_j (exchangeable across keys), with
+    sink_bias[h] added to key 0's logit: the key-0 column A_i0, (N, H, T)."""
+    q = torch.randn(N, H, T, rank, generator=gen, dtype=torch.float64)
+    k = torch.randn(N, H, T, rank, generator=gen, dtype=torch.float64)
+    logits = q @ k.transpose(-1, -2)
+    logits[..., 0] += torch.tensor(sink_bias, dtype=torch.float64)[None, :, None]
+    logits = logits.masked_fill(~attention_mask(T, window), float("-inf"))
+    return logits.softmax(-1)[..., 0]
+
+
+def test_key0_lift_finds_a_planted_sink_and_reads_one_for_uniform_heads():
+    """At the study's N, T and H: one head parks attention on key 0, three do not."""
+    N, H, T = 128, 4, 256
+    column = attention_rows(N, H, T, None, [6.0, 0.0, 0.0, 0.0], torch.Generator().manual_seed(3))
+    lift = measures.key0_lift(column, None)  # (N, H)
+    n = torch.arange(1, T + 1, dtype=torch.float64)
+    by_hand = (column[..., 1:] * n[1:]).mean(-1)  # the definition, spelt out
+    assert torch.allclose(lift, by_hand)
+    alpha = measures.sink_alpha(column, None).mean(0)
+    assert alpha[0] > 0.3 and lift[:, 0].mean() > 5  # the planted sink: both criteria
+    for h in (1, 2, 3):
+        mean, se = lift[:, h].mean(), lift[:, h].std() / N**0.5
+        assert abs(mean - 1) < 3 * se, (h, mean, se)  # uniform in expectation: E[n_i A_i0] = 1
+
+
+def test_alpha0_alone_calls_uniform_attention_a_sink_under_a_short_window_and_lift_does_not():
+    """The naive rule (alpha_0 > 0.3) flags every head when w = 3, where uniform attention gives
+    alpha_0 = mean 1/n_i = 0.334; the lift reads exactly 1 and flags none."""
+    T, w = 256, 3
+    visible = attention_mask(T, w).double()
+    column = (visible / visible.sum(-1, keepdim=True))[None, None, :, 0].expand(4, 2, T)
+    alpha = measures.sink_alpha(column, w)
+    assert (alpha > 0.3).all()  # a naive estimator's false positive
+    assert alpha[0, 0].item() == pytest.approx(measures.uniform_alpha(T, w))
+    assert torch.allclose(measures.key0_lift(column, w), torch.ones(4, 2, dtype=torch.float64))
+    assert measures.uniform_alpha(256, None) == pytest.approx(
+        sum(1 / (i + 1) for i in range(1, 256)) / 255
+    )
+
+
+def test_massive_ratio_and_value_drain_recover_planted_scales_and_read_one_without():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(128, 256, 64, generator=gen, dtype=torch.float64)
+    assert measures.massive_ratio(x).mean().item() == pytest.approx(1.0, abs=0.05)
+    x[:, 0] *= 30.0  # a massive position-0 state
+    assert measures.massive_ratio(x).mean().item() == pytest.approx(30.0, rel=0.05)
+    out = torch.randn(128, 4, 256, 64, generator=gen, dtype=torch.float64)
+    assert measures.value_drain(out).mean().item() == pytest.approx(1.0, abs=0.05)
+    out[:, 2, 0] *= 0.01  # head 2 writes almost nothing from key 0
+    drain = measures.value_drain(out).mean(0)
+    assert drain[2].item() == pytest.approx(0.01, rel=0.1)
+    assert drain[[0, 1, 3]].sub(1).abs().max() < 0.05

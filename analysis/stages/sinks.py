@@ -1,6 +1,8 @@
 """Measurement 3: sinks per layer and head (docs/science.md): alpha_0, the mean attention on
-key 0 over the queries that can see it, read from the base pass's key-0 column; the early
-profile A_i0 for every head; A_i0 against i for sink heads (alpha_0 > eps)."""
+key 0 over the queries that can see it, read from the base pass's key-0 column, beside its
+uniform baseline (the mean of 1/n_i); the key-0 lift lambda_0 (n_i A_i0 averaged: 1 for
+uniform attention), and the version-3 sink heads, alpha_0 > eps and lambda_0 >= lift; the
+early profile A_i0 for every head; A_i0 against i for sink heads (alpha_0 > eps)."""
 
 from __future__ import annotations
 
@@ -17,12 +19,26 @@ class Sinks(Stage):
         add, eps = analysis.rec.add, analysis.opts.sink_eps
         weights = bootstrap_weights(analysis.opts.seqs, analysis.opts.bootstrap, seed=4)
         early = range(1, min(analysis.opts.early_queries, analysis.T))
+        lift_min = analysis.opts.sink_lift
+        uniform = measures.uniform_alpha(analysis.T, analysis.window)
         for l, column in enumerate(ctx.base.first_column):
             alpha = measures.sink_alpha(column, analysis.window)  # (N, H)
             boot = (weights @ alpha) / weights.sum(1, keepdim=True)  # (R, H)
             lo, hi = percentile_interval(boot)
+            lift = measures.key0_lift(column, analysis.window)  # (N, H)
+            lift_lo, lift_hi = percentile_interval((weights @ lift) / weights.sum(1, keepdim=True))
             profile = column.double().mean(0)  # (H, T)
+            add("sink_alpha0_uniform", uniform, layer=l)
             for h in range(analysis.H):
+                add(
+                    "sink_lift",
+                    lift[:, h].mean(),
+                    layer=l,
+                    head=h,
+                    lo=lift_lo[h],
+                    hi=lift_hi[h],
+                    n=len(lift),
+                )
                 add(
                     "sink_alpha0",
                     alpha[:, h].mean(),
@@ -40,12 +56,22 @@ class Sinks(Stage):
                         add("sink_gain", profile[h, i], layer=l, head=h, query=i)
             rate = (alpha.mean(0) > eps).double().mean()
             add("sink_rate", rate, layer=l, condition=f"eps={eps}")
+            sinks = (alpha.mean(0) > eps) & (lift.mean(0) >= lift_min)
+            add(
+                "sink_rate_lifted",
+                sinks.double().mean(),
+                layer=l,
+                condition=f"eps={eps},lift={lift_min:g}",
+            )
 
     def per_layer(self, rows, opts) -> dict:
-        alpha, early = defaultdict(list), defaultdict(lambda: defaultdict(list))
+        alpha, lift = defaultdict(list), defaultdict(list)
+        early = defaultdict(lambda: defaultdict(list))
         for r in rows:
             if r["metric"] == "sink_alpha0":
                 alpha[r["layer"]].append(r["value"])
+            elif r["metric"] == "sink_lift":
+                lift[r["layer"]].append(r["value"])
             elif r["metric"] == "a0_early":
                 early[r["layer"]][r["head"]].append(r["value"])
         return {
@@ -54,6 +80,13 @@ class Sinks(Stage):
                 l: max(finite_mean(v) for v in heads.values()) for l, heads in early.items()
             },
             "sink_rate": {r["layer"]: r["value"] for r in rows if r["metric"] == "sink_rate"},
+            "lift0_max": {l: max(v) for l, v in lift.items()},
+            "sink_rate_lifted": {
+                r["layer"]: r["value"] for r in rows if r["metric"] == "sink_rate_lifted"
+            },
+            "alpha0_uniform": {
+                r["layer"]: r["value"] for r in rows if r["metric"] == "sink_alpha0_uniform"
+            },
         }
 
     def headline(self, rows, layers, opts) -> dict:
@@ -61,29 +94,52 @@ class Sinks(Stage):
             "alpha0_max": max(layers["alpha0_max"].values(), default=None),
             "a0_early_max": max(layers["a0_early_max"].values(), default=None),
             "sink_rate": finite_mean(layers["sink_rate"].values()),
+            "lift0_max": max(layers["lift0_max"].values(), default=None),
+            "sink_rate_lifted": finite_mean(layers["sink_rate_lifted"].values()),
+            "alpha0_uniform": finite_mean(layers["alpha0_uniform"].values()),
         }
 
     def headlines(self, opts, summaries) -> list:
         return [
             ("alpha0_max", "α₀ of the strongest head"),
             ("a0_early_max", f"A_i0 at i < {opts.early_queries}, strongest early reader"),
+            ("alpha0_uniform", "α₀ of uniform attention (its baseline)"),
             ("sink_rate", f"sink rate, α₀ > {opts.sink_eps:g} (mean over layers)"),
+            ("lift0_max", "λ₀, key-0 lift of the strongest head (1 = uniform)"),
+            (
+                "sink_rate_lifted",
+                f"sink rate, α₀ > {opts.sink_eps:g} and λ₀ ≥ {opts.sink_lift:g} (mean over layers)",
+            ),
         ]
 
     def figures(self, groups, out, opts) -> dict:
         return {
             "sinks": plots.head_maps(
                 out / "sinks", groups, "sink_alpha0", "α₀, mean A_i0", vmin=0.0
-            )
+            ),
+            "lift": plots.head_maps(
+                out / "sink_lift", groups, "sink_lift", "λ₀, mean n_i A_i0 (1 = uniform)", vmin=0.0
+            ),
         }
 
     def sections(self, opts) -> list:
-        return [Section("Sinks: α₀ per layer and head", ("sinks",))]
+        return [Section("Sinks: α₀ and the key-0 lift λ₀ per layer and head", ("sinks", "lift"))]
 
 
 STAGE = Sinks(
     name="sinks",
     order=30,
     reads=("blocks.{l}.attn.pattern",),
-    metrics={m: ATTN for m in ("sink_alpha0", "a0_early", "sink_gain", "sink_rate")},
+    metrics={
+        m: ATTN
+        for m in (
+            "sink_alpha0",
+            "sink_alpha0_uniform",
+            "sink_lift",
+            "a0_early",
+            "sink_gain",
+            "sink_rate",
+            "sink_rate_lifted",
+        )
+    },
 )
