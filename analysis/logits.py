@@ -23,6 +23,10 @@ class LogitStats(NamedTuple):
     share_num: torch.Tensor  # (H,) sum R^A R^B over visible pairs
     share_den: torch.Tensor  # (H,) sum M~^A M~^B over visible pairs
     mean: torch.Tensor  # (H, P) mean logits M over all sequences, packed
+    signal_key0: torch.Tensor  # (H, T) the key-0 column's part of signal (the rest: j >= 1)
+    key0_boot: torch.Tensor  # (R, H, T) its bootstrap replicates, the same resamples
+    signal_null: torch.Tensor  # (R, H, T) signal with random signs on the B blocks: no signal
+    key0_null: torch.Tensor  # (R, H, T) the same for the key-0 part
 
     @property
     def abs_share(self) -> torch.Tensor:
@@ -45,10 +49,19 @@ def logit_stats(
     cross = torch.stack(
         [measures.split_half_signal(r, res[1::2], design) for r in res[0::2]]
     )  # (nA, nB, H, T)
-    signal = torch.einsum("a,b,abhi->hi", count_a, count_b, cross) / (count_a.sum() * count_b.sum())
+    cross_key0 = torch.stack(
+        [measures.split_half_key0(r, res[1::2], design) for r in res[0::2]]
+    )  # (nA, nB, H, T)
+    total = count_a.sum() * count_b.sum()
+    signal = torch.einsum("a,b,abhi->hi", count_a, count_b, cross) / total
+    signal_key0 = torch.einsum("a,b,abhi->hi", count_a, count_b, cross_key0) / total
     wa, wb = boot_a * count_a, boot_b * count_b
     wa, wb = wa / wa.sum(1, keepdim=True), wb / wb.sum(1, keepdim=True)
     signal_boot = torch.einsum("ra,rb,abhi->rhi", wa, wb, cross)
+    key0_boot = torch.einsum("ra,rb,abhi->rhi", wa, wb, cross_key0)
+    flips = sign_flips(len(boot_b), len(count_b))  # (R, nB)
+    signal_null = torch.einsum("a,rb,abhi->rhi", count_a, flips * count_b, cross) / total
+    key0_null = torch.einsum("a,rb,abhi->rhi", count_a, flips * count_b, cross_key0) / total
     halves = []
     for half, count in ((0, count_a), (1, count_b)):
         w = count / count.sum()
@@ -66,7 +79,22 @@ def logit_stats(
         share_num=share_num,
         share_den=share_den,
         mean=sums.mean(),
+        signal_key0=signal_key0,
+        key0_boot=key0_boot,
+        signal_null=signal_null,
+        key0_null=key0_null,
     )
+
+
+def sign_flips(replicates: int, blocks: int, seed: int = 6) -> torch.Tensor:
+    """(replicates, blocks) balanced random signs (as many +1 as -1; a middle block of an odd
+    count gets 0). Flipping half B's blocks so keeps the noise of the split-half product and
+    cancels the signal exactly (equal block counts), so these replicates show the floor that
+    noise alone gives at this N."""
+    gen = torch.Generator().manual_seed(seed)
+    signs = torch.tensor([1.0] * (blocks // 2) + [-1.0] * (blocks // 2) + [0.0] * (blocks % 2))
+    order = torch.stack([torch.randperm(blocks, generator=gen) for _ in range(replicates)])
+    return signs.double()[order]
 
 
 def pooled(signal: torch.Tensor) -> torch.Tensor:

@@ -96,6 +96,22 @@ def split_half_signal(res_a: torch.Tensor, res_b: torch.Tensor, design: TwoWayDe
     return per_query(res_a.double() * res_b.double(), design) / design.rows
 
 
+def split_half_key0(res_a: torch.Tensor, res_b: torch.Tensor, design: TwoWayDesign):
+    """The key-0 column's share of split_half_signal: R^A_i0 R^B_i0 / n_i, (..., T). The rest,
+    keys j >= 1, is split_half_signal minus this (version 3, item 1)."""
+    key0 = design.offset == design.query  # pairs (i, 0)
+    products = res_a[..., key0].double() * res_b[..., key0].double()  # broadcast like the rest
+    out = products.new_zeros(*products.shape[:-1], len(design.rows))
+    return out.index_add_(-1, design.query[key0], products) / design.rows
+
+
+def clamp_once(signed_mean) -> torch.Tensor:
+    """sqrt(max(0, a signed split-half mean square)) of an aggregate: version 3 sums signed
+    products over queries, heads and layers first and clamps once (clamping each query first
+    adds a positive floor from noise alone)."""
+    return torch.as_tensor(signed_mean, dtype=torch.float64).clamp(min=0).sqrt()
+
+
 def c_res(signed_square: torch.Tensor) -> torch.Tensor:
     """C_res(i) = sqrt(max(0, split-half mean square))."""
     return signed_square.clamp(min=0).sqrt()

@@ -405,3 +405,116 @@ def test_massive_ratio_and_value_drain_recover_planted_scales_and_read_one_witho
     drain = measures.value_drain(out).mean(0)
     assert drain[2].item() == pytest.approx(0.01, rel=0.1)
     assert drain[[0, 1, 3]].sub(1).abs().max() < 0.05
+
+
+# ------------------------------------------------------------------ v3: C_res by key, clamped once
+STUDY_N, STUDY_T, STUDY_H = 128, 256, 4  # the study's sequences, length and heads
+
+
+def low_rank_stats(plant, n=STUDY_N, content=1.7, rank=2, seed=7):
+    """logit_stats of relative logits + per-query offsets + `plant`, with per-sequence content
+    noise q_i.k_j of low rank (c_content about `content`, as in the study)."""
+    H, T = plant.shape[0], plant.shape[-1]
+    visible = attention_mask(T)
+    base, _ = relative_plus_offsets(H, T, visible)
+    gen = torch.Generator().manual_seed(seed)
+    sums = LogitSums(16, H, visible)
+    scale = content / (rank**0.5 * 0.8)  # mean |q.k| of unit Gaussians is ~0.8 sqrt(rank)
+    for start in range(0, n, 8):
+        rows = torch.arange(start, min(start + 8, n))
+        q = torch.randn(len(rows), H, T, rank, generator=gen, dtype=torch.float64)
+        k = torch.randn(len(rows), H, T, rank, generator=gen, dtype=torch.float64)
+        scores = base + plant + scale * q @ k.transpose(-1, -2)
+        sums.add(scores.masked_fill(~visible, float("-inf")), rows)
+    wa, wb = bootstrap_weights(8, 200, 1), bootstrap_weights(8, 200, 2)
+    return logit_stats(sums, measures.two_way_design(visible), wa, wb)
+
+
+def early_parts(stats, k=16):
+    """(signed early mean, its bootstrap SE, 95% null floor) of each part, pooled over heads."""
+    whole = (stats.signal, stats.signal_boot, stats.signal_null)
+    key0 = (stats.signal_key0, stats.key0_boot, stats.key0_null)
+    rest = tuple(a - b for a, b in zip(whole, key0, strict=True))
+    out = {}
+    for name, (signed, boot, null) in zip(
+        ("all", "key0", "rest"), (whole, key0, rest), strict=True
+    ):
+        signed, boot, null = signed.mean(-2), boot.mean(-2), null.mean(-2)
+        floor = torch.quantile(measures.clamp_once(null[:, 1:k].mean(-1)), 0.95)
+        out[name] = (signed[1:k].mean().item(), boot[:, 1:k].mean(-1).std().item(), floor.item())
+    return out
+
+
+def truth_parts(plant, k=16):
+    """The planted signal's parts without noise: the residue of the noise-free plant."""
+    T = plant.shape[-1]
+    design = measures.two_way_design(attention_mask(T))
+    residue = measures.two_way_fit(measures.pack(plant, design), design).residue
+    whole = measures.split_half_signal(residue, residue, design).mean(-2)[1:k].mean().item()
+    key0 = measures.split_half_key0(residue, residue, design).mean(-2)[1:k].mean().item()
+    return {"all": whole, "key0": key0, "rest": whole - key0}
+
+
+def test_the_key0_split_is_exact_on_a_nested_loop():
+    T = 9
+    visible = attention_mask(T, 4)
+    design = measures.two_way_design(visible)
+    ra, rb = randn(2, len(design.pairs)), randn(2, len(design.pairs))
+    a, b = measures.unpack(ra, design), measures.unpack(rb, design)
+    got = measures.split_half_key0(ra, rb, design)
+    for i in range(T):
+        n_i = int(visible[i].sum())
+        expected = a[:, i, 0] * b[:, i, 0] / n_i if visible[i, 0] else torch.zeros(2)
+        assert torch.allclose(got[:, i], expected.double())
+
+
+def test_a_planted_key0_term_is_found_in_the_key0_part_at_the_studys_scale():
+    """s_i0 += cos(i / 3) in every head: an absolute term through key 0 only."""
+    plant = torch.zeros(STUDY_H, STUDY_T, STUDY_T, dtype=torch.float64)
+    plant[:, :, 0] = torch.cos(torch.arange(STUDY_T, dtype=torch.float64) / 3)
+    est, truth = early_parts(low_rank_stats(plant)), truth_parts(plant)
+    signed, se, floor = est["key0"]
+    assert abs(signed - truth["key0"]) < 3 * se + 0.1 * truth["key0"]  # recovered in size
+    assert measures.clamp_once(signed) > 2 * floor  # and far above the no-signal floor
+    rest, rest_se, _ = est["rest"]  # what the fit's a(i) spreads onto the other keys
+    assert abs(rest - truth["rest"]) < 3 * rest_se + 0.1 * abs(truth["rest"])
+    assert signed > 2 * rest  # most of it is attributed to key 0
+
+
+def test_a_planted_key_position_term_is_found_in_the_rest_at_the_studys_scale():
+    """s_ij += cos(j / 3) for keys j >= 1: absolute position written into content keys."""
+    key_term = torch.cos(torch.arange(STUDY_T, dtype=torch.float64) / 3)
+    plant = key_term.expand(STUDY_H, STUDY_T, STUDY_T).clone()
+    plant[:, :, 0] = 0.0
+    est, truth = early_parts(low_rank_stats(plant)), truth_parts(plant)
+    signed, se, floor = est["rest"]
+    assert abs(signed - truth["rest"]) < 3 * se + 0.1 * truth["rest"]
+    assert measures.clamp_once(signed) > 2 * floor
+    key0, key0_se, _ = est["key0"]
+    assert abs(key0 - truth["key0"]) < 3 * key0_se + 0.1 * abs(truth["key0"])
+    assert signed > 5 * abs(key0)  # written into content keys, not into key 0
+
+
+def naive_early_c_res(stats, k=16):
+    """Version 2's aggregate: each query clamped at 0 first, then the root of their mean."""
+    return measures.c_res(stats.signal.mean(-2)[1:k]).pow(2).mean().sqrt().item()
+
+
+def test_no_signal_stays_within_3_se_of_zero_where_per_query_clamping_reads_a_floor():
+    """Six experiments with nothing planted, at the study's scale. The clamped-once aggregate's
+    signed mean is unbiased: zero within 3 standard errors, and under its floor. Version 2's
+    estimator, each query clamped at 0 first, fails the same test: it is positive in every
+    experiment, its mean many standard errors from zero."""
+    signed, naive = [], []
+    zero = torch.zeros(STUDY_H, STUDY_T, STUDY_T, dtype=torch.float64)
+    for seed in range(6):
+        stats = low_rank_stats(zero, seed=seed)
+        est = early_parts(stats)
+        for part, (value, se, floor) in est.items():
+            assert abs(value) < 3 * se, (seed, part)
+            assert measures.clamp_once(value) <= floor + 1e-12 or abs(value) < 3 * se
+        signed.append(est["all"][0])
+        naive.append(naive_early_c_res(stats) ** 2)
+    signed, naive = torch.tensor(signed), torch.tensor(naive)
+    assert abs(signed.mean()) < 3 * signed.std() / 6**0.5
+    assert naive.min() > 0 and naive.mean() > 3 * naive.std() / 6**0.5  # the naive floor

@@ -40,6 +40,7 @@ class MeanLogits(Stage):
             for i in range(analysis.T):
                 add("c_mask", st.c_mask[:, i].mean(), layer=l, query=i)
                 add("c_content", content[l][i], layer=l, query=i)
+            record_parts(analysis, l, st)
 
     def per_layer(self, rows, opts) -> dict:
         k = opts.early_queries
@@ -58,16 +59,39 @@ class MeanLogits(Stage):
         }
 
     def headline(self, rows, layers, opts) -> dict:
-        return {
+        out = {
             key: finite_mean(layers[key].values())
             for key in ("c_res_early", "c_content", "abs_share")
         }
+        for part in PARTS:  # v3: layers >= 1, signed means pooled, clamped once
+            signed = [
+                r["value"]
+                for r in rows
+                if r["metric"] == "c_res_early_signed"
+                and r["condition"] == f"part={part}"
+                and r["layer"] >= 1
+            ]
+            mean = finite_mean(signed)
+            out[f"c_res_early_v3_{part}"] = (
+                None if mean is None else float(measures.clamp_once(mean))
+            )
+        return out
 
     def headlines(self, opts, summaries) -> list:
         return [
             ("c_res_early", f"C_res at queries 1–{opts.early_queries - 1} (mean over layers)"),
             ("c_content", "c_content: content variation of logits (mean over layers)"),
             ("abs_share", "abs_share (mean over layers)"),
+            *(
+                (
+                    f"c_res_early_v3_{part}",
+                    f"C_res v3, {label}, queries 1–{opts.early_queries - 1}, layers ≥ 1 "
+                    "(signed, clamped once)",
+                )
+                for part, label in zip(
+                    PARTS, ("all keys", "key 0 only", "keys j ≥ 1"), strict=False
+                )
+            ),
         ]
 
     def figures(self, groups, out, opts) -> dict:
@@ -131,6 +155,48 @@ def record_signal(analysis, layer: int, signal, boot, head) -> None:
         add("c_res_signal", signal[i], layer=layer, head=head, query=i, std=se[i], n=n)
 
 
+def parts(st) -> dict:
+    """{part: (signed, bootstrap, null)} pooled over heads, (T,), (R, T), (R, T): the whole
+    split-half signal, its key-0 column and the rest (keys j >= 1)."""
+    whole = (st.signal, st.signal_boot, st.signal_null)
+    key0 = (st.signal_key0, st.key0_boot, st.key0_null)
+    rest = tuple(a - b for a, b in zip(whole, key0, strict=True))
+    return {
+        name: tuple(t.mean(-2) for t in p)
+        for name, p in zip(PARTS, (whole, key0, rest), strict=False)
+    }
+
+
+def record_parts(analysis, layer: int, st) -> None:
+    """Version 3, items 1 and 2: C_res split into the key-0 column and the rest, per query
+    (clamped: for plots) and at early queries as one aggregate, summed signed and clamped
+    once, with its bootstrap SE and the no-signal floor of this N (sign flips of half B)."""
+    add, k = analysis.rec.add, min(analysis.opts.early_queries, analysis.T)
+    for part, (signed, boot, null) in parts(st).items():
+        if part != "all":
+            for i in range(analysis.T):
+                add(f"c_res_{part}", measures.c_res(signed[i]), layer=layer, query=i)
+        cond = f"part={part}"
+        mean, boot_mean = signed[1:k].mean(), boot[:, 1:k].mean(-1)
+        lo, hi = percentile_interval(boot_mean)
+        se, n = boot_mean.std(), analysis.opts.seqs
+        add("c_res_early_signed", mean, layer=layer, condition=cond, std=se, lo=lo, hi=hi, n=n)
+        low, high = measures.clamp_once(lo), measures.clamp_once(hi)
+        add(
+            "c_res_early_v3",
+            measures.clamp_once(mean),
+            layer=layer,
+            condition=cond,
+            lo=low,
+            hi=high,
+        )
+        floor = torch.quantile(measures.clamp_once(null[:, 1:k].mean(-1)), 0.95)
+        add("c_res_early_floor", floor, layer=layer, condition=cond, n=n)
+
+
+PARTS = ("all", "key0", "rest")
+
+
 def content_deviation(analysis, tokens: torch.Tensor, base) -> list[torch.Tensor]:
     """c_content(i) per layer: mean over sequences and visible j of |s_ij - M_ij|, pooled
     over heads. M must be known first, so this is a second pass, over the first
@@ -156,6 +222,19 @@ STAGE = MeanLogits(
     order=20,
     reads=("blocks.{l}.attn.scores",),
     metrics={
-        m: ATTN for m in ("c_res", "c_res_signal", "abs_share", "c_mask", "g_rel", "c_content")
+        m: ATTN
+        for m in (
+            "c_res",
+            "c_res_signal",
+            "abs_share",
+            "c_mask",
+            "g_rel",
+            "c_content",
+            "c_res_key0",
+            "c_res_rest",
+            "c_res_early_signed",
+            "c_res_early_v3",
+            "c_res_early_floor",
+        )
     },
 )
