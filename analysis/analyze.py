@@ -36,6 +36,7 @@ class Pass(NamedTuple):
     probe_data: list[probes.ProbeData]  # per residual site, half A (base pass only)
     first_column: list[torch.Tensor]  # per attention layer: A_i0, (N, H, T) (base pass only)
     probe_r2_log: list[float] | None  # the base probes scored on half B (interventions only)
+    sums: list[LogitSums]  # per attention layer: the block sums the stats came from
 
 
 class Analysis:
@@ -122,7 +123,7 @@ class Analysis:
         stream(self.model, tokens, consumers, self.batch, list(interventions))
         stats = [logit_stats(s, self.design, self.boot_a, self.boot_b) for s in sums]
         r2 = [s.result().r2 for s in scorers] if fitted else None
-        return Pass(stats, data, first, r2)
+        return Pass(stats, data, first, r2, sums)
 
     def _probe_data(self, d: int) -> probes.ProbeData:
         return probes.ProbeData(d, self.opts.probe_folds)

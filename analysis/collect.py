@@ -196,3 +196,14 @@ class LogitSums:
     def mean(self) -> torch.Tensor:
         """Packed mean logits over all sequences."""
         return self.sums.double().sum(0) / self.counts.sum()
+
+    def prefix(self, k: int) -> LogitSums:
+        """The same sums restricted to queries i < k (keys j <= i < k): what an analysis at
+        length k would have accumulated from the same sequences' prefixes."""
+        T = self.visible.shape[0]
+        keep = self.pairs // T < k  # pairs are ordered by query: a prefix of the packing
+        view = LogitSums.__new__(LogitSums)
+        view.visible, view.dtype, view.counts = self.visible[:k, :k], self.dtype, self.counts
+        view.pairs = view.visible.flatten().nonzero()[:, 0]
+        view.sums = self.sums[..., keep]
+        return view

@@ -33,6 +33,8 @@ class Options:
     fingerprint_seqs: int = 32
     fingerprint_query: int = 8  # query i at which a head's position-0 output is compared
     early_k: tuple = (8, 16, 32, 64)  # BOS replacement: removed share over queries i < k
+    fit_queries: int = 64  # K_fit: version 3's early-query C_res comes from a two-way fit on
+    # the queries i < K_fit only, so it does not depend on the analysed length
     swaps: tuple = ("mean", "token", "random", "zeros")
     knockout: bool = True  # key-0 knockout in all layers at once
     knockout_per_layer: bool = False  # also one layer at a time (one more pass per layer)

@@ -518,3 +518,36 @@ def test_no_signal_stays_within_3_se_of_zero_where_per_query_clamping_reads_a_fl
     signed, naive = torch.tensor(signed), torch.tensor(naive)
     assert abs(signed.mean()) < 3 * signed.std() / 6**0.5
     assert naive.min() > 0 and naive.mean() > 3 * naive.std() / 6**0.5  # the naive floor
+
+
+def test_the_local_fit_gives_identical_early_statistics_at_T_and_at_4T():
+    """The same prefixes analysed at T and at 4T: a causal model computes the same logits at
+    queries i < T, so the fit on i < K_fit gives the same early-query numbers (version 2's
+    fit over every query does not: queries it never compared with move its reference)."""
+    from posleak.analysis.stages.mean_logits import parts
+
+    T, H, k_fit = 64, 2, 32
+    gen = torch.Generator().manual_seed(8)
+    long_visible = attention_mask(4 * T)
+    base = randn(H, 4 * T, 4 * T, gen=gen)  # content-free but not relative: something to fit
+    sums_long = LogitSums(16, H, long_visible)
+    sums_short = LogitSums(16, H, attention_mask(T))
+    for start in range(0, 64, 16):
+        rows = torch.arange(start, start + 16)
+        scores = base + randn(16, H, 4 * T, 4 * T, gen=gen)
+        sums_long.add(scores.masked_fill(~long_visible, float("-inf")), rows)
+        short = scores[..., :T, :T]
+        sums_short.add(short.masked_fill(~attention_mask(T), float("-inf")), rows)
+    wa, wb = bootstrap_weights(8, 50, 1), bootstrap_weights(8, 50, 2)
+
+    def local(sums):
+        design = measures.two_way_design(attention_mask(k_fit))
+        return parts(logit_stats(sums.prefix(k_fit), design, wa, wb))
+
+    a, b = local(sums_long), local(sums_short)
+    for part in a:
+        assert torch.allclose(a[part][0][:16], b[part][0][:16], atol=1e-6), part
+    full_long = logit_stats(sums_long, measures.two_way_design(long_visible), wa, wb)
+    full_short = logit_stats(sums_short, measures.two_way_design(attention_mask(T)), wa, wb)
+    pooled_long, pooled_short = full_long.signal.mean(0)[1:16], full_short.signal.mean(0)[1:16]
+    assert not torch.allclose(pooled_long, pooled_short, atol=1e-3)  # version 2's fit moves

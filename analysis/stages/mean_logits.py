@@ -13,7 +13,7 @@ import torch
 
 from posleak.analysis import measures, plots
 from posleak.analysis.collect import stream
-from posleak.analysis.logits import pooled
+from posleak.analysis.logits import logit_stats, pooled
 from posleak.analysis.records import (
     by_layer,
     early_square_sum,
@@ -41,6 +41,7 @@ class MeanLogits(Stage):
                 add("c_mask", st.c_mask[:, i].mean(), layer=l, query=i)
                 add("c_content", content[l][i], layer=l, query=i)
             record_parts(analysis, l, st)
+            record_parts(analysis, l, local_fit(analysis, ctx.base.sums[l]), "c_res_local")
 
     def per_layer(self, rows, opts) -> dict:
         k = opts.early_queries
@@ -63,11 +64,11 @@ class MeanLogits(Stage):
             key: finite_mean(layers[key].values())
             for key in ("c_res_early", "c_content", "abs_share")
         }
-        for part in PARTS:  # v3: layers >= 1, signed means pooled, clamped once
+        for part in PARTS:  # v3: the local fit, layers >= 1, signed means pooled, clamped once
             signed = [
                 r["value"]
                 for r in rows
-                if r["metric"] == "c_res_early_signed"
+                if r["metric"] == "c_res_local_signed"
                 and r["condition"] == f"part={part}"
                 and r["layer"] >= 1
             ]
@@ -86,7 +87,7 @@ class MeanLogits(Stage):
                 (
                     f"c_res_early_v3_{part}",
                     f"C_res v3, {label}, queries 1–{opts.early_queries - 1}, layers ≥ 1 "
-                    "(signed, clamped once)",
+                    f"(fit on i < {opts.fit_queries}, signed, clamped once)",
                 )
                 for part, label in zip(
                     PARTS, ("all keys", "key 0 only", "keys j ≥ 1"), strict=False
@@ -167,31 +168,34 @@ def parts(st) -> dict:
     }
 
 
-def record_parts(analysis, layer: int, st) -> None:
+def local_fit(analysis, sums):
+    """Version 3, item 3: the two-way fit on the sub-triangle of queries i < K_fit only."""
+    k = min(analysis.opts.fit_queries, analysis.T)
+    design = measures.two_way_design(analysis.visible[:k, :k])
+    return logit_stats(sums.prefix(k), design, analysis.boot_a, analysis.boot_b)
+
+
+def record_parts(analysis, layer: int, st, prefix: str = "c_res_early") -> None:
     """Version 3, items 1 and 2: C_res split into the key-0 column and the rest, per query
-    (clamped: for plots) and at early queries as one aggregate, summed signed and clamped
-    once, with its bootstrap SE and the no-signal floor of this N (sign flips of half B)."""
+    (clamped: for plots; from the full fit only) and at early queries as one aggregate,
+    summed signed and clamped once, with its bootstrap SE and the no-signal floor of this N
+    (balanced sign flips of half B). `prefix` names the aggregate's metrics: c_res_early
+    (the fit over every query, as in version 2) or c_res_local (the fit on i < K_fit)."""
     add, k = analysis.rec.add, min(analysis.opts.early_queries, analysis.T)
     for part, (signed, boot, null) in parts(st).items():
-        if part != "all":
+        if part != "all" and prefix == "c_res_early":
             for i in range(analysis.T):
                 add(f"c_res_{part}", measures.c_res(signed[i]), layer=layer, query=i)
         cond = f"part={part}"
         mean, boot_mean = signed[1:k].mean(), boot[:, 1:k].mean(-1)
         lo, hi = percentile_interval(boot_mean)
         se, n = boot_mean.std(), analysis.opts.seqs
-        add("c_res_early_signed", mean, layer=layer, condition=cond, std=se, lo=lo, hi=hi, n=n)
+        add(f"{prefix}_signed", mean, layer=layer, condition=cond, std=se, lo=lo, hi=hi, n=n)
         low, high = measures.clamp_once(lo), measures.clamp_once(hi)
-        add(
-            "c_res_early_v3",
-            measures.clamp_once(mean),
-            layer=layer,
-            condition=cond,
-            lo=low,
-            hi=high,
-        )
+        value = measures.clamp_once(mean)
+        add(f"{prefix}_v3", value, layer=layer, condition=cond, lo=low, hi=high)
         floor = torch.quantile(measures.clamp_once(null[:, 1:k].mean(-1)), 0.95)
-        add("c_res_early_floor", floor, layer=layer, condition=cond, n=n)
+        add(f"{prefix}_floor", floor, layer=layer, condition=cond, n=n)
 
 
 PARTS = ("all", "key0", "rest")
@@ -235,6 +239,9 @@ STAGE = MeanLogits(
             "c_res_early_signed",
             "c_res_early_v3",
             "c_res_early_floor",
+            "c_res_local_signed",
+            "c_res_local_v3",
+            "c_res_local_floor",
         )
     },
 )
