@@ -487,16 +487,14 @@ def write_report(study: Study, out: Path) -> Path:
         f"finished runs (of {planned} planned) in {len(study.summaries)} variants; "
         f"definitions version {DEFINITIONS} ({compare.definitions_link(out)}). Differences are "
         f"paired by seed; **higher**/**lower** marks a 95% t-interval that excludes 0 with at "
-        f"least {MIN_SEEDS} seeds. The full variant comparison is in "
-        "[comparison/report.md](comparison/report.md).",
+        f"least {MIN_SEEDS} seeds. Every measurement of every variant, side by side: "
+        f"`posleak compare {study.sweep_dir}`.",
         "",
     ]
     with_figures = (claim_a, emergence, position_readout, extrapolation, training)
     for section in (claim_a, claim_b, claim_c, inference_ntk, emergence, *with_figures[2:]):
         lines += [*(section(study, out) if section in with_figures else section(study)), ""]
     lines += scale_note(study)
-    text = {v: study.summaries[v] for v in study.text}
-    compare.write_report({v: study.groups[v] for v in text}, text, out / "comparison", REFERENCE)
     report = out / "report.md"
     atomic_write(report, "\n".join(lines))
     return report

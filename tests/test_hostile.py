@@ -297,20 +297,28 @@ def test_grid_values_with_slashes_stay_inside_the_sweep_directory(tmp_path):
     assert "/" not in run.name and run.name.startswith("rope-source")
 
 
-def test_sigterm_to_a_sweep_checkpoints_its_children_and_leaves_no_orphans(tmp_path):
+def sweep_under_way(tmp_path, steps: int, ckpt_every: int, lines: int):
+    """A one-run sweep in its own process, once its run has logged `lines` metrics records:
+    (the sweep's process, the run's folder, the training child's pid)."""
     path = sweep(tmp_path, 'seeds = [0]\n[variants.rope]\nmodel.position = "rope"\n')
-    base = tmp_path / "base.toml"
-    write_config(base, tiny_overrides(train__steps=2000, train__ckpt_every=500))
+    write_config(
+        tmp_path / "base.toml", tiny_overrides(train__steps=steps, train__ckpt_every=ckpt_every)
+    )
     out = tmp_path / "s"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "posleak", "sweep", str(path), "--out", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     run = out / expand(read_sweep(path))[0].name
+    metrics = run / "metrics.jsonl"
     while proc.poll() is None and not (
-        (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().split()) > 20
+        metrics.exists() and len(metrics.read_text().split()) > lines
     ):
         time.sleep(0.02)
-    child = json.loads((run / ".lock").read_text())["pid"]
+    return proc, run, json.loads((run / ".lock").read_text())["pid"]
+
+
+def test_sigterm_to_a_sweep_checkpoints_its_children_and_leaves_no_orphans(tmp_path):
+    proc, run, child = sweep_under_way(tmp_path, steps=2000, ckpt_every=500, lines=20)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate()
     assert proc.returncode == 130, err
@@ -873,18 +881,7 @@ def test_a_large_dry_run_prints_every_run(tmp_path, capsys):
 
 
 def test_a_sigkilled_sweeps_child_checkpoints_and_stops(tmp_path):
-    path = sweep(tmp_path, 'seeds = [0]\n[variants.rope]\nmodel.position = "rope"\n')
-    write_config(tmp_path / "base.toml", tiny_overrides(train__steps=5000, train__ckpt_every=1000))
-    out = tmp_path / "s"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "posleak", "sweep", str(path), "--out", str(out)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    run = out / expand(read_sweep(path))[0].name
-    while proc.poll() is None and not (
-        (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().split()) > 5
-    ):
-        time.sleep(0.02)
-    child = json.loads((run / ".lock").read_text())["pid"]
+    proc, run, child = sweep_under_way(tmp_path, steps=5000, ckpt_every=1000, lines=5)
     proc.kill()
     proc.communicate()
     while running(child):  # it stops after its current step: bounded work, no deadline

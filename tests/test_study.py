@@ -52,7 +52,7 @@ def test_study_small_runs_end_to_end_at_a_tiny_budget(tmp_path):
         assert claim in text, claim
     assert "| markov-nope |" in text and "| sink |" in text
     assert text.count("not detected at this scale") + text.count("**") >= 3
-    assert (tmp_path / "report" / "comparison" / "report.md").exists()
+    assert not (tmp_path / "report" / "comparison").exists()  # the comparison is compare's
     assert (tmp_path / "report" / "emergence.png").exists()
     steps = sorted(p.name for p in (out).glob("rope-s0-*/analysis-step*"))
     assert steps == ["analysis-step4"]  # every kept checkpoint but the last (the base analysis)
