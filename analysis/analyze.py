@@ -18,7 +18,7 @@ import torch
 
 from posleak.analysis import measures, plots, stages
 from posleak.analysis import probe as probes
-from posleak.analysis.collect import LogitSums, Subject, run_subject, store, stream
+from posleak.analysis.collect import LogitSums, Subject, each, run_subject, store, stream
 from posleak.analysis.folder import AnalysisDir
 from posleak.analysis.logits import LogitStats, logit_stats
 from posleak.analysis.options import Options
@@ -35,7 +35,9 @@ class Pass(NamedTuple):
     logits: list[LogitStats]  # per attention layer
     probe_data: list[probes.ProbeData]  # per residual site, half A (base pass only)
     first_column: list[torch.Tensor]  # per attention layer: A_i0, (N, H, T) (base pass only)
-    probe_r2_log: list[float] | None  # the base probes scored on half B (interventions only)
+    probe_r2_log: list[float] | None  # transfer R^2: the base probes on half B (interventions)
+    probe_refit_r2_log: list[float] | None  # a probe refit on the intervened half A, scored
+    # on the intervened half B: the position information left (interventions only)
     sums: list[LogitSums]  # per attention layer: the block sums the stats came from
 
 
@@ -118,22 +120,35 @@ class Analysis:
         else:
             n_b = len(self.halves(len(tokens))[1])
             scorers = [probes.Scorer(p["log"], self.positions, n_b) for p in fitted]
+            d = self.model.cfg.d_model
+            data = [self._probe_data(d) for _ in self.resid_names]  # half A, for the refit
+            held = [probes.ProbeData(d, 1) for _ in self.resid_names]  # half B's moments
             for site, name in enumerate(self.resid_names):
-                consumers[name] = self._held_out(scorers[site].add)
+                consumers[name] = each(
+                    [
+                        self._held_out(scorers[site].add),
+                        self._probe_collector(data[site]),
+                        self._probe_collector(held[site], half=1),
+                    ]
+                )
         stream(self.model, tokens, consumers, self.batch, list(interventions))
         stats = [logit_stats(s, self.design, self.boot_a, self.boot_b) for s in sums]
-        r2 = [s.result().r2 for s in scorers] if fitted else None
-        return Pass(stats, data, first, r2, sums)
+        if fitted is None:
+            return Pass(stats, data, first, None, None, sums)
+        r2 = [s.result().r2 for s in scorers]
+        refit = [probes.r2_of_moments(a.fit("log"), b) for a, b in zip(data, held, strict=True)]
+        return Pass(stats, [], first, r2, refit, sums)
 
     def _probe_data(self, d: int) -> probes.ProbeData:
         return probes.ProbeData(d, self.opts.probe_folds)
 
-    def _probe_collector(self, data: probes.ProbeData):
-        """A consumer adding half-A sequences (even rows) to a probe's sums; fold by sequence."""
+    def _probe_collector(self, data: probes.ProbeData, half: int = 0):
+        """A consumer adding half A's sequences (even rows; half=1: odd rows, half B) to a
+        probe's sums, folded by sequence."""
         P = len(self.positions)
 
         def consume(resid, rows):
-            mine = rows % 2 == 0
+            mine = rows % 2 == half
             x = resid[mine, self.opts.probe_min_pos :]
             groups = (rows[mine] // 2).repeat_interleave(P)
             data.add(x.reshape(-1, x.shape[-1]), self.positions.repeat(len(x)), groups)

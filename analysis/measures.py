@@ -210,6 +210,44 @@ def knock_out_key0(pattern: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def knock_out_key(pattern: torch.Tensor, key: int) -> torch.Tensor:
+    """The control knockout: A_ij for key j = `key` set to 0 for queries i > key, each row
+    rescaled to its original total (knock_out_key0 is key = 0)."""
+    out = pattern.clone()
+    rows = out[..., key + 1 :, :]
+    total = rows.sum(-1, keepdim=True)
+    rows[..., key] = 0.0
+    rest = rows.sum(-1, keepdim=True)
+    out[..., key + 1 :, :] = rows * torch.where(rest > 0, total / rest, 0.0)
+    return out
+
+
+def knock_out_equal_mass(pattern: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The equal-mass control: from key keys[i] (an earlier key, >= 1) of each query i >= 1,
+    remove as much attention as key 0 holds (at most what that key holds), each row rescaled
+    to its original total. keys (T,) long; what a random key of key 0's mass contributes."""
+    out = pattern.clone()
+    T = pattern.shape[-1]
+    i = torch.arange(1, T)
+    j = keys[1:].to(pattern.device)
+    total = out[..., 1:, :].sum(-1, keepdim=True)
+    mass = torch.minimum(out[..., i, 0], out[..., i, j])
+    out[..., i, j] = out[..., i, j] - mass
+    rest = out[..., 1:, :].sum(-1, keepdim=True)
+    out[..., 1:, :] = out[..., 1:, :] * torch.where(rest > 0, total / rest, 0.0)
+    return out
+
+
+def random_earlier_keys(seq_len: int, window: int | None, seed: int) -> torch.Tensor:
+    """For each query i >= 1 a key drawn uniformly among its visible keys other than 0."""
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.zeros(seq_len, dtype=torch.long)
+    for i in range(1, seq_len):
+        first = 1 if window is None else max(1, i - window + 1)
+        keys[i] = int(torch.randint(first, i + 1, (1,), generator=gen))
+    return keys
+
+
 def removed_fraction(swapped_sq: torch.Tensor, original_sq: torch.Tensor) -> float:
     """1 - sum C_swap(i)^2 / sum C(i)^2 over the given queries; NaN when the original is 0."""
     den = original_sq.double().sum()

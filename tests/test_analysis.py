@@ -240,6 +240,8 @@ METRIC_NAMES = {
     "knockout_removed",
     "knockout_removed_c_mask",
     "knockout_probe_r2_log",
+    "knockout_probe_refit_r2_log",
+    "bos_swap_probe_refit_r2_log",
     "shift_js",
     "loss_by_position",
     "loss_mean",
@@ -435,3 +437,26 @@ def test_the_mass_parked_on_a_sink_logit_is_read_per_head(tmp_path):
     parked = [r["value"] for r in analysis.rec.rows if r["metric"] == "sink_virtual_mass"]
     expected = sum(1 / (i + 2) for i in range(1, analysis.T)) / (analysis.T - 1)
     assert parked == pytest.approx([expected] * 4)
+
+
+def test_knockouts_report_a_bounded_refit_beside_the_transfer_and_run_their_controls(runs):
+    analysis = analysis_of(runs / "nope-s0", SMALL)
+    ctx = analysis.context(analysis.tokens(16, analysis.T, "analysis")[:, : analysis.T])
+    stage("probes").run(analysis, ctx)
+    stage("key-0 knockout").run(analysis, ctx)
+    rows = analysis.rec.rows
+
+    def values(metric, condition):
+        return [r["value"] for r in rows if r["metric"] == metric and r["condition"] == condition]
+
+    for label in ("layer=all", "layer=all,key=1", "layer=all,key=random"):
+        refit, transfer = (
+            values("knockout_probe_refit_r2_log", label),
+            values("knockout_probe_r2_log", label),
+        )
+        assert len(refit) == len(transfer) == 3 and all(r <= 1 for r in refit)
+        assert values("knockout_removed", label + ",k=all")
+    assert (
+        values("knockout_probe_refit_r2_log", "layer=all")[-1]
+        >= values("knockout_probe_r2_log", "layer=all")[-1]
+    )

@@ -551,3 +551,41 @@ def test_the_local_fit_gives_identical_early_statistics_at_T_and_at_4T():
     full_short = logit_stats(sums_short, measures.two_way_design(attention_mask(T)), wa, wb)
     pooled_long, pooled_short = full_long.signal.mean(0)[1:16], full_short.signal.mean(0)[1:16]
     assert not torch.allclose(pooled_long, pooled_short, atol=1e-3)  # version 2's fit moves
+
+
+# ------------------------------------------------------------------ v3: controls and the refit
+def test_the_refit_score_from_moments_equals_scoring_row_by_row():
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(40, 15, 6, generator=gen, dtype=torch.float64) + 3.0
+    positions = torch.arange(1, 16)
+    x[..., 0] += 0.2 * torch.log1p(positions.double())
+    a, b = x[0::2], x[1::2]
+    fitted = probe.fit(
+        a.reshape(-1, 6), positions.repeat(20), torch.arange(20).repeat_interleave(15), "log"
+    )
+    held = probe.ProbeData(6, 1)
+    held.add(b.reshape(-1, 6), positions.repeat(20), torch.zeros(300, dtype=torch.long))
+    assert probe.r2_of_moments(fitted, held) == pytest.approx(
+        probe.score(fitted, b, positions).r2, abs=1e-9
+    )
+
+
+def test_control_knockouts_follow_their_definitions_on_a_nested_loop():
+    T = 7
+    p = torch.softmax(randn(2, 3, T, T).masked_fill(~attention_mask(T), float("-inf")), -1)
+    assert torch.equal(measures.knock_out_key(p, 0), measures.knock_out_key0(p))
+    k1 = measures.knock_out_key(p, 1)
+    assert torch.equal(k1[..., :2, :], p[..., :2, :]) and k1[..., 2:, 1].abs().max() == 0
+    assert torch.allclose(k1.sum(-1), p.sum(-1))
+    keys = measures.random_earlier_keys(T, None, seed=0)
+    assert all(1 <= keys[i] <= i for i in range(1, T))
+    eq = measures.knock_out_equal_mass(p, keys)
+    for b in range(2):
+        for h in range(3):
+            for i in range(1, T):
+                row = p[b, h, i].clone()
+                j = int(keys[i])
+                row[j] -= min(row[0], row[j])
+                row = row * p[b, h, i].sum() / row.sum()
+                assert torch.allclose(eq[b, h, i], row)
+    assert torch.equal(eq[..., 0, :], p[..., 0, :])

@@ -37,6 +37,8 @@ class BosSwap(Stage):
                     )
             for site, r2 in enumerate(swapped.probe_r2_log):
                 analysis.rec.add("bos_swap_probe_r2_log", r2, layer=site, condition=kind)
+                refit = swapped.probe_refit_r2_log[site]
+                analysis.rec.add("bos_swap_probe_refit_r2_log", refit, layer=site, condition=kind)
 
     def per_layer(self, rows, opts) -> dict:
         k = opts.early_queries
@@ -96,5 +98,6 @@ STAGE = BosSwap(
         "bos_swap_removed": ATTN,
         "bos_swap_removed_c_mask": ATTN,
         "bos_swap_probe_r2_log": RESID,
+        "bos_swap_probe_refit_r2_log": RESID,
     },
 )

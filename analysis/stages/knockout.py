@@ -18,20 +18,47 @@ class Knockout(Stage):
         per_layer = list(range(analysis.L)) if analysis.opts.knockout_per_layer else []
         for target in [*per_layer, "all"]:
             knock_out(analysis, ctx, target)
+        keys = measures.random_earlier_keys(analysis.T, analysis.window, analysis.subject.seed)
+        controls = {  # version 3, item 8: the same in every layer, but of another key
+            "key=1": lambda pattern, name: measures.knock_out_key(pattern, 1),
+            "key=random": lambda pattern, name: measures.knock_out_equal_mass(pattern, keys),
+        }
+        for label, hook in controls.items():
+            knock_out(analysis, ctx, "all", hook, label)
 
     def per_layer(self, rows, opts) -> dict:
-        return {
-            "knockout_probe_r2_log": by_layer(rows, "knockout_probe_r2_log", condition="layer=all")
-        }
+        out = {}
+        for label, suffix in (("layer=all", ""), ("layer=all,key=1", "_key1")):
+            for metric in ("knockout_probe_r2_log", "knockout_probe_refit_r2_log"):
+                out[metric + suffix] = by_layer(rows, metric, condition=label)
+        return out
 
     def headline(self, rows, layers, opts) -> dict:
-        knocked, intact = layers["knockout_probe_r2_log"], layers["probe_r2_log"]
-        if not knocked or not intact:
-            return {}
-        return {"knockout_probe_r2_log_drop": intact[max(intact)] - knocked[max(knocked)]}
+        intact = layers["probe_r2_log"]
+        out = {}
+        for name in ("knockout_probe_refit_r2_log", "knockout_probe_refit_r2_log_key1"):
+            if layers[name]:
+                out[name + "_last"] = layers[name][max(layers[name])]
+        knocked = layers["knockout_probe_r2_log"]
+        if knocked and intact:
+            out["knockout_probe_r2_log_drop"] = intact[max(intact)] - knocked[max(knocked)]
+        return out
 
     def headlines(self, opts, summaries) -> list:
-        return [("knockout_probe_r2_log_drop", "probe R² lost by key-0 knockout (last layer)")]
+        return [
+            (
+                "knockout_probe_refit_r2_log_last",
+                "probe R² refit after key-0 knockout (last layer): position left",
+            ),
+            (
+                "knockout_probe_refit_r2_log_key1_last",
+                "the same after the key-1 control knockout",
+            ),
+            (
+                "knockout_probe_r2_log_drop",
+                "transfer R² drop by key-0 knockout (original probe; unbounded)",
+            ),
+        ]
 
     def figures(self, groups, out, opts) -> dict:
         draw = lambda ax: plots.knockout_curve(ax, groups)  # noqa: E731
@@ -41,14 +68,20 @@ class Knockout(Stage):
         return [Section("Key-0 knockout", ("knockout",))]
 
 
-def knock_out(analysis, ctx, target) -> None:
-    """The knockout in one layer (an int) or in every layer ("all")."""
+def knock_out(analysis, ctx, target, hook=None, control: str | None = None) -> None:
+    """The key-0 knockout (or a control `hook` of that shape, labelled `control`) in one
+    layer (an int) or in every layer ("all"): what it removes of C_res and C_mask, the
+    original probes' transfer R^2, and the R^2 of probes refit on the knocked-out states."""
     layers = range(analysis.L) if target == "all" else [target]
-    hooks = [(f"blocks.{l}.attn.pattern", _knockout) for l in layers]
+    hooks = [(f"blocks.{l}.attn.pattern", hook or _knockout) for l in layers]
     knocked = analysis.measure(ctx.tokens, hooks, fitted=ctx.fitted)
-    record_removal(analysis, "knockout", f"layer={target}", ctx.base, knocked)
-    for site, r2 in enumerate(knocked.probe_r2_log):
-        analysis.rec.add("knockout_probe_r2_log", r2, layer=site, condition=f"layer={target}")
+    label = f"layer={target}" + (f",{control}" if control else "")
+    record_removal(analysis, "knockout", label, ctx.base, knocked)
+    for site, (r2, refit) in enumerate(
+        zip(knocked.probe_r2_log, knocked.probe_refit_r2_log, strict=True)
+    ):
+        analysis.rec.add("knockout_probe_r2_log", r2, layer=site, condition=label)
+        analysis.rec.add("knockout_probe_refit_r2_log", refit, layer=site, condition=label)
 
 
 def _knockout(pattern, name):
@@ -63,5 +96,6 @@ STAGE = Knockout(
         "knockout_removed": ATTN,
         "knockout_removed_c_mask": ATTN,
         "knockout_probe_r2_log": RESID,
+        "knockout_probe_refit_r2_log": RESID,
     },
 )
