@@ -23,7 +23,16 @@ from posleak.analysis.records import mean_std
 from posleak.analysis.stages import STAGES
 from posleak.files import atomic_write, safe_dir
 from posleak.log import log
-from posleak.report import MIN_SEEDS, mean_interval, number, paired_difference, table
+from posleak.report import (
+    MIN_SEEDS,
+    holm,
+    mean_interval,
+    minimum_detectable,
+    number,
+    paired_difference,
+    sign_flip_p,
+    table,
+)
 from posleak.train.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,24 +144,36 @@ def level_table(summaries: dict, rows) -> list[str]:
 
 
 def difference_table(summaries: dict, reference: str, rows) -> list[str]:
-    """Paired-by-seed differences from the reference with 95% t-intervals."""
+    """Paired-by-seed differences from the reference with 95% t-intervals. The table is one
+    family: a finding needs a Holm-adjusted t-test p < 0.05 over every tested cell of it.
+    Below 6 seeds the exact sign-flip p stands beside; every null names the smallest
+    difference it could have detected (80% power)."""
     others = [v for v in summaries if v != reference]
-    body = []
-    for key, label in rows:
-        ref = by_seed(summaries[reference], key)
-        cells = [label]
-        for v in others:
-            d = paired_difference(by_seed(summaries[v], key), ref)
-            if d is None:
-                cells.append("–")
-            elif d.n < MIN_SEEDS:
-                interval = "" if d.n < 2 else f" [{number(d.lo)}, {number(d.hi)}]"
-                cells.append(f"{number(d.mean)}{interval} (n={d.n} < {MIN_SEEDS}: no test)")
-            else:
-                mark = " **finding**" if d.finding else ""
-                cells.append(f"{number(d.mean)} [{number(d.lo)}, {number(d.hi)}]{mark}")
-        body.append(cells)
+    cells = {
+        (key, v): paired_difference(by_seed(summaries[v], key), by_seed(summaries[reference], key))
+        for key, _ in rows
+        for v in others
+    }
+    tested = [c for c, d in cells.items() if d is not None and d.n >= MIN_SEEDS]
+    adjusted = dict(zip(tested, holm([cells[c].p for c in tested]), strict=True))
+    body = [[label, *(_difference(cells[key, v], adjusted.get((key, v))) for v in others)]
+            for key, label in rows]  # fmt: skip
     return table(["metric", *(f"{v} − {reference}" for v in others)], body)
+
+
+def _difference(d, holm_p: float | None) -> str:
+    if d is None:
+        return "–"
+    if d.n < MIN_SEEDS:
+        interval = "" if d.n < 2 else f" [{number(d.lo)}, {number(d.hi)}]"
+        return f"{number(d.mean)}{interval} (n={d.n} < {MIN_SEEDS}: no test)"
+    text = f"{number(d.mean)} [{number(d.lo)}, {number(d.hi)}], p {number(d.p, 2)}"
+    text += f", Holm {number(holm_p, 2)}"
+    if d.n < 6:
+        text += f", sign-flip p {number(sign_flip_p(list(d.diffs)), 2)}"
+    if holm_p < 0.05:
+        return text + " **finding**"
+    return text + f"; not detected (MDE {number(minimum_detectable(d.sd, d.n), 2)})"
 
 
 def draw_figures(groups: dict, out: Path, opts: Options) -> dict:
@@ -218,8 +239,12 @@ def _tables(summaries: dict, reference: str, rows) -> list[str]:
         f"## Differences from `{reference}`, paired by seed",
         "",
         f"Mean difference over the seeds both variants share, with a 95% t-interval (n − 1 "
-        f"degrees of freedom). **finding**: the interval excludes 0 with at least {MIN_SEEDS} "
-        "seeds; any other difference is not established at this scale.",
+        f"degrees of freedom) and the paired t-test's p. The table is one family: "
+        f"**finding** means a Holm-adjusted p below 0.05 over all its tested cells, with at "
+        f"least {MIN_SEEDS} seeds. Below 6 seeds the exact sign-flip p stands beside (with 3 "
+        "seeds it cannot go below 0.25). A null names its minimum detectable effect (MDE: the "
+        "difference a two-sided 5% test finds with 80% power at this spread and n); it is "
+        "not detected at this scale, not shown absent.",
         "",
         *difference_table(summaries, reference, rows),
     ]

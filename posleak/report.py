@@ -41,11 +41,24 @@ class PairedDifference(NamedTuple):
     lo: float  # 95% t-interval (NaN with a single pair)
     hi: float
     n: int
+    diffs: tuple = ()  # the paired differences themselves
 
     @property
     def finding(self) -> bool:
-        """Enough paired seeds and an interval that excludes zero."""
+        """Enough paired seeds and an interval that excludes zero (before any correction)."""
         return self.n >= MIN_SEEDS and (self.lo > 0 or self.hi < 0)
+
+    @property
+    def sd(self) -> float:
+        m = self.mean
+        return math.sqrt(sum((d - m) ** 2 for d in self.diffs) / (self.n - 1))
+
+    @property
+    def p(self) -> float:
+        """The paired t-test's two-sided p-value (1 when the differences do not vary)."""
+        if self.sd == 0:
+            return 0.0 if self.mean != 0 else 1.0
+        return t_two_sided_p(self.mean / (self.sd / math.sqrt(self.n)), self.n - 1)
 
 
 def paired_difference(values: dict, reference: dict) -> PairedDifference | None:
@@ -60,14 +73,94 @@ def paired_difference(values: dict, reference: dict) -> PairedDifference | None:
     n = len(diffs)
     mean = sum(diffs) / n
     if n < 2:
-        return PairedDifference(mean, math.nan, math.nan, n)
+        return PairedDifference(mean, math.nan, math.nan, n, tuple(diffs))
     sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
     half = t_quantile_975(n - 1) * sd / math.sqrt(n)
-    return PairedDifference(mean, mean - half, mean + half, n)
+    return PairedDifference(mean, mean - half, mean + half, n, tuple(diffs))
 
 
 def _finite(x) -> bool:
     return x is not None and math.isfinite(x)
+
+
+# One-sided 80% quantiles t_{0.80, df} for df = 1..30 (the power term of the detectable effect).
+_T80 = (
+    1.3764, 1.0607, 0.9785, 0.9410, 0.9195, 0.9057, 0.8960, 0.8889, 0.8834, 0.8791,
+    0.8755, 0.8726, 0.8702, 0.8681, 0.8662, 0.8647, 0.8633, 0.8620, 0.8610, 0.8600,
+    0.8591, 0.8583, 0.8575, 0.8569, 0.8562, 0.8557, 0.8551, 0.8546, 0.8542, 0.8538,
+)  # fmt: skip
+_Z80 = 0.8416212335729143
+
+
+def t_quantile_80(df: int) -> float:
+    if df < 1:
+        raise ValueError(f"a t quantile needs at least 1 degree of freedom, got {df}")
+    return _T80[df - 1] if df <= len(_T80) else _Z80 + (_Z80**3 + _Z80) / (4 * df)
+
+
+def t_two_sided_p(t: float, df: int) -> float:
+    """P(|T| >= |t|) for Student's t with df degrees of freedom: the regularised incomplete
+    beta function I_x(df/2, 1/2) at x = df / (df + t^2), by its continued fraction."""
+    x = df / (df + t * t)
+    return _incomplete_beta(x, df / 2, 0.5)
+
+
+def _incomplete_beta(x: float, a: float, b: float) -> float:
+    if x <= 0:
+        return 0.0
+    if x >= 1:
+        return 1.0
+    front = math.exp(
+        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    )
+    if x > (a + 1) / (a + b + 2):  # the fraction converges fast only on this side
+        return 1.0 - _incomplete_beta(1 - x, b, a)
+    c, d, f = 1.0, 1.0 - (a + b) * x / (a + 1), 0.0
+    d = 1.0 / (d if abs(d) > 1e-300 else 1e-300)
+    f = d
+    for m in range(1, 300):
+        for numerator in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > 1e-300 else 1e-300)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > 1e-300 else 1e-300
+            f *= c * d
+        if abs(c * d - 1.0) < 1e-14:
+            break
+    return front * f / a
+
+
+def sign_flip_p(diffs: list[float]) -> float:
+    """The exact two-sided sign-flip p-value of a mean of paired differences: the share of
+    the 2^n sign patterns whose |mean| reaches the observed one (n <= 20)."""
+    n = len(diffs)
+    if not 1 <= n <= 20:
+        raise ValueError(f"the exact sign-flip test enumerates 2^n patterns; n = {n}")
+    observed = abs(sum(diffs)) - 1e-12 * sum(abs(d) for d in diffs)
+    hits = 0
+    for pattern in range(1 << n):
+        total = sum(d if pattern >> k & 1 else -d for k, d in enumerate(diffs))
+        hits += abs(total) >= observed
+    return hits / (1 << n)
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values (same order as given)."""
+    order = sorted(range(len(pvalues)), key=lambda k: pvalues[k])
+    adjusted, running = [0.0] * len(pvalues), 0.0
+    for rank, k in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[k]))
+        adjusted[k] = running
+    return adjusted
+
+
+def minimum_detectable(sd: float, n: int) -> float:
+    """The smallest mean difference a two-sided 5% paired t-test detects with 80% power at
+    n pairs and this spread: (t_{0.975, n-1} + t_{0.80, n-1}) sd / sqrt(n)."""
+    return (t_quantile_975(n - 1) + t_quantile_80(n - 1)) * sd / math.sqrt(n)
 
 
 def mean_interval(values) -> tuple[float, float, float, int] | None:

@@ -460,3 +460,26 @@ def test_knockouts_report_a_bounded_refit_beside_the_transfer_and_run_their_cont
         values("knockout_probe_refit_r2_log", "layer=all")[-1]
         >= values("knockout_probe_r2_log", "layer=all")[-1]
     )
+
+
+def test_the_difference_table_is_one_holm_family_and_names_the_mde_of_every_null():
+    from posleak.analysis.compare import difference_table
+    from posleak.report import paired_difference
+
+    seeds = range(8)
+    ref = [{"seed": s, "headline": {"x": 0.0, "y": 0.0, "z": 0.0}} for s in seeds]
+    other = [
+        {"seed": s, "headline": {"x": 1.0 + 0.01 * s, "y": 0.4 + 0.4 * (-1) ** s, "z": 0.0}}
+        for s in seeds
+    ]
+    other[0]["headline"]["z"] = 0.35  # z: one seed moved; y: a marginal effect
+    other[1]["headline"]["z"] = 0.30
+    other[2]["headline"]["z"] = 0.25
+    rows = [("x", "x"), ("y", "y"), ("z", "z")]
+    text = "\n".join(difference_table({"rope": ref, "b": other}, "rope", rows))
+    x_line, y_line, z_line = text.splitlines()[2:]
+    assert "**finding**" in x_line and "Holm" in x_line
+    d = paired_difference({s: other[s]["headline"]["y"] for s in seeds}, {s: 0.0 for s in seeds})
+    assert d.finding and d.p < 0.05  # uncorrected, the interval excludes 0 ...
+    assert "**finding**" not in y_line and "MDE" in y_line  # ... Holm over the family decides
+    assert "not detected" in z_line

@@ -589,3 +589,45 @@ def test_control_knockouts_follow_their_definitions_on_a_nested_loop():
                 row = row * p[b, h, i].sum() / row.sum()
                 assert torch.allclose(eq[b, h, i], row)
     assert torch.equal(eq[..., 0, :], p[..., 0, :])
+
+
+# ------------------------------------------------------------------ v3: statistics
+def t_density_integral(t: float, df: int, steps: int = 200_000) -> float:
+    """P(|T| >= |t|) by integrating Student's density numerically (an independent reference)."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    # substitute u = atan(x) to integrate over (|t|, inf) on a finite interval
+    lo, hi = math.atan(abs(t)), math.pi / 2
+    h = (hi - lo) / steps
+    total = 0.0
+    for k in range(steps):
+        u = lo + (k + 0.5) * h
+        x = math.tan(u)
+        total += c * (1 + x * x / df) ** (-(df + 1) / 2) * (1 + x * x) * h
+    return 2 * total
+
+
+@pytest.mark.parametrize("df", [1, 2, 4, 9, 29])
+def test_t_p_values_and_quantile_tables_agree_with_numerical_integration(df):
+    from posleak.report import t_quantile_80, t_two_sided_p
+
+    for t in (0.3, 1.0, 2.5, t_quantile_975(df)):
+        assert t_two_sided_p(t, df) == pytest.approx(t_density_integral(t, df), abs=1e-6)
+    assert t_density_integral(t_quantile_975(df), df) == pytest.approx(0.05, abs=1e-4)
+    assert t_density_integral(t_quantile_80(df), df) == pytest.approx(0.40, abs=1e-3)
+
+
+def test_sign_flips_holm_and_the_detectable_effect_follow_their_definitions():
+    from posleak.report import holm, minimum_detectable, sign_flip_p
+
+    assert sign_flip_p([1.0, 2.0, 3.0]) == 0.25  # all positive: 2 of 8 patterns as extreme
+    assert sign_flip_p([1.0, -1.0]) == 1.0
+    assert sign_flip_p([0.5, 0.4, 0.6, 0.55, 0.45, 0.5]) == pytest.approx(2 / 64)
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    # simulated power of the paired t-test at the MDE: about 80%
+    gen = torch.Generator().manual_seed(11)
+    n, sd = 7, 1.0
+    mde = minimum_detectable(sd, n)
+    d = mde + sd * torch.randn(4000, n, generator=gen, dtype=torch.float64)
+    t = d.mean(1) / (d.std(1) / n**0.5)
+    power = (t.abs() > t_quantile_975(n - 1)).double().mean().item()
+    assert power == pytest.approx(0.80, abs=0.03)
