@@ -140,7 +140,10 @@ def test_print_commands_gives_one_independent_command_per_valid_run(tmp_path):
 
 def test_ctrl_c_stops_cleanly_and_a_rerun_continues_exactly(tmp_path):
     body = 'seeds = [0]\n[variants.rope]\nmodel.position = "rope"\n'
-    path = sweep_file(tmp_path, body, train__steps=200, train__eval_every=50, train__ckpt_every=50)
+    # long enough that the signal always lands mid-run; no deadline, so a slow machine waits
+    path = sweep_file(
+        tmp_path, body, train__steps=1000, train__eval_every=100, train__ckpt_every=100
+    )
     out = tmp_path / "sweep"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "posleak", "sweep", str(path), "--out", str(out)]

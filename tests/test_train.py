@@ -129,7 +129,8 @@ def test_resume_refuses_a_changed_config_but_may_extend_the_budget(tmp_path):
 
 def test_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
     """SIGKILL a real training process mid-run, resume it, compare bit for bit."""
-    values = tiny_overrides(train__steps=300, train__ckpt_every=7, train__eval_every=50)
+    # long enough that the kill always lands mid-run; no deadline, so a slow machine waits
+    values = tiny_overrides(train__steps=1000, train__ckpt_every=7, train__eval_every=50)
     config = write_config(tmp_path / "tiny.toml", values)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     cmd = [sys.executable, "-m", "train", str(config), "--set", "train.threads=1"]
