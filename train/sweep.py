@@ -372,19 +372,23 @@ def dry_run(spec: dict, sweep_dir: Path) -> Iterator[PlannedRun]:
 
 
 def _terminate(signum, frame):
-    """SIGTERM stops a sweep as Ctrl-C does: children are told to checkpoint and waited for."""
+    """SIGINT and SIGTERM stop a sweep: children are told to checkpoint and waited for."""
     raise KeyboardInterrupt
 
 
 def run_sweep(sweep_dir: Path, runs: list[PlannedRun], jobs: int) -> bool:
     """Train every valid planned run, `jobs` at a time, and write the summary; False when
-    SIGINT or SIGTERM stopped it (every child checkpointed; the same call continues)."""
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    SIGINT or SIGTERM stopped it (every child checkpointed; the same call continues). Both
+    handlers are installed explicitly: a sweep started in the background of a script inherits
+    SIGINT ignored, and would otherwise run on through Ctrl-C."""
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, _terminate) for sig in stops}
     try:
         Executor(sweep_dir, runs, jobs).execute()
     except KeyboardInterrupt:
         return False
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         write_summary(sweep_dir, runs)
     return True
