@@ -22,6 +22,7 @@ from posleak.analysis.collect import LogitSums, Subject, each, run_subject, stor
 from posleak.analysis.folder import AnalysisDir
 from posleak.analysis.logits import LogitStats, logit_stats
 from posleak.analysis.options import Options
+from posleak.analysis.progress import Progress
 from posleak.analysis.records import Recorder
 from posleak.analysis.stats import bootstrap_weights
 from posleak.analysis.summary import run_report, summarise
@@ -82,11 +83,23 @@ class Analysis:
     def run_all(self) -> tuple[list[dict], dict]:
         """The base pass, then every registered stage in order (analysis/stages/)."""
         started = time.perf_counter()
-        ctx = self.context(self.tokens(self.opts.seqs, self.T, "analysis")[:, : self.T])
-        for stage in stages.STAGES:
-            if stage.enabled(self.opts):
+        enabled = [s for s in stages.STAGES if s.enabled(self.opts)]
+        plan = {"base pass": self.opts.seqs * self.T, **{s.name: s.work(self) for s in enabled}}
+        progress = Progress(plan)
+        counter = self.model.register_forward_pre_hook(
+            lambda module, args: progress.forwarded(args[0].numel() if args else 0)
+        )
+        try:
+            tokens = self.tokens(self.opts.seqs, self.T, "analysis")[:, : self.T]
+            progress.stage("base pass")  # after the draw: bad input fails before any line
+            ctx = self.context(tokens)
+            for stage in enabled:
+                progress.stage(stage.name)
                 with self._timed(stage.name):
                     stage.run(self, ctx)
+        finally:
+            counter.remove()
+            progress.close()
         return self.rec.rows, self.summary(time.perf_counter() - started)
 
     def context(self, tokens: torch.Tensor) -> stages.Context:
@@ -224,7 +237,9 @@ def check_device(name: str) -> None:
 def default_out(target: str | Path) -> Path:
     """RUN/analysis, or analyses/NAME for a pretrained model hf:.../NAME."""
     if str(target).startswith("hf:"):
-        return Path("analyses") / Path(str(target)[3:].rstrip("/")).name
+        from posleak.analysis.pretrained import short_name
+
+        return Path("analyses") / short_name(str(target)[3:])
     return Path(target) / "analysis"
 
 

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from posleak.data import BatchStream, DataConfig, vocab_size_of
+from posleak.data import BatchStream, DataConfig, make_source, vocab_size_of
 from posleak.train.config import RunConfig
 from posleak.train.rundir import RunDir
 
@@ -32,6 +33,7 @@ class Subject:
     info: dict  # for analysis.json: run, checkpoint, step, val_loss, ...
     extrapolate: bool = True  # T0 is a training length, so multiples of it mean something
     bos_policies: tuple = ("always", "never")  # those the sequences can be drawn with
+    copy_targets: Callable | None = None  # (N, L) tokens -> True where a token is a copy
 
 
 def run_subject(run_dir: str | Path, step: int | None = None, source: str | None = None) -> Subject:
@@ -67,6 +69,7 @@ def run_subject(run_dir: str | Path, step: int | None = None, source: str | None
         data=data.source,
         draw=draw,
         info=info,
+        copy_targets=getattr(make_source(data), "copy_targets", None),
     )
 
 
@@ -117,6 +120,26 @@ def stream(
         for start in range(0, len(tokens), batch_size):
             rows = torch.arange(start, min(start + batch_size, len(tokens)))
             model(tokens[rows].to(device))
+
+
+@torch.no_grad()
+def token_losses(
+    model: torch.nn.Module, tokens: torch.Tensor, max_attention: int, interventions: list = ()
+) -> torch.Tensor:
+    """Next-token loss of every position, (N, L - 1) for tokens (N, L), under interventions;
+    in batches bounded by the attention maps' and the logits' size."""
+    device = next(model.parameters()).device
+    T, cfg = tokens.shape[1], model.cfg
+    step = max(1, min(max_attention // (cfg.n_head * T * T), (1 << 25) // (T * cfg.vocab_size)))
+    out = []
+    with model.hooks(list(interventions)):
+        for chunk in tokens.to(device).split(step):
+            logits = model(chunk[:, :-1])
+            loss = F.cross_entropy(
+                logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="none"
+            )
+            out.append(loss.view(len(chunk), -1).double().cpu())
+    return torch.cat(out)
 
 
 def store(target: torch.Tensor, pick) -> Consumer:

@@ -25,12 +25,11 @@ from posleak.files import atomic_write, safe_dir
 from posleak.log import log
 from posleak.report import (
     MIN_SEEDS,
+    difference_cell,
     holm,
     mean_interval,
-    minimum_detectable,
     number,
     paired_difference,
-    sign_flip_p,
     table,
 )
 from posleak.train.rundir import RunDir
@@ -156,24 +155,9 @@ def difference_table(summaries: dict, reference: str, rows) -> list[str]:
     }
     tested = [c for c, d in cells.items() if d is not None and d.n >= MIN_SEEDS]
     adjusted = dict(zip(tested, holm([cells[c].p for c in tested]), strict=True))
-    body = [[label, *(_difference(cells[key, v], adjusted.get((key, v))) for v in others)]
+    body = [[label, *(difference_cell(cells[key, v], adjusted.get((key, v))) for v in others)]
             for key, label in rows]  # fmt: skip
     return table(["metric", *(f"{v} − {reference}" for v in others)], body)
-
-
-def _difference(d, holm_p: float | None) -> str:
-    if d is None:
-        return "–"
-    if d.n < MIN_SEEDS:
-        interval = "" if d.n < 2 else f" [{number(d.lo)}, {number(d.hi)}]"
-        return f"{number(d.mean)}{interval} (n={d.n} < {MIN_SEEDS}: no test)"
-    text = f"{number(d.mean)} [{number(d.lo)}, {number(d.hi)}], p {number(d.p, 2)}"
-    text += f", Holm {number(holm_p, 2)}"
-    if d.n < 6:
-        text += f", sign-flip p {number(sign_flip_p(list(d.diffs)), 2)}"
-    if holm_p < 0.05:
-        return text + " **finding**"
-    return text + f"; not detected (MDE {number(minimum_detectable(d.sd, d.n), 2)})"
 
 
 def draw_figures(groups: dict, out: Path, opts: Options) -> dict:

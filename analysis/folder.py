@@ -74,9 +74,17 @@ class AnalysisDir:
             lock.release()
 
     def write(self, rows: list[dict], summary: dict) -> None:
-        """records.jsonl and analysis.json, each atomically (inside writing())."""
+        """records.jsonl and analysis.json, each atomically (inside writing()). The run is
+        stored relative to this folder and the checkpoint relative to the run, so that a
+        moved or copied tree of runs still reads; read_summary() resolves them again."""
+        stored = dict(summary)
+        if _is_local(stored.get("run")):
+            run = Path(stored["run"]).absolute()
+            stored["run"] = os.path.relpath(run, self.path.absolute())
+            if stored.get("checkpoint"):
+                stored["checkpoint"] = os.path.relpath(Path(stored["checkpoint"]).absolute(), run)
         atomic_write(self.records_file, "".join(json.dumps(row) + "\n" for row in rows))
-        atomic_write(self.summary_file, json.dumps(summary, indent=2) + "\n")
+        atomic_write(self.summary_file, json.dumps(stored, indent=2) + "\n")
 
     def write_report(self, markdown: str) -> None:
         atomic_write(self.report_file, markdown)
@@ -102,4 +110,14 @@ class AnalysisDir:
                 f"{self.summary_file} is not an analysis summary (no variant); run `posleak "
                 "analyze` again to rewrite it"
             )
+        if _is_local(summary.get("run")):
+            run = os.path.normpath(self.path.absolute() / summary["run"])
+            summary["run"] = run
+            if summary.get("checkpoint"):
+                summary["checkpoint"] = os.path.normpath(Path(run) / summary["checkpoint"])
         return summary
+
+
+def _is_local(run) -> bool:
+    """A run folder's path, not a pretrained model's hf: name."""
+    return isinstance(run, str) and bool(run) and not run.startswith("hf:")

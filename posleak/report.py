@@ -189,3 +189,20 @@ def table(header: list[str], rows: list[list]) -> list[str]:
         return "| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |"
 
     return [line(header), "|" + "---|" * len(header), *(line(r) for r in rows)]
+
+
+def difference_cell(d: PairedDifference | None, holm_p: float | None) -> str:
+    """A paired difference for a table cell: interval, t-test p, Holm-adjusted p (the
+    table's family), the sign-flip p below 6 seeds, and **finding** or the MDE of a null."""
+    if d is None:
+        return "–"
+    if d.n < MIN_SEEDS:
+        interval = "" if d.n < 2 else f" [{number(d.lo)}, {number(d.hi)}]"
+        return f"{number(d.mean)}{interval} (n={d.n} < {MIN_SEEDS}: no test)"
+    text = f"{number(d.mean)} [{number(d.lo)}, {number(d.hi)}], p {number(d.p, 2)}"
+    text += f", Holm {number(holm_p, 2)}"
+    if d.n < 6:
+        text += f", sign-flip p {number(sign_flip_p(list(d.diffs)), 2)}"
+    if holm_p < 0.05:
+        return text + " **finding**"
+    return text + f"; not detected (MDE {number(minimum_detectable(d.sd, d.n), 2)})"

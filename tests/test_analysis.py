@@ -4,6 +4,8 @@ import dataclasses
 import json
 import math
 import re
+import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -11,10 +13,11 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_overrides
 
-from posleak.analysis import probe
+from posleak.analysis import measures, probe
 from posleak.analysis.analyze import Options, analysis_of, analyze
 from posleak.analysis.collect import collect, keep
 from posleak.analysis.compare import find_runs, load_groups, write_report
+from posleak.analysis.folder import AnalysisDir
 from posleak.analysis.records import FIELDS, read
 from posleak.analysis.stages import stage
 from posleak.analysis.stages.bos_swap import replacement
@@ -242,6 +245,9 @@ METRIC_NAMES = {
     "knockout_probe_r2_log",
     "knockout_probe_refit_r2_log",
     "bos_swap_probe_refit_r2_log",
+    "knockout_loss_change",
+    "knockout_loss_change_by_query",
+    "knockout_sink_heads",
     "shift_js",
     "loss_by_position",
     "loss_mean",
@@ -259,7 +265,16 @@ def test_analyze_writes_tidy_v2_records_summary_and_figures(runs):
     assert {r["variant"] for r in rows} == {"rope"} and {r["seed"] for r in rows} == {1}
     assert summary["per_layer"]["fingerprint_dispersion_bos"] == {0: 0.0, 1: 0.0, 2: 0.0}
     assert (out / "report.png").stat().st_size > 10_000
-    assert json.loads((out / "analysis.json").read_text())["step"] == 6
+    stored = json.loads((out / "analysis.json").read_text())
+    assert stored["step"] == 6
+    # paths are stored relative (the run to the folder, the checkpoint to the run), so a
+    # copied tree of runs reads back its own paths
+    assert stored["run"] == ".." and stored["checkpoint"] == "checkpoints/step_00000006"
+    moved = runs.parent / "moved-runs" / "rope-s1"
+    shutil.copytree(runs / "rope-s1", moved)
+    back = AnalysisDir(moved / "analysis").read_summary()
+    assert back["run"] == str(moved) and back["checkpoint"] == str(moved / stored["checkpoint"])
+    shutil.rmtree(moved.parent)
     probe_rows = [r for r in rows if r["metric"] == "probe_r2_log"]
     assert all(r["lo"] <= r["value"] <= r["hi"] for r in probe_rows)
     lengths = {r["condition"] for r in rows if r["metric"] == "loss_mean"}
@@ -483,3 +498,136 @@ def test_the_difference_table_is_one_holm_family_and_names_the_mde_of_every_null
     assert d.finding and d.p < 0.05  # uncorrected, the interval excludes 0 ...
     assert "**finding**" not in y_line and "MDE" in y_line  # ... Holm over the family decides
     assert "not detected" in z_line
+
+
+# ------------------------------------------------------------------ knockout loss (v3 item 7)
+def planted_sink_subject(gain: float, T: int = 24, n: int = 16):
+    """A one-head NoPE layer whose only non-zero value is BOS's and whose queries all score
+    BOS high: A_i0 = e^{s_i} / (e^{s_i} + i) and the head adds A_i0 * gain * n_0 e_4, in
+    closed form (no MLP). Returns the subject and the closed-form mean loss change of each
+    knockout rule, over all targets and over the targets the planted copy mask marks."""
+    from posleak.analysis.collect import Subject
+
+    V, d, bos = 13, 8, 10
+    model = Decoder(ModelConfig(vocab_size=V, n_layer=1, n_head=1, d_model=d, position="nope"))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.norm.weight.fill_(1.0)
+        layer = model.layers[0]
+        layer.input_layernorm.weight.fill_(1.0)
+        layer.post_attention_layernorm.weight.fill_(1.0)
+        emb = torch.zeros(V, d)
+        emb[:bos, 1] = 1.0
+        emb[:bos, 2:] = 0.5 * torch.randn(bos, d - 2, generator=gen)
+        emb[bos, 0] = 3.0
+        model.embed_tokens.weight.copy_(emb)
+        attn = layer.self_attn
+        attn.q_proj.weight[2, 1] = 1.6
+        attn.k_proj.weight[2, 0] = 1.6
+        attn.v_proj.weight[3, 0] = 1.0
+        attn.o_proj.weight[4, 3] = gain
+        unembed = torch.randn(V, d, generator=gen)
+        unembed[:, 4] = 0.0
+        unembed[bos:, 4] = -3.0  # the sink's output lowers the specials: it helps every target
+        model.lm_head.weight.copy_(unembed)
+    body = torch.randint(0, bos, (n, T + 1), generator=gen)
+    tokens = torch.cat([torch.full((n, 1), bos), body[:, 1:]], dim=1)  # (n, T + 1)
+    marked = lambda t: (t % 2 == 0) & (t < bos)  # noqa: E731  a stand-in copy mask
+
+    def rms(x):
+        return x / (x.double().pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
+
+    x = emb.double()[tokens[:, :T]]  # (n, T, d)
+    normed = rms(x)
+    score = (1.6 * normed[..., 1]) * (1.6 * normed[:, :1, 0]) / math.sqrt(d)  # s_i0
+    i = torch.arange(T, dtype=torch.float64)
+    a0 = torch.exp(score) / (torch.exp(score) + i)  # ordinary keys score 0
+    a0[:, 0] = 1.0
+    keys = measures.random_earlier_keys(T, None, 0)
+
+    def loss(a):
+        out = x.clone()
+        out[..., 4] += a * gain * normed[:, :1, 0]
+        logits = rms(out) @ model.lm_head.weight.double().T
+        return F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
+
+    base = loss(a0).view(n, T)
+    other = 1.0 / (torch.exp(score) + i)  # the weight of any one ordinary key
+    knocked = {"key=0": torch.where(i >= 1, 0.0, a0)}
+    knocked["key=1"] = torch.where(i > 1, a0 / (1 - other), a0)
+    mass = torch.minimum(a0, other)  # key keys[i] is ordinary for i >= 1
+    knocked["key=random"] = torch.where(i >= 1, a0 / (1 - mass), a0)
+    mask = torch.from_numpy(marked(tokens.numpy())[:, 1:])
+    expected = {}
+    for label, a in knocked.items():
+        change = loss(a).view(n, T) - base
+        expected[label, "all"] = change.mean().item()
+        expected[label, "copy"] = change[mask].mean().item()
+        expected[label, "other"] = change[~mask].mean().item()
+    subject = Subject(
+        model=model.eval(),
+        name="planted",
+        label={"variant": "planted", "seed": 0},
+        train_len=T,
+        bos="always",
+        seed=0,
+        data="planted",
+        draw=lambda k, L, b, s: tokens[:k, : L + 1],
+        info={},
+        copy_targets=lambda t: marked(t),
+    )
+    assert keys.min() >= 0
+    return subject, expected
+
+
+@pytest.mark.parametrize("gain", [0.0, 4.0])
+def test_knockout_loss_recovers_a_planted_sinks_closed_form_and_zero_without_one(gain):
+    from posleak.analysis.analyze import Analysis
+
+    subject, expected = planted_sink_subject(gain)
+    analysis = Analysis(subject, dataclasses.replace(SMALL, seqs=16))
+    ctx = analysis.context(analysis.tokens(16, analysis.T, "analysis")[:, : analysis.T])
+    stage("knockout loss").run(analysis, ctx)
+    got = {r["condition"]: r for r in analysis.rec.rows if r["metric"] == "knockout_loss_change"}
+    (heads,) = [r["value"] for r in analysis.rec.rows if r["metric"] == "knockout_sink_heads"]
+    assert heads == 1  # the planted head is a sink: alpha_0 > 0.3 and lambda_0 >= 5
+    for (label, group), value in expected.items():
+        row = got[f"{label},targets={group}"]
+        assert row["value"] == pytest.approx(value, abs=2e-5)
+        if gain == 0:
+            assert value == 0 and abs(row["value"]) < 1e-6  # no value to remove: no change
+    if gain:
+        assert expected["key=0", "all"] > 0.01  # the planted effect is clear...
+        row = got["key=0,targets=all"]
+        assert row["lo"] > 0  # ...and its interval excludes 0
+        excess = got["excess,targets=all"]["value"]
+        assert excess == pytest.approx(
+            expected["key=0", "all"] - expected["key=random", "all"], abs=2e-5
+        )
+    # one layer, one head: the sink-head knockout is the every-layer one
+    assert got["key=0,heads=sinks,targets=all"]["value"] == pytest.approx(
+        got["key=0,targets=all"]["value"], abs=1e-9
+    )
+
+
+def test_analysis_progress_names_each_stage_with_an_eta_from_its_planned_work(caplog):
+    import logging
+
+    from posleak.analysis.progress import Progress
+
+    progress = Progress({"base pass": 100, "probes": 300}, every=0.0, bar=False)
+    with caplog.at_level(logging.INFO, logger="posleak"):
+        progress.stage("base pass")
+        progress.forwarded(100)
+        progress.stage("probes")
+        progress.forwarded(150)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("[analyze] base pass (1/2) | 0% of forward tokens")
+    assert lines[0].endswith("eta ?")  # nothing forwarded yet: no rate
+    assert "probes (2/2) | 25%" in lines[2] and "| 62%" in lines[3]
+    assert progress.eta() == pytest.approx(
+        (time.perf_counter() - progress.started) / 250 * 150, rel=0.05, abs=0.01
+    )
+    assert all("eta 0:" in line for line in lines[1:])

@@ -1,5 +1,6 @@
 """Data: the defining property of each corpus, purity of batches, splits, and clear errors."""
 
+import itertools
 import math
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from posleak.data import BatchStream, ByteTokenizer, DataConfig, make_source
-from posleak.data.synthetic import Markov
+from posleak.data.synthetic import Backcopy, Markov, bigram_counts
 from posleak.data.tokenizer import Vocabulary
 
 
@@ -201,3 +202,64 @@ def test_markov_loss_floors_match_a_closed_form_and_an_empirical_estimate():
     probs = order2.transitions[context, seqs[:, 2:]]
     assert abs(-np.log(probs).mean() - order2.entropy_rate()) < 0.05
     assert order2.entropy_rate() < order2.unigram_entropy()
+
+
+def test_backcopy_table_is_the_normalised_pair_counts_of_the_commonest_bytes():
+    text = b"abracadabra!"  # a:5 b:2 r:2 c:1 d:1 !:1
+    alphabet, counts = bigram_counts(text, 3)
+    assert alphabet == b"abr"  # ties (b, r) by byte value
+    kept = [alphabet.index(c) for c in b"abraaabra"]  # c, d, ! dropped before pairing
+    expected = np.zeros((3, 3), dtype=int)
+    for x, y in itertools.pairwise(kept):
+        expected[x, y] += 1
+    assert (counts == expected).all()
+    chain = Backcopy.from_text(text, 3, "b")
+    assert np.allclose(chain.transitions, expected / expected.sum(axis=1, keepdims=True))
+    assert chain.triggers.tolist() == [1]
+    with pytest.raises(ValueError, match="backcopy_triggers"):
+        Backcopy.from_text(text, 3, "z")
+    with pytest.raises(ValueError, match="vocab_size"):
+        Backcopy.from_text(text, 7, "a")
+
+
+def test_backcopy_copies_exactly_after_triggers_and_marks_those_targets():
+    chain = make_source(DataConfig(source="backcopy", vocab_size=35, backcopy_triggers="eth"))
+    seqs = chain.sequences(np.uint64(3), np.arange(300), 200)
+    assert not chain.is_trigger[seqs[:, 0]].any()  # a copy's source is always in context
+    after = chain.is_trigger[seqs[:, 1:-1]]
+    assert (seqs[:, 2:][after] == seqs[:, :-2][after]).all()
+    marked = chain.copy_targets(seqs)
+    assert not marked[:, :2].any() and (marked[:, 2:] == after).all()
+    assert abs(after.mean() - chain.copy_fraction()) < 0.01
+    # where the chain is free, it does not copy more often than the table says
+    free = ~after & (chain.transitions[seqs[:, 1:-1], seqs[:, :-2]] < 0.5)
+    assert (seqs[:, 2:][free] == seqs[:, :-2][free]).mean() < 0.5
+    with_bos = (
+        BatchStream(DataConfig(source="backcopy", vocab_size=35, bos="always"), 0, "train", 8)
+        .batch(0)
+        .numpy()
+    )
+    shifted = chain.copy_targets(with_bos)
+    assert not shifted[:, :3].any()  # BOS, then a first token that is never a trigger
+    assert (with_bos[:, 2:][shifted[:, 2:]] == with_bos[:, :-2][shifted[:, 2:]]).all()
+
+
+def test_backcopy_loss_floors_match_a_renewal_argument_and_samples():
+    # tokens {0, 1}, trigger 1: "1" only ever appears as "0 1 0", so a cycle from a fresh 0
+    # is "0" (prob 1 - a) or "1 0" (prob a, one copy): copy share a / (1 + a), and every
+    # non-copy token is drawn from row 0, so its floor is h(a).
+    a = 0.3
+    chain = Backcopy(np.array([[1 - a, a], [0.6, 0.4]]), [1])
+    h = -(a * math.log(a) + (1 - a) * math.log(1 - a))
+    assert math.isclose(chain.copy_fraction(), a / (1 + a), rel_tol=1e-9)
+    assert math.isclose(chain.bigram_floor(), h, rel_tol=1e-9)
+    assert math.isclose(chain.entropy_rate(), h / (1 + a), rel_tol=1e-9)
+    assert chain.copy_floor() == 0.0
+    # a denser chain against the true predictor's loss on samples
+    rng = np.random.default_rng(0)
+    dense = Backcopy(rng.dirichlet(np.ones(5), size=5), [1, 3])
+    seqs = dense.sequences(np.uint64(5), np.arange(256), 400)
+    free = ~dense.copy_targets(seqs)[:, 1:]
+    probs = dense.transitions[seqs[:, :-1], seqs[:, 1:]][free]
+    assert abs(-np.log(probs).mean() - dense.bigram_floor()) < 0.02
+    assert abs((~free).mean() - dense.copy_fraction()) < 0.01

@@ -34,18 +34,24 @@ def posleak(*args, **kwargs):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, **kwargs)
 
 
-def test_study_small_runs_end_to_end_at_a_tiny_budget(tmp_path):
-    spec = (ROOT / "configs/sweeps/study-small.toml").read_text()
-    spec = spec.replace('base = "../', f'base = "{ROOT / "configs"}/')
-    spec = spec.replace("train.steps = 200", "train.steps = 8")  # Markov's own budget
-    sweep = tmp_path / "study-small.toml"
-    sweep.write_text(spec + TINY)
+def sweep_and_report(tmp_path, spec: str) -> tuple[str, Path]:
+    """Sweep `spec` at --jobs 2, write `posleak study`'s report on 8 sequences: its text and
+    the sweep folder."""
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text(spec)
     out = tmp_path / "sweep"
     done = posleak("sweep", sweep, "--out", out, "--jobs", "2")
     assert done.returncode == 0, done.stderr[-2000:]
     report = posleak("study", out, "--out", tmp_path / "report", "--seqs", "8")
     assert report.returncode == 0, report.stderr[-2000:]
-    text = (tmp_path / "report" / "report.md").read_text()
+    return (tmp_path / "report" / "report.md").read_text(), out
+
+
+def test_study_small_runs_end_to_end_at_a_tiny_budget(tmp_path):
+    spec = (ROOT / "configs/sweeps/study-small.toml").read_text()
+    spec = spec.replace('base = "../', f'base = "{ROOT / "configs"}/')
+    spec = spec.replace("train.steps = 200", "train.steps = 8")  # Markov's own budget
+    text, out = sweep_and_report(tmp_path, spec + TINY)
     assert "from the records of 19 finished runs (of 19 planned) in 9 variants" in text
     sections = ("## (a)", "## (b)", "## (c)", "Sink emergence", "4× its training length")
     for claim in (*sections, "Length extrapolation", "Training: loss curves", "## Scale"):
@@ -88,3 +94,43 @@ def test_deep_c_res_reads_only_layers_from_two_on():
     nothing = {"per_layer": {"c_res_early": {"0": 0.7, "1": 0.0, "2": 0.0, "3": 0.0}}}
     assert deep_c_res(nothing) == 0.0
     assert deep_c_res({"per_layer": {"c_res_early": {"0": 1.0, "1": 1.0}}}) is None
+
+
+def test_the_sink_study_runs_end_to_end_at_a_tiny_budget(tmp_path):
+    spec = (ROOT / "configs/sweeps/sinks.toml").read_text()
+    spec = spec.replace('base = "../', f'base = "{ROOT / "configs"}/')
+    spec = spec.replace("seeds = [0, 1, 2, 3, 4, 5, 6, 7]", "seeds = [0, 1]")
+    for dropped in ("nope", "learned"):  # the verdicts need rope, its no-BOS twin, sink, swa, ntk
+        spec = spec.replace(f'[variants.{dropped}]\npreset = "{dropped}"\n', "")
+    tiny = TINY.replace("model.n_layer = 3", "model.n_layer = 2").replace(
+        "n_head = 2", "n_head = 1"
+    )
+    text, _ = sweep_and_report(tmp_path, spec + tiny)
+    assert "# The sink study" in text
+    assert "from the records of 10 finished runs (of 10 planned) in 5 variants" in text
+    for section in ("## Training", "## (c)", "## (b)", "## (a)", "## Sink emergence"):
+        assert section in text, section
+    assert "| rope-nobos |" in text and "Loss floors of the corpus" in text
+    formed = text.split("`rope` formed a sink in ")[1].split(" ")[0]
+    assert formed in "012"
+    if formed == "0":  # 8 steps form no sink: the anchoring sentence must say so
+        assert "cannot be read here" in text
+    assert "C_res (RMS over queries 16–31" in text and "rotary pairs" in text
+    assert (tmp_path / "report" / "sink_emergence.png").exists()
+
+
+def test_sink_study_numbers_follow_their_definitions_on_hand_made_records():
+    from posleak.analysis.sink_study import c_res_beyond, removed_beyond_layer0
+
+    def row(layer, query, value, condition=None):
+        return {"metric": "c_res", "layer": layer, "query": query, "head": None,
+                "condition": condition, "value": value}  # fmt: skip
+
+    rows = [row(0, i, 5.0) for i in range(6)] + [row(0, i, 0.0, "swap=mean") for i in range(6)]
+    rows += [row(1, i, 2.0) for i in range(6)] + [row(1, i, 1.0, "swap=mean") for i in range(6)]
+    rows += [row(2, i, 1.0) for i in range(6)] + [row(2, i, 1.0, "swap=mean") for i in range(6)]
+    # layers >= 1, queries 1..3: base 3 * (4 + 1) = 15, swapped 3 * (1 + 1) = 6 -> 1 - 6/15
+    assert math.isclose(removed_beyond_layer0(rows, "mean", 4), 1 - 6 / 15)
+    assert removed_beyond_layer0(rows, "zeros", 4) is None
+    # queries >= 4 at layers 1 and 2: RMS 2 and 1 -> mean 1.5 (layer 0 left out)
+    assert math.isclose(c_res_beyond(rows, 4), 1.5)

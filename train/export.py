@@ -19,6 +19,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from posleak.data import ByteTokenizer
+from posleak.data.batches import SYNTHETIC
 from posleak.files import refuse_link, share
 from posleak.model import Decoder
 from posleak.train.config import RunConfig
@@ -209,9 +210,7 @@ def model_card(run: Path, model: Decoder, cfg: RunConfig, state: dict) -> str:
 
 
 def _byte_vocabulary(cfg: RunConfig, model: Decoder) -> bool:
-    return cfg.data.source not in ("uniform", "markov", "induction") and (
-        model.cfg.vocab_size == ByteTokenizer().size
-    )
+    return cfg.data.source not in SYNTHETIC and (model.cfg.vocab_size == ByteTokenizer().size)
 
 
 def _special_ids() -> dict:

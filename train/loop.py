@@ -237,7 +237,8 @@ class Run:
                 if self.step % t.log_every == 0 or evaluate:
                     record = self._record(loss, window_steps * tokens_per_step, window_start)
                     if evaluate:
-                        record["val_loss"] = last_val = self.evaluate()
+                        record.update(self.evaluate())
+                        last_val = record["val_loss"]
                     record_metrics(record)
                     window_start, window_steps = time.perf_counter(), 0
                 if self.step % t.ckpt_every == 0 or done or self._stop_signal:
@@ -249,7 +250,7 @@ class Run:
                     )
         summary = {
             "steps": self.step,
-            "final_val_loss": last_val if last_val is not None else self.evaluate(),
+            "final_val_loss": last_val if last_val is not None else self.evaluate()["val_loss"],
             "tokens": self.step * tokens_per_step,
             "elapsed_s": self.elapsed,
             "precision": self.precision,
@@ -338,14 +339,36 @@ class Run:
         )
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean loss over the first `eval_batches` validation batches (the same every time)."""
+    def evaluate(self) -> dict:
+        """val_loss: the mean loss over the first `eval_batches` validation batches (the same
+        every time). A corpus that marks its copy targets (backcopy) adds the mean loss over
+        copy targets and over the others, which have different floors."""
         self.model.eval()
-        total = 0.0
+        copies = getattr(self.val_stream.source, "copy_targets", None)
+        total, split = 0.0, torch.zeros(4, dtype=torch.float64)  # copy sum, n, other sum, n
         for i in range(self.cfg.train.eval_batches):
             tokens = self.val_stream.batch(i, self.rank, self.world).to(self.device)
             total += self._mean_over_ranks(self._loss(self.model, tokens))
-        return total / self.cfg.train.eval_batches
+            if copies is not None:
+                split += self._split_loss(tokens, copies)
+        out = {"val_loss": total / self.cfg.train.eval_batches}
+        if copies is not None:
+            if self.world > 1:
+                dist.all_reduce(split)
+            out["val_copy_loss"] = (split[0] / split[1]).item() if split[1] else None
+            out["val_bigram_loss"] = (split[2] / split[3]).item() if split[3] else None
+        return out
+
+    def _split_loss(self, tokens: torch.Tensor, copies) -> torch.Tensor:
+        with autocast(self.device, self.precision):
+            logits = self.model(tokens[:, :-1])
+        losses = F.cross_entropy(
+            logits.float().flatten(0, 1), tokens[:, 1:].flatten(), reduction="none"
+        ).double()
+        is_copy = torch.from_numpy(copies(tokens.cpu().numpy())[:, 1:]).flatten().to(losses.device)
+        return torch.stack(
+            [losses[is_copy].sum(), is_copy.sum(), losses[~is_copy].sum(), (~is_copy).sum()]
+        ).cpu()
 
     def _mean_over_ranks(self, value: torch.Tensor) -> float:
         if self.world > 1:
@@ -399,6 +422,8 @@ def progress_fields(record: dict, total: int) -> str:
     parts = [f"train loss {record['train_loss']:.4f}"]
     if "val_loss" in record:
         parts.append(f"val loss {record['val_loss']:.4f}")
+    if record.get("val_copy_loss") is not None:
+        parts.append(f"copy {record['val_copy_loss']:.3f} / bigram {record['val_bigram_loss']:.3f}")
     parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
     elapsed = record["elapsed_s"]
     eta = elapsed / record["step"] * (total - record["step"])

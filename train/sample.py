@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 
 from posleak.data import ByteTokenizer
-
-SYNTHETIC = ("uniform", "markov", "induction")
+from posleak.data.batches import SYNTHETIC
 
 
 @torch.no_grad()

@@ -52,6 +52,11 @@ class Stage:
     def run(self, analysis, ctx: Context) -> None:
         """Measure, and record rows through analysis.rec.add."""
 
+    def work(self, analysis) -> int:
+        """About how many tokens run() gives the model (for progress and ETA; 0 when it
+        reads only the base pass)."""
+        return 0
+
     def per_layer(self, rows: list[dict], opts: Options) -> dict:
         """{curve name: {layer: value}} for summary.json."""
         return {}

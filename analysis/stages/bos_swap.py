@@ -14,6 +14,9 @@ from posleak.analysis.stages.base import ATTN, RESID, Section, Stage
 
 
 class BosSwap(Stage):
+    def work(self, analysis) -> int:
+        return len(analysis.opts.swaps) * analysis.opts.seqs * analysis.T
+
     def run(self, analysis, ctx) -> None:
         for kind in analysis.opts.swaps:
             vector = replacement(analysis, kind, ctx.tokens)

@@ -5,13 +5,20 @@ multiples of the training length, and for RoPE models also with NTK scaling at i
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from posleak.analysis import plots
+from posleak.analysis.collect import token_losses
 from posleak.analysis.stages.base import RUN, Section, Stage
 
 
 class Extrapolation(Stage):
+    def work(self, analysis) -> int:
+        subject, cfg = analysis.subject, analysis.model.cfg
+        multiples = analysis.opts.extrapolation if subject.extrapolate else (1,)
+        T0 = subject.train_len if subject.extrapolate else analysis.T
+        scales = lambda m: 2 if cfg.scheme.inference_scale and m > 1 else 1  # noqa: E731
+        return sum(analysis.opts.extrapolation_seqs * T0 * m * scales(m) for m in multiples)
+
     def run(self, analysis, ctx) -> None:
         subject, cfg = analysis.subject, analysis.model.cfg
         T0 = subject.train_len if subject.extrapolate else analysis.T
@@ -66,23 +73,10 @@ class Extrapolation(Stage):
         return [Section("Length extrapolation", ("extrapolation",))]
 
 
-@torch.no_grad()
 def loss_by_position(analysis, tokens: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss at each position, in batches bounded by attention and logit size."""
-    model = analysis.model
-    total = torch.zeros(tokens.shape[1] - 1, dtype=torch.float64)
-    device = next(model.parameters()).device
-    T, cfg = tokens.shape[1], model.cfg
-    attention = analysis.opts.max_attention_elements // (cfg.n_head * T * T)
-    logits = (1 << 25) // (T * cfg.vocab_size)
-    step = max(1, min(attention, logits))  # sequences per forward pass
-    for chunk in tokens.to(device).split(step):
-        out = model(chunk[:, :-1])
-        loss = F.cross_entropy(
-            out.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="none"
-        ).cpu()
-        total += loss.view(len(chunk), -1).double().sum(0)
-    return total / len(tokens)
+    """Mean next-token loss at each position."""
+    opts = analysis.opts
+    return token_losses(analysis.model, tokens, opts.max_attention_elements).mean(0)
 
 
 STAGE = Extrapolation(

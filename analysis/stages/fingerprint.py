@@ -13,6 +13,9 @@ from posleak.analysis.stages.base import ATTN, RESID, Section, Stage
 
 
 class Fingerprint(Stage):
+    def work(self, analysis) -> int:
+        return 2 * analysis.opts.fingerprint_seqs * analysis.T
+
     def run(self, analysis, ctx) -> None:
         i_f = min(analysis.opts.fingerprint_query, analysis.T - 1)
         for condition, bos in (("bos", "always"), ("nobos", "never")):

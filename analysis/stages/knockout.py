@@ -11,6 +11,10 @@ from posleak.analysis.stages.base import ATTN, RESID, Section, Stage
 
 
 class Knockout(Stage):
+    def work(self, analysis) -> int:
+        passes = 3 + (analysis.L if analysis.opts.knockout_per_layer else 0)
+        return passes * analysis.opts.seqs * analysis.T
+
     def enabled(self, opts) -> bool:
         return opts.knockout
 

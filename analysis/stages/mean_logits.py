@@ -25,6 +25,9 @@ from posleak.analysis.stats import percentile_interval
 
 
 class MeanLogits(Stage):
+    def work(self, analysis) -> int:
+        return min(analysis.opts.content_seqs, analysis.opts.seqs) * analysis.T
+
     def run(self, analysis, ctx) -> None:
         add = analysis.rec.add
         content = content_deviation(analysis, ctx.tokens, ctx.base)

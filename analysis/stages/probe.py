@@ -18,6 +18,9 @@ TARGETS = (("linear", ""), ("log", "_log"))
 
 
 class Probe(Stage):
+    def work(self, analysis) -> int:
+        return analysis.opts.seqs // 2 * analysis.T  # half B, scored
+
     def run(self, analysis, ctx) -> None:
         """Fit both probes per residual site on half A, then score them on half B."""
         tokens = ctx.tokens

@@ -13,6 +13,9 @@ from posleak.analysis.stages.base import ATTN, Section, Stage
 
 
 class Shift(Stage):
+    def work(self, analysis) -> int:
+        return analysis.opts.shift_seqs * (analysis.T // 2 + 1 + analysis.T)
+
     def run(self, analysis, ctx) -> None:
         T, H, L = analysis.T, analysis.H, analysis.L
         n = T // 2

@@ -16,6 +16,9 @@ from posleak.analysis.stats import bootstrap_weights, percentile_interval
 
 
 class Signatures(Stage):
+    def work(self, analysis) -> int:
+        return analysis.opts.signature_seqs * analysis.T
+
     def run(self, analysis, ctx) -> None:
         tokens = ctx.tokens[: analysis.opts.signature_seqs]
         n, L, H = len(tokens), analysis.L, analysis.H

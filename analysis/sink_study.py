@@ -1,0 +1,398 @@
+"""`posleak study SWEEP_DIR` on a Bigram-Backcopy sweep (configs/sweeps/sinks.toml): the sink
+study's report.
+
+The sweep's variants train on a corpus where attention sinks form within a few hundred steps,
+so claims (b) and (c), which are about sinks, can be tested on a CPU. Every number and
+sentence of report.md is computed from the records. Each verdict table is one Holm family of
+paired-by-seed t-tests (against `rope`, or against 0 for within-run contrasts); below 6 seeds
+the exact sign-flip p stands beside, and every null names its minimum detectable effect.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from posleak.analysis import compare, plots
+from posleak.analysis.folder import AnalysisDir
+from posleak.analysis.measures import DEFINITIONS
+from posleak.analysis.options import Options
+from posleak.analysis.records import early_square_sum, finite_mean, per_layer_queries
+from posleak.analysis.study import Study, fingerprint_bos_max, headline, level, per_seed
+from posleak.data import make_source
+from posleak.files import atomic_write, safe_dir
+from posleak.model.rope import ntk_base
+from posleak.report import MIN_SEEDS, difference_cell, holm, number, paired_difference, table
+from posleak.train import checkpoint
+from posleak.train.rundir import RunDir
+
+REFERENCE, NOBOS, CONTROL, WINDOWED, NTK = "rope", "rope-nobos", "sink", "swa", "ntk"
+EMERGENCE_SEEDS = 3  # rope seeds analysed at every checkpoint
+
+
+def is_sink_sweep(study: Study) -> bool:
+    return all(s["data"] == "backcopy" for items in study.summaries.values() for s in items)
+
+
+# ---------------------------------------------------------------- numbers per run
+def has_sink(summary: dict) -> float:
+    """1 when some head is a sink (alpha_0 > eps and lambda_0 >= lift), else 0."""
+    return float((summary["headline"].get("knockout_sink_heads") or 0) > 0)
+
+
+def removed_beyond_layer0(records: list[dict], kind: str, k: int) -> float | None:
+    """The BOS replacement's removed share of sum C_res^2 over queries 1 <= i < k, pooled
+    over layers >= 1: layer 0's keys are the embeddings themselves, so a replaced BOS
+    changes k_0 there by construction, not through the residual stream."""
+    base = per_layer_queries(records, "c_res")
+    swap = per_layer_queries(records, "c_res", condition=f"swap={kind}")
+    layers = [l for l in swap if l >= 1]
+    orig = sum(early_square_sum(base[l], k) for l in layers)
+    new = sum(early_square_sum(swap[l], k) for l in layers)
+    return 1 - new / orig if layers and orig > 0 else None
+
+
+def c_res_beyond(records: list[dict], first_query: int) -> float | None:
+    """RMS of C_res over queries i >= first_query, averaged over layers >= 1: where a window
+    of first_query keys binds, the window and RoPE compute different things."""
+    curves = per_layer_queries(records, "c_res")
+    values = []
+    for l, curve in curves.items():
+        tail = [v for i, v in curve.items() if i >= first_query and v is not None]
+        if l >= 1 and tail:
+            values.append(math.sqrt(sum(v * v for v in tail) / len(tail)))
+    return finite_mean(values)
+
+
+def records_of(study: Study, variant: str) -> dict:
+    """{seed: records} of a variant's runs."""
+    summaries = study.summaries.get(variant, [])
+    return {
+        s["seed"]: rows for s, rows in zip(summaries, study.groups.get(variant, []), strict=True)
+    }
+
+
+def by_records(study: Study, variant: str, number_of) -> dict:
+    return {seed: number_of(rows) for seed, rows in records_of(study, variant).items()}
+
+
+# ---------------------------------------------------------------- verdict tables
+def verdict_table(cells: list[tuple[str, dict, dict]], against: str) -> list[str]:
+    """One Holm family: each row a label, the values by seed and the reference by seed."""
+    diffs = [paired_difference(values, ref) for _, values, ref in cells]
+    tested = [i for i, d in enumerate(diffs) if d is not None and d.n >= MIN_SEEDS]
+    adjusted = dict(zip(tested, holm([diffs[i].p for i in tested]), strict=True))
+    rows = [
+        [label, difference_cell(d, adjusted.get(i))]
+        for i, ((label, _, _), d) in enumerate(zip(cells, diffs, strict=True))
+    ]
+    return table(["contrast", f"difference from {against}, 95% t-interval"], rows)
+
+
+def zeros(values: dict) -> dict:
+    return dict.fromkeys(values, 0.0)
+
+
+# ---------------------------------------------------------------- sections
+def training(study: Study) -> list[str]:
+    first = study.runs_of(study_variants(study)[0])[0]
+    source = make_source(RunDir(first["run"]).read_config()[0].data)
+    rows = []
+    for v in study_variants(study):
+        finals = [final_metrics(RunDir(s["run"])) for s in study.runs_of(v)]
+        rows.append(
+            [
+                v,
+                str(len(finals)),
+                level({i: f.get("val_loss") for i, f in enumerate(finals)}),
+                level({i: f.get("val_copy_loss") for i, f in enumerate(finals)}),
+                level({i: f.get("val_bigram_loss") for i, f in enumerate(finals)}),
+            ]
+        )
+    return [
+        "## Training",
+        "",
+        f"Loss floors of the corpus: {source.bigram_floor():.4f} nats on non-copy targets "
+        f"(the bigram chain's), 0 on copies; copies are {source.copy_fraction():.1%} of "
+        f"tokens, so the overall floor is {source.entropy_rate():.4f}.",
+        "",
+        *table(["variant", "seeds", "val loss", "copy loss", "bigram loss"], rows),
+    ]
+
+
+def final_metrics(run: RunDir) -> dict:
+    records = [json.loads(line) for line in run.metrics_file.read_text().splitlines() if line]
+    evaluated = [r for r in records if "val_loss" in r]
+    return evaluated[-1] if evaluated else {}
+
+
+def claim_c(study: Study) -> list[str]:
+    opts = study.opts
+    series = (
+        ("sinks", lambda s: has_sink(s), True),
+        ("sink heads", headline("knockout_sink_heads"), False),
+        ("α₀ of the strongest head", headline("alpha0_max"), False),
+        ("λ₀ of the strongest head", headline("lift0_max"), False),
+        ("value drain ‖W_O v₀‖ / median (smallest head)", headline("value_drain_min"), False),
+        ("massive activation ‖x₀‖ / median (largest)", headline("massive_ratio_max"), False),
+    )
+    variants = study_variants(study)
+    rows = [
+        [label, *(level(per_seed(study.runs_of(v), f), percent) for v in variants)]
+        for label, f, percent in series
+    ]
+    lines = [
+        "## (c) Do sinks form, where, and do they matter?",
+        "",
+        f"A sink is a head with α₀ > {opts.sink_eps:g} and λ₀ ≥ {opts.sink_lift:g} "
+        f"(key 0 gets at least {opts.sink_lift:g}× its uniform share). Means over seeds with "
+        "95% t-intervals; the first row is the share of seeds with a sink.",
+        "",
+        *table(["", *variants], rows),
+        "",
+    ]
+    ref = study.runs_of(REFERENCE)
+    if ref:
+        formed = sum(has_sink(s) for s in ref)
+        lines.append(
+            f"`{REFERENCE}` formed a sink in {formed:.0f} of {len(ref)} seeds."
+            + (" " + _anchoring(study) if NOBOS in study.summaries else "")
+        )
+        lines.append("")
+    lines += _stabilising(study, variants)
+    return lines
+
+
+def _anchoring(study: Study) -> str:
+    """Is the sink anchored to the BOS token or to position 0? From the no-BOS runs."""
+    nobos = study.runs_of(NOBOS)
+    formed = sum(has_sink(s) for s in nobos)
+    with_bos = sum(has_sink(s) for s in study.runs_of(REFERENCE))
+    dispersion = finite_mean(fingerprint_bos_max(s) for s in study.runs_of(REFERENCE))
+    varying = finite_mean(s["headline"].get("fingerprint_nobos_last") for s in nobos)
+    if not with_bos:
+        where = "with no sink in `rope`, where a sink is anchored cannot be read here"
+    elif formed:
+        where = "so a sink forms on position 0 whatever token is there, not only on BOS"
+    else:
+        where = "so in these seeds a sink formed only on the BOS token"
+    return (
+        f"Trained without BOS (`{NOBOS}`, position 0 holds an ordinary token), "
+        f"{formed:.0f} of {len(nobos)} seeds formed a sink on key 0: {where}. The position-0 "
+        f"output is identical across inputs with BOS (largest dispersion "
+        f"{number(dispersion, 3)} in `{REFERENCE}`) and varies without it (last-layer "
+        f"dispersion {number(varying, 3)} in `{NOBOS}`)."
+    )
+
+
+def _stabilising(study: Study, variants: list[str]) -> list[str]:
+    cells = []
+    for v in variants:
+        excess = per_seed(study.runs_of(v), headline("knockout_loss_sinks_excess"))
+        excess = {k: x for k, x in excess.items() if x is not None}
+        if len(excess) >= 2:
+            cells.append(
+                (f"`{v}`: sink heads' key 0 minus equal-mass control", excess, zeros(excess))
+            )
+        every = per_seed(study.runs_of(v), headline("knockout_loss_excess"))
+        cells.append((f"`{v}`: key 0 minus equal-mass control, every head", every, zeros(every)))
+    return [
+        "Does the model lean on its sink? The change of loss on non-copy targets when key 0 "
+        "is knocked out (its attention spread over the other keys), minus the change when "
+        "the same mass is taken from a random earlier key instead (nats; > 0: key 0 matters "
+        "more than an equal share of another key). Sink-head rows use the seeds that "
+        "formed one.",
+        "",
+        *verdict_table(cells, "0"),
+    ]
+
+
+def claim_b(study: Study) -> list[str]:
+    k = study.opts.early_queries
+    variants = study_variants(study)
+    rows = []
+    for kind in study.opts.swaps:
+        rows.append(
+            [
+                f"BOS → {kind}",
+                *(
+                    level(
+                        by_records(
+                            study, v, lambda r, kind=kind: removed_beyond_layer0(r, kind, k)
+                        ),
+                        True,
+                    )
+                    for v in variants
+                ),
+            ]
+        )
+    cells = []
+    control = by_records(study, CONTROL, lambda r: removed_beyond_layer0(r, "mean", k))
+    for v in variants:
+        if v != CONTROL and control:
+            values = by_records(study, v, lambda r: removed_beyond_layer0(r, "mean", k))
+            cells.append((f"`{v}` − `{CONTROL}`, BOS → mean", values, control))
+    return [
+        "## (b) How much of the residual position component does replacing BOS remove?",
+        "",
+        f"The share of Σ C_res² over queries 1–{k - 1} removed when the BOS embedding is "
+        "replaced, pooled over layers ≥ 1 (layer 0's keys are the embeddings, where a new "
+        "BOS changes key 0 by construction). Negative: the replacement adds position signal. "
+        "The key-0/rest split of this share is not yet recorded per replacement.",
+        "",
+        *table(["", *variants], rows),
+        "",
+        f"Against the learned-sink-logit control `{CONTROL}` (attention can park without key 0):",
+        "",
+        *verdict_table(cells, f"`{CONTROL}`"),
+    ]
+
+
+def claim_a(study: Study) -> list[str]:
+    first = study.runs_of(REFERENCE)[0]
+    cfg = RunDir(first["run"]).read_config()[0]
+    window = next(
+        (RunDir(s["run"]).read_config()[0].model.get("window") for s in study.runs_of(WINDOWED)),
+        None,
+    )
+    if not window:
+        return ["## (a) Window against RoPE", "", "No window variant in this sweep."]
+    T = cfg.data.seq_len
+    ref = by_records(study, REFERENCE, lambda r: c_res_beyond(r, window))
+    cells = [
+        (f"`{v}` − `{REFERENCE}`", by_records(study, v, lambda r: c_res_beyond(r, window)), ref)
+        for v in (WINDOWED, NTK)
+        if v in study.summaries
+    ]
+    layers = cfg.model.get("n_layer")
+    return [
+        "## (a) Does a window feed the residual position component?",
+        "",
+        f"C_res (RMS over queries {window}–{T - 1}, where the window of {window} keys binds), "
+        f"averaged over layers ≥ 1, paired by seed. With {layers} layers there is "
+        f"{'one layer' if layers == 2 else f'{layers - 1} layers'} beyond the first, so this "
+        "is the level at depth, not a slope over depth." + _ntk_note(study, T),
+        "",
+        *table(
+            ["variant", f"C_res at i ≥ {window}, layers ≥ 1"],
+            [
+                [v, level(by_records(study, v, lambda r: c_res_beyond(r, window)))]
+                for v in study_variants(study)
+            ],
+        ),
+        "",
+        *verdict_table(cells, f"`{REFERENCE}`"),
+    ]
+
+
+def _ntk_note(study: Study, T: int) -> str:
+    """How many rotary pairs the trained NTK scale moves past one turn within T."""
+    runs = study.runs_of(NTK)
+    if not runs:
+        return ""
+    m = RunDir(runs[0]["run"]).read_config()[0].model
+    d_head = m["d_model"] // m["n_head"]
+    base, scale = m.get("rope_base", 10000.0), m.get("rope_scale", 1.0)
+
+    def turning(b: float) -> int:
+        return sum(1 for p in range(d_head // 2) if T * b ** (-2 * p / d_head) >= 2 * math.pi)
+
+    before, after = turning(base), turning(ntk_base(base, scale, d_head))
+    return (
+        f" NTK's trained s = {scale:g} leaves {after} of {d_head // 2} rotary pairs turning "
+        f"at least once within {T} positions, against {before} for plain RoPE: it moves "
+        f"{before - after} pair{'s' if before - after != 1 else ''}."
+    )
+
+
+def emergence(study: Study, out: Path) -> list[str]:
+    """The first EMERGENCE_SEEDS seeds of rope at every kept checkpoint."""
+    k = study.opts.early_queries
+    series = (
+        ("λ₀ (strongest head)", lambda s, m: s["headline"].get("lift0_max")),
+        ("α₀ (strongest head)", lambda s, m: s["headline"].get("alpha0_max")),
+        ("copy loss", lambda s, m: m.get("val_copy_loss")),
+        ("value drain (smallest head)", lambda s, m: s["headline"].get("value_drain_min")),
+        ("BOS → mean removed, layers ≥ 1", lambda s, m: m.get("removed")),
+    )
+    curves: dict = {label: [] for label, _ in series}
+    rows = []
+    for summary in study.runs_of(REFERENCE)[:EMERGENCE_SEEDS]:
+        run = RunDir(summary["run"])
+        metrics = {r["step"]: r for r in _evaluations(run)}
+        per_step: dict = {label: {} for label, _ in series}
+        for path in run.checkpoints():
+            step = checkpoint.step_of(path)
+            if step == summary["step"]:
+                at = summary
+                rows_at = records_of(study, REFERENCE)[summary["seed"]]
+            else:
+                at = study.extra(
+                    summary, f"analysis-step{step}", Options(seqs=study.seqs, step=step)
+                )
+                rows_at = AnalysisDir(Path(summary["run"]) / f"analysis-step{step}").read_records()
+            m = {**metrics.get(step, {}), "removed": removed_beyond_layer0(rows_at, "mean", k)}
+            for label, f in series:
+                per_step[label][step] = f(at, m)
+            if summary["seed"] == study.runs_of(REFERENCE)[0]["seed"]:
+                rows.append([str(step), *(number(f(at, m), 3) for _, f in series)])
+        for label in curves:
+            curves[label].append({s: v for s, v in per_step[label].items() if v is not None})
+    fig = plots.seed_curves(
+        out / "sink_emergence",
+        curves,
+        "training step",
+        "value",
+        f"{REFERENCE} over training (mean ± sd over {len(curves[series[0][0]])} seeds)",
+    )
+    first = study.runs_of(REFERENCE)[0]["seed"]
+    return [
+        "## Sink emergence over training",
+        "",
+        f"`{REFERENCE}`, seed {first}, at every kept checkpoint (the figure shows the first "
+        f"{EMERGENCE_SEEDS} seeds). Step 0 is not analysed: runs keep no step-0 checkpoint.",
+        "",
+        *table(["step", *(label for label, _ in series)], rows),
+        "",
+        f"![emergence]({fig})",
+    ]
+
+
+def _evaluations(run: RunDir) -> list[dict]:
+    records = [json.loads(line) for line in run.metrics_file.read_text().splitlines() if line]
+    return [r for r in records if "val_loss" in r]
+
+
+def study_variants(study: Study) -> list[str]:
+    order = [REFERENCE, NOBOS, CONTROL, WINDOWED, NTK]
+    return [v for v in order if v in study.summaries] + sorted(
+        v for v in study.summaries if v not in order
+    )
+
+
+def write_report(study: Study, out: Path) -> Path:
+    safe_dir(out, "report folder")
+    planned = len(list((study.sweep_dir / "configs").glob("*.toml")))
+    finished = sum(len(v) for v in study.summaries.values())
+    first = RunDir(study.runs_of(study_variants(study)[0])[0]["run"]).read_config()[0]
+    m, t = first.model, first.train
+    lines = [
+        "# The sink study: Bigram-Backcopy on a CPU",
+        "",
+        f"Generated by `posleak study` (sweep `{study.sweep_dir.name}`, {study.seqs} held-out "
+        f"sequences per analysis) from the records of {finished} finished runs (of {planned} "
+        f"planned) in {len(study.summaries)} variants; definitions version {DEFINITIONS} "
+        f"({compare.definitions_link(out)}). Every run: {m['n_layer']} layers of "
+        f"{m['n_head']} head{'s' if m['n_head'] > 1 else ''}, d_model {m['d_model']}, context "
+        f"{first.data.seq_len}, batch {t.batch_size}, {t.steps} steps at lr {t.lr:g}. Each "
+        "verdict table is one Holm family of paired t-tests; **finding** marks a Holm p < 0.05 "
+        "with at least 3 seeds; a null names its minimum detectable effect (MDE, 80% power).",
+        "",
+    ]
+    for section in (training, claim_c, claim_b, claim_a):
+        lines += [*section(study), ""]
+    lines += emergence(study, out)
+    report = out / "report.md"
+    atomic_write(report, "\n".join(lines) + "\n")
+    return report

@@ -1,0 +1,150 @@
+"""Measurement 6b: what the key-0 knockout does to the loss (docs/science.md, version 3
+item 7): the change of next-token loss when key 0 is knocked out in every layer, and in the
+sink heads only, against control knockouts (key 1, and a random earlier key of key 0's mass,
+the latter also in the sink heads only). On a corpus that marks its copy targets (backcopy)
+the change is split into copy targets and the others: a sink that parks a head idle matters
+for the queries that do not copy."""
+
+from __future__ import annotations
+
+import torch
+
+from posleak.analysis import measures
+from posleak.analysis.collect import token_losses
+from posleak.analysis.records import finite_mean
+from posleak.analysis.stages.base import RUN, Stage
+from posleak.analysis.stats import bootstrap_weights, percentile_interval
+
+
+class KnockoutLoss(Stage):
+    def work(self, analysis) -> int:
+        return 6 * analysis.opts.seqs * analysis.T  # base, three rules, two in sink heads
+
+    def enabled(self, opts) -> bool:
+        return opts.knockout
+
+    def run(self, analysis, ctx) -> None:
+        tokens = analysis.tokens(analysis.opts.seqs, analysis.T, "analysis")  # with targets
+        limit = analysis.opts.max_attention_elements
+        groups = target_groups(analysis.subject.copy_targets, tokens)
+        base = token_losses(analysis.model, tokens, limit)
+        heads = sink_heads(analysis, ctx)
+        analysis.rec.add("knockout_sink_heads", sum(len(h) for h in heads.values()))
+        keys = measures.random_earlier_keys(analysis.T, analysis.window, analysis.subject.seed)
+        rules = {
+            "key=0": measures.knock_out_key0,
+            "key=1": lambda p: measures.knock_out_key(p, 1),
+            "key=random": lambda p: measures.knock_out_equal_mass(p, keys),
+        }
+        delta = {}
+        for label, rule in rules.items():
+            hooks = [(f"blocks.{l}.attn.pattern", _all_heads(rule)) for l in range(analysis.L)]
+            delta[label] = token_losses(analysis.model, tokens, limit, hooks) - base
+            if heads and label != "key=1":
+                hooks = [(f"blocks.{l}.attn.pattern", _on_heads(rule, h)) for l, h in heads.items()]
+                knocked = token_losses(analysis.model, tokens, limit, hooks)
+                delta[label + ",heads=sinks"] = knocked - base
+        delta["excess"] = delta["key=0"] - delta["key=random"]  # paired per token
+        if heads:
+            delta["excess,heads=sinks"] = (
+                delta["key=0,heads=sinks"] - delta["key=random,heads=sinks"]
+            )
+        weights = bootstrap_weights(len(tokens), analysis.opts.bootstrap, seed=5)
+        for label, change in delta.items():
+            for group, mask in groups.items():
+                record_change(analysis, f"{label},targets={group}", change, mask, weights)
+        by_query = delta["key=0"].mean(0)
+        for i in range(analysis.T):
+            analysis.rec.add("knockout_loss_change_by_query", by_query[i], query=i)
+
+    def headline(self, rows, layers, opts) -> dict:
+        change = {r["condition"]: r["value"] for r in rows if r["metric"] == "knockout_loss_change"}
+        group = "other" if any(c.endswith("targets=other") for c in change) else "all"
+        out = {}
+        for label, key in KEYS:
+            out[key] = change.get(f"{label},targets={group}")
+        heads = [r["value"] for r in rows if r["metric"] == "knockout_sink_heads"]
+        out["knockout_sink_heads"] = finite_mean(heads)
+        return out
+
+    def headlines(self, opts, summaries) -> list:
+        targets = "non-copy targets on a copy corpus, else all"
+        return [
+            (key, f"loss change, {text} ({targets}; nats)")
+            for (label, key), text in zip(KEYS, KEY_TEXT, strict=True)
+        ] + [("knockout_sink_heads", "sink heads (α₀ > ε and λ₀ ≥ lift), all layers")]
+
+
+KEYS = (
+    ("key=0", "knockout_loss_key0"),
+    ("key=random", "knockout_loss_random"),
+    ("excess", "knockout_loss_excess"),
+    ("key=0,heads=sinks", "knockout_loss_sinks"),
+    ("excess,heads=sinks", "knockout_loss_sinks_excess"),
+)
+KEY_TEXT = (
+    "key-0 knockout in every layer",
+    "equal-mass random-key control",
+    "key 0 minus the equal-mass control",
+    "key-0 knockout in the sink heads only",
+    "the same minus its equal-mass control in those heads",
+)
+
+
+def target_groups(copy_targets, tokens: torch.Tensor) -> dict:
+    """{group: (N, T) mask over next-token targets}: all, and copy / other when marked."""
+    everything = torch.ones(tokens.shape[0], tokens.shape[1] - 1, dtype=torch.bool)
+    if copy_targets is None:
+        return {"all": everything}
+    copies = torch.from_numpy(copy_targets(tokens.numpy())[:, 1:])
+    return {"all": everything, "copy": copies, "other": ~copies}
+
+
+def sink_heads(analysis, ctx) -> dict:
+    """{layer: [head, ...]} of the heads with alpha_0 > eps and lambda_0 >= lift."""
+    out = {}
+    for l, column in enumerate(ctx.base.first_column):
+        alpha = measures.sink_alpha(column, analysis.window).mean(0)
+        lift = measures.key0_lift(column, analysis.window).mean(0)
+        chosen = ((alpha > analysis.opts.sink_eps) & (lift >= analysis.opts.sink_lift)).nonzero()
+        if len(chosen):
+            out[l] = chosen.flatten().tolist()
+    return out
+
+
+def record_change(analysis, condition: str, change, mask, weights) -> None:
+    """The mean change over the masked targets, by sequence, with a bootstrap interval over
+    sequences (a sequence without such targets counts for nothing)."""
+    count = mask.sum(1).double()
+    if not count.any():
+        return
+    total = (change * mask).sum(1)
+    mean = (total.sum() / count.sum()).item()
+    boot = (weights @ total) / (weights @ count)
+    lo, hi = percentile_interval(boot)
+    n = int((count > 0).sum())
+    analysis.rec.add("knockout_loss_change", mean, condition=condition, lo=lo, hi=hi, n=n)
+
+
+def _all_heads(rule):
+    return lambda pattern, name: rule(pattern)
+
+
+def _on_heads(rule, heads: list[int]):
+    def hook(pattern, name):
+        out = pattern.clone()
+        out[:, heads] = rule(pattern[:, heads])
+        return out
+
+    return hook
+
+
+STAGE = KnockoutLoss(
+    name="knockout loss",
+    order=55,
+    reads=("blocks.{l}.attn.pattern",),
+    metrics={
+        m: RUN
+        for m in ("knockout_loss_change", "knockout_loss_change_by_query", "knockout_sink_heads")
+    },
+)

