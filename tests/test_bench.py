@@ -21,13 +21,14 @@ def test_quick_benchmark_measures_every_case(capsys):
     names = {r["name"] for r in result["train"]}
     assert {f"variant:{v}" for v in presets()} <= names
     assert "rope:eager-attention" in names
-    assert {"size:d64:reference", "size:d64:nope"} <= names
+    assert {"size:d64:reference", "size:d64:nope", "size:d64:llama-fp32"} <= names
     assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 2 for r in result["train"])
     assert result["matmul_peak_flops"]["fp32"] > 1e9
     assert all(v > 1e5 for v in result["batch_tokens_per_s"].values())
     print_table(result)
     out = capsys.readouterr().out
     assert "variant speed / nope" in out and "over the GPT-2 reference: rope" in out
+    assert "fp32: posleak rope / transformers Llama" in out
     assert all(
         a["exit"] == 0 and a["seconds"] > 0 and a["peak_rss_mb"] > 50 for a in result["analysis"]
     )
@@ -46,3 +47,21 @@ def test_reference_model_is_causal_and_counts_like_nanogpt():
     assert torch.equal(a[:, :10], b[:, :10]) and not torch.equal(a[:, 10:], b[:, 10:])
     per_layer = 32 * 96 + 32 * 32 + 2 * 32 * 128  # c_attn, attn_proj, c_fc, mlp_proj
     assert flops_per_token(ref, 16) == 6 * (2 * per_layer + 50 * 32) + 12 * 2 * 32 * 16
+
+
+def test_the_transformers_llama_reference_has_posleaks_shape():
+    from posleak.train.reference import TransformersLlama
+
+    cfg = ModelConfig(vocab_size=50, n_layer=2, n_head=2, d_model=32, position="rope")
+    ours, theirs = Decoder(cfg), TransformersLlama(cfg, 16)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(ours) == count(theirs)  # the same matrices, norms and embeddings
+    assert flops_per_token(ours, 16) == flops_per_token(theirs, 16)
+    named = {
+        ("" if k.startswith("lm_head") else "model.") + k: v for k, v in ours.state_dict().items()
+    }
+    assert not theirs.hf.load_state_dict(named, strict=False).missing_keys  # Llama's names
+    import torch
+
+    tokens = torch.randint(0, 50, (2, 16))
+    assert torch.allclose(ours(tokens), theirs(tokens), atol=1e-5)  # the same function

@@ -32,7 +32,7 @@ from posleak.train.environment import (
     resolve_device,
 )
 from posleak.train.optim import AdamW
-from posleak.train.reference import ReferenceGPT
+from posleak.train.reference import ReferenceGPT, TransformersLlama
 
 
 def matmul_peak(dtype: torch.dtype, device, n: int, repeats: int) -> float:
@@ -67,7 +67,9 @@ class TrainCase:
     ):
         self.name, self.cfg, self.B, self.T, self.precision = name, cfg, B, T, precision
         self.device = device
-        if reference:  # the GPT-2 comparator at the same width, depth, heads and context
+        if reference == "llama":  # transformers' own Llama at posleak's shape
+            self.model = TransformersLlama(cfg, T).to(device)
+        elif reference:  # the GPT-2 comparator at the same width, depth, heads and context
             args = (cfg.vocab_size, cfg.n_layer, cfg.n_head, cfg.d_model, T)
             self.model = ReferenceGPT(*args).to(device)
         else:
@@ -136,6 +138,12 @@ def train_row(case: TrainCase, peaks: dict) -> dict:
     }
 
 
+def has_transformers() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("transformers") is not None
+
+
 def batch_throughput(source: str, B: int, T: int, batches: int) -> float:
     stream = BatchStream(DataConfig(source=source, seq_len=T), 0, "train", B)
     stream.batch(0)
@@ -172,6 +180,11 @@ def run_bench(quick: bool) -> dict:
         cases.append(
             TrainCase(f"size:d{d_}:reference", cfg, B_, T_, "fp32", device, reference=True)
         )
+        if has_transformers():  # transformers' Llama, in every precision measured
+            cases += [
+                TrainCase(f"size:d{d_}:llama-{p}", cfg, B_, T_, p, device, reference="llama")
+                for p in precisions
+            ]
         if not quick:  # torch.compile takes 20-30 s per model on a CPU
             cases.append(
                 TrainCase(f"size:d{d_}:compiled", cfg, B_, T_, "fp32", device, compiled=True)
@@ -215,7 +228,15 @@ def print_table(result: dict) -> None:
         print(
             f"d_model={dm}, fp32 tokens/s over the GPT-2 reference: rope "
             f"{p['fp32'] / ref:.2f}, nope {p['nope'] / ref:.2f}"
+            + (f", transformers Llama {p['llama-fp32'] / ref:.2f}" if "llama-fp32" in p else "")
         )
+        for prec in ("fp32", "bf16"):
+            if f"llama-{prec}" in p:
+                print(
+                    f"d_model={dm}, {prec}: posleak rope / transformers Llama "
+                    f"{p[prec] / p[f'llama-{prec}']:.2f}, RoPE overhead over nope "
+                    + (f"{p['nope'] / p['fp32'] - 1:.1%}" if prec == "fp32" else "–")
+                )
         if "bf16" in p:
             print(f"bf16 / fp32 at d_model={dm}: {p['bf16'] / p['fp32']:.2f}x")
         if "compiled" in p:
