@@ -314,6 +314,7 @@ def emergence(study: Study, out: Path) -> list[str]:
         ("α₀ (strongest head)", lambda s, m: s["headline"].get("alpha0_max")),
         ("copy loss", lambda s, m: m.get("val_copy_loss")),
         ("value drain (smallest head)", lambda s, m: s["headline"].get("value_drain_min")),
+        ("massive activation (largest)", lambda s, m: s["headline"].get("massive_ratio_max")),
         ("BOS → mean removed, layers ≥ 1", lambda s, m: m.get("removed")),
     )
     curves: dict = {label: [] for label, _ in series}

@@ -631,3 +631,16 @@ def test_analysis_progress_names_each_stage_with_an_eta_from_its_planned_work(ca
         (time.perf_counter() - progress.started) / 250 * 150, rel=0.05, abs=0.01
     )
     assert all("eta 0:" in line for line in lines[1:])
+
+
+def test_knockout_headline_is_none_where_a_knocked_probe_is_undefined():
+    layers = {
+        "probe_r2_log": {0: 0.0, 1: 0.9},
+        "knockout_probe_r2_log": {0: 0.0, 1: None},  # R^2 of a degenerate fit: not a number
+        "knockout_probe_refit_r2_log": {},
+        "knockout_probe_refit_r2_log_key1": {},
+    }
+    assert stage("key-0 knockout").headline([], layers, SMALL)["knockout_probe_r2_log_drop"] is None
+    layers["knockout_probe_r2_log"][1] = 0.4
+    drop = stage("key-0 knockout").headline([], layers, SMALL)["knockout_probe_r2_log_drop"]
+    assert drop == pytest.approx(0.5)

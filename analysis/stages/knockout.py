@@ -44,8 +44,9 @@ class Knockout(Stage):
             if layers[name]:
                 out[name + "_last"] = layers[name][max(layers[name])]
         knocked = layers["knockout_probe_r2_log"]
-        if knocked and intact:
-            out["knockout_probe_r2_log_drop"] = intact[max(intact)] - knocked[max(knocked)]
+        if knocked and intact:  # None where a probe's R^2 is undefined (a constant target)
+            last = intact[max(intact)], knocked[max(knocked)]
+            out["knockout_probe_r2_log_drop"] = None if None in last else last[0] - last[1]
         return out
 
     def headlines(self, opts, summaries) -> list:
