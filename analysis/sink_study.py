@@ -65,6 +65,12 @@ def c_res_beyond(records: list[dict], first_query: int) -> float | None:
     return finite_mean(values)
 
 
+def virtual_mass(records: list[dict]) -> float | None:
+    """The largest per-head attention mass on a learned sink logit (None without one)."""
+    values = [r["value"] for r in records if r["metric"] == "sink_virtual_mass"]
+    return max(values) if values else None
+
+
 def records_of(study: Study, variant: str) -> dict:
     """{seed: records} of a variant's runs."""
     summaries = study.summaries.get(variant, [])
@@ -130,7 +136,6 @@ def final_metrics(run: RunDir) -> dict:
 def claim_c(study: Study) -> list[str]:
     opts = study.opts
     series = (
-        ("sinks", lambda s: has_sink(s), True),
         ("sink heads", headline("knockout_sink_heads"), False),
         ("α₀ of the strongest head", headline("alpha0_max"), False),
         ("λ₀ of the strongest head", headline("lift0_max"), False),
@@ -138,16 +143,22 @@ def claim_c(study: Study) -> list[str]:
         ("massive activation ‖x₀‖ / median (largest)", headline("massive_ratio_max"), False),
     )
     variants = study_variants(study)
-    rows = [
+    formed = [f"{sum(has_sink(s) for s in study.runs_of(v)):.0f} of {len(study.runs_of(v))}"
+              for v in variants]  # fmt: skip
+    rows = [["seeds with a sink", *formed]] + [
         [label, *(level(per_seed(study.runs_of(v), f), percent) for v in variants)]
         for label, f, percent in series
     ]
+    rows.append(
+        ["mass on a learned sink key (largest head)",
+         *(level(by_records(study, v, virtual_mass)) for v in variants)]
+    )  # fmt: skip
     lines = [
         "## (c) Do sinks form, where, and do they matter?",
         "",
         f"A sink is a head with α₀ > {opts.sink_eps:g} and λ₀ ≥ {opts.sink_lift:g} "
         f"(key 0 gets at least {opts.sink_lift:g}× its uniform share). Means over seeds with "
-        "95% t-intervals; the first row is the share of seeds with a sink.",
+        "95% t-intervals.",
         "",
         *table(["", *variants], rows),
         "",
