@@ -128,8 +128,7 @@ def training(study: Study) -> list[str]:
 
 
 def final_metrics(run: RunDir) -> dict:
-    records = [json.loads(line) for line in run.metrics_file.read_text().splitlines() if line]
-    evaluated = [r for r in records if "val_loss" in r]
+    evaluated = _evaluations(run)
     return evaluated[-1] if evaluated else {}
 
 
@@ -372,7 +371,8 @@ def emergence(study: Study, out: Path) -> list[str]:
 
 
 def _evaluations(run: RunDir) -> list[dict]:
-    records = [json.loads(line) for line in run.metrics_file.read_text().splitlines() if line]
+    """The run's evaluation records (metrics.jsonl through its owner, damaged lines named)."""
+    records = [json.loads(line) for line in run.metrics_lines(up_to_step=math.inf)]
     return [r for r in records if "val_loss" in r]
 
 

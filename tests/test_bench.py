@@ -57,9 +57,9 @@ def test_the_transformers_llama_reference_has_posleaks_shape():
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(ours) == count(theirs)  # the same matrices, norms and embeddings
     assert flops_per_token(ours, 16) == flops_per_token(theirs, 16)
-    named = {
-        ("" if k.startswith("lm_head") else "model.") + k: v for k, v in ours.state_dict().items()
-    }
+    from posleak.train.export import hf_weights
+
+    named = hf_weights(ours)
     assert not theirs.hf.load_state_dict(named, strict=False).missing_keys  # Llama's names
     import torch
 

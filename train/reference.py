@@ -52,28 +52,19 @@ class ReferenceGPT(nn.Module):
 
 
 class TransformersLlama(nn.Module):
-    """transformers' LlamaForCausalLM at posleak's shape (RMSNorm, SwiGLU at the same width,
-    RoPE at the same base, no biases, the same embedding tying, SDPA attention): what a user
-    would train instead of posleak. Needs the hf extra (pip install 'posleak[hf]')."""
+    """transformers' LlamaForCausalLM at posleak's shape, with the config `posleak export`
+    writes (RMSNorm, SwiGLU at the same width, RoPE at the same base, no biases, the same
+    embedding tying), on SDPA attention: what a user would train instead of posleak. Needs
+    the hf extra (pip install 'posleak[hf]')."""
 
     def __init__(self, cfg, T: int):
         super().__init__()
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import LlamaForCausalLM
 
-        config = LlamaConfig(
-            vocab_size=cfg.vocab_size,
-            hidden_size=cfg.d_model,
-            intermediate_size=cfg.ff_width,
-            num_hidden_layers=cfg.n_layer,
-            num_attention_heads=cfg.n_head,
-            num_key_value_heads=cfg.n_head,
-            max_position_embeddings=T,
-            rms_norm_eps=cfg.norm_eps,
-            rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_base},
-            tie_word_embeddings=cfg.tie_embeddings,
-            attention_bias=False,
-            mlp_bias=False,
-        )
+        from posleak.model import Decoder
+        from posleak.train.export import hf_config
+
+        config = hf_config(Decoder(cfg), {}, T)
         config._attn_implementation = "sdpa"
         self.hf = LlamaForCausalLM(config)
         self.layers, self.lm_head = self.hf.model.layers, self.hf.lm_head  # for the FLOP count
