@@ -220,6 +220,17 @@ class LogitSums:
         """Packed mean logits over all sequences."""
         return self.sums.double().sum(0) / self.counts.sum()
 
+    def restrict(self, pairs: torch.Tensor) -> LogitSums:
+        """The same sums on a subset of the visible pairs, `pairs` a (T, T) boolean mask
+        within them (the window's pairs at queries beyond the window, for a contrast)."""
+        if (pairs & ~self.visible).any():
+            raise ValueError("a restricted pair set must lie within the visible pairs")
+        view = LogitSums.__new__(LogitSums)
+        view.visible, view.dtype, view.counts = pairs, self.dtype, self.counts
+        view.pairs = pairs.flatten().nonzero()[:, 0]
+        view.sums = self.sums[..., pairs.flatten()[self.pairs]]
+        return view
+
     def prefix(self, k: int) -> LogitSums:
         """The same sums restricted to queries i < k (keys j <= i < k): what an analysis at
         length k would have accumulated from the same sequences' prefixes."""

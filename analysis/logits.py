@@ -105,3 +105,25 @@ def pooled(signal: torch.Tensor) -> torch.Tensor:
 def early_sum(signal: torch.Tensor, k: int | None) -> torch.Tensor:
     """sum over queries 1 <= i < k of C(i)^2 = max(0, signal(i)); position 0 excluded."""
     return signal[..., 1:k].clamp(min=0).sum(-1)
+
+
+PARTS = ("all", "key0", "rest")
+
+
+def parts(st) -> dict:
+    """{part: (signed, bootstrap, null)} pooled over heads, (T,), (R, T), (R, T): the whole
+    split-half signal, its key-0 column and the rest (keys j >= 1)."""
+    whole = (st.signal, st.signal_boot, st.signal_null)
+    key0 = (st.signal_key0, st.key0_boot, st.key0_null)
+    rest = tuple(a - b for a, b in zip(whole, key0, strict=True))
+    return {
+        name: tuple(t.mean(-2) for t in p)
+        for name, p in zip(PARTS, (whole, key0, rest), strict=False)
+    }
+
+
+def local_fit(analysis, sums):
+    """Version 3, item 3: the two-way fit on the sub-triangle of queries i < K_fit only."""
+    k = min(analysis.opts.fit_queries, analysis.T)
+    design = measures.two_way_design(analysis.visible[:k, :k])
+    return logit_stats(sums.prefix(k), design, analysis.boot_a, analysis.boot_b)

@@ -1,4 +1,4 @@
-"""The measurements of docs/science.md (definitions version 2) as pure functions.
+"""The measurements of docs/science.md (definitions version 3) as pure functions.
 
 Shapes: logits (..., H, T, T) with any value on masked entries (they never enter a
 statistic); visible (T, T) boolean mask; everything is computed in float64.
@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import torch
 
-DEFINITIONS = 2
+DEFINITIONS = 3
 
 
 # ------------------------------------------------------------------ the two-way fit
@@ -39,7 +39,7 @@ def two_way_design(visible: torch.Tensor) -> TwoWayDesign:
     query, key = pairs // T, pairs % T
     o = torch.zeros(T, T, dtype=torch.float64)
     o[query, query - key] = 1.0
-    rows = o.sum(1)
+    rows = o.sum(1).clamp(min=1)  # a query of a restricted pair set may see no key: divide by 1
     k = torch.diag(o.sum(0)) - o.T @ (o / rows[:, None])
     pinv = torch.linalg.pinv(k, hermitian=True)
     return TwoWayDesign(visible, pairs, query, query - key, o, rows, pinv)
@@ -207,6 +207,17 @@ def knock_out_key0(pattern: torch.Tensor) -> torch.Tensor:
     out[..., 1:, 0] = 0.0
     rest = out[..., 1:, :].sum(-1, keepdim=True)
     out[..., 1:, :] = out[..., 1:, :] * torch.where(rest > 0, total / rest, 0.0)
+    return out
+
+
+def key0_gain_removed(pattern: torch.Tensor, window: int | None) -> torch.Tensor:
+    """The route-2 test (version 3, item 8): A_i0 replaced by its mean over the queries that
+    see key 0 (per sequence and head), the other keys untouched. Key 0's value is the same
+    for every query of a sequence, so the head's key-0 contribution A_i0 W_O v_0 keeps its
+    mean and loses its position-dependent gain. (..., T, T)."""
+    out = pattern.clone()
+    queries = sink_queries(pattern.shape[-1], window)
+    out[..., queries, 0] = pattern[..., queries, 0].mean(-1, keepdim=True)
     return out
 
 

@@ -35,9 +35,13 @@ class Options:
     early_k: tuple = (8, 16, 32, 64)  # BOS replacement: removed share over queries i < k
     fit_queries: int = 64  # K_fit: version 3's early-query C_res comes from a two-way fit on
     # the queries i < K_fit only, so it does not depend on the analysed length
+    contrast_window: int | None = None  # version 3, item 4: window-vs-full contrasts at
+    # queries i >= w on the window's pairs; default w: the model's own window (a full-attention
+    # model compared with a windowed one is analysed with the other's w)
     swaps: tuple = ("mean", "token", "random", "zeros")
     knockout: bool = True  # key-0 knockout in all layers at once
     knockout_per_layer: bool = False  # also one layer at a time (one more pass per layer)
+    top_heads: int = 3  # per-head key-0 knockouts and route-2 tests for the top heads by lambda_0
     content_seqs: int = 32  # c_content's second pass reads the first this many sequences
     shift_seqs: int = 32  # sequences for the shift test (two passes of their own)
     blocks: int = 16  # sequence blocks (even): halves A/B and units of the bootstrap
@@ -58,6 +62,11 @@ class Options:
             math.isfinite(self.rope_scale) and self.rope_scale >= 1
         ):
             out.append(f"--rope-scale must be finite and >= 1 (1 = none), got {self.rope_scale}")
+        if self.contrast_window is not None and not 1 <= self.contrast_window < T - 1:
+            out.append(
+                f"--contrast-window must be between 1 and the analysed length - 2 ({T - 2}), "
+                f"got {self.contrast_window}"
+            )
         if self.bos not in (None, "always", "never"):
             out.append(f"--bos must be always or never, got {self.bos!r}")
         return out

@@ -80,6 +80,11 @@ def _analyze(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rope-scale", type=float, help="apply static NTK scaling s at inference")
     p.add_argument("--data", help="data source to analyse on (default: the run's; hf: bible)")
     p.add_argument(
+        "--contrast-window",
+        type=int,
+        help="window w of the contrasts at queries >= w (default: the model's own window)",
+    )
+    p.add_argument(
         "--bos",
         choices=["always", "never"],
         help="BOS at position 0 (default: as the run trained, or as the tokenizer does)",

@@ -144,6 +144,7 @@ def analyze(args: argparse.Namespace) -> int:
         bos=args.bos,
         device=args.device,
         dtype=args.dtype,
+        contrast_window=args.contrast_window,
     )
     summary = analyze_target(args.run, opts, args.out)
     out = Path(args.out or default_out(args.run))

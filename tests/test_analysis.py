@@ -220,6 +220,15 @@ METRIC_NAMES = {
     "c_res_local_signed",
     "c_res_local_v3",
     "c_res_local_floor",
+    "bos_swap_removed_v3",
+    "bos_swap_loss_change",
+    "knockout_removed_v3",
+    "route2_removed",
+    "route2_removed_c_mask",
+    "route2_removed_v3",
+    "route2_probe_r2_log",
+    "route2_probe_refit_r2_log",
+    "top_head_lift",
     "abs_share",
     "c_mask",
     "g_rel",
@@ -255,13 +264,13 @@ METRIC_NAMES = {
 }
 
 
-def test_analyze_writes_tidy_v2_records_summary_and_figures(runs):
+def test_analyze_writes_tidy_v3_records_summary_and_figures(runs):
     summary = analyze(runs / "rope-s1", SMALL)
     out = runs / "rope-s1" / "analysis"
     rows = read(out / "records.jsonl")
     assert {r["metric"] for r in rows} - {"sink_gain"} == METRIC_NAMES
     assert all(tuple(r) == FIELDS for r in rows)
-    assert {r["definitions"] for r in rows} == {2} and summary["definitions"] == 2
+    assert {r["definitions"] for r in rows} == {3} and summary["definitions"] == 3
     assert {r["variant"] for r in rows} == {"rope"} and {r["seed"] for r in rows} == {1}
     assert summary["per_layer"]["fingerprint_dispersion_bos"] == {0: 0.0, 1: 0.0, 2: 0.0}
     assert (out / "report.png").stat().st_size > 10_000
@@ -475,6 +484,37 @@ def test_knockouts_report_a_bounded_refit_beside_the_transfer_and_run_their_cont
         values("knockout_probe_refit_r2_log", "layer=all")[-1]
         >= values("knockout_probe_r2_log", "layer=all")[-1]
     )
+
+
+def test_the_window_contrast_reads_beyond_w_and_a_full_model_takes_its_comparators_w(runs):
+    def contrast(opts):
+        analysis = analysis_of(runs / "rope-s0", opts)
+        ctx = analysis.context(analysis.tokens(16, analysis.T, "analysis")[:, : analysis.T])
+        stage("window contrast").run(analysis, ctx)
+        return analysis.rec.rows
+
+    assert contrast(SMALL) == []  # a full-attention model with no comparator: nothing to read
+    rows = contrast(dataclasses.replace(SMALL, contrast_window=8))
+    metrics = [r["metric"] for r in rows]
+    assert metrics.count("c_res_window_signed") == 2 and metrics.count("c_res_window") == 1
+    assert metrics.count("probe_tail_r2_log") == 3  # every residual site
+    assert {r["condition"] for r in rows} == {"w=8"}
+    assert all(r["value"] <= 1 for r in rows if r["metric"] == "probe_tail_r2_log")
+    assert Options(contrast_window=31).problems(32) and not Options(contrast_window=30).problems(32)
+
+
+def test_route2_and_head_interventions_run_on_the_top_heads_by_lift(runs):
+    analysis = analysis_of(runs / "rope-s0", dataclasses.replace(SMALL, top_heads=2))
+    ctx = analysis.context(analysis.tokens(16, analysis.T, "analysis")[:, : analysis.T])
+    stage("probes").run(analysis, ctx)
+    stage("route-2 and head knockouts").run(analysis, ctx)
+    rows = analysis.rec.rows
+    refit = [r for r in rows if r["metric"] == "route2_probe_refit_r2_log"]
+    labels = sorted({r["condition"] for r in refit})
+    assert len(labels) == 1 + 2 * 2 and "route2,heads=all" in labels
+    assert all(r["value"] <= 1 for r in refit) and len(refit) == 5 * 3
+    lifts = [r["value"] for r in rows if r["metric"] == "top_head_lift"]
+    assert len(lifts) == 2 and lifts[0] >= lifts[1]
 
 
 def test_the_difference_table_is_one_holm_family_and_names_the_mde_of_every_null():

@@ -1,4 +1,4 @@
-"""Measurements (definitions v2) against closed forms, dense solves, nested loops, and planted
+"""Measurements (definitions v3) against closed forms, dense solves, nested loops, and planted
 signals of known size at realistic noise: each metric must find what was planted and stay at
 zero when nothing was."""
 
@@ -85,7 +85,7 @@ def test_relative_logits_with_query_offsets_leave_no_residue_and_g_is_recovered(
     assert num.abs().max() < 1e-16 * den.abs().max() + 1e-12
 
 
-def test_split_half_c_res_and_abs_share_are_zero_for_relative_logits_at_any_noise():
+def test_split_half_c_res_and_abs_share_are_exactly_zero_for_noise_free_relative_logits():
     T, H = 24, 2
     visible = attention_mask(T)
     m, _ = relative_plus_offsets(H, T, visible)
@@ -411,11 +411,11 @@ def test_massive_ratio_and_value_drain_recover_planted_scales_and_read_one_witho
 STUDY_N, STUDY_T, STUDY_H = 128, 256, 4  # the study's sequences, length and heads
 
 
-def low_rank_stats(plant, n=STUDY_N, content=1.7, rank=2, seed=7):
-    """logit_stats of relative logits + per-query offsets + `plant`, with per-sequence content
+def low_rank_sums(plant, visible=None, n=STUDY_N, content=1.7, rank=2, seed=7):
+    """LogitSums of relative logits + per-query offsets + `plant`, with per-sequence content
     noise q_i.k_j of low rank (c_content about `content`, as in the study)."""
     H, T = plant.shape[0], plant.shape[-1]
-    visible = attention_mask(T)
+    visible = attention_mask(T) if visible is None else visible
     base, _ = relative_plus_offsets(H, T, visible)
     gen = torch.Generator().manual_seed(seed)
     sums = LogitSums(16, H, visible)
@@ -426,8 +426,16 @@ def low_rank_stats(plant, n=STUDY_N, content=1.7, rank=2, seed=7):
         k = torch.randn(len(rows), H, T, rank, generator=gen, dtype=torch.float64)
         scores = base + plant + scale * q @ k.transpose(-1, -2)
         sums.add(scores.masked_fill(~visible, float("-inf")), rows)
-    wa, wb = bootstrap_weights(8, 200, 1), bootstrap_weights(8, 200, 2)
-    return logit_stats(sums, measures.two_way_design(visible), wa, wb)
+    return sums
+
+
+BOOT_A, BOOT_B = bootstrap_weights(8, 200, 1), bootstrap_weights(8, 200, 2)
+
+
+def low_rank_stats(plant, n=STUDY_N, content=1.7, rank=2, seed=7):
+    """logit_stats of low_rank_sums under causal attention."""
+    sums = low_rank_sums(plant, None, n, content, rank, seed)
+    return logit_stats(sums, measures.two_way_design(sums.visible), BOOT_A, BOOT_B)
 
 
 def early_parts(stats, k=16):
@@ -524,7 +532,7 @@ def test_the_local_fit_gives_identical_early_statistics_at_T_and_at_4T():
     """The same prefixes analysed at T and at 4T: a causal model computes the same logits at
     queries i < T, so the fit on i < K_fit gives the same early-query numbers (version 2's
     fit over every query does not: queries it never compared with move its reference)."""
-    from posleak.analysis.stages.mean_logits import parts
+    from posleak.analysis.logits import parts
 
     T, H, k_fit = 64, 2, 32
     gen = torch.Generator().manual_seed(8)
@@ -631,3 +639,152 @@ def test_sign_flips_holm_and_the_detectable_effect_follow_their_definitions():
     t = d.mean(1) / (d.std(1) / n**0.5)
     power = (t.abs() > t_quantile_975(n - 1)).double().mean().item()
     assert power == pytest.approx(0.80, abs=0.03)
+
+
+# ------------------------------------------------------------------ v3: removed shares by part
+def key_position_plant(key0: float, rest: float):
+    """s_i0 += key0 cos(i / 3) (the logit of key 0 itself) and s_ij += rest cos(j / 3) for
+    keys j >= 1 (absolute position written into content keys)."""
+    i = torch.arange(STUDY_T, dtype=torch.float64)
+    plant = (rest * torch.cos(i / 3)).expand(STUDY_H, STUDY_T, STUDY_T).clone()
+    plant[:, :, 0] = key0 * torch.cos(i / 3)
+    return plant
+
+
+def removed_truth(base_plant, other_plant) -> dict:
+    """The removed share of each part without noise."""
+    before, after = truth_parts(base_plant), truth_parts(other_plant)
+    return {part: 1 - after[part] / before[part] for part in before}
+
+
+def v2_removed_share(base, other, k=16) -> float:
+    """Version 2's removed share: every key pooled, each query clamped at 0 first."""
+    return (1 - early_sum(pooled(other.signal), k) / early_sum(pooled(base.signal), k)).item()
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_removed_shares_recover_a_content_key_removal_that_the_pooled_v2_share_misses(seed):
+    """A BOS replacement that doubles key 0's own logit and removes 40% of the squared
+    position term in the content keys, at the study's N, T and H with low-rank noise. The
+    key-0 part and the rest each recover their noise-free removed share within 3 SE. The
+    pooled share (version 2's) reads about 0: the two parts cancel, and a real removal is
+    reported as none."""
+    from posleak.analysis.stages._removal import removed_shares
+
+    base_plant = key_position_plant(1.0, 1.0)
+    other_plant = key_position_plant(2.0, 0.6**0.5)
+    truth = removed_truth(base_plant, other_plant)
+    assert 0.25 < truth["rest"] < 0.45 and truth["key0"] < -2  # the fit's a(i) spreads a little
+    base, other = low_rank_stats(base_plant, seed=seed), low_rank_stats(other_plant, seed=seed)
+    got = removed_shares([(base, other)], 16)
+    for part in ("key0", "rest"):
+        value, boot = got[part]
+        se = boot[boot.isfinite()].std().item()
+        assert abs(value - truth[part]) < 3 * se + 0.02 * abs(truth[part]), part
+    assert abs(v2_removed_share(base, other)) < 0.1  # the naive share: no removal at all
+    assert got["rest"][0] > 0.2  # where the split finds one
+
+
+def test_a_replacement_that_changes_nothing_removes_nothing_within_3_se():
+    """The same plant in both passes over other sequences: every part within 3 SE of 0."""
+    from posleak.analysis.stages._removal import removed_shares
+
+    plant = key_position_plant(1.0, 1.0)
+    got = removed_shares([(low_rank_stats(plant, seed=3), low_rank_stats(plant, seed=13))], 16)
+    for part, (value, boot) in got.items():
+        assert abs(value) < 3 * boot[boot.isfinite()].std().item(), part
+
+
+# ------------------------------------------------------------------ v3: where the window binds
+WINDOW = 32  # the study's window
+
+
+def beyond_window_plant(amplitude: float):
+    """s_ij += amplitude cos(j / 3) at queries i >= w on the window's pairs only."""
+    from posleak.analysis.stages.window_contrast import beyond_window
+
+    T = STUDY_T
+    pairs = beyond_window(attention_mask(T, WINDOW), WINDOW)
+    key_term = amplitude * torch.cos(torch.arange(T, dtype=torch.float64) / 3)
+    return (key_term * pairs).expand(STUDY_H, T, T).clone()
+
+
+def window_truth(plant) -> float:
+    """The window signal of a noise-free plant: the split-half product of its own residue."""
+    from posleak.analysis.stages.window_contrast import beyond_window
+
+    pairs = beyond_window(attention_mask(STUDY_T, WINDOW), WINDOW)
+    design = measures.two_way_design(pairs)
+    residue = measures.two_way_fit(measures.pack(plant, design), design).residue
+    return measures.split_half_signal(residue, residue, design).mean(-2)[WINDOW:].mean().item()
+
+
+def test_the_window_contrast_finds_a_term_beyond_the_window_in_both_models_on_the_same_pairs():
+    """A position term planted where the window binds (i >= w), at the study's scale, in a
+    windowed model and in a full-attention one whose keys beyond the window also carry a
+    large key-0 term. Both read the planted size within 3 SE, from the same pairs. Version
+    2's early-query statistic (i < 16, where window and full attention compute alike) reads
+    nothing of it: a window contrast there cannot detect anything."""
+    from posleak.analysis.stages.window_contrast import window_stats
+
+    plant = beyond_window_plant(0.5)
+    truth = window_truth(plant)
+    outside = torch.zeros_like(plant)
+    outside[:, WINDOW:, 0] = 3.0 * torch.cos(torch.arange(WINDOW, STUDY_T) / 5.0)
+    windowed = low_rank_sums(plant, attention_mask(STUDY_T, WINDOW), seed=21)
+    full = low_rank_sums(plant + outside, attention_mask(STUDY_T), seed=22)
+    for sums in (windowed, full):
+        st = window_stats(sums, WINDOW, BOOT_A, BOOT_B)
+        assert abs(st.signal.item() - truth) < 3 * st.boot.std().item() + 0.05 * truth
+        assert measures.clamp_once(st.signal) > 2 * torch.quantile(
+            measures.clamp_once(st.null), 0.95
+        )
+    full_stats = logit_stats(full, measures.two_way_design(full.visible), BOOT_A, BOOT_B)
+    early = full_stats.signal.mean(-2)[1:16]
+    assert abs(early.mean().item()) < 0.05 * truth  # v2's early-query reading: blind here
+
+
+def test_the_window_contrast_stays_within_3_se_of_zero_without_a_plant():
+    from posleak.analysis.stages.window_contrast import window_stats
+
+    zero = torch.zeros(STUDY_H, STUDY_T, STUDY_T, dtype=torch.float64)
+    for seed, window in ((31, WINDOW), (32, None)):
+        sums = low_rank_sums(zero, attention_mask(STUDY_T, window), seed=seed)
+        st = window_stats(sums, WINDOW, BOOT_A, BOOT_B)
+        assert abs(st.signal.item()) < 3 * st.boot.std().item(), window
+
+
+# ------------------------------------------------------------------ v3: the route-2 test
+def test_flattening_key0s_gain_removes_position_carried_by_it_and_nothing_else():
+    """One head whose only position signal is the gain A_i0 = 1/(i + 1) on a fixed key-0
+    value (BOS's), plus content keys of random values: a probe on its output finds position
+    (R² > 0.5); with A_i0 replaced by its mean over queries (the route-2 test) a refit probe
+    finds none (R² < 0.05). A pattern whose key-0 column is already flat is left exactly as
+    it was."""
+    gen = torch.Generator().manual_seed(41)
+    N, T, d = 64, 48, 8
+    visible = attention_mask(T)
+    logits = torch.randn(N, 1, T, T, generator=gen, dtype=torch.float64)
+    pattern = logits.masked_fill(~visible, float("-inf")).softmax(-1)
+    pattern[..., 1:, 0] = 0.0
+    pattern = pattern / pattern.sum(-1, keepdim=True) * (1 - 1 / torch.arange(1, T + 1))[:, None]
+    pattern[..., :, 0] = 1 / torch.arange(1, T + 1, dtype=torch.float64)
+    values = torch.randn(N, 1, T, d, generator=gen, dtype=torch.float64) * 0.2
+    values[..., 0, :] = 4.0  # BOS's value: the same in every sequence
+    positions = torch.arange(2, T)
+    groups = torch.arange(N).repeat_interleave(len(positions))
+
+    def r2(p):
+        out = (p @ values)[:, 0, 2:].reshape(-1, d)
+        half = groups % 2 == 0
+        data_a, data_b = probe.ProbeData(d, 4), probe.ProbeData(d, 1)
+        data_a.add(out[half], positions.repeat(N)[half], groups[half] // 2)
+        data_b.add(out[~half], positions.repeat(N)[~half], groups[~half] // 2)
+        return probe.r2_of_moments(data_a.fit("log"), data_b)
+
+    assert torch.allclose(pattern.sum(-1), torch.ones(N, 1, T, dtype=torch.float64))
+    assert r2(pattern) > 0.5
+    flattened = measures.key0_gain_removed(pattern, None)
+    assert r2(flattened) < 0.05
+    assert torch.equal(measures.key0_gain_removed(flattened, None), flattened)
+    assert torch.equal(flattened[..., 1:], pattern[..., 1:])  # the other keys untouched

@@ -58,6 +58,7 @@ class TrainConfig:
     eval_batches: int = 8
     ckpt_every: int = 200
     keep_checkpoints: int = 2
+    ckpt_initial: bool = False  # also checkpoint the initial weights (step 0): the step-0 analysis
     log_every: int = 10
     precision: str = "auto"
     device: str = "auto"

@@ -226,6 +226,8 @@ class Run:
         with self._signals_stop_cleanly(), self._metrics_log() as record_metrics:
             window_start, window_steps = time.perf_counter(), 0
             parent = int(os.environ.get(PARENT_ENV, "0"))
+            if t.ckpt_initial and self.step == 0:
+                self.save_checkpoint()
             while self.step < t.steps:
                 loss = self._train_step()
                 if parent and os.getppid() != parent:  # the sweep was killed: do not run on

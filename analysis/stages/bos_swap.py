@@ -1,23 +1,41 @@
 """Measurement 5: BOS replacement (docs/science.md): the position-0 embedding is overwritten
 before the forward pass (frequency-weighted mean embedding, most frequent token, a random
 vector of BOS's norm, zeros), and the share of the early-query residual component that is
-removed is measured, with controls (C_mask, the original probe on swapped states)."""
+removed is measured (version 3: per part, key 0 and the rest, over layers >= 1), with
+controls (C_mask, the original probe's transfer R^2), the probe refit on the swapped states
+and the change of next-token loss."""
 
 from __future__ import annotations
 
 import torch
 
 from posleak.analysis import measures, plots
+from posleak.analysis.collect import token_losses
+from posleak.analysis.logits import PARTS
 from posleak.analysis.records import by_layer, removed_over_layers
+from posleak.analysis.stages._loss import record_change
 from posleak.analysis.stages._removal import record_removal
-from posleak.analysis.stages.base import ATTN, RESID, Section, Stage
+from posleak.analysis.stages.base import ATTN, RESID, RUN, Section, Stage
+from posleak.analysis.stats import bootstrap_weights
 
 
 class BosSwap(Stage):
     def work(self, analysis) -> int:
-        return len(analysis.opts.swaps) * analysis.opts.seqs * analysis.T
+        return (2 * len(analysis.opts.swaps) + 1) * analysis.opts.seqs * analysis.T
+
+    def enabled(self, opts) -> bool:
+        return bool(opts.swaps)
 
     def run(self, analysis, ctx) -> None:
+        with_targets = analysis.tokens(analysis.opts.seqs, analysis.T, "analysis")
+        limit = analysis.opts.max_attention_elements
+        base_loss = token_losses(analysis.model, with_targets, limit)
+        k = min(analysis.opts.early_queries, analysis.T)
+        everywhere = torch.ones_like(base_loss, dtype=torch.bool)
+        early = everywhere.clone()
+        early[:, k:] = False
+        groups = {"all": everywhere, f"i<{k}": early}
+        weights = bootstrap_weights(len(with_targets), analysis.opts.bootstrap, seed=7)
         for kind in analysis.opts.swaps:
             vector = replacement(analysis, kind, ctx.tokens)
 
@@ -27,6 +45,11 @@ class BosSwap(Stage):
                 return embed
 
             swapped = analysis.measure(ctx.tokens, [("embed", swap)], fitted=ctx.fitted)
+            swapped_loss = token_losses(analysis.model, with_targets, limit, [("embed", swap)])
+            for group, mask in groups.items():
+                condition = f"{kind},queries={group}"
+                change = swapped_loss - base_loss
+                record_change(analysis, "bos_swap_loss_change", condition, change, mask, weights)
             record_removal(analysis, "bos_swap", kind, ctx.base, swapped)
             for l in range(analysis.L):
                 signal = swapped.logits[l].signal.mean(-2)  # pooled over heads
@@ -54,16 +77,39 @@ class BosSwap(Stage):
 
     def headline(self, rows, layers, opts) -> dict:
         k = opts.early_queries
-        return {
+        out = {
             f"bos_swap_removed_{kind}_k{k}": removed_over_layers(rows, kind, k)
             for kind in opts.swaps
         }
+        v3 = {r["condition"]: r["value"] for r in rows if r["metric"] == "bos_swap_removed_v3"}
+        loss = {r["condition"]: r["value"] for r in rows if r["metric"] == "bos_swap_loss_change"}
+        for kind in opts.swaps:
+            for part in PARTS:
+                out[f"bos_swap_removed_v3_{kind}_{part}"] = v3.get(f"{kind},part={part}")
+            out[f"bos_swap_loss_{kind}"] = loss.get(f"{kind},queries=all")
+            out[f"bos_swap_loss_{kind}_early"] = loss.get(f"{kind},queries=i<{k}")
+        return out
 
     def headlines(self, opts, summaries) -> list:
         k = opts.early_queries
+        parts = tuple(zip(PARTS, ("all keys", "key 0", "keys j ≥ 1"), strict=True))
         return [
-            (f"bos_swap_removed_{kind}_k{k}", f"C_res² removed by BOS→{kind}, i < {k}")
-            for kind in opts.swaps
+            *(
+                (f"bos_swap_removed_{kind}_k{k}", f"C_res² removed by BOS→{kind}, i < {k} (v2)")
+                for kind in opts.swaps
+            ),
+            *(
+                (
+                    f"bos_swap_removed_v3_{kind}_{part}",
+                    f"removed by BOS→{kind}, {label}, i < {k}, layers ≥ 1 (v3)",
+                )
+                for kind in opts.swaps
+                for part, label in parts
+            ),
+            *(
+                (f"bos_swap_loss_{kind}", f"loss change by BOS→{kind} (nats, every position)")
+                for kind in opts.swaps
+            ),
         ]
 
     def figures(self, groups, out, opts) -> dict:
@@ -102,5 +148,7 @@ STAGE = BosSwap(
         "bos_swap_removed_c_mask": ATTN,
         "bos_swap_probe_r2_log": RESID,
         "bos_swap_probe_refit_r2_log": RESID,
+        "bos_swap_removed_v3": RUN,
+        "bos_swap_loss_change": RUN,
     },
 )

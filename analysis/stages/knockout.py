@@ -7,7 +7,7 @@ from __future__ import annotations
 from posleak.analysis import measures, plots
 from posleak.analysis.records import by_layer
 from posleak.analysis.stages._removal import record_removal
-from posleak.analysis.stages.base import ATTN, RESID, Section, Stage
+from posleak.analysis.stages.base import ATTN, RESID, RUN, Section, Stage
 
 
 class Knockout(Stage):
@@ -47,6 +47,10 @@ class Knockout(Stage):
         if knocked and intact:  # None where a probe's R^2 is undefined (a constant target)
             last = intact[max(intact)], knocked[max(knocked)]
             out["knockout_probe_r2_log_drop"] = None if None in last else last[0] - last[1]
+        removed = {r["condition"]: r["value"] for r in rows if r["metric"] == "knockout_removed_v3"}
+        for label, suffix in (("layer=all", ""), ("layer=all,key=1", "_key1")):
+            for part in ("all", "key0", "rest"):
+                out[f"knockout_removed_v3{suffix}_{part}"] = removed.get(f"{label},part={part}")
         return out
 
     def headlines(self, opts, summaries) -> list:
@@ -63,6 +67,12 @@ class Knockout(Stage):
                 "knockout_probe_r2_log_drop",
                 "transfer R² drop by key-0 knockout (original probe; unbounded)",
             ),
+            (
+                "knockout_removed_v3_rest",
+                f"C_res removed by key-0 knockout, keys j ≥ 1, i < {opts.early_queries}, "
+                "layers ≥ 1 (v3)",
+            ),
+            ("knockout_removed_v3_key1_rest", "the same by the key-1 control knockout"),
         ]
 
     def figures(self, groups, out, opts) -> dict:
@@ -102,5 +112,6 @@ STAGE = Knockout(
         "knockout_removed_c_mask": ATTN,
         "knockout_probe_r2_log": RESID,
         "knockout_probe_refit_r2_log": RESID,
+        "knockout_removed_v3": RUN,
     },
 )

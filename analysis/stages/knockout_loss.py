@@ -7,13 +7,12 @@ for the queries that do not copy."""
 
 from __future__ import annotations
 
-import torch
-
 from posleak.analysis import measures
 from posleak.analysis.collect import token_losses
 from posleak.analysis.records import finite_mean
+from posleak.analysis.stages._loss import record_change, target_groups
 from posleak.analysis.stages.base import RUN, Stage
-from posleak.analysis.stats import bootstrap_weights, percentile_interval
+from posleak.analysis.stats import bootstrap_weights
 
 
 class KnockoutLoss(Stage):
@@ -52,7 +51,14 @@ class KnockoutLoss(Stage):
         weights = bootstrap_weights(len(tokens), analysis.opts.bootstrap, seed=5)
         for label, change in delta.items():
             for group, mask in groups.items():
-                record_change(analysis, f"{label},targets={group}", change, mask, weights)
+                record_change(
+                    analysis,
+                    "knockout_loss_change",
+                    f"{label},targets={group}",
+                    change,
+                    mask,
+                    weights,
+                )
         by_query = delta["key=0"].mean(0)
         for i in range(analysis.T):
             analysis.rec.add("knockout_loss_change_by_query", by_query[i], query=i)
@@ -91,15 +97,6 @@ KEY_TEXT = (
 )
 
 
-def target_groups(copy_targets, tokens: torch.Tensor) -> dict:
-    """{group: (N, T) mask over next-token targets}: all, and copy / other when marked."""
-    everything = torch.ones(tokens.shape[0], tokens.shape[1] - 1, dtype=torch.bool)
-    if copy_targets is None:
-        return {"all": everything}
-    copies = torch.from_numpy(copy_targets(tokens.numpy())[:, 1:])
-    return {"all": everything, "copy": copies, "other": ~copies}
-
-
 def sink_heads(analysis, ctx) -> dict:
     """{layer: [head, ...]} of the heads with alpha_0 > eps and lambda_0 >= lift."""
     out = {}
@@ -110,20 +107,6 @@ def sink_heads(analysis, ctx) -> dict:
         if len(chosen):
             out[l] = chosen.flatten().tolist()
     return out
-
-
-def record_change(analysis, condition: str, change, mask, weights) -> None:
-    """The mean change over the masked targets, by sequence, with a bootstrap interval over
-    sequences (a sequence without such targets counts for nothing)."""
-    count = mask.sum(1).double()
-    if not count.any():
-        return
-    total = (change * mask).sum(1)
-    mean = (total.sum() / count.sum()).item()
-    boot = (weights @ total) / (weights @ count)
-    lo, hi = percentile_interval(boot)
-    n = int((count > 0).sum())
-    analysis.rec.add("knockout_loss_change", mean, condition=condition, lo=lo, hi=hi, n=n)
 
 
 def _all_heads(rule):

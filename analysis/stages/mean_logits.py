@@ -13,7 +13,7 @@ import torch
 
 from posleak.analysis import measures, plots
 from posleak.analysis.collect import stream
-from posleak.analysis.logits import logit_stats, pooled
+from posleak.analysis.logits import PARTS, local_fit, parts, pooled
 from posleak.analysis.records import (
     by_layer,
     early_square_sum,
@@ -159,25 +159,6 @@ def record_signal(analysis, layer: int, signal, boot, head) -> None:
         add("c_res_signal", signal[i], layer=layer, head=head, query=i, std=se[i], n=n)
 
 
-def parts(st) -> dict:
-    """{part: (signed, bootstrap, null)} pooled over heads, (T,), (R, T), (R, T): the whole
-    split-half signal, its key-0 column and the rest (keys j >= 1)."""
-    whole = (st.signal, st.signal_boot, st.signal_null)
-    key0 = (st.signal_key0, st.key0_boot, st.key0_null)
-    rest = tuple(a - b for a, b in zip(whole, key0, strict=True))
-    return {
-        name: tuple(t.mean(-2) for t in p)
-        for name, p in zip(PARTS, (whole, key0, rest), strict=False)
-    }
-
-
-def local_fit(analysis, sums):
-    """Version 3, item 3: the two-way fit on the sub-triangle of queries i < K_fit only."""
-    k = min(analysis.opts.fit_queries, analysis.T)
-    design = measures.two_way_design(analysis.visible[:k, :k])
-    return logit_stats(sums.prefix(k), design, analysis.boot_a, analysis.boot_b)
-
-
 def record_parts(analysis, layer: int, st, prefix: str = "c_res_early") -> None:
     """Version 3, items 1 and 2: C_res split into the key-0 column and the rest, per query
     (clamped: for plots; from the full fit only) and at early queries as one aggregate,
@@ -199,9 +180,6 @@ def record_parts(analysis, layer: int, st, prefix: str = "c_res_early") -> None:
         add(f"{prefix}_v3", value, layer=layer, condition=cond, lo=low, hi=high)
         floor = torch.quantile(measures.clamp_once(null[:, 1:k].mean(-1)), 0.95)
         add(f"{prefix}_floor", floor, layer=layer, condition=cond, n=n)
-
-
-PARTS = ("all", "key0", "rest")
 
 
 def content_deviation(analysis, tokens: torch.Tensor, base) -> list[torch.Tensor]:
