@@ -53,14 +53,20 @@ class Analysis:
         self.T = subject.train_len if opts.seq_len is None else opts.seq_len
         self.bos = opts.bos or subject.bos
         self.L, self.H = self.model.cfg.n_layer, self.model.cfg.n_head
-        self.window = self.model.cfg.window
+        # per layer: a hybrid model (Gemma 3) has window and global layers
+        self.windows = tuple(
+            getattr(self.model.cfg, "windows", None) or (self.model.cfg.window,) * self.L
+        )
+        self.window = min((w for w in self.windows if w), default=None)  # the smallest
+        widest = None if None in self.windows else max(self.windows)
         check_fits(
-            analysis_bytes(opts, self.L, self.H, self.T, self.window, self.model.cfg.d_model),
+            analysis_bytes(opts, self.L, self.H, self.T, widest, self.model.cfg.d_model),
             f"analysing {opts.seqs} sequences of {self.T} tokens",
             "lower --seqs or --seq-len",
         )
-        self.visible = attention_mask(self.T, self.window)
-        self.design = measures.two_way_design(self.visible)
+        self._designs = {
+            w: measures.two_way_design(attention_mask(self.T, w)) for w in set(self.windows)
+        }
         self.label = subject.label
         self.rec = Recorder(stages.sites(), run=subject.name, **self.label)
         self.resid_names = ["blocks.0.resid_pre"] + [
@@ -119,7 +125,7 @@ class Analysis:
 
         Given the base pass's fitted probes (an intervention pass), the residual stream is
         scored on half B as it streams past instead."""
-        sums = [LogitSums(self.n_blocks, self.H, self.visible) for _ in range(self.L)]
+        sums = [LogitSums(self.n_blocks, self.H, self.design(l).visible) for l in range(self.L)]
         consumers = {f"blocks.{l}.attn.scores": sums[l].add for l in range(self.L)}
         data, first, scorers = [], [], []
         if fitted is None:
@@ -145,7 +151,9 @@ class Analysis:
                     ]
                 )
         stream(self.model, tokens, consumers, self.batch, list(interventions))
-        stats = [logit_stats(s, self.design, self.boot_a, self.boot_b) for s in sums]
+        stats = [
+            logit_stats(s, self.design(l), self.boot_a, self.boot_b) for l, s in enumerate(sums)
+        ]
         if fitted is None:
             return Pass(stats, data, first, None, None, sums)
         r2 = [s.result().r2 for s in scorers]
@@ -176,6 +184,10 @@ class Analysis:
             add(resid[held, self.opts.probe_min_pos :], rows[held] // 2)
 
         return consume
+
+    def design(self, layer: int) -> measures.TwoWayDesign:
+        """The two-way fit's design of an attention layer: its own visible pairs."""
+        return self._designs[self.windows[layer]]
 
     def halves(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.arange(n)

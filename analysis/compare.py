@@ -38,7 +38,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 POOLED = ("definitions", "seqs", "seq_len", "data", "bos", "rope_scale")  # within a variant
-LABELLED = ("early_queries", "sink_eps", "swaps", "early_k")  # options the labels are made from
+LABELLED = (
+    "early_queries",
+    "sink_eps",
+    "swaps",
+    "early_k",
+    "contrast_window",
+)  # options the labels are made from
 COMPARED = ("definitions", "seqs", *LABELLED)  # across variants (data and length may differ)
 
 
@@ -59,6 +65,18 @@ def find_runs(paths: list[str]) -> list[Path]:
         for run in found:
             runs.setdefault(run.resolve(), run)
     return list(runs.values())
+
+
+def contrast_window_of(runs: list[Path]) -> int | None:
+    """The window w of the windowed runs among `runs` when they share one (None otherwise):
+    every run is then analysed with it, so that the window contrast reads the same pairs in
+    full-attention and windowed models (version 3, item 4)."""
+    windows = {
+        RunDir(run).read_config()[0].model.get("window") or None  # 0: no window
+        for run in runs
+        if RunDir(run).config_file.exists()
+    } - {None}
+    return windows.pop() if len(windows) == 1 else None
 
 
 def load_groups(runs: list[Path], opts: Options) -> tuple[dict, dict]:

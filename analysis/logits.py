@@ -125,5 +125,5 @@ def parts(st) -> dict:
 def local_fit(analysis, sums):
     """Version 3, item 3: the two-way fit on the sub-triangle of queries i < K_fit only."""
     k = min(analysis.opts.fit_queries, analysis.T)
-    design = measures.two_way_design(analysis.visible[:k, :k])
+    design = measures.two_way_design(sums.visible[:k, :k])
     return logit_stats(sums.prefix(k), design, analysis.boot_a, analysis.boot_b)

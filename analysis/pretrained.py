@@ -1,7 +1,7 @@
 """Pretrained causal language models from transformers, behind posleak's hook names.
 
 `posleak analyze hf:PATH_OR_NAME` runs the measurements of a posleak run on a Llama, Mistral,
-Qwen2 or GPT-NeoX checkpoint (a transformers folder, or a GGUF file: analysis/gguf.py).
+Qwen2, Gemma 3 or GPT-NeoX checkpoint (a transformers folder, or a GGUF file: analysis/gguf.py).
 Nothing is re-implemented per architecture: the model runs its own code. Our attention
 function, registered through transformers' AttentionInterface (with the eager mask, so
 windows are the model's own), computes logits and weights in the open so that hooks can
@@ -28,7 +28,7 @@ from posleak.model.hooks import HookPoint, attached, hook_points
 from posleak.model.positions import SCHEMES
 from posleak.model.rope import ntk_base
 
-FAMILIES = ("llama", "mistral", "qwen2", "gpt_neox")  # each tested in tests/test_pretrained.py
+FAMILIES = ("llama", "mistral", "qwen2", "gemma3_text", "gpt_neox")  # tests/test_pretrained.py
 ATTENTION = "posleak"  # the name our attention function is registered under
 DEFAULT_LEN = 256
 
@@ -63,18 +63,9 @@ class Shape:
 
     @property
     def window(self) -> int | None:
-        """The window the analysis assumes: the smallest of the layers' windows."""
+        """The smallest of the layers' windows (each layer is analysed with its own)."""
         sized = [w for w in self.windows if w is not None]
         return min(sized) if sized else None
-
-    def problem(self, seq_len: int) -> str | None:
-        kinds = sorted(set(self.windows), key=str)
-        if len(kinds) > 1 and self.window < seq_len:
-            return (
-                f"this {self.family} model mixes attention windows {kinds} across layers; "
-                f"analyse at --seq-len <= {self.window}, where all are full"
-            )
-        return None
 
 
 def shape_of(config) -> Shape:
@@ -115,8 +106,11 @@ class _LayerPoints(nn.Module):
         self.self_attn = _AttentionPoints()
 
 
-def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Eager attention with hook points (registered as "posleak"); q, k, v per query head."""
+def attention(
+    module, query, key, value, attention_mask, scaling, dropout=0.0, softcap=None, **kwargs
+):
+    """Eager attention with hook points (registered as "posleak"); q, k, v per query head.
+    Logit soft-capping (Gemma 2's; Gemma 3 passes none) is part of the scores hooks see."""
     points = getattr(module, "posleak_points", None)
     if points is None:
         raise RuntimeError("the posleak attention runs only inside posleak's Pretrained adapter")
@@ -125,7 +119,10 @@ def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, *
     q = q_hook(query)
     k = k_hook(key.repeat_interleave(repeat, dim=1))
     v = v_hook(value.repeat_interleave(repeat, dim=1))
-    scores = scores_hook(torch.matmul(q, k.transpose(-1, -2)) * scaling)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores_hook(scores)
     if attention_mask is not None:
         scores = scores + attention_mask[..., : k.shape[-2]]
     pattern = pattern_hook(torch.softmax(scores, dim=-1, dtype=torch.float32))
@@ -164,10 +161,8 @@ class Pretrained(nn.Module):
             after = [self.layers[l].hook_resid_post]
             after += [self.layers[l + 1].hook_resid_pre] if l + 1 < self.cfg.n_layer else []
             layer.register_forward_hook(self._on_layer(after))
-        self._rotary = [
-            m for m in hf_model.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)
-        ]
-        self._inv_freq = [m.inv_freq.clone() for m in self._rotary]
+        self._rotary = rotary_frequencies(hf_model)
+        self._inv_freq = [frequencies.clone() for frequencies in self._rotary]
         self.rope_inference_scale = 1.0
 
     @staticmethod
@@ -229,11 +224,23 @@ class Pretrained(nn.Module):
         the base b * s^(d_rot/(d_rot - 2)) of posleak's rope_ntk."""
         if not scale >= 1:
             raise ValueError(f"rope scale must be >= 1, got {scale!r}")
-        for module, original in zip(self._rotary, self._inv_freq, strict=True):
+        for frequencies, original in zip(self._rotary, self._inv_freq, strict=True):
             p = torch.arange(len(original), dtype=torch.float64)
-            factor = float(scale) ** (-2 * p / (self.rotary_dim - 2))
-            module.inv_freq.copy_((original.double() * factor).to(original.dtype))
+            factor = float(scale) ** (-2 * p / (2 * len(original) - 2))
+            frequencies.copy_((original.double() * factor).to(original.dtype))
         self.rope_inference_scale = float(scale)
+
+
+def rotary_frequencies(hf_model) -> list[torch.Tensor]:
+    """The inverse-frequency buffers the model's rotary embeddings read: `inv_freq`, or one per
+    layer type (Gemma 3's `sliding_attention_inv_freq`, `full_attention_inv_freq`, each with
+    its own base). NTK at inference scales each against its own base."""
+    found = []
+    for module in hf_model.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if name.endswith("inv_freq") and "original" not in name:
+                found.append(buffer)
+    return found
 
 
 def load(name: str, device: str = "cpu", dtype: str = "float32"):
@@ -354,9 +361,6 @@ def subject(name: str, source: str | None, seq_len: int | None, device: str, dty
     else:
         model, tokenizer = load(name, device, dtype)
     T = seq_len or min(DEFAULT_LEN, model.cfg.max_seq_len)
-    problem = model.cfg.problem(T)
-    if problem:
-        raise ValueError(problem)
     source = source or "bible"
     text = PretrainedText(tokenizer, source)
     short = short_name(name)

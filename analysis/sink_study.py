@@ -19,11 +19,21 @@ from posleak.analysis.folder import AnalysisDir
 from posleak.analysis.measures import DEFINITIONS
 from posleak.analysis.options import Options
 from posleak.analysis.records import early_square_sum, finite_mean, per_layer_queries
-from posleak.analysis.study import Study, fingerprint_bos_max, headline, level, per_seed
+from posleak.analysis.study import (
+    Study,
+    by_records,
+    fingerprint_bos_max,
+    headline,
+    level,
+    per_seed,
+    records_of,
+    verdict_table,
+    zeros,
+)
 from posleak.data import make_source
 from posleak.files import atomic_write, safe_dir
 from posleak.model.rope import ntk_base
-from posleak.report import MIN_SEEDS, difference_cell, holm, number, paired_difference, table
+from posleak.report import number, table
 from posleak.train import checkpoint
 from posleak.train.rundir import RunDir
 
@@ -69,35 +79,6 @@ def virtual_mass(records: list[dict]) -> float | None:
     """The largest per-head attention mass on a learned sink logit (None without one)."""
     values = [r["value"] for r in records if r["metric"] == "sink_virtual_mass"]
     return max(values) if values else None
-
-
-def records_of(study: Study, variant: str) -> dict:
-    """{seed: records} of a variant's runs."""
-    summaries = study.summaries.get(variant, [])
-    return {
-        s["seed"]: rows for s, rows in zip(summaries, study.groups.get(variant, []), strict=True)
-    }
-
-
-def by_records(study: Study, variant: str, number_of) -> dict:
-    return {seed: number_of(rows) for seed, rows in records_of(study, variant).items()}
-
-
-# ---------------------------------------------------------------- verdict tables
-def verdict_table(cells: list[tuple[str, dict, dict]], against: str) -> list[str]:
-    """One Holm family: each row a label, the values by seed and the reference by seed."""
-    diffs = [paired_difference(values, ref) for _, values, ref in cells]
-    tested = [i for i, d in enumerate(diffs) if d is not None and d.n >= MIN_SEEDS]
-    adjusted = dict(zip(tested, holm([diffs[i].p for i in tested]), strict=True))
-    rows = [
-        [label, difference_cell(d, adjusted.get(i))]
-        for i, ((label, _, _), d) in enumerate(zip(cells, diffs, strict=True))
-    ]
-    return table(["contrast", f"difference from {against}, 95% t-interval"], rows)
-
-
-def zeros(values: dict) -> dict:
-    return dict.fromkeys(values, 0.0)
 
 
 # ---------------------------------------------------------------- sections

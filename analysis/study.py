@@ -1,45 +1,45 @@
 """`posleak study SWEEP_DIR [--out DIR] [--seqs N]`: the study's report (default runs/study).
 
 Reads the finished runs of a study sweep (configs/sweeps/study.toml or study-small.toml),
-analyses any that are not yet analysed, adds the study's own analyses (the reference
-variant's runs at 4x their training length with and without NTK scaling at inference, and
-its first seed at every kept checkpoint), and writes report.md, whose every number and
-sentence is computed from the records. Claims are paired by seed against `rope` (and against
-the `sink` control for BOS replacement); a difference is a finding only when its 95%
-t-interval excludes zero with at least 3 seeds.
+analyses any that are not yet analysed (full-attention runs with the windowed variant's w, so
+that the window contrast reads the same pairs in both), adds the study's own analyses (every
+text variant at initialisation, the reference variant at 4x its training length with and
+without NTK at inference, and its first seed at every kept checkpoint), and writes report.md
+in definitions version 3. Every number and sentence is computed from the records. Each
+verdict table is one Holm family of paired-by-seed t-tests (against `rope`, or against 0 for
+a within-run contrast); below 6 seeds the exact sign-flip p stands beside, and every null
+names its minimum detectable effect.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from posleak.analysis import compare, plots
 from posleak.analysis.analyze import analyze
 from posleak.analysis.folder import AnalysisDir
-from posleak.analysis.measures import DEFINITIONS
+from posleak.analysis.measures import DEFINITIONS, uniform_alpha
 from posleak.analysis.options import Options
 from posleak.data import make_source
 from posleak.files import atomic_write, safe_dir
 from posleak.log import log
-from posleak.report import MIN_SEEDS, mean_interval, number, paired_difference, table
+from posleak.report import (
+    MIN_SEEDS,
+    difference_cell,
+    holm,
+    mean_interval,
+    minimum_detectable,
+    number,
+    paired_difference,
+    table,
+)
 from posleak.train import checkpoint
 from posleak.train.rundir import RunDir
 
 REFERENCE, CONTROL, WINDOWED, NTK = "rope", "sink", "swa", "ntk"
-DEEP = 2  # claim (a) reads layers >= DEEP
-
-
-def step_series(opts: Options) -> list[tuple[str, str]]:
-    """(headline key, label) of the emergence table, labels from the analysis options."""
-    k = opts.early_queries
-    return [
-        ("alpha0_max", "α₀ of the strongest head"),
-        ("a0_early_max", f"A_i0 at i < {k}, strongest early reader"),
-        (f"bos_swap_removed_mean_k{k}", f"C_res² removed by BOS→mean, i < {k}"),
-        ("probe_r2_log_last", "probe R², log target (last layer)"),
-        ("c_res_early", f"C_res at queries 1–{k - 1}"),
-    ]
+SOURCE_REMOVED = 0.4  # the source study's share removed by replacing BOS (early queries)
 
 
 class Study:
@@ -48,7 +48,9 @@ class Study:
     def __init__(self, sweep_dir: Path, seqs: int):
         self.sweep_dir, self.seqs = Path(sweep_dir), seqs
         runs = compare.find_runs([str(sweep_dir)])
-        groups, self.summaries = compare.load_groups(runs, Options(seqs=seqs))
+        self.window = compare.contrast_window_of(runs)
+        base = Options(seqs=seqs, contrast_window=self.window)
+        groups, self.summaries = compare.load_groups(runs, base)
         if not self.summaries:
             raise FileNotFoundError(f"{sweep_dir} holds no finished runs yet")
         self.groups = groups
@@ -67,23 +69,17 @@ class Study:
         log.info(f"[study] {summary['run']}: {name}")
         return analyze(summary["run"], opts, folder.path)
 
+    def extra_records(self, summary: dict, name: str) -> list[dict]:
+        return AnalysisDir(Path(summary["run"]) / name).read_records()
+
 
 # ---------------------------------------------------------------- numbers per run
-def deep_c_res(summary: dict) -> float | None:
-    """C_res at early queries averaged over layers >= DEEP (claim a)."""
-    values = [v for l, v in summary["per_layer"]["c_res_early"].items() if int(l) >= DEEP]
-    return sum(values) / len(values) if values else None
+def per_seed(summaries: list[dict], number_of) -> dict:
+    return {s["seed"]: number_of(s) for s in summaries}
 
 
-def depth_slope(summary: dict) -> float | None:
-    """Least-squares slope of early C_res against layer: growth with depth."""
-    points = [(int(l), v) for l, v in summary["per_layer"]["c_res_early"].items()]
-    if len(points) < 2:
-        return None
-    mx = sum(x for x, _ in points) / len(points)
-    my = sum(y for _, y in points) / len(points)
-    sxx = sum((x - mx) ** 2 for x, _ in points)
-    return sum((x - mx) * (y - my) for x, y in points) / sxx
+def headline(key: str):
+    return lambda s: s["headline"].get(key)
 
 
 def fingerprint_bos_max(summary: dict) -> float | None:
@@ -92,19 +88,50 @@ def fingerprint_bos_max(summary: dict) -> float | None:
     return max(values, default=None)
 
 
-def per_seed(summaries: list[dict], number) -> dict:
-    return {s["seed"]: number(s) for s in summaries}
+def layer_slope(records: list[dict], metric: str, condition: str | None) -> float | None:
+    """Least-squares slope over layers >= 1 of a per-layer metric: growth with depth (the same
+    layer set as the pooled level, version 3 item 4)."""
+    points = [
+        (r["layer"], r["value"])
+        for r in records
+        if r["metric"] == metric
+        and r["condition"] == condition
+        and r["head"] is None
+        and r["layer"] is not None
+        and r["layer"] >= 1
+        and r["value"] is not None
+    ]
+    if len(points) < 2:
+        return None
+    mx = sum(x for x, _ in points) / len(points)
+    my = sum(y for _, y in points) / len(points)
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    return sum((x - mx) * (y - my) for x, y in points) / sxx
 
 
-def headline(key: str):
-    return lambda s: s["headline"].get(key)
+def records_of(study: Study, variant: str) -> dict:
+    """{seed: records} of a variant's runs."""
+    summaries = study.summaries.get(variant, [])
+    return {
+        s["seed"]: rows for s, rows in zip(summaries, study.groups.get(variant, []), strict=True)
+    }
+
+
+def by_records(study: Study, variant: str, number_of) -> dict:
+    return {seed: number_of(rows) for seed, rows in records_of(study, variant).items()}
+
+
+def difference(number_of):
+    """A per-run number that is the difference of two headlines (None if either is)."""
+
+    def of(summary):
+        a, b = number_of(summary)
+        return None if a is None or b is None else a - b
+
+    return of
 
 
 # ---------------------------------------------------------------- words from numbers
-def _fmt(x) -> str:
-    return number(x, 3)
-
-
 def level(values: dict, percent: bool = False) -> str:
     """Mean over seeds with its 95% t-interval, in words for a table cell."""
     found = mean_interval(values.values())
@@ -117,153 +144,342 @@ def level(values: dict, percent: bool = False) -> str:
     return f"{show(m)} [{show(lo)}, {show(hi)}] (n={n})"
 
 
-def verdict(values: dict, reference: dict) -> str:
-    """A paired difference in words: detected, or not detected at this scale."""
-    d = paired_difference(values, reference)
-    if d is None:
-        return "not measured (no shared seeds)"
-    if d.n < MIN_SEEDS:
-        return f"{_fmt(d.mean)} with n={d.n} < {MIN_SEEDS} seeds: not tested"
-    interval = f"{_fmt(d.mean)} [{_fmt(d.lo)}, {_fmt(d.hi)}]"
-    if d.finding:
-        return f"**{'higher' if d.mean > 0 else 'lower'}**, {interval}"
-    return f"not detected at this scale, {interval}"
+class Verdicts:
+    """One Holm family of paired contrasts: each a label, the values by seed and the
+    reference by seed. Its table and the words for one contrast come from the same tests."""
+
+    def __init__(self, cells: list[tuple[str, dict, dict]]):
+        self.cells = cells
+        self.diffs = [paired_difference(values, ref) for _, values, ref in cells]
+        tested = [i for i, d in enumerate(self.diffs) if d is not None and d.n >= MIN_SEEDS]
+        self.adjusted = dict(zip(tested, holm([self.diffs[i].p for i in tested]), strict=True))
+
+    def table(self, against: str) -> list[str]:
+        rows = [
+            [label, difference_cell(d, self.adjusted.get(i))]
+            for i, ((label, _, _), d) in enumerate(zip(self.cells, self.diffs, strict=True))
+        ]
+        return table(["contrast", f"difference from {against}, 95% t-interval"], rows)
+
+    def words(self, label: str) -> str:
+        """The verdict on one contrast: a finding and its sign, or not detected with its MDE."""
+        i = next(k for k, (name, _, _) in enumerate(self.cells) if name == label)
+        d = self.diffs[i]
+        if d is None:
+            return "not measured"
+        if d.n < MIN_SEEDS:
+            return f"{number(d.mean, 3)} with n={d.n} < {MIN_SEEDS} seeds: not tested"
+        interval = f"{number(d.mean, 3)} [{number(d.lo, 3)}, {number(d.hi, 3)}]"
+        if self.adjusted[i] < 0.05:
+            return f"**{'higher' if d.mean > 0 else 'lower'}**, {interval}"
+        mde = number(minimum_detectable(d.sd, d.n), 2)
+        return f"not detected at this scale, {interval} (smallest detectable: {mde})"
+
+    @property
+    def nulls(self) -> int:
+        return sum(1 for i in self.adjusted if self.adjusted[i] >= 0.05)
+
+
+def verdict_table(cells: list[tuple[str, dict, dict]], against: str) -> list[str]:
+    return Verdicts(cells).table(against)
+
+
+def zeros(values: dict) -> dict:
+    return dict.fromkeys(values, 0.0)
 
 
 # ---------------------------------------------------------------- the three claims
-def claim_a(study: Study, out: Path) -> list[str]:
-    rows, diffs = _claim_a_rows(study)
+def claim_a(study: Study, out: Path) -> tuple[list[str], Verdicts | None]:
+    w = study.window
+    if not w:
+        return ["## (a) Window against RoPE", "", "No window variant in this sweep."], None
+    T = study.opts.seq_len if study.opts.seq_len else study.runs_of(REFERENCE)[0]["seq_len"]
+    k = study.opts.early_queries
+    numbers = {
+        "window": (f"C_res at i ≥ {w}, window's pairs", headline("c_res_window")),
+        "share": (f"abs_share at i ≥ {w}", headline("abs_share_window")),
+        "tail": (f"probe R² at positions ≥ {w} (last layer)", headline("probe_tail_r2_log_last")),
+        "early": (f"C_res at i < {k} (v3, all keys)", headline("c_res_early_v3_all")),
+    }
+    slope = {
+        v: by_records(study, v, lambda r: layer_slope(r, "c_res_window_signed", f"w={w}"))
+        for v in study.text
+    }
+    rows = [
+        [
+            v,
+            *(level(per_seed(study.runs_of(v), f)) for _, f in numbers.values()),
+            level(slope[v]),
+        ]
+        for v in study.text
+    ]
+    ref = {key: per_seed(study.runs_of(REFERENCE), f) for key, (_, f) in numbers.items()}
+    cells = []
+    if WINDOWED in study.summaries:
+        mine = {key: per_seed(study.runs_of(WINDOWED), f) for key, (_, f) in numbers.items()}
+        for key in ("window", "share", "tail"):
+            cells.append((f"`{WINDOWED}` − `{REFERENCE}`: {numbers[key][0]}", mine[key], ref[key]))
+        cells.append(
+            (
+                f"`{WINDOWED}` − `{REFERENCE}`: slope over layers ≥ 1",
+                slope[WINDOWED],
+                slope[REFERENCE],
+            )
+        )
+    if NTK in study.summaries:
+        mine = {key: per_seed(study.runs_of(NTK), f) for key, (_, f) in numbers.items()}
+        for key in ("early", "window"):
+            cells.append((f"`{NTK}` − `{REFERENCE}`: {numbers[key][0]}", mine[key], ref[key]))
+    verdicts = Verdicts(cells)
     curves = {
-        v: [_numeric(s["per_layer"]["c_res_early"]) for s in study.runs_of(v)] for v in study.text
+        v: [
+            {
+                float(r["layer"]): r["value"]
+                for r in rows_
+                if r["metric"] == "c_res_window_signed" and r["value"] is not None
+            }
+            for rows_ in study.groups[v]
+        ]
+        for v in study.text
     }
     fig = plots.seed_curves(
-        out / "claim_a_c_res_by_layer",
+        out / "claim_a_window_by_layer",
         curves,
         "layer",
-        f"C_res, queries 1–{study.opts.early_queries - 1}",
-        "Residual-stream component at early queries by layer",
+        f"signed C_res² at i ≥ {w}",
+        f"Residual component where the window binds (i ≥ {w}, window's pairs)",
     )
-    ntk, swa = diffs.get(NTK, ("not run",) * 2), diffs.get(WINDOWED, ("not run",) * 2)
-    header = [
-        "variant",
-        f"C_res, i < {study.opts.early_queries}, layers ≥ {DEEP}",
-        "slope per layer",
-    ]
-    return [
-        "## (a) Does the residual-stream component order NTK < RoPE < window at layers ≥ 2?",
-        "",
-        f"Answer: NTK − RoPE at layers ≥ {DEEP} (the claim: lower): {ntk[0]}. Window − RoPE "
-        f"(the claim: higher): {swa[0]}. Growth with depth (least-squares slope of C_res over "
-        f"layers), window − RoPE (the claim: higher): {swa[1]}.",
-        "",
-        *table([*header, "− rope (paired)", "slope − rope (paired)"], rows),
-        "",
-        f"![C_res by layer]({fig})",
-    ]
-
-
-def _claim_a_rows(study: Study) -> tuple[list[list[str]], dict]:
-    """Per text variant: levels of deep C_res and its slope, and both paired against rope."""
-    ref = per_seed(study.runs_of(REFERENCE), deep_c_res)
-    ref_slope = per_seed(study.runs_of(REFERENCE), depth_slope)
-    rows, diffs = [], {}
-    for v in study.text:
-        deep = per_seed(study.runs_of(v), deep_c_res)
-        slope = per_seed(study.runs_of(v), depth_slope)
-        if v == REFERENCE:
-            paired = ("reference", "reference")
-        else:
-            paired = diffs[v] = (verdict(deep, ref), verdict(slope, ref_slope))
-        rows.append([v, level(deep), level(slope), *paired])
-    return rows, diffs
-
-
-def claim_b(study: Study) -> list[str]:
-    def removed(variant: str, kind: str) -> dict:
-        key = f"bos_swap_removed_{kind}_k{study.opts.early_queries}"
-        return per_seed(study.runs_of(variant), headline(key))
-
-    kinds = study.opts.swaps
-    rows = [[v, *(level(removed(v, k), percent=True) for k in kinds)] for v in study.text]
-    versus = [
-        [v, *(verdict(removed(v, k), removed(CONTROL, k)) for k in kinds)]
-        for v in study.text
-        if v != CONTROL
-    ]
-    return [
-        "## (b) What share of the residual component at early queries does replacing BOS remove?",
-        "",
-        f"Share of Σ C_res² over queries 1–{study.opts.early_queries - 1} and all layers removed "
-        "when the position-0 "
-        "embedding is replaced (negative: the replacement adds position signal). Answer: "
-        + _against_source(mean_interval(removed(REFERENCE, "mean").values())),
-        "",
-        *table(["variant", *(f"BOS→{k}" for k in kinds)], rows),
-        "",
-        f"Against the learned-sink control (`{CONTROL}`), paired by seed (removed share, as a "
-        "fraction):",
-        "",
-        *table(["variant", *(f"BOS→{k} − {CONTROL}" for k in kinds)], versus),
-    ]
-
-
-def _against_source(found) -> str:
-    """RoPE's BOS→mean removed share set against the source study's 40%."""
-    if found is None:
-        return f"`{REFERENCE}` was not measured."
-    m, lo, hi, n = found
-    said = f"for RoPE, BOS → frequency-weighted mean embedding removes {m:.0%}"
-    if n < 2:
-        return said + " (one seed: no interval)."
-    span = f"[{lo:.0%}, {hi:.0%}] over {n} seeds"
-    zero = "excludes" if lo > 0 or hi < 0 else "includes"
-    source = "includes" if lo <= 0.4 <= hi else "excludes"
-    return (
-        f"{said}, 95% t-interval {span}: the interval {zero} 0 and {source} the source study's 40%."
-    )
-
-
-def claim_c(study: Study) -> list[str]:
-    rows, formed = [], []
-    for v in study.summaries:
-        runs = study.runs_of(v)
-        rate = per_seed(runs, headline("sink_rate"))
-        if any((r or 0) > 0 for r in rate.values()):
-            formed.append(v)
-        rows.append(
-            [
-                v,
-                level(per_seed(runs, headline("alpha0_max"))),
-                level(rate),
-                level(per_seed(runs, fingerprint_bos_max)),
-                level(per_seed(runs, headline("fingerprint_nobos_last"))),
-            ]
+    said = []
+    if cells and WINDOWED in study.summaries:
+        said.append(
+            f"Window − RoPE where the window binds (the claim: higher): "
+            f"{verdicts.words(cells[0][0])}."
         )
-    where = ", ".join(f"`{v}`" for v in formed) if formed else "no variant"
-    bos_max = max(
-        (fingerprint_bos_max(s) or 0.0 for items in study.summaries.values() for s in items),
-        default=0.0,
-    )
+    if NTK in study.summaries:
+        ntk_early = f"`{NTK}` − `{REFERENCE}`: {numbers['early'][0]}"
+        said.append(f"NTK − RoPE at early queries (the claim: lower): {verdicts.words(ntk_early)}.")
     return [
-        "## (c) Do sink heads form, and is their position-0 output identical across inputs?",
+        "## (a) Does the residual component order NTK < RoPE < window?",
         "",
-        f"Answer: sink heads (α₀ > {study.opts.sink_eps:g}) form in {where}. With BOS at "
-        "position 0 the "
-        f"position-0 output of every head is identical across inputs (largest difference "
-        f"{bos_max:.2g} in any run and layer): position 0 sees only itself, so its "
-        "trajectory is a deterministic fingerprint of the BOS token, whether or not a head "
-        "reads it. Without BOS it varies with the first token.",
+        f"A window of {w} keys computes what full attention computes at queries i < {w}, so "
+        f"the window contrast reads queries {w}–{T - 1} only, on the window's pairs "
+        f"(j > i − {w}) in both models: a two-way fit on that pair set, the split-half signal "
+        "pooled over heads and layers ≥ 1, clamped once. abs_share and the probe are read "
+        "there too; the slope is over layers ≥ 1. " + " ".join(said),
         "",
         *table(
             [
                 "variant",
-                "α₀, strongest head",
-                "sink rate",
-                "x₀ dispersion with BOS (max)",
-                "x₀ dispersion without BOS (last layer)",
+                *(label for label, _ in numbers.values()),
+                "slope of signed C_res² at i ≥ w",
             ],
             rows,
         ),
+        "",
+        "Claim (a), one Holm family:",
+        "",
+        *verdicts.table(f"`{REFERENCE}`"),
+        "",
+        f"![window contrast by layer]({fig})",
+    ], verdicts
+
+
+def claim_b(study: Study) -> tuple[list[str], Verdicts]:
+    k = study.opts.early_queries
+    parts = (("key0", "key 0"), ("rest", "keys j ≥ 1"))
+    rows = []
+    for v in study.text:
+        for kind in study.opts.swaps:
+            rows.append(
+                [
+                    v,
+                    f"BOS → {kind}",
+                    *(
+                        level(
+                            per_seed(study.runs_of(v), headline(f"bos_swap_removed_v3_{kind}_{p}")),
+                            percent=True,
+                        )
+                        for p, _ in parts
+                    ),
+                    level(per_seed(study.runs_of(v), headline(f"bos_swap_loss_{kind}_early"))),
+                ]
+            )
+    removed = {
+        kind: per_seed(study.runs_of(REFERENCE), headline(f"bos_swap_removed_v3_{kind}_rest"))
+        for kind in study.opts.swaps
+    }
+    cells = [
+        (f"`{REFERENCE}`, BOS → {kind}, keys j ≥ 1", values, zeros(values))
+        for kind, values in removed.items()
+    ]
+    if CONTROL in study.summaries and "mean" in removed:
+        control = per_seed(study.runs_of(CONTROL), headline("bos_swap_removed_v3_mean_rest"))
+        cells.append(
+            (f"`{REFERENCE}` − `{CONTROL}`, BOS → mean, keys j ≥ 1", removed["mean"], control)
+        )
+    verdicts = Verdicts(cells)
+    return [
+        "## (b) What share of the residual component at early queries does replacing BOS remove?",
+        "",
+        f"The share of the signed split-half signal at queries 1–{k - 1} removed when the BOS "
+        "embedding is replaced, from the local fit (queries below "
+        f"{min(study.opts.fit_queries, study.runs_of(REFERENCE)[0]['seq_len'])}), summed over "
+        "layers ≥ 1 and divided once (layer 0's key-0 "
+        "logit is the embedding's own, so a replacement moves it by construction). The key-0 "
+        "column (BOS's own logit) and the content keys j ≥ 1 (position written into the "
+        "residual stream) are reported apart; negative: the replacement adds signal. The loss "
+        f"change is at the same early positions (nats). Answer: {_against_source(study, verdicts)}",
+        "",
+        *table(
+            [
+                "variant",
+                "replacement",
+                *(f"removed, {label}" for _, label in parts),
+                f"loss change, i < {k}",
+            ],
+            rows,
+        ),
+        "",
+        "Claim (b), one Holm family (removed share of keys j ≥ 1, against 0 and against the "
+        f"learned-sink control `{CONTROL}`):",
+        "",
+        *verdicts.table("0 / the control"),
+    ], verdicts
+
+
+def _against_source(study: Study, verdicts: Verdicts) -> str:
+    """RoPE's BOS→mean removed share (content keys) against 0 and the source study's 40%."""
+    values = per_seed(study.runs_of(REFERENCE), headline("bos_swap_removed_v3_mean_rest"))
+    found = mean_interval(values.values())
+    if found is None:
+        return f"`{REFERENCE}`'s BOS → mean was not measured."
+    m, lo, hi, n = found
+    said = f"for RoPE, BOS → frequency-weighted mean removes {m:.0%} of the content-key part"
+    if n < 2:
+        return said + " (one seed: no interval)."
+    source = "includes" if lo <= SOURCE_REMOVED <= hi else "excludes"
+    verdict = verdicts.words(f"`{REFERENCE}`, BOS → mean, keys j ≥ 1")
+    return (
+        f"{said} ([{lo:.0%}, {hi:.0%}] over {n} seeds; against 0: {verdict}); the interval "
+        f"{source} the source study's {SOURCE_REMOVED:.0%}."
+    )
+
+
+def claim_c(study: Study) -> tuple[list[str], Verdicts]:
+    opts = study.opts
+    series = (
+        ("sink heads (all layers)", headline("knockout_sink_heads")),
+        ("α₀, strongest head", headline("alpha0_max")),
+        ("α₀ of uniform attention", headline("alpha0_uniform")),
+        ("λ₀, strongest head", headline("lift0_max")),
+        ("value drain, smallest head", headline("value_drain_min")),
+        ("massive activation, largest", headline("massive_ratio_max")),
+        ("x₀ dispersion with BOS (max)", fingerprint_bos_max),
+    )
+    rows = [
+        [v, *(level(per_seed(study.runs_of(v), f)) for _, f in series)] for v in study.summaries
+    ]
+    with_sinks = [
+        v
+        for v in study.summaries
+        if any((s["headline"].get("knockout_sink_heads") or 0) > 0 for s in study.runs_of(v))
+    ]
+    bos_max = max(
+        (fingerprint_bos_max(s) or 0.0 for items in study.summaries.values() for s in items),
+        default=0.0,
+    )
+    cells = []
+    for v in study.text:
+        excess = per_seed(study.runs_of(v), headline("knockout_loss_excess"))
+        cells.append(
+            (f"`{v}`: loss, key-0 knockout minus equal-mass control", excess, zeros(excess))
+        )
+        left = per_seed(
+            study.runs_of(v),
+            difference(
+                lambda s: (
+                    s["headline"].get("knockout_probe_refit_r2_log_key1_last"),
+                    s["headline"].get("knockout_probe_refit_r2_log_last"),
+                )
+            ),
+        )
+        cells.append(
+            (f"`{v}`: position R² removed by key 0 beyond key 1 (refit)", left, zeros(left))
+        )
+    verdicts = Verdicts(cells)
+    where = ", ".join(f"`{v}`" for v in with_sinks) if with_sinks else "no variant"
+    fingerprint = (
+        "identical across inputs (dispersion exactly 0 in every run and layer)"
+        if bos_max == 0
+        else f"not identical across inputs (largest dispersion {bos_max:.2g})"
+    )
+    uniform = (
+        uniform_alpha(study.runs_of(REFERENCE)[0]["seq_len"], None)
+        if REFERENCE in study.summaries
+        else None
+    )
+    return [
+        "## (c) Do sink heads form, and is their position-0 output identical across inputs?",
+        "",
+        f"A sink head has α₀ > {opts.sink_eps:g} and λ₀ ≥ {opts.sink_lift:g} (key 0 gets at "
+        f"least {opts.sink_lift:g}× its uniform share); α₀ stands beside its uniform baseline "
+        f"({number(uniform, 2)} for full attention at this length). Answer: sink heads form in "
+        f"{where}. With BOS at position 0 the position-0 output of every run is {fingerprint}.",
+        "",
+        *table(["variant", *(label for label, _ in series)], rows),
+        "",
+        "Does the model lean on key 0? Loss change when key 0 is knocked out in every layer, "
+        "minus the change when the same attention mass is taken from a random earlier key "
+        "(nats), and the probe R² that a refit probe loses when key 0 is knocked out beyond "
+        "what it loses when key 1 is (both bounded: refit R², not the original probe's "
+        "transfer). Claim (c), one Holm family:",
+        "",
+        *verdicts.table("0"),
+    ], verdicts
+
+
+# ---------------------------------------------------------------- the rest of the picture
+def step_zero(study: Study) -> list[str]:
+    """Every text variant's first seed at initialisation (version 3, item 10), beside the
+    same run trained."""
+    series = (
+        ("C_mask, mean", lambda s: _mean(s["per_layer"]["c_mask"].values())),
+        ("C_res i < K (v3)", headline("c_res_early_v3_all")),
+        ("its floor", headline("c_res_early_v3_floor_all")),
+        ("probe R² (last)", headline("probe_r2_log_last")),
+        ("λ₀ max", headline("lift0_max")),
+    )
+    rows, missing = [], []
+    for v in study.text:
+        first = study.runs_of(v)[0]
+        if not any(checkpoint.step_of(p) == 0 for p in RunDir(first["run"]).checkpoints()):
+            missing.append(v)
+            continue
+        opts = Options(seqs=study.seqs, step=0, contrast_window=study.window)
+        at0 = study.extra(first, "analysis-step0", opts)
+        for label, s in (("step 0", at0), (f"step {first['step']}", first)):
+            rows.append([v, label, *(number(f(s), 3) for _, f in series)])
+    if not rows:
+        return [
+            "## At initialisation",
+            "",
+            "No run keeps a step-0 checkpoint (set `train.ckpt_initial = true`).",
+        ]
+    below = sum(
+        1
+        for r in rows
+        if r[1] == "step 0" and r[3] != "–" and r[4] != "–" and float(r[3]) <= float(r[4])
+    )
+    at0 = sum(1 for r in rows if r[1] == "step 0")
+    return [
+        "## At initialisation",
+        "",
+        f"The first seed of every text variant analysed at step 0 (its initial weights) and "
+        f"trained. The causal-mask part needs no training; at step 0 the residual component "
+        f"is at or below its no-signal floor in {below} of {at0} variants."
+        + (f" No step-0 checkpoint: {', '.join(missing)}." if missing else ""),
+        "",
+        *table(["variant", "weights", *(label for label, _ in series)], rows),
     ]
 
 
@@ -272,11 +488,6 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _numeric(curve: dict) -> dict:
-    return {float(k): v for k, v in curve.items() if v is not None}
-
-
-# ---------------------------------------------------------------- the rest of the picture
 def training(study: Study, out: Path) -> list[str]:
     curves, rows = {}, []
     for v in study.summaries:
@@ -302,9 +513,8 @@ def training(study: Study, out: Path) -> list[str]:
         "## Training: loss curves and the cost of one run",
         "",
         "Wall time is that of one run on one core of a 2-core CPU (two runs at a time, while "
-        "other work shared the machine, so an upper bound); a larger study can be planned "
-        "from it. For a synthetic corpus, the loss floors are the chain's entropy rate (the "
-        "best possible predictor) and its unigram entropy (token frequencies alone), in nats.",
+        "other work shared the machine, so an upper bound). For a synthetic corpus, the loss "
+        "floors are the chain's entropy rate and its unigram entropy, in nats.",
         "",
         *table(
             [
@@ -332,7 +542,7 @@ def _floors(run: RunDir) -> str:
 
 
 def _val_curve(run: RunDir) -> dict:
-    records = (json.loads(line) for line in run.metrics_file.read_text().splitlines())
+    records = (json.loads(line) for line in run.metrics_lines(up_to_step=math.inf))
     return {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
 
 
@@ -343,25 +553,31 @@ def position_readout(study: Study, out: Path) -> list[str]:
     if markov:
         figs.append(plots.figure(out / "probe_markov", lambda ax: plots.probe_curve(ax, markov)))
     numbers = (
-        headline("probe_r2_log_last"),
-        headline("knockout_probe_r2_log_drop"),
-        lambda s: _mean(s["per_layer"]["c_mask"].values()),
-        headline("shift_js"),
+        ("probe R² (last layer)", headline("probe_r2_log_last")),
+        ("refit R² after key-0 knockout", headline("knockout_probe_refit_r2_log_last")),
+        ("after key-1 knockout", headline("knockout_probe_refit_r2_log_key1_last")),
+        ("with key 0's gain flattened", headline("route2_r2_left_last")),
+        ("one head's key-0 knockout, lowest", headline("head_knockout_r2_left_min")),
+        ("C_mask (mean)", lambda s: _mean(s["per_layer"]["c_mask"].values())),
+        ("shift-test JS", headline("shift_js")),
     )
     rows = [
-        [v, *(level(per_seed(study.runs_of(v), number)) for number in numbers)]
-        for v in study.summaries
+        [v, *(level(per_seed(study.runs_of(v), f)) for _, f in numbers)] for v in study.summaries
     ]
-    header = ["variant", "probe R² (last layer)", "R² lost by key-0 knockout", "C_mask (mean)"]
     return [
-        "## Where absolute position becomes decodable, and what key 0 carries",
+        "## Where absolute position becomes decodable, and which route carries it",
         "",
         "Held-out R² of a cross-validated ridge probe for log(1 + position) at each residual "
-        "site, on text and on the stationary Markov corpus (whose data carry no position).",
+        "site, on text and on the stationary Markov corpus (whose data carry no position). "
+        "After each intervention the probe is refit on the intervened states (the position "
+        "information left, bounded like any R²): key 0 knocked out in every layer, the key-1 "
+        "control, key 0's attention replaced by its mean over queries in every head (the "
+        "route-2 test: the position-dependent gain removed, the mean kept), and key 0 knocked "
+        f"out in one head at a time (the top {study.opts.top_heads} heads by λ₀).",
         "",
         *(f"![probe]({f})" for f in figs),
         "",
-        *table([*header, "shift-test JS"], rows),
+        *table(["variant", *(label for label, _ in numbers)], rows),
     ]
 
 
@@ -386,10 +602,10 @@ def extrapolation(study: Study, out: Path) -> list[str]:
 
 
 def inference_ntk(study: Study) -> list[str]:
-    """The reference runs at 4x their training length, without and with NTK scaling s = 4."""
-    rows = []
-    for scale in (None, 4.0):
-        numbers: dict = {"probe": {}, "c_res": {}}
+    """The reference runs at 4x their training length, without and with NTK scaling s = 4:
+    the local early-query statistic reads the same queries at every length."""
+    numbers = {scale: {"probe": {}, "c_res": {}} for scale in (None, 4.0)}
+    for scale in numbers:
         for s in study.runs_of(REFERENCE):
             opts = Options(
                 seqs=max(8, study.seqs // 4),
@@ -400,21 +616,45 @@ def inference_ntk(study: Study) -> list[str]:
                 extrapolation=(),
             )
             extra = study.extra(s, "analysis-4x" + (f"-ntk{scale:g}" if scale else ""), opts)
-            numbers["probe"][s["seed"]] = extra["headline"]["probe_r2_log_last"]
-            numbers["c_res"][s["seed"]] = extra["headline"]["c_res_early"]
-        rows.append([f"s = {scale or 1:g}", level(numbers["probe"]), level(numbers["c_res"])])
+            numbers[scale]["probe"][s["seed"]] = extra["headline"]["probe_r2_log_last"]
+            numbers[scale]["c_res"][s["seed"]] = extra["headline"]["c_res_early_v3_all"]
+    trained = {
+        "probe": per_seed(study.runs_of(REFERENCE), headline("probe_r2_log_last")),
+        "c_res": per_seed(study.runs_of(REFERENCE), headline("c_res_early_v3_all")),
+    }
+    rows = [["1× (trained length)", level(trained["probe"]), level(trained["c_res"])]]
+    rows += [
+        [f"4×, s = {scale or 1:g}", level(n["probe"]), level(n["c_res"])]
+        for scale, n in numbers.items()
+    ]
+    verdicts = Verdicts(
+        [
+            (
+                "4× s = 4 − 4× s = 1: C_res at early queries",
+                numbers[4.0]["c_res"],
+                numbers[None]["c_res"],
+            ),
+            ("4× s = 4 − 4× s = 1: probe R²", numbers[4.0]["probe"], numbers[None]["probe"]),
+        ]
+    )
     return [
         f"## `{REFERENCE}` at 4× its training length, with and without NTK at inference",
         "",
+        f"On {max(8, study.seqs // 4)} sequences per analysis; the early-query C_res is the "
+        "local one (fit on the first queries only), so it compares across lengths.",
+        "",
         *table(
-            ["inference scale", "probe R² (last layer)", f"C_res, i < {study.opts.early_queries}"],
+            ["analysed at", "probe R² (last layer)", f"C_res, i < {study.opts.early_queries} (v3)"],
             rows,
         ),
+        "",
+        *verdicts.table("s = 1"),
     ]
 
 
 def emergence(study: Study, out: Path) -> list[str]:
-    """The first seed of the reference variant at every kept checkpoint."""
+    """The first seed of the reference variant at every kept checkpoint (step 0 included
+    when the run kept it)."""
     first = study.runs_of(REFERENCE)[0]
     steps = [checkpoint.step_of(p) for p in RunDir(first["run"]).checkpoints()]
     by_step = {}
@@ -422,35 +662,42 @@ def emergence(study: Study, out: Path) -> list[str]:
         if step == first["step"]:
             by_step[step] = first
         else:
-            opts = Options(seqs=study.seqs, step=step)
+            opts = Options(seqs=study.seqs, step=step, contrast_window=study.window)
             by_step[step] = study.extra(first, f"analysis-step{step}", opts)
-    series = step_series(study.opts)
+    series = (
+        ("λ₀ (strongest head)", "lift0_max"),
+        ("α₀ (strongest head)", "alpha0_max"),
+        ("α₀ uniform", "alpha0_uniform"),
+        ("C_res i < K (v3)", "c_res_early_v3_all"),
+        ("BOS → mean removed, j ≥ 1", "bos_swap_removed_v3_mean_rest"),
+        ("probe R² (last)", "probe_r2_log_last"),
+    )
     rows = [
-        [str(step), *(_fmt(s["headline"].get(k)) for k, _ in series)] for step, s in by_step.items()
+        [str(step), *(number(s["headline"].get(k), 3) for _, k in series)]
+        for step, s in sorted(by_step.items())
     ]
     curves = {
         label: [{step: s["headline"].get(k) for step, s in by_step.items()}]
-        for k, label in series[:3]
+        for label, k in (series[0], series[3], series[5])
     }
     fig = plots.seed_curves(
         out / "emergence",
         curves,
         "training step",
         "value",
-        f"{REFERENCE}, seed {first['seed']}, over training "
-        f"(a sink head: α₀ > {study.opts.sink_eps:g})",
+        f"{REFERENCE}, seed {first['seed']}, over training",
     )
     return [
-        f"## Sink emergence over training (`{REFERENCE}`, seed {first['seed']})",
+        f"## Over training (`{REFERENCE}`, seed {first['seed']})",
         "",
-        *table(["step", *(label for _, label in series)], rows),
+        *table(["step", *(label for label, _ in series)], rows),
         "",
         f"![emergence]({fig})",
     ]
 
 
 # ---------------------------------------------------------------- the report
-def scale_note(study: Study) -> list[str]:
+def scale_note(study: Study, nulls: int) -> list[str]:
     first = study.runs_of(REFERENCE)[0]
     run = RunDir(first["run"])
     cfg, _ = run.read_config()
@@ -459,42 +706,64 @@ def scale_note(study: Study) -> list[str]:
     last_drop = curve[steps[-2]] - curve[steps[-1]] if len(steps) > 1 else None
     minutes = run.summary()["elapsed_s"] / 60
     m = cfg.model
-    return [
+    lines = [
         "## Scale, and what a larger study needs",
         "",
         f"Every text run: {m['n_layer']} layers, d_model {m['d_model']}, {m['n_head']} heads, "
         f"context {cfg.data.seq_len}, batch {cfg.train.batch_size}, {cfg.train.steps} steps "
-        f"({cfg.train.steps * cfg.train.batch_size * cfg.data.seq_len / 1e6:.1f}M tokens). "
-        f"Validation loss of `{REFERENCE}` seed {first['seed']} fell by {_fmt(last_drop)} over "
-        f"its last {steps[-1] - steps[-2] if len(steps) > 1 else 0} steps, so training had "
+        f"({cfg.train.steps * cfg.train.batch_size * cfg.data.seq_len / 1e6:.1f}M tokens), "
+        f"{len(study.runs_of(REFERENCE))} seeds per variant. Validation loss of `{REFERENCE}` "
+        f"seed {first['seed']} fell by {number(last_drop, 3)} over its last "
+        f"{steps[-1] - steps[-2] if len(steps) > 1 else 0} steps, so training had "
         f"{'not yet' if (last_drop or 0) > 0.01 else 'nearly'} flattened. One run took "
-        f"{minutes:.1f} minutes on one CPU core; the cost grows linearly with steps and seeds. "
-        "A null here is 'not detected at this scale', not a failure to reproduce: the source "
-        "study's models were pretrained far longer, and sinks in particular are reported to "
-        "emerge with training length and data scale.",
+        f"{minutes:.1f} minutes on one CPU core; the cost grows linearly with steps and seeds.",
     ]
+    if nulls:
+        lines += [
+            "",
+            f"{nulls} contrast{'s' if nulls != 1 else ''} of the verdict tables "
+            f"{'are' if nulls != 1 else 'is'} not detected at this scale: each names the "
+            "smallest effect these seeds could have detected (MDE, 80% power); the detectable "
+            "effect shrinks as 1/√seeds, so halving it takes four times the seeds.",
+        ]
+    return lines
 
 
 def write_report(study: Study, out: Path) -> Path:
     safe_dir(out, "report folder")
     planned = len(list((study.sweep_dir / "configs").glob("*.toml")))
     finished = sum(len(v) for v in study.summaries.values())
+    first = RunDir(study.runs_of(REFERENCE)[0]["run"]).read_config()[0]
     lines = [
-        "# The study: where absolute position comes from, at 6 layers and context 256",
+        f"# The study: where absolute position comes from, at {first.model['n_layer']} layers "
+        f"and context {first.data.seq_len}",
         "",
         f"Generated by `posleak study` (sweep `{study.sweep_dir.name}`, {study.seqs} held-out "
-        f"sequences per analysis) from the records of {finished} "
-        f"finished runs (of {planned} planned) in {len(study.summaries)} variants; "
-        f"definitions version {DEFINITIONS} ({compare.definitions_link(out)}). Differences are "
-        f"paired by seed; **higher**/**lower** marks a 95% t-interval that excludes 0 with at "
-        f"least {MIN_SEEDS} seeds. Every measurement of every variant, side by side: "
-        f"`posleak compare {study.sweep_dir}`.",
+        f"sequences per analysis) from the records of {finished} finished runs (of {planned} "
+        f"planned) in {len(study.summaries)} variants; definitions version {DEFINITIONS} "
+        f"({compare.definitions_link(out)}). Differences are paired by seed. Each verdict "
+        "table is one Holm family of paired t-tests; **finding** marks a Holm p < 0.05 with "
+        f"at least {MIN_SEEDS} seeds; a null names its minimum detectable effect (MDE, 80% "
+        f"power). Every measurement of every variant, side by side: `posleak compare "
+        f"{study.sweep_dir}`.",
         "",
     ]
-    with_figures = (claim_a, emergence, position_readout, extrapolation, training)
-    for section in (claim_a, claim_b, claim_c, inference_ntk, emergence, *with_figures[2:]):
-        lines += [*(section(study, out) if section in with_figures else section(study)), ""]
-    lines += scale_note(study)
+    section_a, verdicts_a = claim_a(study, out)
+    section_b, verdicts_b = claim_b(study)
+    section_c, verdicts_c = claim_c(study)
+    for section in (section_a, section_b, section_c):
+        lines += [*section, ""]
+    for section in (
+        step_zero(study),
+        inference_ntk(study),
+        emergence(study, out),
+        position_readout(study, out),
+        extrapolation(study, out),
+        training(study, out),
+    ):
+        lines += [*section, ""]
+    nulls = sum(v.nulls for v in (verdicts_a, verdicts_b, verdicts_c) if v is not None)
+    lines += scale_note(study, nulls)
     report = out / "report.md"
-    atomic_write(report, "\n".join(lines))
+    atomic_write(report, "\n".join(lines) + "\n")
     return report

@@ -172,7 +172,8 @@ def compare(args: argparse.Namespace) -> int:
     from posleak.analysis.options import Options
 
     runs = comparison.find_runs(args.paths)
-    groups, summaries = comparison.load_groups(runs, Options(seqs=args.seqs))
+    opts = Options(seqs=args.seqs, contrast_window=comparison.contrast_window_of(runs))
+    groups, summaries = comparison.load_groups(runs, opts)
     if not groups:
         raise FileNotFoundError("no finished runs to compare")
     report = comparison.write_report(groups, summaries, Path(args.out), args.reference)

@@ -220,6 +220,8 @@ METRIC_NAMES = {
     "c_res_local_signed",
     "c_res_local_v3",
     "c_res_local_floor",
+    "c_res_deep",
+    "c_res_deep_floor",
     "bos_swap_removed_v3",
     "bos_swap_loss_change",
     "knockout_removed_v3",
@@ -333,7 +335,7 @@ def test_rope_scale_applies_ntk_scaling_at_analysis_time_on_longer_inputs(runs):
     analysis = analysis_of(runs / "rope-s0", Options(seqs=4, seq_len=64, rope_scale=4.0))
     assert analysis.model.rope_effective_base == ntk_base(10000.0, 4.0, 16)
     assert analysis.tokens(4, 64, "analysis").shape == (4, 65)  # twice the training length
-    assert analysis.visible.shape == (64, 64)
+    assert analysis.design(0).visible.shape == (64, 64)
 
 
 def test_records_say_which_layer_count_they_use_and_load_as_a_dataframe(runs):

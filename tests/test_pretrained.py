@@ -54,6 +54,17 @@ FAMILIES = {  # name: (config, the tokenizer prepends BOS)
         True,
     ),
     "qwen2": (lambda: transformers.Qwen2Config(num_key_value_heads=1, **COMMON), False),
+    "gemma3_text": (  # a window layer, then a global one, each with its own RoPE base
+        lambda: transformers.Gemma3TextConfig(
+            num_key_value_heads=1,
+            head_dim=8,
+            query_pre_attn_scalar=8,
+            sliding_window=6,
+            layer_types=["sliding_attention", "full_attention"],
+            **COMMON,
+        ),
+        True,
+    ),
     "gpt_neox": (
         lambda: transformers.GPTNeoXConfig(rotary_pct=0.5, use_parallel_residual=True, **COMMON),
         False,  # as Pythia's: a BOS token that the tokenizer does not prepend
@@ -111,7 +122,7 @@ def test_hidden_states_and_attention_weights_are_the_models_own(models, family):
         assert torch.allclose(model(tokens), ref.logits, atol=1e-5)
 
 
-def test_the_window_is_the_models_own_and_mixed_windows_below_the_length_are_refused(models):
+def test_the_window_is_the_models_own(models):
     mistral, _ = pretrained.load(str(models / "mistral"))
     assert mistral.cfg.window == 8
     tokens = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0))
@@ -120,22 +131,68 @@ def test_the_window_is_the_models_own_and_mixed_windows_below_the_length_are_ref
     outside = (j > i) | (i - j >= 8)
     assert pattern["blocks.0.attn.pattern"][..., outside].abs().max() == 0
     assert pattern["blocks.0.attn.pattern"][..., ~outside].min() > 0
-    mixed = pretrained.Shape("qwen2", 2, 4, 32, 8, 259, 128, (4, None))
-    assert "mixes attention windows" in mixed.problem(16)
-    assert mixed.problem(4) is None
+
+
+def test_a_hybrid_model_is_analysed_with_each_layers_own_window(models):
+    """Gemma 3 at a length beyond its window: the window layer's fit, alpha_0 baseline and
+    pattern use w = 6, the global layer's the full causal mask."""
+    analysis = analysis_of(f"hf:{models / 'gemma3_text'}", SMALL)
+    assert analysis.windows == (6, None) and analysis.window == 6
+    assert analysis.design(0).visible.sum() < analysis.design(1).visible.sum()
+    ctx = analysis.context(analysis.tokens(8, analysis.T, "analysis")[:, : analysis.T])
+    for l, window in enumerate((6, None)):
+        column = ctx.base.first_column[l]
+        assert column[..., 6:].abs().max() == (0 if window else column[..., 6:].abs().max())
+    stage("sinks").run(analysis, ctx)
+    uniform = {
+        r["layer"]: r["value"] for r in analysis.rec.rows if r["metric"] == "sink_alpha0_uniform"
+    }
+    from posleak.analysis.measures import uniform_alpha
+
+    assert uniform == {0: uniform_alpha(24, 6), 1: uniform_alpha(24, None)}
+
+
+def test_the_bos_replacement_acts_on_the_scaled_embedding_gemma_feeds_its_first_layer(models):
+    from posleak.analysis.stages.bos_swap import replacement
+
+    analysis = analysis_of(f"hf:{models / 'gemma3_text'}", SMALL)
+    tokens = analysis.tokens(4, analysis.T, "analysis")[:, : analysis.T]
+    seen = collect(analysis.model, tokens, {"embed": lambda t: t})["embed"]
+    table = analysis.model.embed_tokens.weight.detach()
+    assert torch.allclose(seen[:, 1], table[tokens[:, 1]] * 32**0.5, atol=1e-5)  # sqrt(d)
+    token = replacement(analysis, "token", tokens)
+    top = int(tokens[:, 1:].flatten().bincount().argmax())
+    assert torch.allclose(token, table[top] * 32**0.5, atol=1e-5)
 
 
 def test_ntk_at_inference_sets_the_frequencies_of_the_scaled_base(models):
     model, _ = pretrained.load(str(models / "llama"))
     model.set_rope_scale(4.0)
     d = model.rotary_dim
-    expected = ntk_base(10000.0, 4.0, d) ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
-    assert torch.allclose(model._rotary[0].inv_freq.double(), expected, rtol=1e-6)
+    pairs = torch.arange(0, d, 2, dtype=torch.float64) / d
+    assert torch.allclose(model._rotary[0].double(), ntk_base(1e4, 4.0, d) ** -pairs, rtol=1e-6)
     assert model.rope_effective_base == pytest.approx(ntk_base(10000.0, 4.0, d))
     model.set_rope_scale(1.0)
-    assert torch.allclose(model._rotary[0].inv_freq.double(), expected * 0 + 10000.0 ** (
-        -torch.arange(0, d, 2, dtype=torch.float64) / d
-    ), rtol=1e-6)  # fmt: skip
+    assert torch.allclose(model._rotary[0].double(), 1e4**-pairs, rtol=1e-6)
+
+
+def test_ntk_at_inference_scales_each_layer_type_against_its_own_base(models):
+    """Gemma 3's window layers rotate with base 1e4 and its global ones with 1e6: NTK at
+    inference moves each to its own scaled base, and the forward pass reads them."""
+    model, _ = pretrained.load(str(models / "gemma3_text"))
+    d = model.rotary_dim
+    tokens = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(tokens)
+    model.set_rope_scale(8.0)
+    bases = sorted(float(f[0] / f[1]) ** (d / 2) for f in model._rotary)  # 1/inv_freq[1]^(d/2)
+    expected = sorted(ntk_base(b, 8.0, d) for b in (1e4, 1e6))
+    assert bases == pytest.approx(expected, rel=1e-4)
+    with torch.no_grad():
+        assert not torch.allclose(model(tokens), before)
+    model.set_rope_scale(1.0)
+    found = sorted(float(f[0] / f[1]) ** (d / 2) for f in model._rotary)
+    assert found == pytest.approx([1e4, 1e6], rel=1e-4)
 
 
 def test_fingerprint_is_bit_identical_with_a_shared_first_token(models):

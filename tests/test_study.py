@@ -1,13 +1,14 @@
 """The study pipeline end to end: study-small.toml at a tiny budget, swept, analysed and
 reported; and the report's verdicts against hand-made paired numbers."""
 
+import json
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from posleak.analysis.study import deep_c_res, depth_slope, verdict
+from posleak.analysis.study import Verdicts, layer_slope, level
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = """
@@ -47,53 +48,84 @@ def sweep_and_report(tmp_path, spec: str) -> tuple[str, Path]:
     return (tmp_path / "report" / "report.md").read_text(), out
 
 
+def verdict_rows(text: str) -> list[tuple[str, str]]:
+    """(contrast, verdict cell) of every Holm table (the rows under a 'difference from' header)."""
+    rows, inside = [], False
+    for line in text.splitlines():
+        if line.startswith("| contrast | difference from"):
+            inside = True
+        elif inside and line.startswith("| ") and not line.startswith("|---"):
+            label, cell = line.strip("| ").split(" | ")
+            rows.append((label, cell))
+        elif not line.startswith("|"):
+            inside = False
+    return rows
+
+
 def test_study_small_runs_end_to_end_at_a_tiny_budget(tmp_path):
     spec = (ROOT / "configs/sweeps/study-small.toml").read_text()
     spec = spec.replace('base = "../', f'base = "{ROOT / "configs"}/')
     spec = spec.replace("train.steps = 200", "train.steps = 8")  # Markov's own budget
     text, out = sweep_and_report(tmp_path, spec + TINY)
     assert "from the records of 19 finished runs (of 19 planned) in 9 variants" in text
-    sections = ("## (a)", "## (b)", "## (c)", "Sink emergence", "4× its training length")
-    for claim in (*sections, "Length extrapolation", "Training: loss curves", "## Scale"):
+    assert "definitions version 3" in text
+    sections = ("## (a)", "## (b)", "## (c)", "## At initialisation", "4× its training length")
+    for claim in (*sections, "## Over training", "Length extrapolation", "## Training", "## Scale"):
         assert claim in text, claim
     assert "| markov-nope |" in text and "| sink |" in text
-    assert text.count("not detected at this scale") + text.count("**") >= 3
+    rows = verdict_rows(text)
+    assert len(rows) == 6 + 5 + 12 + 2  # (a), (b), (c) and NTK at inference: every contrast
+    for label, cell in rows:  # each says what its test found: 3 seeds, or why there is none
+        if "`learned`" in label:  # the positive control has one seed
+            assert cell.endswith("(n=1 < 3: no test)"), cell
+            continue
+        assert "**finding**" in cell or "not detected (MDE" in cell, cell
+        assert "sign-flip p" in cell and "Holm" in cell, cell
+    assert "queries 16–31 only" in text  # the window contrast reads where w = 16 binds
     assert not (tmp_path / "report" / "comparison").exists()  # the comparison is compare's
     assert (tmp_path / "report" / "emergence.png").exists()
     steps = sorted(p.name for p in (out).glob("rope-s0-*/analysis-step*"))
-    assert steps == ["analysis-step4"]  # every kept checkpoint but the last (the base analysis)
+    assert steps == ["analysis-step0", "analysis-step4"]  # every kept checkpoint but the last
+    for variant in ("ntk", "swa", "nope", "learned", "sink"):  # step 0 of every text variant
+        assert list(out.glob(f"{variant}-s0-*/analysis-step0/analysis.json")), variant
+    windowed = json.loads(next(out.glob("rope-s1-*/analysis/analysis.json")).read_text())
+    assert windowed["options"]["contrast_window"] == 16  # the full model read with swa's w
 
 
-def test_verdicts_follow_the_paired_interval():
+def test_verdicts_are_one_holm_family_and_say_what_each_test_found():
     ref = {0: 1.0, 1: 2.0, 2: 3.0}
-    assert verdict({0: 1.5, 1: 2.4, 2: 3.6}, ref).startswith("**higher**")
-    assert verdict({0: 0.5, 1: 1.6, 2: 2.4}, ref).startswith("**lower**")
-    assert verdict({0: 1.5, 1: 1.5, 2: 3.1}, ref).startswith("not detected at this scale")
-    assert "not tested" in verdict({0: 9.0, 1: 9.0}, ref)
-    assert depth_slope({"per_layer": {"c_res_early": {"0": 1.0, "1": 3.0, "2": 5.0}}}) == 2.0
-    assert math.isclose(
-        depth_slope({"per_layer": {"c_res_early": {"0": 1.0, "1": 1.0, "2": 1.0}}}), 0.0
+    verdicts = Verdicts(
+        [
+            ("up", {0: 1.5, 1: 2.4, 2: 3.6}, ref),
+            ("down", {0: 0.5, 1: 1.6, 2: 2.4}, ref),
+            ("flat", {0: 1.5, 1: 1.5, 2: 3.1}, ref),
+            ("few", {0: 9.0, 1: 9.0}, ref),
+        ]
     )
+    assert verdicts.words("up").startswith("**higher**")
+    assert verdicts.words("down").startswith("**lower**")
+    flat = verdicts.words("flat")
+    assert flat.startswith("not detected at this scale") and "smallest detectable" in flat
+    assert "not tested" in verdicts.words("few")
+    assert verdicts.nulls == 1  # "few" is not tested, so not in the family
+    # Holm: the same p-value is a finding alone and not within a family of equal tests
+    marginal = {0: 1.5, 1: 2.4, 2: 3.6}  # p = 0.013: below 0.05, above 0.05 / 4
+    alone = Verdicts([("m", marginal, ref)])
+    family = Verdicts([(str(k), marginal, ref) for k in range(4)])
+    assert alone.words("m").startswith("**") and family.words("0").startswith("not detected")
 
 
-def test_removed_shares_are_set_against_zero_and_the_source_studys_forty_percent():
-    from posleak.analysis.study import _against_source, level
-    from posleak.report import mean_interval
+def test_the_depth_slope_reads_layers_from_one_on():
+    def row(layer, value, condition="w=8"):
+        return {"metric": "c_res_window_signed", "layer": layer, "head": None,
+                "condition": condition, "value": value}  # fmt: skip
 
-    wide = mean_interval([0.1, 0.4, 0.7])  # mean 0.4, t-interval [-0.345, 1.145]
-    assert "includes 0 and includes the source study's 40%" in _against_source(wide)
-    tight = mean_interval([0.10, 0.11, 0.12])
-    assert "excludes 0 and excludes the source study's 40%" in _against_source(tight)
+    rows = [row(0, 99.0), row(1, 1.0), row(2, 3.0), row(3, 5.0), row(2, 50.0, "w=4")]
+    assert layer_slope(rows, "c_res_window_signed", "w=8") == 2.0  # layer 0 left out
+    assert math.isclose(layer_slope([row(1, 1.0), row(2, 1.0)], "c_res_window_signed", "w=8"), 0)
+    assert layer_slope([row(0, 1.0), row(1, 2.0)], "c_res_window_signed", "w=8") is None
     assert level({0: 0.10, 1: 0.11, 2: 0.12}, percent=True) == "11% [9%, 13%] (n=3)"
     assert level({0: 0.5}) == "0.5 (n=1)" and level({}) == "–"
-
-
-def test_deep_c_res_reads_only_layers_from_two_on():
-    planted = {"per_layer": {"c_res_early": {"0": 9.0, "1": 9.0, "2": 0.3, "3": 0.5}}}
-    assert math.isclose(deep_c_res(planted), 0.4)  # the planted deep signal, early layers ignored
-    nothing = {"per_layer": {"c_res_early": {"0": 0.7, "1": 0.0, "2": 0.0, "3": 0.0}}}
-    assert deep_c_res(nothing) == 0.0
-    assert deep_c_res({"per_layer": {"c_res_early": {"0": 1.0, "1": 1.0}}}) is None
 
 
 def test_the_sink_study_runs_end_to_end_at_a_tiny_budget(tmp_path):

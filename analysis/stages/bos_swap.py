@@ -121,8 +121,10 @@ class BosSwap(Stage):
 
 
 def replacement(analysis, kind: str, tokens: torch.Tensor) -> torch.Tensor:
-    """The vector that replaces the position-0 embedding (science.md, measurement 5)."""
-    table = analysis.model.embed_tokens.weight.detach().float().cpu()
+    """The vector that replaces the position-0 embedding (science.md, measurement 5), on the
+    scale the first layer sees (Gemma multiplies its embeddings by sqrt(d_model))."""
+    embed = analysis.model.embed_tokens
+    table = embed.weight.detach().float().cpu() * float(getattr(embed, "embed_scale", 1.0))
     body = tokens[:, 1:].flatten()
     if kind == "mean":  # frequency-weighted over the tokens that occur in the data
         counts = body.bincount(minlength=len(table)).to(table.dtype)

@@ -101,8 +101,8 @@ def sink_heads(analysis, ctx) -> dict:
     """{layer: [head, ...]} of the heads with alpha_0 > eps and lambda_0 >= lift."""
     out = {}
     for l, column in enumerate(ctx.base.first_column):
-        alpha = measures.sink_alpha(column, analysis.window).mean(0)
-        lift = measures.key0_lift(column, analysis.window).mean(0)
+        alpha = measures.sink_alpha(column, analysis.windows[l]).mean(0)
+        lift = measures.key0_lift(column, analysis.windows[l]).mean(0)
         chosen = ((alpha > analysis.opts.sink_eps) & (lift >= analysis.opts.sink_lift)).nonzero()
         if len(chosen):
             out[l] = chosen.flatten().tolist()

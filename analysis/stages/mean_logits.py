@@ -20,7 +20,7 @@ from posleak.analysis.records import (
     finite_mean,
     per_layer_queries,
 )
-from posleak.analysis.stages.base import ATTN, Section, Stage
+from posleak.analysis.stages.base import ATTN, RUN, Section, Stage
 from posleak.analysis.stats import percentile_interval
 
 
@@ -45,6 +45,7 @@ class MeanLogits(Stage):
                 add("c_content", content[l][i], layer=l, query=i)
             record_parts(analysis, l, st)
             record_parts(analysis, l, local_fit(analysis, ctx.base.sums[l]), "c_res_local")
+        record_deep(analysis, ctx)
 
     def per_layer(self, rows, opts) -> dict:
         k = opts.early_queries
@@ -67,18 +68,14 @@ class MeanLogits(Stage):
             key: finite_mean(layers[key].values())
             for key in ("c_res_early", "c_content", "abs_share")
         }
+        deep = {
+            (r["metric"], r["condition"]): r["value"]
+            for r in rows
+            if r["metric"] in ("c_res_deep", "c_res_deep_floor")
+        }
         for part in PARTS:  # v3: the local fit, layers >= 1, signed means pooled, clamped once
-            signed = [
-                r["value"]
-                for r in rows
-                if r["metric"] == "c_res_local_signed"
-                and r["condition"] == f"part={part}"
-                and r["layer"] >= 1
-            ]
-            mean = finite_mean(signed)
-            out[f"c_res_early_v3_{part}"] = (
-                None if mean is None else float(measures.clamp_once(mean))
-            )
+            out[f"c_res_early_v3_{part}"] = deep.get(("c_res_deep", f"part={part}"))
+            out[f"c_res_early_v3_floor_{part}"] = deep.get(("c_res_deep_floor", f"part={part}"))
         return out
 
     def headlines(self, opts, summaries) -> list:
@@ -182,6 +179,26 @@ def record_parts(analysis, layer: int, st, prefix: str = "c_res_early") -> None:
         add(f"{prefix}_floor", floor, layer=layer, condition=cond, n=n)
 
 
+def record_deep(analysis, ctx) -> None:
+    """The headline of version 3's early-query C_res: the local fit's signed early means
+    averaged over layers >= 1, then clamped once, with bootstrap interval and the no-signal
+    floor of this N (the same sign flips in every layer), per part."""
+    if analysis.L < 2:
+        return
+    k, n = min(analysis.opts.early_queries, analysis.T), analysis.opts.seqs
+    per_layer = [parts(local_fit(analysis, ctx.base.sums[l])) for l in range(1, analysis.L)]
+    for part in PARTS:
+        signed, boot, null = (
+            torch.stack([p[part][index][..., 1:k].mean(-1) for p in per_layer]).mean(0)
+            for index in range(3)
+        )
+        lo, hi = percentile_interval(boot)
+        clamp, cond = measures.clamp_once, f"part={part}"
+        add = analysis.rec.add
+        add("c_res_deep", clamp(signed), condition=cond, lo=clamp(lo), hi=clamp(hi), n=n)
+        add("c_res_deep_floor", torch.quantile(clamp(null), 0.95), condition=cond, n=n)
+
+
 def content_deviation(analysis, tokens: torch.Tensor, base) -> list[torch.Tensor]:
     """c_content(i) per layer: mean over sequences and visible j of |s_ij - M_ij|, pooled
     over heads. M must be known first, so this is a second pass, over the first
@@ -192,14 +209,13 @@ def content_deviation(analysis, tokens: torch.Tensor, base) -> list[torch.Tensor
     def consumer(l):
         def add(scores, rows):
             mean = base.logits[l].mean
-            totals[l] += measures.content_deviation(scores, mean, analysis.design).sum(0)
+            totals[l] += measures.content_deviation(scores, mean, analysis.design(l)).sum(0)
 
         return add
 
     consumers = {f"blocks.{l}.attn.scores": consumer(l) for l in range(analysis.L)}
     stream(analysis.model, tokens, consumers, analysis.batch)
-    rows = analysis.design.rows * len(tokens)
-    return [(t / rows).mean(0) for t in totals]
+    return [(t / (analysis.design(l).rows * len(tokens))).mean(0) for l, t in enumerate(totals)]
 
 
 STAGE = MeanLogits(
@@ -224,5 +240,6 @@ STAGE = MeanLogits(
             "c_res_local_v3",
             "c_res_local_floor",
         )
-    },
+    }
+    | {"c_res_deep": RUN, "c_res_deep_floor": RUN},
 )

@@ -20,18 +20,18 @@ class Route2(Stage):
         return opts.knockout
 
     def run(self, analysis, ctx) -> None:
-        rules = {
-            "route2": lambda p: measures.key0_gain_removed(p, analysis.window),
-            "key=0": measures.knock_out_key0,
-        }
+        def rules(l: int) -> dict:
+            flatten = lambda p: measures.key0_gain_removed(p, analysis.windows[l])  # noqa: E731
+            return {"route2": flatten, "key=0": measures.knock_out_key0}
+
         every = [
-            (f"blocks.{l}.attn.pattern", _on_heads(rules["route2"], None))
+            (f"blocks.{l}.attn.pattern", _on_heads(rules(l)["route2"], None))
             for l in range(analysis.L)
         ]
         intervene(analysis, ctx, "route2,heads=all", every)
         for l, h, lift in top_heads(analysis, ctx):
             analysis.rec.add("top_head_lift", lift, layer=l, head=h)
-            for name, rule in rules.items():
+            for name, rule in rules(l).items():
                 hooks = [(f"blocks.{l}.attn.pattern", _on_heads(rule, [h]))]
                 intervene(analysis, ctx, f"{name},layer={l},head={h}", hooks)
 
@@ -65,7 +65,7 @@ def top_heads(analysis, ctx) -> list[tuple[int, int, float]]:
     """(layer, head, lambda_0) of the top_heads heads by key-0 lift."""
     found = []
     for l, column in enumerate(ctx.base.first_column):
-        lift = measures.key0_lift(column, analysis.window).mean(0)
+        lift = measures.key0_lift(column, analysis.windows[l]).mean(0)
         found += [(l, h, float(v)) for h, v in enumerate(lift)]
     return sorted(found, key=lambda t: -t[2])[: analysis.opts.top_heads]
 

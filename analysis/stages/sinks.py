@@ -20,12 +20,13 @@ class Sinks(Stage):
         weights = bootstrap_weights(analysis.opts.seqs, analysis.opts.bootstrap, seed=4)
         early = range(1, min(analysis.opts.early_queries, analysis.T))
         lift_min = analysis.opts.sink_lift
-        uniform = measures.uniform_alpha(analysis.T, analysis.window)
         for l, column in enumerate(ctx.base.first_column):
-            alpha = measures.sink_alpha(column, analysis.window)  # (N, H)
+            window = analysis.windows[l]
+            uniform = measures.uniform_alpha(analysis.T, window)
+            alpha = measures.sink_alpha(column, window)  # (N, H)
             boot = (weights @ alpha) / weights.sum(1, keepdim=True)  # (R, H)
             lo, hi = percentile_interval(boot)
-            lift = measures.key0_lift(column, analysis.window)  # (N, H)
+            lift = measures.key0_lift(column, window)  # (N, H)
             lift_lo, lift_hi = percentile_interval((weights @ lift) / weights.sum(1, keepdim=True))
             profile = column.double().mean(0)  # (H, T)
             add("sink_alpha0_uniform", uniform, layer=l)
