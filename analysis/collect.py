@@ -108,8 +108,9 @@ def stream(
     batch_size: int,
     interventions: list = (),
 ) -> None:
-    """Run tokens (N, T) through the model in mini-batches; each consumer receives its hook's
-    activation (on the CPU) and the indices of the sequences in that batch."""
+    """Run tokens (N, T) through the model in mini-batches, without the output projection
+    (no consumer reads logits); each consumer receives its hook's activation (on the CPU) and
+    the indices of the sequences in that batch."""
     rows = torch.arange(0)
     device = next(model.parameters()).device
 
@@ -119,7 +120,7 @@ def stream(
     with model.hooks([*interventions, *((name, hook(name)) for name in consumers)]):
         for start in range(0, len(tokens), batch_size):
             rows = torch.arange(start, min(start + batch_size, len(tokens)))
-            model(tokens[rows].to(device))
+            model.hidden(tokens[rows].to(device))
 
 
 @torch.no_grad()

@@ -191,6 +191,11 @@ class Pretrained(nn.Module):
         """tokens (B, T) -> logits (B, T, V)."""
         return self.hf(input_ids=tokens, use_cache=False).logits
 
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The decoder without its output projection: for passes that need no logits (a
+        262k-token vocabulary makes the logits of one batch gigabytes)."""
+        return self.hf.base_model(input_ids=tokens, use_cache=False).last_hidden_state
+
     @contextlib.contextmanager
     def hooks(self, hooks):
         with attached(self.hook_points, hooks):

@@ -15,10 +15,9 @@ import math
 from pathlib import Path
 
 from posleak.analysis import compare, plots
-from posleak.analysis.folder import AnalysisDir
 from posleak.analysis.measures import DEFINITIONS
 from posleak.analysis.options import Options
-from posleak.analysis.records import early_square_sum, finite_mean, per_layer_queries
+from posleak.analysis.records import finite_mean
 from posleak.analysis.study import (
     Study,
     by_records,
@@ -26,7 +25,6 @@ from posleak.analysis.study import (
     headline,
     level,
     per_seed,
-    records_of,
     verdict_table,
     zeros,
 )
@@ -49,30 +47,6 @@ def is_sink_sweep(study: Study) -> bool:
 def has_sink(summary: dict) -> float:
     """1 when some head is a sink (alpha_0 > eps and lambda_0 >= lift), else 0."""
     return float((summary["headline"].get("knockout_sink_heads") or 0) > 0)
-
-
-def removed_beyond_layer0(records: list[dict], kind: str, k: int) -> float | None:
-    """The BOS replacement's removed share of sum C_res^2 over queries 1 <= i < k, pooled
-    over layers >= 1: layer 0's keys are the embeddings themselves, so a replaced BOS
-    changes k_0 there by construction, not through the residual stream."""
-    base = per_layer_queries(records, "c_res")
-    swap = per_layer_queries(records, "c_res", condition=f"swap={kind}")
-    layers = [l for l in swap if l >= 1]
-    orig = sum(early_square_sum(base[l], k) for l in layers)
-    new = sum(early_square_sum(swap[l], k) for l in layers)
-    return 1 - new / orig if layers and orig > 0 else None
-
-
-def c_res_beyond(records: list[dict], first_query: int) -> float | None:
-    """RMS of C_res over queries i >= first_query, averaged over layers >= 1: where a window
-    of first_query keys binds, the window and RoPE compute different things."""
-    curves = per_layer_queries(records, "c_res")
-    values = []
-    for l, curve in curves.items():
-        tail = [v for i, v in curve.items() if i >= first_query and v is not None]
-        if l >= 1 and tail:
-            values.append(math.sqrt(sum(v * v for v in tail) / len(tail)))
-    return finite_mean(values)
 
 
 def virtual_mass(records: list[dict]) -> float | None:
@@ -204,33 +178,29 @@ def claim_b(study: Study) -> list[str]:
     variants = study_variants(study)
     rows = []
     for kind in study.opts.swaps:
-        rows.append(
-            [
-                f"BOS → {kind}",
-                *(
-                    level(
-                        by_records(
-                            study, v, lambda r, kind=kind: removed_beyond_layer0(r, kind, k)
-                        ),
-                        True,
-                    )
-                    for v in variants
-                ),
-            ]
-        )
+        for part, label in (("key0", "key 0"), ("rest", "keys j ≥ 1")):
+            key = f"bos_swap_removed_v3_{kind}_{part}"
+            rows.append(
+                [
+                    f"BOS → {kind}, {label}",
+                    *(level(per_seed(study.runs_of(v), headline(key)), True) for v in variants),
+                ]
+            )
     cells = []
-    control = by_records(study, CONTROL, lambda r: removed_beyond_layer0(r, "mean", k))
+    removed = headline("bos_swap_removed_v3_mean_rest")
+    control = per_seed(study.runs_of(CONTROL), removed)
     for v in variants:
         if v != CONTROL and control:
-            values = by_records(study, v, lambda r: removed_beyond_layer0(r, "mean", k))
-            cells.append((f"`{v}` − `{CONTROL}`, BOS → mean", values, control))
+            values = per_seed(study.runs_of(v), removed)
+            cells.append((f"`{v}` − `{CONTROL}`, BOS → mean, keys j ≥ 1", values, control))
     return [
         "## (b) How much of the residual position component does replacing BOS remove?",
         "",
-        f"The share of Σ C_res² over queries 1–{k - 1} removed when the BOS embedding is "
-        "replaced, pooled over layers ≥ 1 (layer 0's keys are the embeddings, where a new "
-        "BOS changes key 0 by construction). Negative: the replacement adds position signal. "
-        "The key-0/rest split of this share is not yet recorded per replacement.",
+        f"The share of the signed split-half signal at queries 1–{k - 1} removed when the BOS "
+        "embedding is replaced, from the local fit, summed over layers ≥ 1 and divided once "
+        "(layer 0's keys are the embeddings, where a new BOS changes key 0 by construction), "
+        "for the key-0 column and for the content keys j ≥ 1. Negative: the replacement adds "
+        "position signal.",
         "",
         *table(["", *variants], rows),
         "",
@@ -241,18 +211,15 @@ def claim_b(study: Study) -> list[str]:
 
 
 def claim_a(study: Study) -> list[str]:
-    first = study.runs_of(REFERENCE)[0]
-    cfg = RunDir(first["run"]).read_config()[0]
-    window = next(
-        (RunDir(s["run"]).read_config()[0].model.get("window") for s in study.runs_of(WINDOWED)),
-        None,
-    )
+    cfg = RunDir(study.runs_of(REFERENCE)[0]["run"]).read_config()[0]
+    window = study.window
     if not window:
         return ["## (a) Window against RoPE", "", "No window variant in this sweep."]
     T = cfg.data.seq_len
-    ref = by_records(study, REFERENCE, lambda r: c_res_beyond(r, window))
+    level_of = headline("c_res_window")
+    ref = per_seed(study.runs_of(REFERENCE), level_of)
     cells = [
-        (f"`{v}` − `{REFERENCE}`", by_records(study, v, lambda r: c_res_beyond(r, window)), ref)
+        (f"`{v}` − `{REFERENCE}`", per_seed(study.runs_of(v), level_of), ref)
         for v in (WINDOWED, NTK)
         if v in study.summaries
     ]
@@ -260,15 +227,20 @@ def claim_a(study: Study) -> list[str]:
     return [
         "## (a) Does a window feed the residual position component?",
         "",
-        f"C_res (RMS over queries {window}–{T - 1}, where the window of {window} keys binds), "
-        f"averaged over layers ≥ 1, paired by seed. With {layers} layers there is "
-        f"{'one layer' if layers == 2 else f'{layers - 1} layers'} beyond the first, so this "
-        "is the level at depth, not a slope over depth." + _ntk_note(study, T),
+        f"C_res at queries {window}–{T - 1}, where the window of {window} keys binds, on the "
+        f"window's pairs in every model (a two-way fit on that pair set), signed and pooled "
+        f"over heads and layers ≥ 1, clamped once; paired by seed. With {layers} layers there "
+        f"is {'one layer' if layers == 2 else f'{layers - 1} layers'} beyond the first, so "
+        "this is the level at depth, not a slope over depth." + _ntk_note(study, T),
         "",
         *table(
-            ["variant", f"C_res at i ≥ {window}, layers ≥ 1"],
+            ["variant", f"C_res at i ≥ {window}, layers ≥ 1", "its no-signal floor"],
             [
-                [v, level(by_records(study, v, lambda r: c_res_beyond(r, window)))]
+                [
+                    v,
+                    level(per_seed(study.runs_of(v), level_of)),
+                    level(per_seed(study.runs_of(v), headline("c_res_window_floor"))),
+                ]
                 for v in study_variants(study)
             ],
         ),
@@ -299,14 +271,16 @@ def _ntk_note(study: Study, T: int) -> str:
 
 def emergence(study: Study, out: Path) -> list[str]:
     """The first EMERGENCE_SEEDS seeds of rope at every kept checkpoint."""
-    k = study.opts.early_queries
     series = (
         ("λ₀ (strongest head)", lambda s, m: s["headline"].get("lift0_max")),
         ("α₀ (strongest head)", lambda s, m: s["headline"].get("alpha0_max")),
         ("copy loss", lambda s, m: m.get("val_copy_loss")),
         ("value drain (smallest head)", lambda s, m: s["headline"].get("value_drain_min")),
         ("massive activation (largest)", lambda s, m: s["headline"].get("massive_ratio_max")),
-        ("BOS → mean removed, layers ≥ 1", lambda s, m: m.get("removed")),
+        (
+            "BOS → mean removed, j ≥ 1",
+            lambda s, m: s["headline"].get("bos_swap_removed_v3_mean_rest"),
+        ),
     )
     curves: dict = {label: [] for label, _ in series}
     rows = []
@@ -318,13 +292,10 @@ def emergence(study: Study, out: Path) -> list[str]:
             step = checkpoint.step_of(path)
             if step == summary["step"]:
                 at = summary
-                rows_at = records_of(study, REFERENCE)[summary["seed"]]
             else:
-                at = study.extra(
-                    summary, f"analysis-step{step}", Options(seqs=study.seqs, step=step)
-                )
-                rows_at = AnalysisDir(Path(summary["run"]) / f"analysis-step{step}").read_records()
-            m = {**metrics.get(step, {}), "removed": removed_beyond_layer0(rows_at, "mean", k)}
+                opts = Options(seqs=study.seqs, step=step, contrast_window=study.window)
+                at = study.extra(summary, f"analysis-step{step}", opts)
+            m = metrics.get(step, {})
             for label, f in series:
                 per_step[label][step] = f(at, m)
             if summary["seed"] == study.runs_of(REFERENCE)[0]["seed"]:
@@ -343,7 +314,8 @@ def emergence(study: Study, out: Path) -> list[str]:
         "## Sink emergence over training",
         "",
         f"`{REFERENCE}`, seed {first}, at every kept checkpoint (the figure shows the first "
-        f"{EMERGENCE_SEEDS} seeds). Step 0 is not analysed: runs keep no step-0 checkpoint.",
+        f"{EMERGENCE_SEEDS} seeds; step 0 is there when the runs kept it: "
+        "`train.ckpt_initial`).",
         "",
         *table(["step", *(label for label, _ in series)], rows),
         "",

@@ -230,6 +230,11 @@ class Decoder(nn.Module):
     # ---------------------------------------------------------------- forward
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) int64 -> logits (B, T, V)."""
+        return self.lm_head(self.hidden(tokens))
+
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) -> the final normalised states (B, T, d): the forward pass without
+        the output projection, for passes that read activations and need no logits."""
         _, T = tokens.shape
         x = self.scheme.embed(self, self.hook_embed(self.embed_tokens(tokens)))  # (B, T, d)
         rope, bias = self._positional(T, tokens.device)
@@ -237,8 +242,7 @@ class Decoder(nn.Module):
         visible = attention_mask(T, self.cfg.window, tokens.device) if windowed else None
         for block in self.layers:
             x = block(x, rope, visible, bias)
-        x = self.hook_final(self.norm(x))
-        return self.lm_head(x)
+        return self.hook_final(self.norm(x))
 
     @property
     def rope_effective_base(self) -> float | None:

@@ -147,22 +147,6 @@ def test_the_sink_study_runs_end_to_end_at_a_tiny_budget(tmp_path):
     assert formed in "012"
     if formed == "0":  # 8 steps form no sink: the anchoring sentence must say so
         assert "cannot be read here" in text
-    assert "C_res (RMS over queries 16–31" in text and "rotary pairs" in text
+    assert "C_res at queries 16–31, where the window of 16 keys binds" in text
+    assert "rotary pairs" in text
     assert (tmp_path / "report" / "sink_emergence.png").exists()
-
-
-def test_sink_study_numbers_follow_their_definitions_on_hand_made_records():
-    from posleak.analysis.sink_study import c_res_beyond, removed_beyond_layer0
-
-    def row(layer, query, value, condition=None):
-        return {"metric": "c_res", "layer": layer, "query": query, "head": None,
-                "condition": condition, "value": value}  # fmt: skip
-
-    rows = [row(0, i, 5.0) for i in range(6)] + [row(0, i, 0.0, "swap=mean") for i in range(6)]
-    rows += [row(1, i, 2.0) for i in range(6)] + [row(1, i, 1.0, "swap=mean") for i in range(6)]
-    rows += [row(2, i, 1.0) for i in range(6)] + [row(2, i, 1.0, "swap=mean") for i in range(6)]
-    # layers >= 1, queries 1..3: base 3 * (4 + 1) = 15, swapped 3 * (1 + 1) = 6 -> 1 - 6/15
-    assert math.isclose(removed_beyond_layer0(rows, "mean", 4), 1 - 6 / 15)
-    assert removed_beyond_layer0(rows, "zeros", 4) is None
-    # queries >= 4 at layers 1 and 2: RMS 2 and 1 -> mean 1.5 (layer 0 left out)
-    assert math.isclose(c_res_beyond(rows, 4), 1.5)
