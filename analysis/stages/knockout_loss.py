@@ -10,6 +10,7 @@ from __future__ import annotations
 from posleak.analysis import measures
 from posleak.analysis.collect import token_losses
 from posleak.analysis.records import finite_mean
+from posleak.analysis.stages._hooks import on_heads
 from posleak.analysis.stages._loss import record_change, target_groups
 from posleak.analysis.stages.base import RUN, Stage
 from posleak.analysis.stats import bootstrap_weights
@@ -37,10 +38,10 @@ class KnockoutLoss(Stage):
         }
         delta = {}
         for label, rule in rules.items():
-            hooks = [(f"blocks.{l}.attn.pattern", _all_heads(rule)) for l in range(analysis.L)]
+            hooks = [(f"blocks.{l}.attn.pattern", on_heads(rule)) for l in range(analysis.L)]
             delta[label] = token_losses(analysis.model, tokens, limit, hooks) - base
             if heads and label != "key=1":
-                hooks = [(f"blocks.{l}.attn.pattern", _on_heads(rule, h)) for l, h in heads.items()]
+                hooks = [(f"blocks.{l}.attn.pattern", on_heads(rule, h)) for l, h in heads.items()]
                 knocked = token_losses(analysis.model, tokens, limit, hooks)
                 delta[label + ",heads=sinks"] = knocked - base
         delta["excess"] = delta["key=0"] - delta["key=random"]  # paired per token
@@ -107,19 +108,6 @@ def sink_heads(analysis, ctx) -> dict:
         if len(chosen):
             out[l] = chosen.flatten().tolist()
     return out
-
-
-def _all_heads(rule):
-    return lambda pattern, name: rule(pattern)
-
-
-def _on_heads(rule, heads: list[int]):
-    def hook(pattern, name):
-        out = pattern.clone()
-        out[:, heads] = rule(pattern[:, heads])
-        return out
-
-    return hook
 
 
 STAGE = KnockoutLoss(

@@ -8,6 +8,7 @@ probe's transfer R² and the C_res removed at early queries (v3)."""
 from __future__ import annotations
 
 from posleak.analysis import measures
+from posleak.analysis.stages._hooks import on_heads
 from posleak.analysis.stages._removal import record_removal
 from posleak.analysis.stages.base import ATTN, RESID, RUN, Stage
 
@@ -25,14 +26,14 @@ class Route2(Stage):
             return {"route2": flatten, "key=0": measures.knock_out_key0}
 
         every = [
-            (f"blocks.{l}.attn.pattern", _on_heads(rules(l)["route2"], None))
+            (f"blocks.{l}.attn.pattern", on_heads(rules(l)["route2"], None))
             for l in range(analysis.L)
         ]
         intervene(analysis, ctx, "route2,heads=all", every)
         for l, h, lift in top_heads(analysis, ctx):
             analysis.rec.add("top_head_lift", lift, layer=l, head=h)
             for name, rule in rules(l).items():
-                hooks = [(f"blocks.{l}.attn.pattern", _on_heads(rule, [h]))]
+                hooks = [(f"blocks.{l}.attn.pattern", on_heads(rule, [h]))]
                 intervene(analysis, ctx, f"{name},layer={l},head={h}", hooks)
 
     def headline(self, rows, layers, opts) -> dict:
@@ -79,19 +80,6 @@ def intervene(analysis, ctx, label: str, hooks) -> None:
     ):
         analysis.rec.add("route2_probe_r2_log", r2, layer=site, condition=label)
         analysis.rec.add("route2_probe_refit_r2_log", refit, layer=site, condition=label)
-
-
-def _on_heads(rule, heads: list[int] | None):
-    """A pattern hook applying `rule` to the given heads (None: all)."""
-
-    def hook(pattern, name):
-        if heads is None:
-            return rule(pattern)
-        out = pattern.clone()
-        out[:, heads] = rule(pattern[:, heads])
-        return out
-
-    return hook
 
 
 STAGE = Route2(
