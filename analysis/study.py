@@ -465,18 +465,22 @@ def step_zero(study: Study) -> list[str]:
             "",
             "No run keeps a step-0 checkpoint (set `train.ckpt_initial = true`).",
         ]
-    below = sum(
-        1
-        for r in rows
-        if r[1] == "step 0" and r[3] != "–" and r[4] != "–" and float(r[3]) <= float(r[4])
-    )
-    at0 = sum(1 for r in rows if r[1] == "step 0")
+    at0 = [r for r in rows if r[1] == "step 0"]
+    trained = [r for r in rows if r[1] != "step 0"]
+
+    def span(rows_: list, column: int) -> str:
+        values = [float(r[column]) for r in rows_ if r[column] != "–"]
+        return f"{min(values):.3g}–{max(values):.3g}" if values else "–"
+
+    above = sum(1 for r in at0 if "–" not in (r[3], r[4]) and float(r[3]) > float(r[4]))
     return [
         "## At initialisation",
         "",
         f"The first seed of every text variant analysed at step 0 (its initial weights) and "
-        f"trained. The causal-mask part needs no training; at step 0 the residual component "
-        f"is at or below its no-signal floor in {below} of {at0} variants."
+        f"trained. At step 0, C_mask averages {span(at0, 2)} (trained {span(trained, 2)}), the "
+        f"early-query residual component is {span(at0, 3)} (trained {span(trained, 3)}; above "
+        f"its no-signal floor in {above} of {len(at0)} variants) and the probe's R² at the "
+        f"last layer is {span(at0, 5)} (trained {span(trained, 5)})."
         + (f" No step-0 checkpoint: {', '.join(missing)}." if missing else ""),
         "",
         *table(["variant", "weights", *(label for label, _ in series)], rows),
@@ -568,7 +572,9 @@ def position_readout(study: Study, out: Path) -> list[str]:
         "## Where absolute position becomes decodable, and which route carries it",
         "",
         "Held-out R² of a cross-validated ridge probe for log(1 + position) at each residual "
-        "site, on text and on the stationary Markov corpus (whose data carry no position). "
+        "site, on text"
+        + (" and on the stationary Markov corpus (whose data carry no position)" if markov else "")
+        + ". "
         "After each intervention the probe is refit on the intervened states (the position "
         "information left, bounded like any R²): key 0 knocked out in every layer, the key-1 "
         "control, key 0's attention replaced by its mean over queries in every head (the "
