@@ -92,7 +92,8 @@ class Analysis:
         enabled = [s for s in stages.STAGES if s.enabled(self.opts)]
         plan = {"base pass": self.opts.seqs * self.T, **{s.name: s.work(self) for s in enabled}}
         progress = Progress(plan)
-        counter = self.model.register_forward_pre_hook(
+        self.progress = progress
+        counter = self.model.embed_tokens.register_forward_pre_hook(  # every pass embeds
             lambda module, args: progress.forwarded(args[0].numel() if args else 0)
         )
         try:

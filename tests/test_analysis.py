@@ -675,6 +675,18 @@ def test_analysis_progress_names_each_stage_with_an_eta_from_its_planned_work(ca
     assert all("eta 0:" in line for line in lines[1:])
 
 
+def test_the_progress_counts_every_pass_the_stages_planned(runs):
+    """The ETA rests on tokens forwarded against Stage.work: passes without logits (which
+    skip the output projection) count too, so the count ends near the plan."""
+    analysis = analysis_of(runs / "rope-s0", SMALL)
+    analysis.run_all()
+    progress = analysis.progress
+    assert 0.5 * progress.total <= progress.done <= 1.5 * progress.total, (
+        progress.done,
+        progress.total,
+    )
+
+
 def test_knockout_headline_is_none_where_a_knocked_probe_is_undefined():
     layers = {
         "probe_r2_log": {0: 0.0, 1: 0.9},
