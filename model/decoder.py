@@ -25,7 +25,7 @@ from posleak.files import atomic_write, safe_dir
 from posleak.model.config import ModelConfig
 from posleak.model.hooks import HookFn, HookPoint, attached, hook_points
 from posleak.model.masks import attention_mask
-from posleak.model.rope import apply_rope
+from posleak.model.rope import rotate
 
 # On CPU in bf16, the materialised attention beats the SDPA kernel up to this length: training
 # steps 1.11-1.15x faster at T 64-256, 0.92x at T 1024 (measured; README, Performance).
@@ -72,12 +72,12 @@ class Attention(nn.Module):
         (H, T, T), or None."""
         B, T, _ = x.shape
         H, Dh = self.cfg.n_head, self.cfg.d_head
-        q = self.q_proj(x).view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
-        k = self.k_proj(x).view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
+        q = self.q_proj(x).view(B, T, H, Dh)
+        k = self.k_proj(x).view(B, T, H, Dh)
+        if rope is not None:  # rotated in the projection's own layout: contiguous, no copies
+            q, k = rotate(q, *rope), rotate(k, *rope)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, Dh)
         v = self.v_proj(x).view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
-        if rope is not None:
-            cos, sin = (t.to(q.dtype) for t in rope)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         if self.force_eager or self.hook_scores.fns or self.hook_pattern.fns:
             y = self.eager(q, k, v, visible, bias=bias)

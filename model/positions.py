@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from posleak.model.rope import ntk_base, rope_tables
+from posleak.model.rope import ntk_base, rope_half_tables
 
 
 class Scheme:
@@ -51,7 +51,8 @@ class Scheme:
         return None
 
     def rotation(self, cfg, T: int, inference_scale: float) -> tuple | None:
-        """cos and sin tables (T, d_head) for rotating q and k, or None."""
+        """cos and sin tables (T, 1, d_head / 2) for rotating q and k laid out (B, T, H, d_head)
+        (model/rope.py's `rotate`), or None."""
         return None
 
     def score_bias(self, cfg, T: int, device) -> torch.Tensor | None:
@@ -101,7 +102,8 @@ class Rope(Scheme):
         return ntk_base(cfg.rope_base, cfg.rope_scale * inference_scale, cfg.d_head)
 
     def rotation(self, cfg, T: int, inference_scale: float) -> tuple | None:
-        return rope_tables(T, cfg.d_head, self.effective_base(cfg, inference_scale))
+        cos, sin = rope_half_tables(T, cfg.d_head, self.effective_base(cfg, inference_scale))
+        return cos[:, None], sin[:, None]
 
 
 class RopeNTK(Rope):

@@ -1,7 +1,9 @@
 """Rotary position embedding: the single source of truth for frequencies and rotation.
 
 Pairing is rotate-half (dimension p rotates with p + d/2), as in Llama, so the score
-<R_i q, R_j k> depends on positions only through i - j.
+<R_i q, R_j k> depends on positions only through i - j. `apply_rope` is the textbook formula
+(the reference the tests hold the model to); `rotate` computes the same numbers in fewer
+passes over memory and is what the decoder runs.
 """
 
 from __future__ import annotations
@@ -23,10 +25,21 @@ def rope_frequencies(d_head: int, base: float, dtype=torch.float64) -> torch.Ten
     return (base ** (-2.0 * p / d_head)).to(dtype)
 
 
+def rope_angles(seq_len: int, d_head: int, base: float) -> torch.Tensor:
+    """position * omega, (T, d_head / 2), in float64."""
+    return torch.outer(torch.arange(seq_len, dtype=torch.float64), rope_frequencies(d_head, base))
+
+
 def rope_tables(seq_len: int, d_head: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of position * omega, shaped (T, d_head) for rotate-half, computed in float64."""
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), rope_frequencies(d_head, base))
+    angles = rope_angles(seq_len, d_head, base)
     angles = torch.cat([angles, angles], dim=-1)  # (T, d_head)
+    return angles.cos().float(), angles.sin().float()
+
+
+def rope_half_tables(seq_len: int, d_head: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * omega, (T, d_head / 2): the tables `rotate` takes."""
+    angles = rope_angles(seq_len, d_head, base)
     return angles.cos().float(), angles.sin().float()
 
 
@@ -38,3 +51,35 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (..., T, d_head) by the position tables (T, d_head)."""
     return x * cos + rotate_half(x) * sin
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` with half-width tables (cos, sin broadcast against x[..., : d_head / 2]).
+
+    The same products and sums as the formula, so the same numbers, in two passes per half
+    instead of five over the whole tensor; its backward is the inverse rotation (angle −θ),
+    written out, so autograd neither splits the gradient into branches nor adds them up.
+    """
+    return _Rotation.apply(x, cos.to(x.dtype), sin.to(x.dtype))
+
+
+class _Rotation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotated(x, cos, sin, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotated(grad, cos, sin, -1.0), None, None
+
+
+def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    """[x1 cos − x2 sin·sign, x2 cos + x1 sin·sign] for x = [x1, x2]: sign −1 rotates back."""
+    first, second = x.chunk(2, dim=-1)
+    out = torch.empty_like(x)
+    out_first, out_second = out.chunk(2, dim=-1)
+    torch.mul(first, cos, out=out_first).addcmul_(second, sin, value=-sign)
+    torch.mul(second, cos, out=out_second).addcmul_(first, sin, value=sign)
+    return out
