@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from posleak.data import BatchStream, DataConfig
+from posleak.log import log
 from posleak.model import Decoder, ModelConfig
 from posleak.train.config import preset, presets
 from posleak.train.environment import (
@@ -96,14 +97,22 @@ class TrainCase:
 
 
 def measure(cases: list[TrainCase], rounds: int, steps: int) -> None:
-    """Round-robin over the cases so that machine noise (shared VMs) hits them alike; each
-    case keeps every timed step, after two warm-up steps."""
+    """Round-robin over the cases so that machine noise (shared VMs) hits them alike, each
+    round starting one case later so that no case always runs first (or always after the
+    same neighbour); each case keeps every timed step, after two warm-up steps."""
+    started = time.perf_counter()
     for case in cases:
         case.first_step_s = case.step()
         case.step()
-    for _ in range(rounds):
-        for case in cases:
+    for r in range(rounds):
+        for case in cases[r % len(cases) :] + cases[: r % len(cases)]:
             case.times += [case.step() for _ in range(steps)]
+        took = time.perf_counter() - started
+        eta = took / (r + 1) * (rounds - r - 1)
+        log.info(
+            f"[bench] {cases[0].name.split(':')[0]} d={cases[0].cfg.d_model}: round {r + 1}/"
+            f"{rounds} of {len(cases)} cases | elapsed {took:.0f}s | eta {eta:.0f}s"
+        )
 
 
 def _sync(device) -> None:
@@ -189,7 +198,7 @@ def run_bench(quick: bool) -> dict:
             cases.append(
                 TrainCase(f"size:d{d_}:compiled", cfg, B_, T_, "fp32", device, compiled=True)
             )
-        measure(cases, rounds if d_ < 512 else max(1, rounds // 2), steps)
+        measure(cases, rounds, steps)
         rows += [train_row(case, peaks) for case in cases]
     data = {src: batch_throughput(src, 16, 256, 5 if quick else 50) for src in ("bible", "markov")}
     return {
