@@ -40,6 +40,7 @@ class Pass(NamedTuple):
     probe_refit_r2_log: list[float] | None  # a probe refit on the intervened half A, scored
     # on the intervened half B: the position information left (interventions only)
     sums: list[LogitSums]  # per attention layer: the block sums the stats came from
+    losses: torch.Tensor | None  # (N, T) next-token loss of every position, when asked for
 
 
 class Analysis:
@@ -97,7 +98,7 @@ class Analysis:
             lambda module, args: progress.forwarded(args[0].numel() if args else 0)
         )
         try:
-            tokens = self.tokens(self.opts.seqs, self.T, "analysis")[:, : self.T]
+            tokens = self.tokens(self.opts.seqs, self.T, "analysis")  # with next-token targets
             progress.stage("base pass")  # after the draw: bad input fails before any line
             ctx = self.context(tokens)
             for stage in enabled:
@@ -110,9 +111,11 @@ class Analysis:
         return self.rec.rows, self.summary(time.perf_counter() - started)
 
     def context(self, tokens: torch.Tensor) -> stages.Context:
-        """The shared base pass over the analysed tokens, for the stages to read."""
+        """The shared base pass over the analysed tokens (N, T + 1: the model reads the first
+        T, the last T are its targets), for the stages to read."""
+        inputs, targets = tokens[:, : self.T], tokens[:, 1 : self.T + 1]
         with self._timed("base pass"):
-            return stages.Context(tokens, self.measure(tokens))
+            return stages.Context(inputs, self.measure(inputs, targets=targets), targets)
 
     @contextlib.contextmanager
     def _timed(self, stage: str):
@@ -121,11 +124,12 @@ class Analysis:
         self.timings[stage] = round(time.perf_counter() - started, 2)
 
     # ---------------------------------------------------------------- one pass
-    def measure(self, tokens: torch.Tensor, interventions=(), fitted=None) -> Pass:
+    def measure(self, tokens: torch.Tensor, interventions=(), fitted=None, targets=None) -> Pass:
         """Logit sums, the probes' half-A sums and the key-0 column, accumulated batch by batch.
 
         Given the base pass's fitted probes (an intervention pass), the residual stream is
-        scored on half B as it streams past instead."""
+        scored on half B as it streams past instead. Given targets, the same pass gives the
+        loss of every position (no second pass for the loss change of an intervention)."""
         sums = [LogitSums(self.n_blocks, self.H, self.design(l).visible) for l in range(self.L)]
         consumers = {f"blocks.{l}.attn.scores": sums[l].add for l in range(self.L)}
         data, first, scorers = [], [], []
@@ -151,15 +155,15 @@ class Analysis:
                         self._probe_collector(held[site], half=1),
                     ]
                 )
-        stream(self.model, tokens, consumers, self.batch, list(interventions))
+        losses = stream(self.model, tokens, consumers, self.batch, list(interventions), targets)
         stats = [
             logit_stats(s, self.design(l), self.boot_a, self.boot_b) for l, s in enumerate(sums)
         ]
         if fitted is None:
-            return Pass(stats, data, first, None, None, sums)
+            return Pass(stats, data, first, None, None, sums, losses)
         r2 = [s.result().r2 for s in scorers]
         refit = [probes.r2_of_moments(a.fit("log"), b) for a, b in zip(data, held, strict=True)]
-        return Pass(stats, [], first, r2, refit, sums)
+        return Pass(stats, [], first, r2, refit, sums, losses)
 
     def _probe_data(self, d: int) -> probes.ProbeData:
         return probes.ProbeData(d, self.opts.probe_folds)
@@ -263,8 +267,13 @@ def analysis_of(target: str | Path, opts: Options = Options()) -> Analysis:
 def analyze(target: str | Path, opts: Options = Options(), out: str | Path | None = None) -> dict:
     """Analyse one run or pretrained model; write records, summary and figures into out."""
     folder = AnalysisDir(out or default_out(target))
+    folder.check_writable()  # before loading the model
+    return write_analysis(analysis_of(target, opts), folder)
+
+
+def write_analysis(analysis: Analysis, folder: AnalysisDir) -> dict:
+    """Run every stage of a prepared analysis and write its records, summary and figures."""
     folder.check_writable()  # before minutes of work
-    analysis = analysis_of(target, opts)
     rows, summary = analysis.run_all()
     with folder.writing():
         folder.write(rows, summary)

@@ -107,12 +107,15 @@ def stream(
     consumers: dict[str, Consumer],
     batch_size: int,
     interventions: list = (),
-) -> None:
-    """Run tokens (N, T) through the model in mini-batches, without the output projection
-    (no consumer reads logits); each consumer receives its hook's activation (on the CPU) and
-    the indices of the sequences in that batch."""
+    targets: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """Run tokens (N, T) through the model in mini-batches; each consumer receives its hook's
+    activation (on the CPU) and the indices of the sequences in that batch. Without targets
+    the output projection is skipped; with targets (N, T), the next token at every position,
+    the same pass also gives every position's loss, (N, T) in float64."""
     rows = torch.arange(0)
     device = next(model.parameters()).device
+    losses = None if targets is None else torch.empty(targets.shape, dtype=torch.float64)
 
     def hook(name):
         return lambda tensor, _: consumers[name](tensor.detach().cpu(), rows)
@@ -120,27 +123,30 @@ def stream(
     with model.hooks([*interventions, *((name, hook(name)) for name in consumers)]):
         for start in range(0, len(tokens), batch_size):
             rows = torch.arange(start, min(start + batch_size, len(tokens)))
-            model.hidden(tokens[rows].to(device))
+            final = model.hidden(tokens[rows].to(device))
+            if losses is not None:
+                losses[rows] = position_losses(model, final, targets[rows].to(device))
+    return losses
 
 
-@torch.no_grad()
+def position_losses(model, final: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each position (B, T) from the final states (B, T, d), through the
+    model's output projection a slice of tokens at a time, so that the logits held at once
+    stay below 2^25 values whatever the vocabulary (Gemma 3's is 262k)."""
+    step = max(1, (1 << 25) // model.cfg.vocab_size)
+    parts = zip(final.flatten(0, 1).split(step), targets.flatten().split(step), strict=True)
+    out = [F.cross_entropy(model.logits_of(x).float(), y, reduction="none") for x, y in parts]
+    return torch.cat(out).view(targets.shape).double().cpu()
+
+
 def token_losses(
     model: torch.nn.Module, tokens: torch.Tensor, max_attention: int, interventions: list = ()
 ) -> torch.Tensor:
     """Next-token loss of every position, (N, L - 1) for tokens (N, L), under interventions;
-    in batches bounded by the attention maps' and the logits' size."""
-    device = next(model.parameters()).device
-    T, cfg = tokens.shape[1], model.cfg
-    step = max(1, min(max_attention // (cfg.n_head * T * T), (1 << 25) // (T * cfg.vocab_size)))
-    out = []
-    with model.hooks(list(interventions)):
-        for chunk in tokens.to(device).split(step):
-            logits = model(chunk[:, :-1])
-            loss = F.cross_entropy(
-                logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="none"
-            )
-            out.append(loss.view(len(chunk), -1).double().cpu())
-    return torch.cat(out)
+    in batches bounded by the attention maps' size."""
+    T = tokens.shape[1] - 1
+    batch = max(1, max_attention // (model.cfg.n_head * T * T))
+    return stream(model, tokens[:, :-1], {}, batch, list(interventions), targets=tokens[:, 1:])
 
 
 def store(target: torch.Tensor, pick) -> Consumer:

@@ -128,14 +128,23 @@ def _joined_chunks(package: str, files) -> Path | None:
     return target
 
 
-def quantisation(path: Path) -> str:
-    """The commonest tensor type among the file's matrices (e.g. Q4_1, Q4_K), from its
-    header: what a reader should know about how far the weights are from the original."""
-    from gguf import GGUFReader
+def quantisation(path: Path) -> tuple[str, dict]:
+    """The file's quantisation as llama.cpp names it (general.file_type: Q4_1, Q4_K_M, ...;
+    else the commonest matrix type) and how many tensors each type holds: a mixed file
+    (Q4_K_M keeps some matrices at Q5_0 or Q6_K) is more than its name."""
+    from gguf import GGUFReader, LlamaFileType
 
     reader = GGUFReader(str(path))
-    kinds = collections.Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) > 1)
-    return kinds.most_common(1)[0][0] if kinds else "unknown"
+    kinds = collections.Counter(t.tensor_type.name for t in reader.tensors)
+    field = reader.fields.get("general.file_type")
+    if field is not None:
+        try:
+            name = LlamaFileType(int(field.parts[field.data[0]][0])).name
+            return name.removeprefix("MOSTLY_").removeprefix("ALL_"), dict(kinds)
+        except ValueError:
+            pass  # a file type this gguf package does not know: fall back to the tensors
+    matrices = collections.Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) > 1)
+    return (matrices.most_common(1)[0][0] if matrices else "unknown"), dict(kinds)
 
 
 def checkpoint(name: str) -> tuple[Path, dict]:
@@ -147,7 +156,13 @@ def checkpoint(name: str) -> tuple[Path, dict]:
     record = folder / RECORD
     if record.is_file():
         return folder, json.loads(record.read_text())
-    info = {"gguf_file": path.name, "gguf_sha256": digest, "quantisation": quantisation(path)}
+    kind, counts = quantisation(path)
+    info = {
+        "gguf_file": path.name,
+        "gguf_sha256": digest,
+        "quantisation": kind,
+        "gguf_tensor_types": counts,
+    }
     log.info(f"[gguf] dequantising {path.name} ({info['quantisation']}) once, into {folder}")
     _dequantise(path, folder, info)
     return folder, info

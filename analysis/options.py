@@ -46,6 +46,8 @@ class Options:
     shift_seqs: int = 32  # sequences for the shift test (two passes of their own)
     blocks: int = 16  # sequence blocks (even): halves A/B and units of the bootstrap
     bootstrap: int = 200  # bootstrap replicates for intervals over sequences
+    ntk_scales: tuple = ()  # version 3, item 9: NTK at inference at these s, on the same
+    # sequences as the base pass, contrasted with it (RoPE models; e.g. (2, 4, 8))
     extrapolation: tuple = (1, 2, 4, 8)  # loss per position at these multiples of T_train
     extrapolation_seqs: int = 32
     batch_size: int = 32
@@ -66,6 +68,10 @@ class Options:
             out.append(
                 f"--contrast-window must be between 1 and the analysed length - 2 ({T - 2}), "
                 f"got {self.contrast_window}"
+            )
+        if not all(math.isfinite(s) and s > 1 for s in self.ntk_scales):
+            out.append(
+                f"--ntk-scales must be finite and > 1 (1 is the base pass), got {self.ntk_scales}"
             )
         if self.bos not in (None, "always", "never"):
             out.append(f"--bos must be always or never, got {self.bos!r}")

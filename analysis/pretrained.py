@@ -196,6 +196,13 @@ class Pretrained(nn.Module):
         262k-token vocabulary makes the logits of one batch gigabytes)."""
         return self.hf.base_model(input_ids=tokens, use_cache=False).last_hidden_state
 
+    def logits_of(self, final: torch.Tensor) -> torch.Tensor:
+        """The model's own output projection of final states (with Gemma's logit soft-capping
+        where the config sets one): `forward` is hidden then this."""
+        logits = self.hf.get_output_embeddings()(final)
+        cap = getattr(self.hf.config, "final_logit_softcapping", None)
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
     @contextlib.contextmanager
     def hooks(self, hooks):
         with attached(self.hook_points, hooks):

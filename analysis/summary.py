@@ -8,6 +8,7 @@ loop over the registered stages (analysis/stages/).
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 from posleak import version
 from posleak.analysis.measures import DEFINITIONS
@@ -31,6 +32,17 @@ def headline(rows: list[dict], layers: dict, val_loss: float | None, opts: Optio
     return out
 
 
+def peak_rss_mb() -> float | None:
+    """The process's resident-memory high-water mark so far (MB; None off Linux/macOS): for
+    an analysis run by itself, what it needed, model loading included."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
 def summarise(analysis, seconds: float) -> dict:
     """analysis.json of an Analysis that has run."""
     rows = analysis.rec.rows
@@ -45,6 +57,7 @@ def summarise(analysis, seconds: float) -> dict:
         **subject.info,
         "position": model.cfg.position,
         "window": model.cfg.window,
+        "windows": list(analysis.windows),  # per layer (a hybrid has window and global layers)
         "rope_base": model.rope_effective_base,
         "rope_scale": analysis.opts.rope_scale,  # NTK applied at inference (None: none)
         "seqs": analysis.opts.seqs,
@@ -52,6 +65,7 @@ def summarise(analysis, seconds: float) -> dict:
         "data": subject.data,
         "bos": analysis.bos,
         "seconds": round(seconds, 2),
+        "peak_rss_mb": peak_rss_mb(),
         "timings": analysis.timings,
         "per_layer": layers,
         "headline": headline(rows, layers, subject.info.get("val_loss"), opts),

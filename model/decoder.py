@@ -230,7 +230,11 @@ class Decoder(nn.Module):
     # ---------------------------------------------------------------- forward
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) int64 -> logits (B, T, V)."""
-        return self.lm_head(self.hidden(tokens))
+        return self.logits_of(self.hidden(tokens))
+
+    def logits_of(self, final: torch.Tensor) -> torch.Tensor:
+        """The output projection of final states (..., d) -> logits (..., V)."""
+        return self.lm_head(final)
 
     def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) -> the final normalised states (B, T, d): the forward pass without

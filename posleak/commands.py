@@ -145,6 +145,7 @@ def analyze(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         contrast_window=args.contrast_window,
+        ntk_scales=args.ntk_scales,
     )
     summary = analyze_target(args.run, opts, args.out)
     out = Path(args.out or default_out(args.run))
@@ -193,9 +194,34 @@ def study(args: argparse.Namespace) -> int:
     return 0
 
 
-def export(args: argparse.Namespace) -> int:
-    from posleak.train.export import export_hf
+def pretrained_study(args: argparse.Namespace) -> int:
+    import dataclasses
 
+    from posleak.analysis import pretrained_study as study
+    from posleak.analysis.options import Options
+
+    base, work = Options(seqs=args.seqs, seq_len=args.seq_len), Path(args.work)
+    for model in args.models:
+        if not model.startswith("hf:"):
+            raise ValueError(f"{model!r} is not a pretrained model: give hf:PATH or hf:pypi:NAME")
+    models = {model[3:]: study.analyses_of(model, base, work) for model in args.models}
+    quantised = None
+    if args.quantised:  # analysed at its own training length
+        quantised = study.quantised_analyses(
+            Path(args.quantised), dataclasses.replace(base, seq_len=None), work
+        )
+    report = study.write_report(models, quantised, args.quantised, Path(args.out))
+    print(f"report: {report}")
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    from posleak.train.export import export_gguf, export_hf
+
+    if args.format == "gguf":
+        out = export_gguf(args.run, args.out, args.quant)
+        print(f"exported: {out} ({args.quant}; analyse with posleak analyze hf:{out})")
+        return 0
     out = export_hf(args.run, args.out)
     print(f"exported: {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
     return 0

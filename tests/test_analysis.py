@@ -171,8 +171,7 @@ def test_mean_replacement_has_the_norm_of_an_ordinary_token_on_real_text(tmp_pat
 
 def test_key0_knockout_leaves_upstream_layers_exactly_untouched(runs):
     analysis = analysis_of(runs / "rope-s0", SMALL)
-    tokens = analysis.tokens(16, analysis.T, "analysis")[:, : analysis.T]
-    ctx = analysis.context(tokens)
+    ctx = analysis.context(analysis.tokens(16, analysis.T, "analysis"))
     stage("probes").run(analysis, ctx)
     knock_out(analysis, ctx, 1)
     removed = {
@@ -434,7 +433,7 @@ def test_flat_attention_reads_lift_one_and_alpha0_its_uniform_baseline_in_the_an
     with torch.no_grad():
         for block in analysis.model.layers:
             block.self_attn.q_proj.weight.zero_()
-    ctx = analysis.context(analysis.tokens(16, analysis.T, "analysis")[:, : analysis.T])
+    ctx = analysis.context(analysis.tokens(16, analysis.T, "analysis"))
     stage("sinks").run(analysis, ctx)
     stage("sink signatures").run(analysis, ctx)
     rows = analysis.rec.rows
@@ -458,7 +457,7 @@ def test_the_mass_parked_on_a_sink_logit_is_read_per_head(tmp_path):
     with torch.no_grad():
         for block in analysis.model.layers:
             block.self_attn.q_proj.weight.zero_()
-    ctx = analysis.context(analysis.tokens(8, analysis.T, "analysis")[:, : analysis.T])
+    ctx = analysis.context(analysis.tokens(8, analysis.T, "analysis"))
     stage("sink signatures").run(analysis, ctx)
     parked = [r["value"] for r in analysis.rec.rows if r["metric"] == "sink_virtual_mass"]
     expected = sum(1 / (i + 2) for i in range(1, analysis.T)) / (analysis.T - 1)
@@ -467,7 +466,7 @@ def test_the_mass_parked_on_a_sink_logit_is_read_per_head(tmp_path):
 
 def test_knockouts_report_a_bounded_refit_beside_the_transfer_and_run_their_controls(runs):
     analysis = analysis_of(runs / "nope-s0", SMALL)
-    ctx = analysis.context(analysis.tokens(16, analysis.T, "analysis")[:, : analysis.T])
+    ctx = analysis.context(analysis.tokens(16, analysis.T, "analysis"))
     stage("probes").run(analysis, ctx)
     stage("key-0 knockout").run(analysis, ctx)
     rows = analysis.rec.rows
@@ -491,7 +490,7 @@ def test_knockouts_report_a_bounded_refit_beside_the_transfer_and_run_their_cont
 def test_the_window_contrast_reads_beyond_w_and_a_full_model_takes_its_comparators_w(runs):
     def contrast(opts):
         analysis = analysis_of(runs / "rope-s0", opts)
-        ctx = analysis.context(analysis.tokens(16, analysis.T, "analysis")[:, : analysis.T])
+        ctx = analysis.context(analysis.tokens(16, analysis.T, "analysis"))
         stage("window contrast").run(analysis, ctx)
         return analysis.rec.rows
 
@@ -507,7 +506,7 @@ def test_the_window_contrast_reads_beyond_w_and_a_full_model_takes_its_comparato
 
 def test_route2_and_head_interventions_run_on_the_top_heads_by_lift(runs):
     analysis = analysis_of(runs / "rope-s0", dataclasses.replace(SMALL, top_heads=2))
-    ctx = analysis.context(analysis.tokens(16, analysis.T, "analysis")[:, : analysis.T])
+    ctx = analysis.context(analysis.tokens(16, analysis.T, "analysis"))
     stage("probes").run(analysis, ctx)
     stage("route-2 and head knockouts").run(analysis, ctx)
     rows = analysis.rec.rows
@@ -630,7 +629,9 @@ def test_knockout_loss_recovers_a_planted_sinks_closed_form_and_zero_without_one
 
     subject, expected = planted_sink_subject(gain)
     analysis = Analysis(subject, dataclasses.replace(SMALL, seqs=16))
-    ctx = analysis.context(analysis.tokens(16, analysis.T, "analysis")[:, : analysis.T])
+    ctx = analysis.context(analysis.tokens(16, analysis.T, "analysis"))
+    stage("probes").run(analysis, ctx)
+    stage("key-0 knockout").run(analysis, ctx)  # its every-layer passes carry the losses
     stage("knockout loss").run(analysis, ctx)
     got = {r["condition"]: r for r in analysis.rec.rows if r["metric"] == "knockout_loss_change"}
     (heads,) = [r["value"] for r in analysis.rec.rows if r["metric"] == "knockout_sink_heads"]
@@ -698,3 +699,64 @@ def test_knockout_headline_is_none_where_a_knocked_probe_is_undefined():
     layers["knockout_probe_r2_log"][1] = 0.4
     drop = stage("key-0 knockout").headline([], layers, SMALL)["knockout_probe_r2_log_drop"]
     assert drop == pytest.approx(0.5)
+
+
+def test_the_shared_pass_gives_the_loss_of_the_models_own_logits():
+    """stream(..., targets): the loss comes from the final states through the output
+    projection in token slices; it equals cross-entropy of the full forward's logits."""
+    from posleak.analysis.collect import stream, token_losses
+
+    model = tiny_model(position="rope", n_layer=2).eval()
+    tokens = torch.randint(0, 23, (5, 17), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        logits = model(tokens[:, :-1])
+    expected = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
+    got = stream(model, tokens[:, :-1], {}, 2, targets=tokens[:, 1:])
+    assert got.shape == (5, 16) and got.dtype == torch.float64
+    assert torch.allclose(got.float().flatten(), expected, atol=1e-5)
+    assert torch.equal(token_losses(model, tokens, 1 << 20), got)
+
+
+def test_ntk_at_inference_is_read_against_the_base_pass_on_the_same_sequences(runs):
+    """The stage's loss change equals the loss of the model run at scale s minus at scale 1,
+    computed directly from its logits; a scale that changes nothing (s = 1 + 1e-12) removes
+    nothing and changes no loss; the model is left at its own scale; NoPE records nothing."""
+    opts = dataclasses.replace(SMALL, ntk_scales=(4.0, 1 + 1e-12))
+    analysis = analysis_of(runs / "rope-s0", opts)
+    model = analysis.model
+    with torch.no_grad():  # sharp attention, so that the rotation matters to the loss
+        for block in model.layers:
+            block.self_attn.q_proj.weight.mul_(30.0)
+            block.self_attn.k_proj.weight.mul_(30.0)
+    tokens = analysis.tokens(16, analysis.T, "analysis")
+    ctx = analysis.context(tokens)
+    stage("probes").run(analysis, ctx)
+    stage("NTK at inference").run(analysis, ctx)
+    assert model.rope_inference_scale == 1.0
+
+    def mean_loss(scale):
+        model.set_rope_scale(scale)
+        with torch.no_grad():
+            logits = model(tokens[:, :-1])
+        model.set_rope_scale(1.0)
+        return F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).item()
+
+    rows = {(r["metric"], r["condition"]): r for r in analysis.rec.rows}
+    change = rows["ntk_loss_change", "s=4,queries=all"]
+    assert change["value"] == pytest.approx(mean_loss(4.0) - mean_loss(1.0), abs=1e-5)
+    assert abs(change["value"]) > 3e-4 and change["lo"] <= change["value"] <= change["hi"]
+    none = rows["ntk_loss_change", "s=1,queries=all"]
+    assert abs(none["value"]) < 1e-9
+    removed = [r for (m, c), r in rows.items() if m == "ntk_removed_v3" and c.startswith("s=1,")]
+    assert removed and all(abs(r["value"]) < 1e-6 for r in removed)
+    refit = [
+        r
+        for r in analysis.rec.rows
+        if r["metric"] == "ntk_probe_refit_r2_log" and r["condition"] == "s=4"
+    ]
+    assert len(refit) == 1 + analysis.L and all(r["value"] <= 1 for r in refit)  # every site
+    nope = analysis_of(runs / "nope-s0", opts)
+    nope_ctx = nope.context(nope.tokens(16, nope.T, "analysis"))
+    stage("NTK at inference").run(nope, nope_ctx)
+    assert not [r for r in nope.rec.rows if r["metric"].startswith("ntk_")]
+    assert Options(ntk_scales=(1.0,)).problems(32)

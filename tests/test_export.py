@@ -74,3 +74,44 @@ def test_a_text_run_exports_with_its_tokenizer(tmp_path):
     assert ids[0, 0].item() == hf.config.bos_token_id == ByteTokenizer().bos
     with torch.no_grad():
         assert torch.allclose(hf(ids).logits, ours(ids), atol=1e-5)
+
+
+def test_a_gguf_export_reads_back_as_its_weights_quantised_by_the_gguf_package(tmp_path):
+    """`posleak export --format gguf`: at F32 the file loads (through transformers' GGUF
+    reader, as a pretrained subject) to posleak's own logits and byte ids; at Q4_0 to the
+    logits of posleak's model whose matrices went through gguf.quants by hand."""
+    gguf = pytest.importorskip("gguf", reason="the hf extra is not installed")
+    from posleak.analysis.analyze import Options, analysis_of
+
+    run = tmp_path / "run"
+    overrides = tiny_overrides(data__source="bible", model__position="rope_ntk")
+    train(build({**overrides, "model.rope_scale": 2.0}), run)
+    ours, _, _ = RunDir(run).load_model()
+    tokens = torch.randint(0, 259, (2, 24), generator=torch.Generator().manual_seed(3))
+    opts = Options(seqs=4, seq_len=16)
+    for quant in ("F32", "Q4_0"):
+        path = tmp_path / f"run-{quant}.gguf"
+        assert (
+            main(["export", str(run), "--format", "gguf", "--quant", quant, "--out", str(path)])
+            == 0
+        )
+        analysis = analysis_of(f"hf:{path}", opts)
+        assert analysis.subject.info["quantisation"] == quant
+        expected, _, _ = RunDir(run).load_model()
+        if quant == "Q4_0":
+            kind = gguf.GGMLQuantizationType.Q4_0
+            with torch.no_grad():
+                for weight in expected.parameters():
+                    if weight.ndim == 2 and weight.shape[1] % 32 == 0:
+                        rounded = gguf.quants.dequantize(
+                            gguf.quants.quantize(weight.numpy(), kind), kind
+                        )
+                        weight.copy_(torch.from_numpy(rounded))
+        with torch.no_grad():
+            got, want = analysis.model(tokens), expected(tokens)
+        assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+        if quant == "Q4_0":  # the rounding is real: it moves the logits
+            assert not torch.allclose(got, ours(tokens), atol=1e-3)
+    drawn = analysis.tokens(2, 16, "check", bos="always")
+    assert drawn[:, 0].eq(ByteTokenizer().bos).all() and drawn[:, 1:].lt(256).all()
+    assert main(["export", str(run), "--format", "gguf", "--quant", "Q3", "--out", str(path)]) == 2

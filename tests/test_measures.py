@@ -754,6 +754,38 @@ def test_the_window_contrast_stays_within_3_se_of_zero_without_a_plant():
         assert abs(st.signal.item()) < 3 * st.boot.std().item(), window
 
 
+def test_a_hybrid_models_window_layers_are_contrasted_with_its_global_layers_on_the_same_pairs():
+    """Gemma 3's layout at the study's scale: two window layers carrying a position term
+    beyond the window and two global layers carrying none there (but a large key-0 term at the
+    same queries, outside the window's pairs). The paired difference reads the planted size
+    within 3 SE; without a plant it stays within 3 SE of 0. The early-query reading (i < 16,
+    where a window of 32 computes what global attention does) sees none of it."""
+    from posleak.analysis.stages.window_contrast import hybrid_contrast, window_stats
+
+    plant = beyond_window_plant(0.5)
+    truth = window_truth(plant)
+    outside = torch.zeros_like(plant)
+    outside[:, WINDOW:, 0] = 3.0 * torch.cos(torch.arange(WINDOW, STUDY_T) / 5.0)
+    windowed, full = attention_mask(STUDY_T, WINDOW), attention_mask(STUDY_T)
+    for amplitude, seed in ((1.0, 51), (0.0, 61)):
+        layers = [low_rank_sums(amplitude * plant, windowed, seed=seed + k) for k in (0, 1)]
+        layers += [low_rank_sums(outside, full, seed=seed + k) for k in (2, 3)]
+        found = hybrid_contrast(
+            [window_stats(s, WINDOW, BOOT_A, BOOT_B) for s in layers], [True, True, False, False]
+        )
+        se = found.diff_boot.std().item()
+        assert abs(found.diff.item() - amplitude * truth) < 3 * se + 0.05 * truth, amplitude
+        if amplitude:
+            assert found.diff.item() > 3 * se
+            early = [  # the early-query reading (i < 16), where both layer types agree
+                logit_stats(s, measures.two_way_design(s.visible), BOOT_A, BOOT_B)
+                .signal.mean(-2)[1:16]
+                .mean()
+                for s in layers
+            ]
+            assert abs((early[0] + early[1]) / 2 - (early[2] + early[3]) / 2) < 0.05 * truth
+
+
 # ------------------------------------------------------------------ v3: the route-2 test
 def test_flattening_key0s_gain_removes_position_carried_by_it_and_nothing_else():
     """One head whose only position signal is the gain A_i0 = 1/(i + 1) on a fixed key-0

@@ -16,6 +16,7 @@ from posleak.analysis.collect import collect
 from posleak.analysis.stages import stage
 from posleak.cli import main
 from posleak.model.rope import ntk_base
+from posleak.report import number
 from posleak.train.config import build
 from posleak.train.export import export_hf, write_tokenizer
 from posleak.train.loop import train
@@ -139,7 +140,7 @@ def test_a_hybrid_model_is_analysed_with_each_layers_own_window(models):
     analysis = analysis_of(f"hf:{models / 'gemma3_text'}", SMALL)
     assert analysis.windows == (6, None) and analysis.window == 6
     assert analysis.design(0).visible.sum() < analysis.design(1).visible.sum()
-    ctx = analysis.context(analysis.tokens(8, analysis.T, "analysis")[:, : analysis.T])
+    ctx = analysis.context(analysis.tokens(8, analysis.T, "analysis"))
     for l, window in enumerate((6, None)):
         column = ctx.base.first_column[l]
         assert column[..., 6:].abs().max() == (0 if window else column[..., 6:].abs().max())
@@ -338,3 +339,59 @@ def test_an_exported_run_analysed_through_transformers_gives_the_runs_numbers(tm
         else:
             assert b[key] == pytest.approx(value, rel=1e-3, abs=1e-4), key
     assert RunDir(run).read_config()[0].seed == 0
+
+
+def test_the_pretrained_study_analyses_each_contrast_once_and_reports_from_the_records(
+    models, tmp_path, monkeypatch
+):
+    """`posleak pretrained-study`: both BOS policies for a model whose tokenizer has BOS, NTK
+    at inference on its own policy, a hybrid (window 16 at T 16) also at 2w, and a RoPE run as
+    GGUF at F32 and Q4_0; the report's numbers are the records' and a second call reuses
+    every analysis."""
+    monkeypatch.setenv("POSLEAK_CACHE", str(tmp_path / "cache"))
+    hybrid = tmp_path / "hybrid"
+    config = transformers.Gemma3TextConfig(
+        num_key_value_heads=1, head_dim=8, query_pre_attn_scalar=8, sliding_window=16,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        **{**COMMON, "num_hidden_layers": 3},
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(hybrid)
+    write_tokenizer(hybrid, bos=True)
+    run = tmp_path / "run"
+    train(build(tiny_overrides(data__source="bible", model__d_model=64)), run)
+    work, out = tmp_path / "work", tmp_path / "out" / "study.md"
+    args = ["pretrained-study", f"hf:{models / 'llama'}", f"hf:{hybrid}", "--quantised", str(run)]
+    args += ["--seqs", "8", "--seq-len", "16", "--work", str(work), "--out", str(out)]
+    assert main(args) == 0
+    kinds = {p.parent.name + "/" + p.name for p in work.glob("*/*") if p.is_dir()}
+    assert kinds == {
+        "llama/bos-always", "llama/bos-never", "hybrid/bos-always", "hybrid/bos-never",
+        "hybrid/long", "quantisation/run-F32", "quantisation/run-Q4_0",
+    }  # fmt: skip
+    native = json.loads((work / "llama" / "bos-always" / "analysis.json").read_text())
+    assert native["options"]["ntk_scales"] == [2.0, 4.0, 8.0]  # the tokenizer prepends BOS
+    assert (
+        json.loads((work / "llama" / "bos-never" / "analysis.json").read_text())["options"][
+            "ntk_scales"
+        ]
+        == []
+    )
+    long = json.loads((work / "hybrid" / "long" / "analysis.json").read_text())
+    assert long["seq_len"] == 32 and long["windows"] == [16, 16, None]
+    report = out.read_text()
+    rows = [json.loads(line) for line in (work / "hybrid" / "long" / "records.jsonl").open()]
+    (diff,) = [r for r in rows if r["metric"] == "c_res_window_hybrid_diff"]
+    assert diff["condition"] == "w=16" and diff["lo"] <= diff["value"] <= diff["hi"]
+    assert "Window layers against global layers" in report
+    assert f"[{number(diff['lo'], 3)}, {number(diff['hi'], 3)}]" in report
+    rows = [json.loads(line) for line in (work / "llama" / "bos-always" / "records.jsonl").open()]
+    (ntk4,) = [
+        r for r in rows if r["metric"] == "ntk_loss_change" and r["condition"] == "s=4,queries=all"
+    ]
+    assert "| s = 4 |" in report and number(ntk4["value"], 3) in report
+    assert "## Quantisation" in report and "Q4_0 − F32" in report
+    stamp = (work / "llama" / "bos-always" / "analysis.json").stat().st_mtime_ns
+    assert main(args) == 0  # everything reused
+    assert (work / "llama" / "bos-always" / "analysis.json").stat().st_mtime_ns == stamp
+    assert main(["pretrained-study", str(run), "--work", str(work), "--out", str(out)]) == 2

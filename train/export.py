@@ -1,4 +1,7 @@
-"""`posleak export RUN --format hf --out DIR`: a run's model as a `transformers` checkpoint.
+"""`posleak export RUN --format hf --out DIR`: a run's model as a `transformers` checkpoint;
+`posleak export RUN --format gguf --quant Q4_0 --out FILE.gguf`: as a llama.cpp GGUF file,
+its matrices quantised with the gguf package (to measure what quantisation does to the
+measurements of a model whose float weights we have; the pretrained GGUFs ship only Q4).
 
 RoPE and NTK-scaled RoPE models map one to one onto Llama (the effective base b' becomes
 `rope_theta`: NTK at a fixed scale is plain RoPE with another base); a sliding-window model
@@ -216,3 +219,107 @@ def _byte_vocabulary(cfg: RunConfig, model: Decoder) -> bool:
 def _special_ids() -> dict:
     tok = ByteTokenizer()
     return {"bos_token_id": tok.bos, "eos_token_id": tok.eos, "pad_token_id": tok.pad}
+
+
+GGUF_TYPES = ("F32", "F16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")  # whole-file types
+
+
+def export_gguf(run: str | Path, out: str | Path, quant: str) -> Path:
+    """The run's model as one GGUF file (architecture llama, posleak's byte tokenizer), every
+    matrix whose rows fill whole quantisation blocks in `quant`, norms in F32. q and k rows
+    are stored in llama.cpp's order (transformers' GGUF loader undoes it). Written atomically."""
+    if importlib.util.find_spec("gguf") is None:
+        raise ExportError("a GGUF export needs the gguf package: pip install 'posleak[hf]'")
+    import gguf
+
+    if quant not in GGUF_TYPES:
+        raise ExportError(f"--quant {quant!r} is not one of {', '.join(GGUF_TYPES)}")
+    out = Path(out)
+    if out.suffix != ".gguf" or out.resolve().is_relative_to(Path(run).resolve()):
+        raise ExportError(f"--out {out} must be a .gguf file outside the run")
+    refuse_link(out, "--out")
+    if out.exists():
+        raise ExportError(f"--out {out} exists; give a new file name")
+    model, cfg, _ = RunDir(run).load_model()
+    why = refusal(model) or (
+        f"window={model.cfg.window} has no GGUF counterpart that transformers reads; export a "
+        "full-attention model"
+        if model.cfg.window is not None
+        else None
+    )
+    if why is None and not _byte_vocabulary(cfg, model):
+        why = "only a byte-vocabulary model carries a tokenizer a GGUF file can hold"
+    if why:
+        raise ExportError(f"cannot export {run}: {why}")
+    m, kind = model.cfg, gguf.GGMLQuantizationType[quant]
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    writer = gguf.GGUFWriter(str(tmp), "llama")
+    try:
+        writer.add_name(Path(run).name)
+        writer.add_file_type(
+            gguf.LlamaFileType[f"MOSTLY_{quant}" if quant[0] == "Q" else f"ALL_{quant}"]
+        )
+        writer.add_context_length(cfg.data.seq_len)
+        writer.add_embedding_length(m.d_model)
+        writer.add_block_count(m.n_layer)
+        writer.add_feed_forward_length(m.ff_width)
+        writer.add_head_count(m.n_head)
+        writer.add_head_count_kv(m.n_head)
+        writer.add_rope_dimension_count(m.d_head)
+        writer.add_rope_freq_base(model.rope_effective_base)
+        writer.add_layer_norm_rms_eps(m.norm_eps)
+        _gguf_tokenizer(writer, bos=cfg.data.bos == "always")
+        for name, tensor in _gguf_tensors(model):
+            data = tensor.detach().float().numpy()
+            block = gguf.GGML_QUANT_SIZES[kind][0]
+            if data.ndim == 2 and data.shape[1] % block == 0 and quant != "F32":
+                writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
+            else:
+                writer.add_tensor(name, data)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        share(tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def _gguf_tokenizer(writer, bos: bool) -> None:
+    """posleak's byte ids as a byte-level BPE vocabulary: byte b is token b, then the
+    specials (every token is one byte, so there is nothing to merge)."""
+    tok = ByteTokenizer()
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([*byte_level_chars(), "<bos>", "<eos>", "<pad>"])
+    writer.add_token_types([1] * 256 + [3] * 3)  # normal, then control
+    writer.add_token_scores([0.0] * tok.size)  # no merges: a reader derives none from these
+    writer.add_bos_token_id(tok.bos)
+    writer.add_eos_token_id(tok.eos)
+    writer.add_pad_token_id(tok.pad)
+    writer.add_add_bos_token(bos)
+
+
+def _gguf_tensors(model: Decoder):
+    """(GGUF name, tensor) of every weight; q and k rows permuted as llama.cpp stores them."""
+    m = model.cfg
+
+    def permuted(w):
+        return w.reshape(m.n_head, 2, m.d_head // 2, -1).transpose(1, 2).reshape(w.shape)
+
+    yield "token_embd.weight", model.embed_tokens.weight
+    for i, layer in enumerate(model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        yield f"blk.{i}.attn_norm.weight", layer.input_layernorm.weight
+        yield f"blk.{i}.attn_q.weight", permuted(attn.q_proj.weight)
+        yield f"blk.{i}.attn_k.weight", permuted(attn.k_proj.weight)
+        yield f"blk.{i}.attn_v.weight", attn.v_proj.weight
+        yield f"blk.{i}.attn_output.weight", attn.o_proj.weight
+        yield f"blk.{i}.ffn_norm.weight", layer.post_attention_layernorm.weight
+        yield f"blk.{i}.ffn_gate.weight", mlp.gate_proj.weight
+        yield f"blk.{i}.ffn_up.weight", mlp.up_proj.weight
+        yield f"blk.{i}.ffn_down.weight", mlp.down_proj.weight
+    yield "output_norm.weight", model.norm.weight
+    if not m.tie_embeddings:
+        yield "output.weight", model.lm_head.weight

@@ -22,11 +22,15 @@ RESID, ATTN, RUN = "resid", "attn", None  # what a record's `layer` counts
 @dataclass
 class Context:
     """What the stages of one analysis share: the analysed tokens, the base pass over them
-    (analysis/analyze.py: Pass) and, once the probe stage has run, its fitted probes."""
+    (analysis/analyze.py: Pass, with the loss of every position), the tokens' next-token
+    targets, once the probe stage has run its fitted probes, and the per-position losses of
+    intervened passes by label, for a later stage to reuse rather than run the pass again."""
 
     tokens: torch.Tensor
     base: object
+    targets: torch.Tensor
     fitted: list | None = None
+    losses: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from posleak.analysis import measures, plots
-from posleak.analysis.collect import token_losses
 from posleak.analysis.logits import PARTS
 from posleak.analysis.records import by_layer, removed_over_layers
 from posleak.analysis.stages._loss import record_change
@@ -21,21 +20,19 @@ from posleak.analysis.stats import bootstrap_weights
 
 class BosSwap(Stage):
     def work(self, analysis) -> int:
-        return (2 * len(analysis.opts.swaps) + 1) * analysis.opts.seqs * analysis.T
+        return len(analysis.opts.swaps) * analysis.opts.seqs * analysis.T
 
     def enabled(self, opts) -> bool:
         return bool(opts.swaps)
 
     def run(self, analysis, ctx) -> None:
-        with_targets = analysis.tokens(analysis.opts.seqs, analysis.T, "analysis")
-        limit = analysis.opts.max_attention_elements
-        base_loss = token_losses(analysis.model, with_targets, limit)
+        base_loss = ctx.base.losses
         k = min(analysis.opts.early_queries, analysis.T)
         everywhere = torch.ones_like(base_loss, dtype=torch.bool)
         early = everywhere.clone()
         early[:, k:] = False
         groups = {"all": everywhere, f"i<{k}": early}
-        weights = bootstrap_weights(len(with_targets), analysis.opts.bootstrap, seed=7)
+        weights = bootstrap_weights(len(base_loss), analysis.opts.bootstrap, seed=7)
         for kind in analysis.opts.swaps:
             vector = replacement(analysis, kind, ctx.tokens)
 
@@ -44,11 +41,11 @@ class BosSwap(Stage):
                 embed[:, 0] = vector.to(embed.device, embed.dtype)
                 return embed
 
-            swapped = analysis.measure(ctx.tokens, [("embed", swap)], fitted=ctx.fitted)
-            swapped_loss = token_losses(analysis.model, with_targets, limit, [("embed", swap)])
+            hooks = [("embed", swap)]
+            swapped = analysis.measure(ctx.tokens, hooks, fitted=ctx.fitted, targets=ctx.targets)
             for group, mask in groups.items():
                 condition = f"{kind},queries={group}"
-                change = swapped_loss - base_loss
+                change = swapped.losses - base_loss
                 record_change(analysis, "bos_swap_loss_change", condition, change, mask, weights)
             record_removal(analysis, "bos_swap", kind, ctx.base, swapped)
             for l in range(analysis.L):

@@ -86,10 +86,15 @@ class Knockout(Stage):
 def knock_out(analysis, ctx, target, hook=None, control: str | None = None) -> None:
     """The key-0 knockout (or a control `hook` of that shape, labelled `control`) in one
     layer (an int) or in every layer ("all"): what it removes of C_res and C_mask, the
-    original probes' transfer R^2, and the R^2 of probes refit on the knocked-out states."""
+    original probes' transfer R^2, and the R^2 of probes refit on the knocked-out states.
+    In every layer, the pass also keeps the loss of every position in ctx.losses."""
     layers = range(analysis.L) if target == "all" else [target]
     hooks = [(f"blocks.{l}.attn.pattern", hook or _knockout) for l in layers]
-    knocked = analysis.measure(ctx.tokens, hooks, fitted=ctx.fitted)
+    every = target == "all"  # the loss stage reads these passes' losses (knockout_loss.py)
+    targets = ctx.targets if every else None
+    knocked = analysis.measure(ctx.tokens, hooks, fitted=ctx.fitted, targets=targets)
+    if every:
+        ctx.losses[control or "key=0"] = knocked.losses
     label = f"layer={target}" + (f",{control}" if control else "")
     record_removal(analysis, "knockout", label, ctx.base, knocked)
     for site, (r2, refit) in enumerate(

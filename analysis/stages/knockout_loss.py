@@ -7,8 +7,10 @@ for the queries that do not copy."""
 
 from __future__ import annotations
 
+import torch
+
 from posleak.analysis import measures
-from posleak.analysis.collect import token_losses
+from posleak.analysis.collect import stream
 from posleak.analysis.records import finite_mean
 from posleak.analysis.stages._hooks import on_heads
 from posleak.analysis.stages._loss import record_change, target_groups
@@ -18,16 +20,15 @@ from posleak.analysis.stats import bootstrap_weights
 
 class KnockoutLoss(Stage):
     def work(self, analysis) -> int:
-        return 6 * analysis.opts.seqs * analysis.T  # base, three rules, two in sink heads
+        return 2 * analysis.opts.seqs * analysis.T  # two rules in the sink heads
 
     def enabled(self, opts) -> bool:
         return opts.knockout
 
     def run(self, analysis, ctx) -> None:
-        tokens = analysis.tokens(analysis.opts.seqs, analysis.T, "analysis")  # with targets
-        limit = analysis.opts.max_attention_elements
+        tokens = torch.cat([ctx.tokens, ctx.targets[:, -1:]], dim=1)  # (N, T + 1)
         groups = target_groups(analysis.subject.copy_targets, tokens)
-        base = token_losses(analysis.model, tokens, limit)
+        base = ctx.base.losses
         heads = sink_heads(analysis, ctx)
         analysis.rec.add("knockout_sink_heads", sum(len(h) for h in heads.values()))
         keys = measures.random_earlier_keys(analysis.T, analysis.window, analysis.subject.seed)
@@ -38,11 +39,10 @@ class KnockoutLoss(Stage):
         }
         delta = {}
         for label, rule in rules.items():
-            hooks = [(f"blocks.{l}.attn.pattern", on_heads(rule)) for l in range(analysis.L)]
-            delta[label] = token_losses(analysis.model, tokens, limit, hooks) - base
+            delta[label] = ctx.losses[label] - base  # the knockout stage's passes, every layer
             if heads and label != "key=1":
                 hooks = [(f"blocks.{l}.attn.pattern", on_heads(rule, h)) for l, h in heads.items()]
-                knocked = token_losses(analysis.model, tokens, limit, hooks)
+                knocked = stream(analysis.model, ctx.tokens, {}, analysis.batch, hooks, ctx.targets)
                 delta[label + ",heads=sinks"] = knocked - base
         delta["excess"] = delta["key=0"] - delta["key=random"]  # paired per token
         if heads:

@@ -3,7 +3,9 @@ a window-vs-full contrast reads only queries i >= w, on the window's pairs (j > 
 models: the two-way fit and the split-half signal on that pair set, pooled over heads and over
 layers >= 1 and clamped once; abs_share on the same pairs; and the position probe refit on
 positions >= w only. A full-attention model is analysed with its comparator's w
-(Options.contrast_window); a windowed one with its own."""
+(Options.contrast_window); a windowed one with its own. A hybrid model (Gemma 3: window
+layers and global layers) holds the contrast inside itself: its window layers against its
+global layers on the same pairs, paired over the same bootstrap replicates of sequences."""
 
 from __future__ import annotations
 
@@ -65,8 +67,8 @@ class WindowContrast(Stage):
             return
         add, n, cond = analysis.rec.add, analysis.opts.seqs, f"w={w}"
         signals, boots, nulls, num, den = [], [], [], 0.0, 0.0  # layers >= 1
-        for l, sums in enumerate(ctx.base.sums):
-            st = window_stats(sums, w, analysis.boot_a, analysis.boot_b)
+        by_layer = [window_stats(s, w, analysis.boot_a, analysis.boot_b) for s in ctx.base.sums]
+        for l, st in enumerate(by_layer):
             add("c_res_window_signed", st.signal, layer=l, condition=cond, std=st.boot.std(), n=n)
             if l >= 1:
                 signals.append(st.signal)
@@ -81,6 +83,9 @@ class WindowContrast(Stage):
             floor = torch.quantile(clamp(torch.stack(nulls).mean(0)), 0.95)
             add("c_res_window_floor", floor, condition=cond, n=n)
             add("abs_share_window", num / den, condition=cond, n=n)
+        windowed = [analysis.windows[l] is not None for l in range(1, analysis.L)]
+        if any(windowed) and not all(windowed):  # a hybrid: window layers against global ones
+            record_hybrid(analysis, cond, by_layer[1:], windowed)
         for site, r2 in enumerate(tail_probe(analysis, ctx.tokens, w)):
             add("probe_tail_r2_log", r2, layer=site, condition=cond, n=n // 2)
 
@@ -92,6 +97,7 @@ class WindowContrast(Stage):
             "c_res_window_floor": value.get("c_res_window_floor"),
             "abs_share_window": value.get("abs_share_window"),
             "probe_tail_r2_log_last": tail[max(tail)] if tail else None,
+            "c_res_window_hybrid_diff": value.get("c_res_window_hybrid_diff"),
         }
 
     def headlines(self, opts, summaries) -> list:
@@ -100,7 +106,48 @@ class WindowContrast(Stage):
             ("c_res_window_floor", "its no-signal floor at this N (95% of sign flips)"),
             ("abs_share_window", "abs_share on the same pairs, layers ≥ 1"),
             ("probe_tail_r2_log_last", "probe R² at positions ≥ w (last layer, refit)"),
+            (
+                "c_res_window_hybrid_diff",
+                "hybrid model: signed C_res² at i ≥ w, window layers − global layers (v3)",
+            ),
         ]
+
+
+class HybridContrast(NamedTuple):
+    window: tuple  # (signed mean, bootstrap replicates) over the window layers
+    full: tuple  # the same over the global layers
+    diff: torch.Tensor  # () window layers minus global layers, signed
+    diff_boot: torch.Tensor  # (R,) its replicates, paired: every layer shares the resampling
+
+
+def hybrid_contrast(layer_stats: list[WindowStats], windowed: list[bool]) -> HybridContrast:
+    """Inside one model: the signed split-half signal at i >= w on the window's pairs, averaged
+    over its window layers and over its global layers, and their difference. The layers read
+    the same sequences, so the bootstrap replicates (the same resampling in every layer) pair
+    the difference; nothing is clamped before it is taken."""
+
+    def mean_of(want: bool) -> tuple:
+        chosen = [st for st, w in zip(layer_stats, windowed, strict=True) if w == want]
+        signal = torch.stack([st.signal for st in chosen]).mean()
+        return signal, torch.stack([st.boot for st in chosen]).mean(0)
+
+    window, full = mean_of(True), mean_of(False)
+    return HybridContrast(window, full, window[0] - full[0], window[1] - full[1])
+
+
+def record_hybrid(analysis, cond: str, layer_stats: list[WindowStats], windowed: list) -> None:
+    """The hybrid's contrast by layer type (clamped once for reading) and their signed
+    difference with its paired bootstrap interval (layers >= 1)."""
+    add, n = analysis.rec.add, analysis.opts.seqs
+    found = hybrid_contrast(layer_stats, windowed)
+    for kind, (signal, boot) in (("window", found.window), ("global", found.full)):
+        lo, hi = percentile_interval(boot)
+        clamp = measures.clamp_once
+        add("c_res_window_type", clamp(signal), condition=f"{cond},layers={kind}", lo=clamp(lo),
+            hi=clamp(hi), n=n)  # fmt: skip
+    lo, hi = percentile_interval(found.diff_boot)
+    add("c_res_window_hybrid_diff", found.diff, condition=cond, lo=lo, hi=hi, n=n,
+        std=found.diff_boot.std())  # fmt: skip
 
 
 def tail_probe(analysis, tokens: torch.Tensor, w: int) -> list[float]:
@@ -138,5 +185,7 @@ STAGE = WindowContrast(
         "c_res_window_floor": RUN,
         "abs_share_window": RUN,
         "probe_tail_r2_log": RESID,
+        "c_res_window_type": RUN,
+        "c_res_window_hybrid_diff": RUN,
     },
 )

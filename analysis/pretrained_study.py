@@ -1,0 +1,439 @@
+"""`posleak pretrained-study hf:MODEL ... [--quantised RUN] [--seqs N] [--seq-len T]`
+
+The three claims inside pretrained models, as contrasts within one checkpoint (definitions
+version 3, item 9), with bootstrap intervals over sequences:
+  - each model analysed with BOS at position 0 and without (`bos-always`, `bos-never`), its
+    tokenizer's own habit also under NTK at inference (s = 2, 4, 8) on the same sequences;
+  - a hybrid model (window and global layers, Gemma 3) whose window does not bind at T also
+    at a length beyond it (`long`: the window contrast inside the model, fewer sequences, no
+    interventions);
+  - with --quantised RUN, one of our RoPE runs written as GGUF at F32 and at Q4_0 and analysed
+    through the same loader as the pretrained files: what Q4 alone moves.
+Analyses live in WORK/NAME/KIND (default runs/pretrained) and are reused when their options
+match; the report (Markdown) goes to --out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from posleak.analysis.analyze import Analysis, subject_of, write_analysis
+from posleak.analysis.folder import AnalysisDir
+from posleak.analysis.measures import DEFINITIONS
+from posleak.analysis.options import Options
+from posleak.analysis.pretrained import short_name
+from posleak.files import atomic_write, safe_dir
+from posleak.log import log
+from posleak.report import number, table
+
+NTK_SCALES = (2.0, 4.0, 8.0)
+REDUCED = dict(swaps=(), knockout=False, extrapolation=(), ntk_scales=())  # the long analysis
+QUANTS = ("F32", "Q4_0")
+
+
+def analyses_of(model: str, base: Options, work: Path) -> dict[str, AnalysisDir]:
+    """Every analysis the study needs of one hf: model, {kind: folder}, made or reused. The
+    model is loaded once for all of them."""
+    subject = subject_of(model, base)
+    native = subject.bos
+    plans = {
+        f"bos-{policy}": dataclasses.replace(
+            base, bos=policy, ntk_scales=NTK_SCALES if policy == native else ()
+        )
+        for policy in (native, *(p for p in subject.bos_policies if p != native))
+    }
+    windows = [w for w in getattr(subject.model.cfg, "windows", ()) if w is not None]
+    T = base.seq_len or subject.train_len
+    if windows and len(set(subject.model.cfg.windows)) > 1 and min(windows) >= T - 1:
+        plans["long"] = dataclasses.replace(
+            base, **REDUCED, bos=native, seq_len=2 * min(windows), seqs=max(8, base.seqs // 4)
+        )
+    return {
+        kind: _made_or_reused(subject, opts, work / short_name(model[3:]) / kind)
+        for kind, opts in plans.items()
+    }
+
+
+def _made_or_reused(subject, opts: Options, out: Path) -> AnalysisDir:
+    folder = AnalysisDir(out)
+    if folder.summary_file.exists():
+        summary = folder.read_summary()
+        if summary.get("definitions") == DEFINITIONS and Options.of_summary(summary) == opts:
+            log.info(f"[pretrained-study] reusing {out}")
+            return folder
+    log.info(f"[pretrained-study] analysing {subject.name} into {out}")
+    write_analysis(Analysis(subject, opts), folder)
+    return folder
+
+
+def quantised_analyses(run: Path, base: Options, work: Path) -> dict[str, AnalysisDir]:
+    """The run written as GGUF at F32 and at Q4_0 (made once) and analysed alike."""
+    from posleak.train.export import export_gguf
+
+    out = {}
+    for quant in QUANTS:
+        path = work / "quantisation" / f"{run.name}-{quant}.gguf"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            export_gguf(run, path, quant)
+        target = f"hf:{path}"
+        opts = dataclasses.replace(base, ntk_scales=())
+        out[quant] = _made_or_reused(subject_of(target, opts), opts, path.with_suffix(""))
+    return out
+
+
+# ---------------------------------------------------------------- the report
+class Read:
+    """One analysis folder's summary and records, with the look-ups the report makes."""
+
+    def __init__(self, folder: AnalysisDir):
+        self.summary, self.rows = folder.read_summary(), folder.read_records()
+        self.opts = Options.of_summary(self.summary)
+
+    def row(self, metric: str, condition: str | None = None, layer=None) -> dict | None:
+        for r in self.rows:
+            if r["metric"] == metric and r.get("condition") == condition and r["layer"] == layer:
+                return r
+        return None
+
+    def summary_last(self) -> int:
+        """The last residual site (the final layer's output)."""
+        return max(r["layer"] for r in self.each("probe_r2_log"))
+
+    def each(self, metric: str, condition: str | None = None) -> list[dict]:
+        return [r for r in self.rows if r["metric"] == metric and r.get("condition") == condition]
+
+
+def cell(r: dict | None, digits: int = 3, percent: bool = False) -> str:
+    """A value with its interval, or a dash."""
+    if r is None or r["value"] is None:
+        return "–"
+    f = (lambda x: f"{100 * x:.0f}%") if percent else (lambda x: number(x, digits))
+    if r.get("lo") is None:
+        return f(r["value"])
+    return f"{f(r['value'])} [{f(r['lo'])}, {f(r['hi'])}]"
+
+
+def verdict(r: dict | None, unit: str = "") -> str:
+    """What an interval over sequences says: above 0, below 0, or not separated from 0."""
+    if r is None or r.get("lo") is None:
+        return "not measured"
+    if r["lo"] > 0:
+        return f"above 0 ({cell(r)}{unit})"
+    if r["hi"] < 0:
+        return f"below 0 ({cell(r)}{unit})"
+    return f"not separated from 0 ({cell(r)}{unit})"
+
+
+def sink_table(read: Read) -> tuple[list[str], dict]:
+    """Per layer: sink heads (alpha_0 > eps and lambda_0 >= lift), the strongest head's alpha_0
+    beside uniform attention's, lambda_0, the smallest value drain, the massive activation."""
+    eps, lift = read.opts.sink_eps, read.opts.sink_lift
+    by = {}
+    for metric in ("sink_alpha0", "sink_lift", "value_drain"):
+        for r in read.each(metric):
+            by.setdefault((r["layer"], r["head"]), {})[metric] = r["value"]
+    layers = sorted({layer for layer, _ in by})
+    rows, sinks = [], {}
+    for l in layers:
+        heads = {h: v for (layer, h), v in by.items() if layer == l}
+        sinks[l] = [
+            h for h, v in heads.items() if v["sink_alpha0"] > eps and v["sink_lift"] >= lift
+        ]
+        uniform = read.row("sink_alpha0_uniform", layer=l)
+        massive = read.row("massive_ratio", layer=l + 1)  # the residual after layer l
+        rows.append(
+            [
+                str(l),
+                f"{len(sinks[l])}/{len(heads)}",
+                f"{number(max(v['sink_alpha0'] for v in heads.values()), 2)} "
+                f"({number(uniform['value'] if uniform else None, 2)})",
+                number(max(v["sink_lift"] for v in heads.values()), 3),
+                number(min(v["value_drain"] for v in heads.values()), 2),
+                cell(massive, 3),
+            ]
+        )
+    header = [
+        "layer",
+        "sink heads",
+        "α₀ max (uniform)",
+        "λ₀ max",
+        "value drain min",
+        "‖x₀‖ / median ‖x_i‖ after it",
+    ]
+    return table(header, rows), sinks
+
+
+def max_value(rows: list[dict]) -> float | None:
+    return max((r["value"] for r in rows), default=None)
+
+
+def spans(layers: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0–2, 5'."""
+    out, start = [], None
+    for i, l in enumerate(layers):
+        if start is None:
+            start = l
+        if i + 1 == len(layers) or layers[i + 1] != l + 1:
+            out.append(str(start) if start == l else f"{start}–{l}")
+            start = None
+    return ", ".join(out) or "none"
+
+
+def model_section(name: str, reads: dict[str, Read]) -> list[str]:
+    native_kind = next(k for k in reads if k.startswith("bos-") and reads[k].opts.ntk_scales)
+    native = reads[native_kind]
+    other = next((reads[k] for k in reads if k.startswith("bos-") and k != native_kind), None)
+    s, o = native.summary, native.opts
+    heads_total = len(native.each("sink_lift"))
+    sink_lines, sinks = sink_table(native)
+    with_sinks = [l for l, h in sinks.items() if h]
+    n_sinks = sum(len(h) for h in sinks.values())
+    windows = sorted({w for w in (s.get("windows") or []) if w})
+    lines = [
+        f"## {name}",
+        "",
+        f"{s.get('family', '?')}, {len(sinks)} layers, {heads_total // max(1, len(sinks))} "
+        f"heads per layer; GGUF {s.get('quantisation', 'not quantised')}"
+        + (f" (sha256 {s['gguf_sha256'][:12]}…)" if s.get("gguf_sha256") else "")
+        + f"; its tokenizer {'prepends' if s.get('tokenizer_adds_bos') else 'does not prepend'} "
+        f"BOS (`{s.get('bos_token')}`). Analysed on {o.seqs} sequences of {s['seq_len']} tokens "
+        f"of the KJV's validation text, BOS {o.bos}; analysis time {s['seconds'] / 60:.1f} min.",
+        "",
+        "### (c) Sinks",
+        "",
+        f"{n_sinks} of {heads_total} heads are sink heads (α₀ > {o.sink_eps:g} and λ₀ ≥ "
+        f"{o.sink_lift:g}), in layers {spans(with_sinks)}.",
+        "",
+        *sink_lines,
+        "",
+    ]
+    lines += anchoring(native, other)
+    lines += knockouts(native)
+    lines += removal(native, other)
+    lines += ntk(native)
+    contrasted = (
+        [
+            r
+            for r in (reads.get("long"), native)
+            if r and r.each("c_res_window_hybrid_diff", f"w={min(windows)}")
+        ]
+        if windows
+        else []
+    )
+    if contrasted:
+        lines += hybrid(contrasted[0], windows)
+    return lines
+
+
+def anchoring(native: Read, other: Read | None) -> list[str]:
+    """Is the sink anchored to the BOS token or to position 0, and is its output constant?"""
+    if other is None:
+        return ["The tokenizer has no BOS token: the sink cannot be tested for anchoring.", ""]
+    reads = {r.opts.bos: r for r in (native, other)}
+    counts = {}
+    for policy, read in reads.items():
+        _, sinks = sink_table(read)
+        counts[policy] = sum(len(h) for h in sinks.values())
+    disp = native.each("fingerprint_dispersion", "bos") or other.each(
+        "fingerprint_dispersion", "bos"
+    )
+    nobos = native.each("fingerprint_dispersion", "nobos") or other.each(
+        "fingerprint_dispersion", "nobos"
+    )
+    worst, spread = max_value(disp), max_value(nobos)
+    head = native.each("fingerprint_head_dispersion", "bos")
+    return [
+        f"**Anchoring.** With BOS at position 0, {counts['always']} heads are sink heads; "
+        f"without it (position 0 holds an ordinary token), {counts['never']}. "
+        f"With BOS, position 0's hidden state is {'identical' if worst == 0 else 'not identical'} "
+        f"across inputs in every layer (largest dispersion {number(worst, 3)}; without BOS up to "
+        f"{number(spread, 3)}), so every head's output from key 0 is a fixed vector with a "
+        f"query-dependent gain (largest dispersion of a head's key-0 output at query "
+        f"{native.opts.fingerprint_query}: {number(max_value(head), 3)}).",
+        "",
+    ]
+
+
+def knockouts(read: Read) -> list[str]:
+    group = "all"
+    rows = [
+        [label, cell(read.row("knockout_loss_change", f"{cond},targets={group}"))]
+        for label, cond in (
+            ("key 0 knocked out in every head", "key=0"),
+            ("an equal-mass random earlier key, every head", "key=random"),
+            ("key 0 minus the equal-mass control (paired per token)", "excess"),
+            ("key 0 knocked out in the sink heads only", "key=0,heads=sinks"),
+            ("the same minus its control in those heads", "excess,heads=sinks"),
+            ("key 1 knocked out in every head", "key=1"),
+        )
+    ]
+    refit = read.row("knockout_probe_refit_r2_log", "layer=all", layer=read.summary_last())
+    return [
+        "**Does the model lean on key 0?** Loss change (nats per token, every position), 95% "
+        "bootstrap over sequences:",
+        "",
+        *table(["knockout", "loss change"], rows),
+        "",
+        f"Position left to a refit probe at the last layer after key 0's knockout in every layer: "
+        f"{cell(refit)} (intact: {cell(read.row('probe_r2_log', layer=read.summary_last()))}).",
+        "",
+    ]
+
+
+def removal(native: Read, other: Read | None) -> list[str]:
+    """(b): the share of the early-query residual component each BOS replacement removes."""
+    k = native.opts.early_queries
+    rows = []
+    for read in (native, other):
+        if read is None or not read.opts.swaps:
+            continue
+        for kind in read.opts.swaps:
+            rows.append(
+                [
+                    f"BOS {read.opts.bos}",
+                    f"position 0 → {kind}",
+                    cell(read.row("bos_swap_removed_v3", f"{kind},part=key0"), percent=True),
+                    cell(read.row("bos_swap_removed_v3", f"{kind},part=rest"), percent=True),
+                    cell(read.row("bos_swap_loss_change", f"{kind},queries=i<{k}")),
+                ]
+            )
+    deep = native.row("c_res_deep", "part=rest")
+    floor = native.row("c_res_deep_floor", "part=rest")
+    return [
+        "### (b) Replacing what sits at position 0",
+        "",
+        f"The residual component at queries 1–{k - 1} over layers ≥ 1 (key 0's column and the "
+        f"content keys j ≥ 1 apart, local fit on i < {native.opts.fit_queries}): content keys "
+        f"{cell(deep)} beside a no-signal floor of {number(floor['value'] if floor else None, 3)}. "
+        "Share removed by overwriting position 0's embedding (negative: the replacement adds "
+        "signal), and the loss change at the same queries:",
+        "",
+        *table(
+            [
+                "sequences",
+                "replacement",
+                "removed, key 0",
+                "removed, keys j ≥ 1",
+                f"loss change, i < {k}",
+            ],
+            rows,
+        ),
+        "",
+    ]
+
+
+def ntk(read: Read) -> list[str]:
+    """(a), NTK at inference against s = 1 on the same sequences."""
+    if not read.opts.ntk_scales:
+        return []
+    k, last = read.opts.early_queries, read.summary_last()
+    rows = [
+        [
+            f"s = {s:g}",
+            cell(read.row("ntk_removed_v3", f"s={s:g},part=rest"), percent=True),
+            cell(read.row("ntk_removed_v3", f"s={s:g},part=key0"), percent=True),
+            cell(read.row("ntk_probe_refit_r2_log", f"s={s:g}", layer=last)),
+            cell(read.row("ntk_loss_change", f"s={s:g},queries=all")),
+        ]
+        for s in read.opts.ntk_scales
+    ]
+    return [
+        "### (a) NTK scaling at inference",
+        "",
+        "The same sequences with the rotary bases scaled as NTK does for s× the context, "
+        f"against s = 1 (probe R² at the last layer: {cell(read.row('probe_r2_log', layer=last))}"
+        "):",
+        "",
+        *table(
+            [
+                "NTK",
+                f"removed, keys j ≥ 1, i < {k}",
+                "removed, key 0",
+                "probe R² (refit, last layer)",
+                "loss change",
+            ],
+            rows,
+        ),
+        "",
+    ]
+
+
+def hybrid(read: Read, windows: list[int]) -> list[str]:
+    """(a) inside a hybrid model: window layers against global layers beyond the window."""
+    w = read.opts.contrast_window or min(windows)
+    cond = f"w={w}"
+    diff = read.row("c_res_window_hybrid_diff", cond)
+    s = read.summary
+    return [
+        f"**Window layers against global layers** ({read.opts.seqs} sequences of {s['seq_len']} "
+        f"tokens, so that queries {w}–{s['seq_len'] - 1} lie beyond the window of {w}): the "
+        f"signed residual signal at those queries on the window's pairs, layers ≥ 1: window "
+        f"layers {cell(read.row('c_res_window_type', cond + ',layers=window'))}, global layers "
+        f"{cell(read.row('c_res_window_type', cond + ',layers=global'))}; window − global "
+        f"{verdict(diff)} (paired bootstrap over sequences). Probe R² at positions ≥ {w} (last "
+        f"layer): {cell(read.row('probe_tail_r2_log', cond, layer=read.summary_last()))}. "
+        f"Analysis time {s['seconds'] / 60:.1f} min.",
+        "",
+    ]
+
+
+QUANT_ROWS = (
+    ("probe R² (log target, last layer)", "probe_r2_log_last"),
+    ("C_res at early queries, layers ≥ 1, keys j ≥ 1", "c_res_early_v3_rest"),
+    ("α₀, strongest head", "alpha0_max"),
+    ("λ₀, strongest head", "lift0_max"),
+    ("removed by BOS → mean, keys j ≥ 1", "bos_swap_removed_v3_mean_rest"),
+    ("loss change, key-0 knockout", "knockout_loss_key0"),
+    ("probe R² refit after the key-0 knockout", "knockout_probe_refit_r2_log_last"),
+)
+
+
+def quantisation_section(reads: dict[str, Read], run: Path) -> list[str]:
+    f32, q4 = reads["F32"].summary, reads["Q4_0"].summary
+    rows = []
+    for label, key in QUANT_ROWS:
+        a, b = f32["headline"].get(key), q4["headline"].get(key)
+        moved = None if a is None or b is None else b - a
+        rows.append([label, number(a, 3), number(b, 3), number(moved, 3)])
+    loss = (f32["val_loss"], q4["val_loss"])
+    return [
+        "## Quantisation: what Q4 alone moves",
+        "",
+        f"Our run `{run.name}` written as GGUF at F32 and at Q4_0 (`posleak export --format "
+        f"gguf`), both read through transformers' GGUF loader and analysed alike "
+        f"({reads['F32'].opts.seqs} sequences of {f32['seq_len']} tokens):",
+        "",
+        *table(["headline", "F32", "Q4_0", "Q4_0 − F32"], rows),
+        "",
+    ] + (
+        [f"Validation loss: {number(loss[0], 4)} (F32), {number(loss[1], 4)} (Q4_0).", ""]
+        if None not in loss
+        else []
+    )
+
+
+def write_report(
+    models: dict[str, dict[str, AnalysisDir]], quantised: dict | None, run, out: Path
+) -> Path:
+    """The report, one Markdown file (docs/pretrained-study.md): every sentence from the
+    records. Its link to the definitions assumes the command runs in the repository."""
+    safe_dir(out.parent, "report folder")
+    science = os.path.relpath(Path("docs") / "science.md", out.parent)
+    lines = [
+        "# The three claims inside pretrained models",
+        "",
+        "Generated by `posleak pretrained-study` (definitions version "
+        f"{DEFINITIONS}, [docs/science.md]({science})). Every interval is a 95% bootstrap "
+        "over the analysed sequences: these are contrasts inside one checkpoint, with no "
+        "second seed to pair with.",
+        "",
+    ]
+    for name, folders in models.items():
+        lines += model_section(name, {k: Read(f) for k, f in folders.items()})
+    if quantised:
+        lines += quantisation_section({k: Read(f) for k, f in quantised.items()}, Path(run))
+    atomic_write(out, "\n".join(lines) + "\n")
+    return out
