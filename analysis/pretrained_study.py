@@ -124,7 +124,11 @@ def verdict(r: dict | None, unit: str = "") -> str:
         return f"above 0 ({cell(r)}{unit})"
     if r["hi"] < 0:
         return f"below 0 ({cell(r)}{unit})"
-    return f"not separated from 0 ({cell(r)}{unit})"
+    half = (r["hi"] - r["lo"]) / 2
+    return (
+        f"not separated from 0 ({cell(r)}{unit}; at this N a difference beyond about "
+        f"±{number(half, 2)} would have shown)"
+    )
 
 
 def sink_table(read: Read) -> tuple[list[str], dict]:
@@ -370,49 +374,57 @@ def hybrid(read: Read, windows: list[int]) -> list[str]:
     return [
         f"**Window layers against global layers** ({read.opts.seqs} sequences of {s['seq_len']} "
         f"tokens, so that queries {w}–{s['seq_len'] - 1} lie beyond the window of {w}): the "
-        f"signed residual signal at those queries on the window's pairs, layers ≥ 1: window "
-        f"layers {cell(read.row('c_res_window_type', cond + ',layers=window'))}, global layers "
-        f"{cell(read.row('c_res_window_type', cond + ',layers=global'))}; window − global "
-        f"{verdict(diff)} (paired bootstrap over sequences). Probe R² at positions ≥ {w} (last "
+        f"residual component at those queries on the window's pairs, layers ≥ 1, is "
+        f"{cell(read.row('c_res_window_type', cond + ',layers=window'))} in the window layers "
+        f"and {cell(read.row('c_res_window_type', cond + ',layers=global'))} in the global "
+        "layers (C_res: the square root of the signed split-half signal, clamped once); their "
+        f"signed difference (C_res², window − global) is {verdict(diff)}, paired bootstrap "
+        f"over sequences. Probe R² at positions ≥ {w} (last "
         f"layer): {cell(read.row('probe_tail_r2_log', cond, layer=read.summary_last()))}. "
         f"Analysis time {s['seconds'] / 60:.1f} min.",
         "",
     ]
 
 
-QUANT_ROWS = (
-    ("probe R² (log target, last layer)", "probe_r2_log_last"),
-    ("C_res at early queries, layers ≥ 1, keys j ≥ 1", "c_res_early_v3_rest"),
-    ("α₀, strongest head", "alpha0_max"),
-    ("λ₀, strongest head", "lift0_max"),
-    ("removed by BOS → mean, keys j ≥ 1", "bos_swap_removed_v3_mean_rest"),
-    ("loss change, key-0 knockout", "knockout_loss_key0"),
-    ("probe R² refit after the key-0 knockout", "knockout_probe_refit_r2_log_last"),
+QUANT_ROWS = (  # (label, metric, condition, at the last residual site)
+    ("probe R² (log target, last layer)", "probe_r2_log", None, True),
+    ("C_res at early queries, layers ≥ 1, keys j ≥ 1", "c_res_deep", "part=rest", False),
+    ("removed by BOS → mean, keys j ≥ 1", "bos_swap_removed_v3", "mean,part=rest", False),
+    ("loss change, key-0 knockout", "knockout_loss_change", "key=0,targets=all", False),
+    (
+        "loss change, key 0 minus equal-mass control",
+        "knockout_loss_change",
+        "excess,targets=all",
+        False,
+    ),
 )
 
 
 def quantisation_section(reads: dict[str, Read], run: Path) -> list[str]:
-    f32, q4 = reads["F32"].summary, reads["Q4_0"].summary
+    f32, q4 = reads["F32"], reads["Q4_0"]
     rows = []
-    for label, key in QUANT_ROWS:
-        a, b = f32["headline"].get(key), q4["headline"].get(key)
-        moved = None if a is None or b is None else b - a
-        rows.append([label, number(a, 3), number(b, 3), number(moved, 3)])
-    loss = (f32["val_loss"], q4["val_loss"])
+    for label, metric, condition, last in QUANT_ROWS:
+        a, b = (r.row(metric, condition, r.summary_last() if last else None) for r in (f32, q4))
+        moved = None if a is None or b is None else b["value"] - a["value"]
+        inside = (
+            "–"
+            if moved is None or a.get("lo") is None
+            else ("yes" if a["lo"] <= b["value"] <= a["hi"] else "no")
+        )
+        rows.append([label, cell(a), cell(b), number(moved, 3), inside])
+    alpha = [r.summary["headline"].get("alpha0_max") for r in (f32, q4)]
     return [
         "## Quantisation: what Q4 alone moves",
         "",
         f"Our run `{run.name}` written as GGUF at F32 and at Q4_0 (`posleak export --format "
         f"gguf`), both read through transformers' GGUF loader and analysed alike "
-        f"({reads['F32'].opts.seqs} sequences of {f32['seq_len']} tokens):",
+        f"({f32.opts.seqs} sequences of {f32.summary['seq_len']} tokens, the same sequences):",
         "",
-        *table(["headline", "F32", "Q4_0", "Q4_0 − F32"], rows),
+        *table(["measurement", "F32", "Q4_0", "Q4_0 − F32", "Q4_0 inside F32's interval"], rows),
         "",
-    ] + (
-        [f"Validation loss: {number(loss[0], 4)} (F32), {number(loss[1], 4)} (Q4_0).", ""]
-        if None not in loss
-        else []
-    )
+        f"The strongest head's α₀: {number(alpha[0], 3)} (F32), {number(alpha[1], 3)} (Q4_0).",
+        "",
+    ]
 
 
 def write_report(
