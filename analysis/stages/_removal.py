@@ -1,4 +1,5 @@
-"""What an intervention removes: shared by the BOS replacement and the key-0 knockout."""
+"""What an intervention removes, and the position a probe still finds after it: shared by the
+BOS replacement, the knockouts, the route-2 test and NTK at inference."""
 
 from __future__ import annotations
 
@@ -67,3 +68,14 @@ def removed_shares(layers: list[tuple], k: int) -> dict:
             boot = torch.where(orig_boot > 0, 1 - new_boot / orig_boot, torch.nan)
             out[part] = (float(1 - new / orig), boot)
     return out
+
+
+def record_probes(analysis, prefix: str, label: str, done) -> None:
+    """Per residual site, the base probe's transfer R^2 on the intervened states
+    (`PREFIX_probe_r2_log`) and the R^2 of a probe refit on them (`PREFIX_probe_refit_r2_log`:
+    the position information left)."""
+    for site, (r2, refit) in enumerate(
+        zip(done.probe_r2_log, done.probe_refit_r2_log, strict=True)
+    ):
+        analysis.rec.add(f"{prefix}_probe_r2_log", r2, layer=site, condition=label)
+        analysis.rec.add(f"{prefix}_probe_refit_r2_log", refit, layer=site, condition=label)

@@ -13,7 +13,7 @@ from posleak.analysis import measures, plots
 from posleak.analysis.logits import PARTS
 from posleak.analysis.records import by_layer, removed_over_layers
 from posleak.analysis.stages._loss import record_change
-from posleak.analysis.stages._removal import record_removal
+from posleak.analysis.stages._removal import record_probes, record_removal
 from posleak.analysis.stages.base import ATTN, RESID, RUN, Section, Stage
 from posleak.analysis.stats import bootstrap_weights
 
@@ -58,10 +58,7 @@ class BosSwap(Stage):
                         query=i,
                         condition=f"swap={kind}",
                     )
-            for site, r2 in enumerate(swapped.probe_r2_log):
-                analysis.rec.add("bos_swap_probe_r2_log", r2, layer=site, condition=kind)
-                refit = swapped.probe_refit_r2_log[site]
-                analysis.rec.add("bos_swap_probe_refit_r2_log", refit, layer=site, condition=kind)
+            record_probes(analysis, "bos_swap", kind, swapped)
 
     def per_layer(self, rows, opts) -> dict:
         k = opts.early_queries

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from posleak.analysis import measures, plots
 from posleak.analysis.records import by_layer
-from posleak.analysis.stages._removal import record_removal
+from posleak.analysis.stages._removal import record_probes, record_removal
 from posleak.analysis.stages.base import ATTN, RESID, RUN, Section, Stage
 
 
@@ -97,11 +97,7 @@ def knock_out(analysis, ctx, target, hook=None, control: str | None = None) -> N
         ctx.losses[control or "key=0"] = knocked.losses
     label = f"layer={target}" + (f",{control}" if control else "")
     record_removal(analysis, "knockout", label, ctx.base, knocked)
-    for site, (r2, refit) in enumerate(
-        zip(knocked.probe_r2_log, knocked.probe_refit_r2_log, strict=True)
-    ):
-        analysis.rec.add("knockout_probe_r2_log", r2, layer=site, condition=label)
-        analysis.rec.add("knockout_probe_refit_r2_log", refit, layer=site, condition=label)
+    record_probes(analysis, "knockout", label, knocked)
 
 
 def _knockout(pattern, name):

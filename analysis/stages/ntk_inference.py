@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from posleak.analysis.stages._loss import record_change
-from posleak.analysis.stages._removal import record_removal_v3
+from posleak.analysis.stages._removal import record_probes, record_removal_v3
 from posleak.analysis.stages.base import RESID, RUN, Stage
 from posleak.analysis.stats import bootstrap_weights
 
@@ -44,11 +44,7 @@ class NtkInference(Stage):
             for group, mask in groups.items():
                 cond = f"{label},queries={group}"
                 record_change(analysis, "ntk_loss_change", cond, change, mask, weights)
-            for site, (r2, refit) in enumerate(
-                zip(scaled.probe_r2_log, scaled.probe_refit_r2_log, strict=True)
-            ):
-                analysis.rec.add("ntk_probe_r2_log", r2, layer=site, condition=label)
-                analysis.rec.add("ntk_probe_refit_r2_log", refit, layer=site, condition=label)
+            record_probes(analysis, "ntk", label, scaled)
 
     def headline(self, rows, layers, opts) -> dict:
         removed = {r["condition"]: r["value"] for r in rows if r["metric"] == "ntk_removed_v3"}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from posleak.analysis import measures
 from posleak.analysis.stages._hooks import on_heads
-from posleak.analysis.stages._removal import record_removal
+from posleak.analysis.stages._removal import record_probes, record_removal
 from posleak.analysis.stages.base import ATTN, RESID, RUN, Stage
 
 
@@ -75,11 +75,7 @@ def intervene(analysis, ctx, label: str, hooks) -> None:
     """One intervened pass: C_res removed, transfer R^2 and refit R^2 per residual site."""
     done = analysis.measure(ctx.tokens, hooks, fitted=ctx.fitted)
     record_removal(analysis, "route2", label, ctx.base, done)
-    for site, (r2, refit) in enumerate(
-        zip(done.probe_r2_log, done.probe_refit_r2_log, strict=True)
-    ):
-        analysis.rec.add("route2_probe_r2_log", r2, layer=site, condition=label)
-        analysis.rec.add("route2_probe_refit_r2_log", refit, layer=site, condition=label)
+    record_probes(analysis, "route2", label, done)
 
 
 STAGE = Route2(
