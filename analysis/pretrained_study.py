@@ -24,9 +24,10 @@ from posleak.analysis.folder import AnalysisDir
 from posleak.analysis.measures import DEFINITIONS
 from posleak.analysis.options import Options
 from posleak.analysis.pretrained import short_name
-from posleak.files import atomic_write, safe_dir
+from posleak.files import atomic_write, safe_dir, sha256_file
 from posleak.log import log
 from posleak.report import number, table
+from posleak.train.rundir import RunDir
 
 NTK_SCALES = (2.0, 4.0, 8.0)
 REDUCED = dict(swaps=(), knockout=False, extrapolation=(), ntk_scales=())  # the long analysis
@@ -69,12 +70,16 @@ def _made_or_reused(subject, opts: Options, out: Path) -> AnalysisDir:
 
 
 def quantised_analyses(run: Path, base: Options, work: Path) -> dict[str, AnalysisDir]:
-    """The run written as GGUF at F32 and at Q4_0 (made once) and analysed alike."""
+    """The run written as GGUF at F32 and at Q4_0 (made once per checkpoint) and analysed
+    alike. The file names carry the newest checkpoint's manifest digest, so a run retrained
+    in the same folder is exported again rather than read from a stale file."""
     from posleak.train.export import export_gguf
 
+    newest = RunDir(run).checkpoints()
+    tag = sha256_file(newest[-1] / "manifest.json")[:10] if newest else "none"
     out = {}
     for quant in QUANTS:
-        path = work / "quantisation" / f"{run.name}-{quant}.gguf"
+        path = work / "quantisation" / f"{run.name}-{tag}-{quant}.gguf"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             export_gguf(run, path, quant)

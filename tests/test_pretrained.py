@@ -5,6 +5,7 @@ as the run itself."""
 
 import dataclasses
 import json
+import shutil
 import sys
 
 import pytest
@@ -365,9 +366,10 @@ def test_the_pretrained_study_analyses_each_contrast_once_and_reports_from_the_r
     args += ["--seqs", "8", "--seq-len", "16", "--work", str(work), "--out", str(out)]
     assert main(args) == 0
     kinds = {p.parent.name + "/" + p.name for p in work.glob("*/*") if p.is_dir()}
+    (tag,) = {p.name.split("-")[1] for p in (work / "quantisation").glob("run-*.gguf")}
     assert kinds == {
         "llama/bos-always", "llama/bos-never", "hybrid/bos-always", "hybrid/bos-never",
-        "hybrid/long", "quantisation/run-F32", "quantisation/run-Q4_0",
+        "hybrid/long", f"quantisation/run-{tag}-F32", f"quantisation/run-{tag}-Q4_0",
     }  # fmt: skip
     native = json.loads((work / "llama" / "bos-always" / "analysis.json").read_text())
     assert native["options"]["ntk_scales"] == [2.0, 4.0, 8.0]  # the tokenizer prepends BOS
@@ -394,4 +396,9 @@ def test_the_pretrained_study_analyses_each_contrast_once_and_reports_from_the_r
     stamp = (work / "llama" / "bos-always" / "analysis.json").stat().st_mtime_ns
     assert main(args) == 0  # everything reused
     assert (work / "llama" / "bos-always" / "analysis.json").stat().st_mtime_ns == stamp
+    shutil.rmtree(run)  # retrained in the same folder: exported and analysed again
+    train(build(tiny_overrides(data__source="bible", model__d_model=64, seed=1)), run)
+    assert main(args) == 0
+    tags = {p.name.split("-")[1] for p in (work / "quantisation").glob("run-*.gguf")}
+    assert len(tags) == 2 and tag in tags
     assert main(["pretrained-study", str(run), "--work", str(work), "--out", str(out)]) == 2

@@ -16,7 +16,7 @@ from conftest import tiny_overrides, write_config
 from posleak.model import ConfigError
 from posleak.train.config import build, presets, read_toml
 from posleak.train.loop import Run, deterministic_metrics
-from posleak.train.sweep import expand, read_sweep
+from posleak.train.sweep import Executor, expand, read_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,6 +83,17 @@ def test_variants_see_identical_batches_and_shared_parameters_start_equal(tmp_pa
             assert torch.equal(reference.model.state_dict()[name], state[name]), name
     learned = next(b for b, r in zip(built, runs, strict=True) if r.variant == "learned")
     assert "pos_embed.weight" in learned.model.state_dict()
+
+
+def test_runs_go_seed_by_seed_so_an_early_stop_leaves_matched_variants(tmp_path):
+    body = VARIANTS + '[variants.markov]\nseeds = [0]\n"data.source" = "markov"\n'
+    runs = expand(read_sweep(sweep_file(tmp_path, body)))
+    started = []
+    (tmp_path / "sweep").mkdir()
+    executor = Executor(tmp_path / "sweep", runs, jobs=1)
+    executor.run_one = lambda run: started.append((run.variant, run.seed))
+    executor.execute()
+    assert started == [("rope", 0), ("nope", 0), ("markov", 0), ("rope", 1), ("nope", 1)]
 
 
 def test_tiny_sweep_runs_isolates_a_broken_variant_and_skips_completed_runs(tmp_path):

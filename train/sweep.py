@@ -260,7 +260,8 @@ class Executor:
             run.error = _error_line(RunDir(out).log_file)
 
     def execute(self) -> None:
-        todo = [r for r in self.runs if r.error is None]
+        # seed by seed: a sweep stopped early leaves every variant at the same seeds
+        todo = sorted((r for r in self.runs if r.error is None), key=lambda r: r.seed)
         started = last_report = time.perf_counter()
         with ThreadPoolExecutor(max_workers=self.jobs) as pool:
             pending = {pool.submit(self.run_one, r): r for r in todo}
