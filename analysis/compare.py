@@ -79,17 +79,28 @@ def contrast_window_of(runs: list[Path]) -> int | None:
     return windows.pop() if len(windows) == 1 else None
 
 
-def load_groups(runs: list[Path], opts: Options) -> tuple[dict, dict]:
-    """{variant: [records of each run]} and {variant: [analysis summaries]}."""
+def is_current(summary: dict, opts: Options | None) -> bool:
+    """An analysis is reused when made under today's definitions and, where `opts` is given,
+    with exactly those options (a study states the options its report used)."""
+    return summary.get("definitions") == DEFINITIONS and (
+        opts is None or Options.of_summary(summary) == opts
+    )
+
+
+def load_groups(runs: list[Path], opts: Options, exact: bool = False) -> tuple[dict, dict]:
+    """{variant: [records of each run]} and {variant: [analysis summaries]}. A run without a
+    current analysis is analysed with `opts`; with `exact`, so is one analysed otherwise."""
     groups: dict = {}
     summaries: dict = {}
     for run in runs:
         folder = AnalysisDir(run if AnalysisDir.is_analysis(run) else run / "analysis")
-        current = folder.summary_file.exists() and (
-            folder.read_summary().get("definitions") == DEFINITIONS
+        current = folder.summary_file.exists() and is_current(
+            folder.read_summary(), opts if exact else None
         )
         if not current and folder.path == run:
-            raise ValueError(f"{run} was analysed with other definitions: analyse it again")
+            raise ValueError(
+                f"{run} was analysed with other definitions or options: analyse its run again"
+            )
         if not current:
             if RunDir(run).summary() is None:
                 log.warning(f"[compare] skipping {run}: training has not finished")

@@ -23,8 +23,10 @@ from posleak.analysis.study import (
     by_records,
     fingerprint_bos_max,
     headline,
+    intact_signal_rows,
     level,
     per_seed,
+    signal_over_floor,
     verdict_table,
     zeros,
 )
@@ -200,9 +202,9 @@ def claim_b(study: Study) -> list[str]:
         "embedding is replaced, from the local fit, summed over layers ≥ 1 and divided once "
         "(layer 0's keys are the embeddings, where a new BOS changes key 0 by construction), "
         "for the key-0 column and for the content keys j ≥ 1. Negative: the replacement adds "
-        "position signal.",
+        "position signal." + signal_over_floor(study, REFERENCE),
         "",
-        *table(["", *variants], rows),
+        *table(["", *variants], [*intact_signal_rows(study, variants), *rows]),
         "",
         f"Against the learned-sink-logit control `{CONTROL}` (attention can park without key 0):",
         "",
@@ -283,8 +285,10 @@ def emergence(study: Study, out: Path) -> list[str]:
         ),
     )
     curves: dict = {label: [] for label, _ in series}
-    rows = []
+    rows, sinks_by_seed = [], {}
+    shown = emergence_seed(study.runs_of(REFERENCE)[:EMERGENCE_SEEDS])
     for summary in study.runs_of(REFERENCE)[:EMERGENCE_SEEDS]:
+        sinks_by_seed[summary["seed"]] = {}
         run = RunDir(summary["run"])
         metrics = {r["step"]: r for r in _evaluations(run)}
         per_step: dict = {label: {} for label, _ in series}
@@ -296,9 +300,10 @@ def emergence(study: Study, out: Path) -> list[str]:
                 opts = Options(seqs=study.seqs, step=step, contrast_window=study.window)
                 at = study.extra(summary, f"analysis-step{step}", opts)
             m = metrics.get(step, {})
+            sinks_by_seed[summary["seed"]][step] = has_sink(at)
             for label, f in series:
                 per_step[label][step] = f(at, m)
-            if summary["seed"] == study.runs_of(REFERENCE)[0]["seed"]:
+            if summary["seed"] == shown["seed"]:
                 rows.append([str(step), *(number(f(at, m), 3) for _, f in series)])
         for label in curves:
             curves[label].append({s: v for s, v in per_step[label].items() if v is not None})
@@ -309,18 +314,46 @@ def emergence(study: Study, out: Path) -> list[str]:
         "value",
         f"{REFERENCE} over training (mean ± sd over {len(curves[series[0][0]])} seeds)",
     )
-    first = study.runs_of(REFERENCE)[0]["seed"]
+    why = (
+        "the first of them to end with a sink"
+        if has_sink(shown)
+        else f"none of the first {EMERGENCE_SEEDS} ended with a sink"
+    )
     return [
         "## Sink emergence over training",
         "",
-        f"`{REFERENCE}`, seed {first}, at every kept checkpoint (the figure shows the first "
-        f"{EMERGENCE_SEEDS} seeds; step 0 is there when the runs kept it: "
-        "`train.ckpt_initial`).",
+        f"`{REFERENCE}`, seed {shown['seed']} ({why}), at every kept checkpoint (the figure "
+        f"shows the first {EMERGENCE_SEEDS} seeds; step 0 is there when the runs kept it: "
+        "`train.ckpt_initial`). " + persistence(sinks_by_seed),
         "",
         *table(["step", *(label for label, _ in series)], rows),
         "",
         f"![emergence]({fig})",
     ]
+
+
+def persistence(sinks_by_seed: dict[int, dict[int, float]]) -> str:
+    """Whether a sink, once formed, stays: per seed, the kept checkpoints with a sink from the
+    first that has one on (the final-step count is a snapshot of a possibly flickering head)."""
+    parts = []
+    for seed, by_step in sinks_by_seed.items():
+        steps = sorted(by_step)
+        first = next((s for s in steps if by_step[s]), None)
+        if first is None:
+            parts.append(f"seed {seed} has none at any checkpoint")
+            continue
+        after = [by_step[s] for s in steps if s >= first]
+        parts.append(
+            f"seed {seed} has one at {int(sum(after))} of the {len(after)} checkpoints from "
+            f"step {first} on"
+        )
+    return "From its first checkpoint with a sink: " + "; ".join(parts) + "."
+
+
+def emergence_seed(summaries: list[dict]) -> dict:
+    """The run whose checkpoints the emergence table lists: the first (by seed) that ends with
+    a sink, else the first; a table of a seed that never formed one shows no emergence."""
+    return next((s for s in summaries if has_sink(s)), summaries[0])
 
 
 def _evaluations(run: RunDir) -> list[dict]:

@@ -50,7 +50,7 @@ class Study:
         runs = compare.find_runs([str(sweep_dir)])
         self.window = compare.contrast_window_of(runs)
         base = Options(seqs=seqs, contrast_window=self.window)
-        groups, self.summaries = compare.load_groups(runs, base)
+        groups, self.summaries = compare.load_groups(runs, base, exact=True)
         if not self.summaries:
             raise FileNotFoundError(f"{sweep_dir} holds no finished runs yet")
         self.groups = groups
@@ -62,9 +62,10 @@ class Study:
         return sorted(self.summaries.get(variant, []), key=lambda s: s["seed"])
 
     def extra(self, summary: dict, name: str, opts: Options) -> dict:
-        """An additional analysis of one run, kept in RUN/name and reused when current."""
+        """An additional analysis of one run, kept in RUN/name and reused when made under
+        today's definitions with these options."""
         folder = AnalysisDir(Path(summary["run"]) / name)
-        if folder.summary_file.exists() and folder.read_summary().get("definitions") == DEFINITIONS:
+        if folder.summary_file.exists() and compare.is_current(folder.read_summary(), opts):
             return folder.read_summary()
         log.info(f"[study] {summary['run']}: {name}")
         return analyze(summary["run"], opts, folder.path)
@@ -328,7 +329,10 @@ def claim_b(study: Study) -> tuple[list[str], Verdicts]:
         "logit is the embedding's own, so a replacement moves it by construction). The key-0 "
         "column (BOS's own logit) and the content keys j ≥ 1 (position written into the "
         "residual stream) are reported apart; negative: the replacement adds signal. The loss "
-        f"change is at the same early positions (nats). Answer: {_against_source(study, verdicts)}",
+        f"change is at the same early positions (nats). Answer: {_against_source(study, verdicts)}"
+        + signal_over_floor(study, REFERENCE),
+        "",
+        *table(["", *study.text], intact_signal_rows(study, study.text)),
         "",
         *table(
             [
@@ -362,6 +366,36 @@ def _against_source(study: Study, verdicts: Verdicts) -> str:
     return (
         f"{said} ([{lo:.0%}, {hi:.0%}] over {n} seeds; against 0: {verdict}); the interval "
         f"{source} the source study's {SOURCE_REMOVED:.0%}."
+    )
+
+
+def intact_signal_rows(study: Study, variants: list[str]) -> list[list[str]]:
+    """What a removed share divides: each part's intact early-query C_res (local fit, layers
+    >= 1) beside the floor pure noise gives at this N, one column per variant."""
+    rows = []
+    for part, label in (("rest", "keys j ≥ 1"), ("key0", "key 0")):
+        for key, name in (("", f"intact C_res, {label}"), ("floor_", "its no-signal floor")):
+            number_of = headline(f"c_res_early_v3_{key}{part}")
+            rows.append([name, *(level(per_seed(study.runs_of(v), number_of)) for v in variants)])
+    return rows
+
+
+def signal_over_floor(study: Study, variant: str) -> str:
+    """The content-key signal a removed share divides, as a multiple of its no-signal floor:
+    near 1 the share is a ratio of noise, whatever its sign."""
+    ratios = [
+        s["headline"]["c_res_early_v3_rest"] / s["headline"]["c_res_early_v3_floor_rest"]
+        for s in study.runs_of(variant)
+        if s["headline"].get("c_res_early_v3_rest") is not None
+        and s["headline"].get("c_res_early_v3_floor_rest")
+    ]
+    if not ratios:
+        return ""
+    spread = f" ({min(ratios):.1f}–{max(ratios):.1f} over {len(ratios)} seeds)"
+    return (
+        f" The content-key signal this share divides is {sum(ratios) / len(ratios):.1f}× its "
+        f"no-signal floor in `{variant}`{spread if len(ratios) > 1 else ''}; where that ratio "
+        "is near 1 a removed share is a ratio of noise, whatever its sign."
     )
 
 

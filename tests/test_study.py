@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from posleak.analysis.sink_study import emergence_seed, persistence
 from posleak.analysis.study import Verdicts, layer_slope, level
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,7 +138,7 @@ def test_the_sink_study_runs_end_to_end_at_a_tiny_budget(tmp_path):
     tiny = TINY.replace("model.n_layer = 3", "model.n_layer = 2").replace(
         "n_head = 2", "n_head = 1"
     )
-    text, _ = sweep_and_report(tmp_path, spec + tiny)
+    text, out = sweep_and_report(tmp_path, spec + tiny)
     assert "# The sink study" in text
     assert "from the records of 10 finished runs (of 10 planned) in 5 variants" in text
     for section in ("## Training", "## (c)", "## (b)", "## (a)", "## Sink emergence"):
@@ -150,3 +151,31 @@ def test_the_sink_study_runs_end_to_end_at_a_tiny_budget(tmp_path):
     assert "C_res at queries 16–31, where the window of 16 keys binds" in text
     assert "rotary pairs" in text
     assert (tmp_path / "report" / "sink_emergence.png").exists()
+    # (b) shows the signal its shares divide: rope's intact content-key C_res beside its floor
+    rope = [json.loads(p.read_text())["headline"] for p in out.glob("rope-s*/analysis/*.json")]
+    intact = {i: h["c_res_early_v3_rest"] for i, h in enumerate(rope)}
+    floor = {i: h["c_res_early_v3_floor_rest"] for i, h in enumerate(rope)}
+    rows = [r for r in text.splitlines() if r.startswith(("| intact C_res, keys", "| its no-"))]
+    assert rows[0].startswith(f"| intact C_res, keys j ≥ 1 | {level(intact)} | ")
+    assert rows[1].startswith(f"| its no-signal floor | {level(floor)} | ")
+    ratio = sum(intact[i] / floor[i] for i in intact) / len(intact)
+    assert f"divides is {ratio:.1f}× its no-signal floor in `rope`" in text
+    # asked for other options, the study analyses again rather than reuse and mislabel
+    again = posleak("study", out, "--out", tmp_path / "again", "--seqs", "12")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "12 held-out sequences per analysis" in (tmp_path / "again/report.md").read_text()
+    made = [json.loads(p.read_text()) for p in out.glob("*/analysis*/analysis.json")]
+    assert len(made) > 10 and {m["seqs"] for m in made} == {12}
+
+
+def test_emergence_is_shown_for_the_first_seed_that_ends_with_a_sink():
+    def run(seed, sink_heads):
+        return {"seed": seed, "headline": {"knockout_sink_heads": sink_heads}}
+
+    assert emergence_seed([run(0, 0), run(1, 2.0), run(2, 1.0)])["seed"] == 1
+    assert emergence_seed([run(0, 0), run(1, None)])["seed"] == 0  # none: the first seed
+    flickering = {0: {0: 0.0, 50: 0.0}, 3: {0: 0.0, 50: 1.0, 100: 0.0, 150: 1.0, 200: 1.0}}
+    assert persistence(flickering) == (
+        "From its first checkpoint with a sink: seed 0 has none at any checkpoint; "
+        "seed 3 has one at 3 of the 4 checkpoints from step 50 on."
+    )
