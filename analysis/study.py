@@ -163,7 +163,9 @@ class Verdicts:
         return table(["contrast", f"difference from {against}, 95% t-interval"], rows)
 
     def words(self, label: str) -> str:
-        """The verdict on one contrast: a finding and its sign, or not detected with its MDE."""
+        """The verdict on one contrast: a finding and its sign; a contrast whose own interval
+        excludes 0 but that Holm's correction leaves above 0.05, said as such; or not detected,
+        with its MDE."""
         i = next(k for k, (name, _, _) in enumerate(self.cells) if name == label)
         d = self.diffs[i]
         if d is None:
@@ -174,6 +176,11 @@ class Verdicts:
         if self.adjusted[i] < 0.05:
             return f"**{'higher' if d.mean > 0 else 'lower'}**, {interval}"
         mde = number(minimum_detectable(d.sd, d.n), 2)
+        if d.p < 0.05:
+            return (
+                f"not a finding after Holm correction (p {number(d.p, 2)}, Holm "
+                f"{number(self.adjusted[i], 2)}), {interval}, though alone its interval excludes 0"
+            )
         return f"not detected at this scale, {interval} (smallest detectable: {mde})"
 
     @property
@@ -198,6 +205,7 @@ def claim_a(study: Study, out: Path) -> tuple[list[str], Verdicts | None]:
     k = study.opts.early_queries
     numbers = {
         "window": (f"C_res at i ≥ {w}, window's pairs", headline("c_res_window")),
+        "floor": ("its no-signal floor", headline("c_res_window_floor")),
         "share": (f"abs_share at i ≥ {w}", headline("abs_share_window")),
         "tail": (f"probe R² at positions ≥ {w} (last layer)", headline("probe_tail_r2_log_last")),
         "early": (f"C_res at i < {k} (v3, all keys)", headline("c_res_early_v3_all")),

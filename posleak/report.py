@@ -205,4 +205,7 @@ def difference_cell(d: PairedDifference | None, holm_p: float | None) -> str:
         text += f", sign-flip p {number(sign_flip_p(list(d.diffs)), 2)}"
     if holm_p < 0.05:
         return text + " **finding**"
-    return text + f"; not detected (MDE {number(minimum_detectable(d.sd, d.n), 2)})"
+    mde = number(minimum_detectable(d.sd, d.n), 2)
+    if d.p < 0.05:  # its own interval excludes 0; the family's correction decides
+        return text + f"; not a finding after Holm, though its interval excludes 0 (MDE {mde})"
+    return text + f"; not detected (MDE {mde})"

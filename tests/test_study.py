@@ -80,9 +80,13 @@ def test_study_small_runs_end_to_end_at_a_tiny_budget(tmp_path):
         if "`learned`" in label:  # the positive control has one seed
             assert cell.endswith("(n=1 < 3: no test)"), cell
             continue
-        assert "**finding**" in cell or "not detected (MDE" in cell, cell
+        assert any(v in cell for v in ("**finding**", "not detected (MDE", "after Holm")), cell
         assert "sign-flip p" in cell and "Holm" in cell, cell
     assert "queries 16–31 only" in text  # the window contrast reads where w = 16 binds
+    rope = [json.loads(p.read_text())["headline"] for p in out.glob("rope-s*/analysis/*.json")]
+    floor = level(dict(enumerate(h["c_res_window_floor"] for h in rope)))
+    assert f"| rope | {level(dict(enumerate(h['c_res_window'] for h in rope)))} | {floor} |" in text
+    assert "| intact C_res, keys j ≥ 1 |" in text and "its no-signal floor in `rope`" in text
     assert not (tmp_path / "report" / "comparison").exists()  # the comparison is compare's
     assert (tmp_path / "report" / "emergence.png").exists()
     steps = sorted(p.name for p in (out).glob("rope-s0-*/analysis-step*"))
@@ -113,7 +117,11 @@ def test_verdicts_are_one_holm_family_and_say_what_each_test_found():
     marginal = {0: 1.5, 1: 2.4, 2: 3.6}  # p = 0.013: below 0.05, above 0.05 / 4
     alone = Verdicts([("m", marginal, ref)])
     family = Verdicts([(str(k), marginal, ref) for k in range(4)])
-    assert alone.words("m").startswith("**") and family.words("0").startswith("not detected")
+    assert alone.words("m").startswith("**")
+    assert family.words("0").startswith("not a finding after Holm correction (p 0.013, Holm 0.05")
+    assert "interval excludes 0" in family.words("0")
+    cell = family.table("0")[2]  # the first contrast's row
+    assert "not a finding after Holm, though its interval excludes 0" in cell
 
 
 def test_the_depth_slope_reads_layers_from_one_on():
