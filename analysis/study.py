@@ -175,12 +175,12 @@ class Verdicts:
         interval = f"{number(d.mean, 3)} [{number(d.lo, 3)}, {number(d.hi, 3)}]"
         if self.adjusted[i] < 0.05:
             return f"**{'higher' if d.mean > 0 else 'lower'}**, {interval}"
-        mde = number(minimum_detectable(d.sd, d.n), 2)
         if d.p < 0.05:
             return (
                 f"not a finding after Holm correction (p {number(d.p, 2)}, Holm "
                 f"{number(self.adjusted[i], 2)}), {interval}, though alone its interval excludes 0"
             )
+        mde = number(minimum_detectable(d.sd, d.n), 2)
         return f"not detected at this scale, {interval} (smallest detectable: {mde})"
 
     @property
