@@ -13,7 +13,7 @@ import sys
 import traceback
 
 from posleak import version
-from posleak.analysis.options import Options  # no torch: --help stays instant
+from posleak.analysis.engine.options import Options  # no torch: --help stays instant
 from posleak.log import show
 
 

@@ -131,9 +131,9 @@ def sweep(args: argparse.Namespace) -> int:
 
 
 def analyze(args: argparse.Namespace) -> int:
-    from posleak.analysis.analyze import analyze as analyze_target
-    from posleak.analysis.analyze import default_out
-    from posleak.analysis.options import Options
+    from posleak.analysis.engine.analyze import analyze as analyze_target
+    from posleak.analysis.engine.analyze import default_out
+    from posleak.analysis.engine.options import Options
 
     opts = Options(
         seqs=args.seqs,
@@ -169,8 +169,8 @@ def analyze(args: argparse.Namespace) -> int:
 
 
 def compare(args: argparse.Namespace) -> int:
-    from posleak.analysis import compare as comparison
-    from posleak.analysis.options import Options
+    from posleak.analysis.engine.options import Options
+    from posleak.analysis.reports import compare as comparison
 
     runs = comparison.find_runs(args.paths)
     opts = Options(seqs=args.seqs, contrast_window=comparison.contrast_window_of(runs))
@@ -184,8 +184,8 @@ def compare(args: argparse.Namespace) -> int:
 
 
 def study(args: argparse.Namespace) -> int:
-    from posleak.analysis import sink_study
-    from posleak.analysis import study as studies
+    from posleak.analysis.reports import sink_study
+    from posleak.analysis.reports import study as studies
 
     found = studies.Study(Path(args.sweep), args.seqs)
     kind = sink_study if sink_study.is_sink_sweep(found) else studies
@@ -197,8 +197,8 @@ def study(args: argparse.Namespace) -> int:
 def pretrained_study(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from posleak.analysis import pretrained_study as study
-    from posleak.analysis.options import Options
+    from posleak.analysis.engine.options import Options
+    from posleak.analysis.reports import pretrained_study as study
 
     base, work = Options(seqs=args.seqs, seq_len=args.seq_len), Path(args.work)
     for model in args.models:

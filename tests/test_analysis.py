@@ -13,15 +13,16 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_overrides
 
-from posleak.analysis import measures, probe
-from posleak.analysis.analyze import Options, analysis_of, analyze
-from posleak.analysis.collect import collect, keep
-from posleak.analysis.compare import find_runs, load_groups, write_report
-from posleak.analysis.folder import AnalysisDir
-from posleak.analysis.records import FIELDS, read
-from posleak.analysis.stages import stage
+from posleak.analysis.engine.analyze import Options, analysis_of, analyze
+from posleak.analysis.engine.collect import collect, keep
+from posleak.analysis.engine.folder import AnalysisDir
+from posleak.analysis.engine.records import FIELDS, read
+from posleak.analysis.maths import measures, probe
+from posleak.analysis.reports.compare import find_runs, load_groups, write_report
+from posleak.analysis.stages import NUMBERS, sites, stage
 from posleak.analysis.stages.bos_swap import replacement
 from posleak.analysis.stages.knockout import knock_out
+from posleak.analysis.stages.knockout_loss import EXCESS
 from posleak.model import Decoder, ModelConfig
 from posleak.model.rope import apply_rope, ntk_base, rope_tables
 from posleak.train.config import build
@@ -119,10 +120,11 @@ def test_fingerprints_are_exactly_zero_with_bos_and_positive_without(runs):
     def values(metric, condition):
         return [r["value"] for r in rows if r["metric"] == metric and r["condition"] == condition]
 
-    assert values("fingerprint_dispersion", "bos") == [0.0] * 3
-    assert values("fingerprint_value_dispersion", "bos") == [0.0] * 4  # W_O v_0 per head
-    assert all(v > 0.01 for v in values("fingerprint_dispersion", "nobos"))
-    assert all(v > 0 for v in values("fingerprint_head_dispersion", "bos"))  # the gain varies
+    bos, nobos = {"bos": "always"}, {"bos": "never"}
+    assert values("fingerprint_dispersion", bos) == [0.0] * 3
+    assert values("fingerprint_value_dispersion", bos) == [0.0] * 4  # W_O v_0 per head
+    assert all(v > 0.01 for v in values("fingerprint_dispersion", nobos))
+    assert all(v > 0 for v in values("fingerprint_head_dispersion", bos))  # the gain varies
 
 
 def test_bos_replacements_change_only_position_zero_and_follow_their_definitions(runs):
@@ -175,12 +177,12 @@ def test_key0_knockout_leaves_upstream_layers_exactly_untouched(runs):
     stage("probes").run(analysis, ctx)
     knock_out(analysis, ctx, 1)
     removed = {
-        (r["layer"], r["condition"]): r["value"]
+        (r["layer"], r["condition"]["k"]): r["value"]
         for r in analysis.rec.rows
-        if r["metric"] == "knockout_removed"
+        if r["metric"] == "knockout_removed" and r["condition"]["layer"] == 1
     }
-    assert removed[(0, "layer=1,k=all")] == 0.0  # layer 0 runs before the knockout
-    assert removed[(1, "layer=1,k=all")] == 0.0  # its own logits precede its pattern
+    assert removed[(0, "all")] == 0.0  # layer 0 runs before the knockout
+    assert removed[(1, "all")] == 0.0  # its own logits precede its pattern
     probe_rows = [r for r in analysis.rec.rows if r["metric"] == "knockout_probe_r2_log"]
     original = {r["layer"]: r["value"] for r in analysis.rec.rows if r["metric"] == "probe_r2_log"}
     assert [r["value"] for r in probe_rows][:2] == pytest.approx([original[0], original[1]])
@@ -195,74 +197,29 @@ def test_shift_test_is_zero_for_a_rope_layer_that_reads_only_relative_offsets():
     p = {}
     for name, toks in (("near", content), ("far", far)):
         p[name] = collect(model, toks, {"blocks.0.attn.pattern": keep})["blocks.0.attn.pattern"]
-    from posleak.analysis.measures import shift_distances
+    from posleak.analysis.maths.measures import shift_distances
 
     assert shift_distances(p["near"], p["far"], 1, 1 + delta, n).max() < 1e-3
 
 
-METRIC_NAMES = {
-    "probe_r2",
-    "probe_r2_log",
-    "probe_mae",
-    "probe_mae_log",
-    "probe_mae_mean",
-    "probe_mae_uniform",
-    "probe_lambda",
-    "probe_lambda_log",
-    "c_res",
-    "c_res_signal",
-    "c_res_key0",
-    "c_res_rest",
-    "c_res_early_signed",
-    "c_res_early_v3",
-    "c_res_early_floor",
-    "c_res_local_signed",
-    "c_res_local_v3",
-    "c_res_local_floor",
-    "c_res_deep",
-    "c_res_deep_floor",
-    "bos_swap_removed_v3",
-    "bos_swap_loss_change",
-    "knockout_removed_v3",
-    "route2_removed",
-    "route2_removed_c_mask",
-    "route2_removed_v3",
-    "route2_probe_r2_log",
-    "route2_probe_refit_r2_log",
-    "top_head_lift",
-    "abs_share",
-    "c_mask",
-    "g_rel",
-    "c_content",
-    "sink_alpha0",
-    "sink_alpha0_uniform",
-    "sink_lift",
-    "sink_rate",
-    "sink_rate_lifted",
-    "a0_early",
-    "massive_ratio",
-    "massive_top",
-    "value_drain",
-    "fingerprint_dispersion",
-    "fingerprint_cosine",
-    "fingerprint_value_dispersion",
-    "fingerprint_head_dispersion",
-    "bos_swap_removed",
-    "bos_swap_removed_c_mask",
-    "bos_swap_probe_r2_log",
-    "knockout_removed",
-    "knockout_removed_c_mask",
-    "knockout_probe_r2_log",
-    "knockout_probe_refit_r2_log",
-    "bos_swap_probe_refit_r2_log",
-    "knockout_loss_change",
-    "knockout_loss_change_by_query",
-    "knockout_sink_heads",
-    "shift_js",
-    "loss_by_position",
-    "loss_mean",
-    "loss_beyond_train",
+# what a full-attention RoPE run without a sink logit, without --ntk-scales and without a
+# window to contrast cannot write (sink_gain: only heads above the sink threshold)
+NOT_WRITTEN_HERE = {
+    "abs_share_window",
+    "c_res_window",
+    "c_res_window_floor",
+    "c_res_window_hybrid_diff",
+    "c_res_window_signed",
+    "c_res_window_type",
+    "probe_tail_r2_log",
+    "ntk_loss_change",
+    "ntk_probe_r2_log",
+    "ntk_probe_refit_r2_log",
+    "ntk_removed_v3",
+    "sink_gain",
+    "sink_virtual_mass",
 }
+METRIC_NAMES = set(sites()) - NOT_WRITTEN_HERE  # derived from the stages' declarations
 
 
 def test_analyze_writes_tidy_v3_records_summary_and_figures(runs):
@@ -287,14 +244,16 @@ def test_analyze_writes_tidy_v3_records_summary_and_figures(runs):
     shutil.rmtree(moved.parent)
     probe_rows = [r for r in rows if r["metric"] == "probe_r2_log"]
     assert all(r["lo"] <= r["value"] <= r["hi"] for r in probe_rows)
-    lengths = {r["condition"] for r in rows if r["metric"] == "loss_mean"}
-    assert {"len=32", "len=256", "len=256,ntk=8"} <= lengths
+    lengths = {
+        (r["condition"]["len"], r["condition"]["ntk"]) for r in rows if r["metric"] == "loss_mean"
+    }
+    assert {(32, "none"), (256, "none"), (256, "length ratio")} <= lengths
 
 
 def test_the_usage_reference_documents_every_metric_name():
     reference = (ROOT / "docs" / "usage.md").read_text()
     documented = set(re.findall(r"^\| `([a-z0-9_]+)` \|", reference, flags=re.M))
-    assert METRIC_NAMES | {"sink_gain"} <= documented
+    assert set(sites()) <= documented
 
 
 def test_compare_pairs_by_seed_and_says_when_there_are_too_few_seeds(runs, tmp_path):
@@ -338,7 +297,7 @@ def test_rope_scale_applies_ntk_scaling_at_analysis_time_on_longer_inputs(runs):
 
 
 def test_records_say_which_layer_count_they_use_and_load_as_a_dataframe(runs):
-    from posleak.analysis.records import load_records
+    from posleak.analysis.engine.records import load_records
 
     for run in ("nope-s0", "rope-s1"):
         if not (runs / run / "analysis" / "records.jsonl").exists():
@@ -389,7 +348,7 @@ def test_html_report_is_self_contained_and_every_figure_loads_in_a_browser(runs,
 
 
 def test_level_table_gives_a_t_interval_of_each_mean():
-    from posleak.analysis.compare import level_table
+    from posleak.analysis.reports.compare import level_table
 
     def run(seed, loss):
         return {"seed": seed, "headline": {"val_loss": loss}}
@@ -410,12 +369,15 @@ def test_report_labels_follow_the_options_the_analysis_was_made_with(runs, tmp_p
     assert "C_res² removed by BOS→mean, i < 8" in text and "BOS→token" not in text
     assert "sink rate, α₀ > 0.2" in text and "A_i0 at i < 8" in text
     assert "i < 16" not in text and "α₀ > 0.3" not in text
+    layers = summaries["rope"][0]["per_layer"]
+    assert "bos_swap_removed_mean_k8" in layers and "bos_swap_removed_mean_k16" not in layers
     headline = summaries["rope"][0]["headline"]
-    assert "bos_swap_removed_mean_k8" in headline and "bos_swap_removed_mean_k16" not in headline
+    assert NUMBERS["bos_swap_removed"].key(swap="zeros") in headline
+    assert NUMBERS["bos_swap_removed"].key(swap="token") not in headline
 
 
 def test_every_recorded_metric_is_declared_by_exactly_one_stage(runs):
-    from posleak.analysis.records import Recorder
+    from posleak.analysis.engine.records import Recorder
     from posleak.analysis.stages import sites
 
     declared = sites()
@@ -474,16 +436,18 @@ def test_knockouts_report_a_bounded_refit_beside_the_transfer_and_run_their_cont
     def values(metric, condition):
         return [r["value"] for r in rows if r["metric"] == metric and r["condition"] == condition]
 
-    for label in ("layer=all", "layer=all,key=1", "layer=all,key=random"):
+    for key in (0, 1, "random"):
+        label = {"layer": "all", "key": key}
         refit, transfer = (
             values("knockout_probe_refit_r2_log", label),
             values("knockout_probe_r2_log", label),
         )
         assert len(refit) == len(transfer) == 3 and all(r <= 1 for r in refit)
-        assert values("knockout_removed", label + ",k=all")
+        assert values("knockout_removed", {**label, "k": "all"})
+    every = {"layer": "all", "key": 0}
     assert (
-        values("knockout_probe_refit_r2_log", "layer=all")[-1]
-        >= values("knockout_probe_r2_log", "layer=all")[-1]
+        values("knockout_probe_refit_r2_log", every)[-1]
+        >= values("knockout_probe_r2_log", every)[-1]
     )
 
 
@@ -499,7 +463,7 @@ def test_the_window_contrast_reads_beyond_w_and_a_full_model_takes_its_comparato
     metrics = [r["metric"] for r in rows]
     assert metrics.count("c_res_window_signed") == 2 and metrics.count("c_res_window") == 1
     assert metrics.count("probe_tail_r2_log") == 3  # every residual site
-    assert {r["condition"] for r in rows} == {"w=8"}
+    assert all(r["condition"] in ({"w": 8}, {"w": 8, "layers": "global"}) for r in rows)
     assert all(r["value"] <= 1 for r in rows if r["metric"] == "probe_tail_r2_log")
     assert Options(contrast_window=31).problems(32) and not Options(contrast_window=30).problems(32)
 
@@ -511,15 +475,16 @@ def test_route2_and_head_interventions_run_on_the_top_heads_by_lift(runs):
     stage("route-2 and head knockouts").run(analysis, ctx)
     rows = analysis.rec.rows
     refit = [r for r in rows if r["metric"] == "route2_probe_refit_r2_log"]
-    labels = sorted({r["condition"] for r in refit})
-    assert len(labels) == 1 + 2 * 2 and "route2,heads=all" in labels
+    labels = {json.dumps(r["condition"], sort_keys=True) for r in refit}
+    assert len(labels) == 1 + 2 * 2
+    assert json.dumps({"heads": "all", "rule": "route2"}) in labels
     assert all(r["value"] <= 1 for r in refit) and len(refit) == 5 * 3
     lifts = [r["value"] for r in rows if r["metric"] == "top_head_lift"]
     assert len(lifts) == 2 and lifts[0] >= lifts[1]
 
 
 def test_the_difference_table_is_one_holm_family_and_names_the_mde_of_every_null():
-    from posleak.analysis.compare import difference_table
+    from posleak.analysis.reports.compare import difference_table
     from posleak.report import paired_difference
 
     seeds = range(8)
@@ -547,7 +512,7 @@ def planted_sink_subject(gain: float, T: int = 24, n: int = 16):
     BOS high: A_i0 = e^{s_i} / (e^{s_i} + i) and the head adds A_i0 * gain * n_0 e_4, in
     closed form (no MLP). Returns the subject and the closed-form mean loss change of each
     knockout rule, over all targets and over the targets the planted copy mask marks."""
-    from posleak.analysis.collect import Subject
+    from posleak.analysis.engine.collect import Subject
 
     V, d, bos = 13, 8, 10
     model = Decoder(ModelConfig(vocab_size=V, n_layer=1, n_head=1, d_model=d, position="nope"))
@@ -623,9 +588,12 @@ def planted_sink_subject(gain: float, T: int = 24, n: int = 16):
     return subject, expected
 
 
+KEY_OF = {"key=0": 0, "key=1": 1, "key=random": "random"}  # the closed form's labels
+
+
 @pytest.mark.parametrize("gain", [0.0, 4.0])
 def test_knockout_loss_recovers_a_planted_sinks_closed_form_and_zero_without_one(gain):
-    from posleak.analysis.analyze import Analysis
+    from posleak.analysis.engine.analyze import Analysis
 
     subject, expected = planted_sink_subject(gain)
     analysis = Analysis(subject, dataclasses.replace(SMALL, seqs=16))
@@ -633,32 +601,34 @@ def test_knockout_loss_recovers_a_planted_sinks_closed_form_and_zero_without_one
     stage("probes").run(analysis, ctx)
     stage("key-0 knockout").run(analysis, ctx)  # its every-layer passes carry the losses
     stage("knockout loss").run(analysis, ctx)
-    got = {r["condition"]: r for r in analysis.rec.rows if r["metric"] == "knockout_loss_change"}
+    got = {
+        tuple(r["condition"][f] for f in ("key", "heads", "targets")): r
+        for r in analysis.rec.rows
+        if r["metric"] == "knockout_loss_change"
+    }
     (heads,) = [r["value"] for r in analysis.rec.rows if r["metric"] == "knockout_sink_heads"]
     assert heads == 1  # the planted head is a sink: alpha_0 > 0.3 and lambda_0 >= 5
     for (label, group), value in expected.items():
-        row = got[f"{label},targets={group}"]
+        row = got[KEY_OF[label], "all", group]
         assert row["value"] == pytest.approx(value, abs=2e-5)
         if gain == 0:
             assert value == 0 and abs(row["value"]) < 1e-6  # no value to remove: no change
     if gain:
         assert expected["key=0", "all"] > 0.01  # the planted effect is clear...
-        row = got["key=0,targets=all"]
+        row = got[0, "all", "all"]
         assert row["lo"] > 0  # ...and its interval excludes 0
-        excess = got["excess,targets=all"]["value"]
+        excess = got[EXCESS, "all", "all"]["value"]
         assert excess == pytest.approx(
             expected["key=0", "all"] - expected["key=random", "all"], abs=2e-5
         )
     # one layer, one head: the sink-head knockout is the every-layer one
-    assert got["key=0,heads=sinks,targets=all"]["value"] == pytest.approx(
-        got["key=0,targets=all"]["value"], abs=1e-9
-    )
+    assert got[0, "sinks", "all"]["value"] == pytest.approx(got[0, "all", "all"]["value"], abs=1e-9)
 
 
 def test_analysis_progress_names_each_stage_with_an_eta_from_its_planned_work(caplog):
     import logging
 
-    from posleak.analysis.progress import Progress
+    from posleak.analysis.engine.progress import Progress
 
     progress = Progress({"base pass": 100, "probes": 300}, every=0.0, bar=False)
     with caplog.at_level(logging.INFO, logger="posleak"):
@@ -695,16 +665,17 @@ def test_knockout_headline_is_none_where_a_knocked_probe_is_undefined():
         "knockout_probe_refit_r2_log": {},
         "knockout_probe_refit_r2_log_key1": {},
     }
-    assert stage("key-0 knockout").headline([], layers, SMALL)["knockout_probe_r2_log_drop"] is None
+    drop = NUMBERS["knockout_probe_r2_log_drop"]
+    assert drop.value([], layers, SMALL, {}) is None
     layers["knockout_probe_r2_log"][1] = 0.4
-    drop = stage("key-0 knockout").headline([], layers, SMALL)["knockout_probe_r2_log_drop"]
+    drop = drop.value([], layers, SMALL, {})
     assert drop == pytest.approx(0.5)
 
 
 def test_the_shared_pass_gives_the_loss_of_the_models_own_logits():
     """stream(..., targets): the loss comes from the final states through the output
     projection in token slices; it equals cross-entropy of the full forward's logits."""
-    from posleak.analysis.collect import stream, token_losses
+    from posleak.analysis.engine.collect import stream, token_losses
 
     model = tiny_model(position="rope", n_layer=2).eval()
     tokens = torch.randint(0, 23, (5, 17), generator=torch.Generator().manual_seed(4))
@@ -741,18 +712,19 @@ def test_ntk_at_inference_is_read_against_the_base_pass_on_the_same_sequences(ru
         model.set_rope_scale(1.0)
         return F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).item()
 
-    rows = {(r["metric"], r["condition"]): r for r in analysis.rec.rows}
-    change = rows["ntk_loss_change", "s=4,queries=all"]
+    rows = {(r["metric"], json.dumps(r["condition"], sort_keys=True)): r for r in analysis.rec.rows}
+    change = rows["ntk_loss_change", json.dumps({"queries": "all", "s": 4.0})]
     assert change["value"] == pytest.approx(mean_loss(4.0) - mean_loss(1.0), abs=1e-5)
     assert abs(change["value"]) > 3e-4 and change["lo"] <= change["value"] <= change["hi"]
-    none = rows["ntk_loss_change", "s=1,queries=all"]
+    none = rows["ntk_loss_change", json.dumps({"queries": "all", "s": 1 + 1e-12})]
     assert abs(none["value"]) < 1e-9
-    removed = [r for (m, c), r in rows.items() if m == "ntk_removed_v3" and c.startswith("s=1,")]
+    tiny = json.dumps(1 + 1e-12)
+    removed = [r for (m, c), r in rows.items() if m == "ntk_removed_v3" and f'"s": {tiny}' in c]
     assert removed and all(abs(r["value"]) < 1e-6 for r in removed)
     refit = [
         r
         for r in analysis.rec.rows
-        if r["metric"] == "ntk_probe_refit_r2_log" and r["condition"] == "s=4"
+        if r["metric"] == "ntk_probe_refit_r2_log" and r["condition"] == {"s": 4.0}
     ]
     assert len(refit) == 1 + analysis.L and all(r["value"] <= 1 for r in refit)  # every site
     nope = analysis_of(runs / "nope-s0", opts)

@@ -81,7 +81,7 @@ def test_a_gguf_export_reads_back_as_its_weights_quantised_by_the_gguf_package(t
     reader, as a pretrained subject) to posleak's own logits and byte ids; at Q4_0 to the
     logits of posleak's model whose matrices went through gguf.quants by hand."""
     gguf = pytest.importorskip("gguf", reason="the hf extra is not installed")
-    from posleak.analysis.analyze import Options, analysis_of
+    from posleak.analysis.engine.analyze import Options, analysis_of
 
     run = tmp_path / "run"
     overrides = tiny_overrides(data__source="bible", model__position="rope_ntk")

@@ -14,8 +14,8 @@ import torch
 transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
 gguf = pytest.importorskip("gguf", reason="the hf extra is not installed")
 
-from posleak.analysis import gguf as gguf_files  # noqa: E402
-from posleak.analysis.analyze import Options, analysis_of, analyze  # noqa: E402
+from posleak.analysis.engine.analyze import Options, analysis_of, analyze  # noqa: E402
+from posleak.analysis.pretrained import gguf as gguf_files  # noqa: E402
 from posleak.cli import main  # noqa: E402
 
 

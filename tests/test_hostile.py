@@ -860,11 +860,11 @@ def test_a_failed_train_keeps_the_users_own_empty_folder(tmp_path, capsys):
 def test_analyze_into_a_read_only_folder_fails_before_any_work(
     trained, tmp_path, capsys, monkeypatch
 ):
-    import posleak.analysis.folder as folder
+    import posleak.analysis.engine.folder as folder
 
     monkeypatch.setattr(folder.os, "access", lambda path, mode: False)
     monkeypatch.setattr(
-        "posleak.analysis.analyze.analysis_of", lambda *a: pytest.fail("work started")
+        "posleak.analysis.engine.analyze.analysis_of", lambda *a: pytest.fail("work started")
     )
     one_line_error(capsys, "analyze", trained, "--out", tmp_path / "ro", match="read-only")
 

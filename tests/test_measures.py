@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from posleak.analysis import measures, probe
-from posleak.analysis.collect import LogitSums
-from posleak.analysis.logits import early_sum, logit_stats, pooled
-from posleak.analysis.stats import bootstrap_weights
+from posleak.analysis.engine.collect import LogitSums
+from posleak.analysis.maths import measures, probe
+from posleak.analysis.maths.logits import early_sum, logit_stats, pooled
+from posleak.analysis.maths.stats import bootstrap_weights
 from posleak.model.masks import attention_mask
 from posleak.report import paired_difference, t_quantile_975
 
@@ -337,7 +337,7 @@ def test_t_quantiles_table_and_expansion_agree_where_they_meet():
 def test_figures_switch_to_a_log_axis_only_when_positive_values_span_decades():
     import matplotlib.pyplot as plt
 
-    from posleak.analysis.plots import log_if_decades
+    from posleak.analysis.reports.plots import log_if_decades
 
     for ys, expected in (
         ([0.01, 1.0, 5.0], "log"),
@@ -532,7 +532,7 @@ def test_the_local_fit_gives_identical_early_statistics_at_T_and_at_4T():
     """The same prefixes analysed at T and at 4T: a causal model computes the same logits at
     queries i < T, so the fit on i < K_fit gives the same early-query numbers (version 2's
     fit over every query does not: queries it never compared with move its reference)."""
-    from posleak.analysis.logits import parts
+    from posleak.analysis.maths.logits import parts
 
     T, H, k_fit = 64, 2, 32
     gen = torch.Generator().manual_seed(8)

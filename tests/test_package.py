@@ -14,7 +14,7 @@ PROBE = """
 import sys
 sys.path[:0] = [{target!r}]
 sys.path.append({site!r})  # torch and numpy, without the .pth files of the checkout's install
-import posleak, posleak.model, posleak.data, posleak.train.loop, posleak.analysis.compare
+import posleak, posleak.model, posleak.data, posleak.train.loop, posleak.analysis.reports.compare
 import posleak.cli
 import torch
 assert posleak.__file__.startswith({target!r}), posleak.__file__

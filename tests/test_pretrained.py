@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import tiny_overrides
 
-from posleak.analysis.analyze import Options, analysis_of, analyze
-from posleak.analysis.collect import collect
+from posleak.analysis.engine.analyze import Options, analysis_of, analyze
+from posleak.analysis.engine.collect import collect
 from posleak.analysis.stages import stage
 from posleak.cli import main
 from posleak.model.rope import ntk_base
@@ -24,7 +24,7 @@ from posleak.train.loop import train
 from posleak.train.rundir import RunDir
 
 transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
-from posleak.analysis import pretrained  # noqa: E402  (needs transformers)
+from posleak.analysis.pretrained import models as pretrained  # noqa: E402  (needs transformers)
 
 COMMON = dict(
     vocab_size=259,
@@ -149,7 +149,7 @@ def test_a_hybrid_model_is_analysed_with_each_layers_own_window(models):
     uniform = {
         r["layer"]: r["value"] for r in analysis.rec.rows if r["metric"] == "sink_alpha0_uniform"
     }
-    from posleak.analysis.measures import uniform_alpha
+    from posleak.analysis.maths.measures import uniform_alpha
 
     assert uniform == {0: uniform_alpha(24, 6), 1: uniform_alpha(24, None)}
 
@@ -210,8 +210,8 @@ def test_fingerprint_is_bit_identical_with_a_shared_first_token(models):
             if r["metric"] == "fingerprint_dispersion" and r["condition"] == condition
         ]
 
-    assert values("bos") == [0.0] * 3
-    assert all(v > 0.01 for v in values("nobos"))
+    assert values({"bos": "always"}) == [0.0] * 3
+    assert all(v > 0.01 for v in values({"bos": "never"}))
 
 
 def test_bf16_weights_keep_the_fingerprint_exact_and_the_probe_close(models):
@@ -234,7 +234,7 @@ def test_a_tokenizer_without_bos_is_measured_without_and_cannot_be_asked_for_one
     analysis = analysis_of(f"hf:{models / 'qwen2'}", SMALL)
     assert analysis.bos == "never"
     stage("fingerprint").run(analysis, None)
-    assert {r["condition"] for r in analysis.rec.rows} == {"nobos"}
+    assert all(r["condition"] == {"bos": "never"} for r in analysis.rec.rows)
     with pytest.raises(ValueError, match="no BOS token"):
         analysis.tokens(2, 8, "analysis", "always")
 
@@ -254,7 +254,7 @@ def test_knockout_removes_key_zero_in_the_models_own_forward(models):
 
 
 def pretrained_knockout(pattern, name):
-    from posleak.analysis.measures import knock_out_key0
+    from posleak.analysis.maths.measures import knock_out_key0
 
     return knock_out_key0(pattern)
 
@@ -327,9 +327,10 @@ def test_an_exported_run_analysed_through_transformers_gives_the_runs_numbers(tm
 
     def table(rows):  # extrapolation aside: the run's T0 is its training length, 32
         return {
-            (r["metric"], r["layer"], r["head"], r["query"], r["condition"]): r["value"]
+            (r["metric"], r["layer"], r["head"], r["query"], json.dumps(r["condition"])): r["value"]
             for r in rows
-            if "len=" not in (r["condition"] or "") and r["metric"] != "loss_beyond_train"
+            if "len" not in (r["condition"] or {})
+            and r["metric"] not in ("loss_beyond_train", "val_loss")  # val_loss: training's
         }
 
     a, b = table(native_rows), table(through_rows)
@@ -384,12 +385,14 @@ def test_the_pretrained_study_analyses_each_contrast_once_and_reports_from_the_r
     report = out.read_text()
     rows = [json.loads(line) for line in (work / "hybrid" / "long" / "records.jsonl").open()]
     (diff,) = [r for r in rows if r["metric"] == "c_res_window_hybrid_diff"]
-    assert diff["condition"] == "w=16" and diff["lo"] <= diff["value"] <= diff["hi"]
+    assert diff["condition"] == {"w": 16} and diff["lo"] <= diff["value"] <= diff["hi"]
     assert "Window layers against global layers" in report
     assert f"[{number(diff['lo'], 3)}, {number(diff['hi'], 3)}]" in report
     rows = [json.loads(line) for line in (work / "llama" / "bos-always" / "records.jsonl").open()]
     (ntk4,) = [
-        r for r in rows if r["metric"] == "ntk_loss_change" and r["condition"] == "s=4,queries=all"
+        r
+        for r in rows
+        if r["metric"] == "ntk_loss_change" and r["condition"] == {"s": 4.0, "queries": "all"}
     ]
     assert "| s = 4 |" in report and number(ntk4["value"], 3) in report
     assert "## Quantisation" in report and "Q4_0 − F32" in report

@@ -8,8 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from posleak.analysis.sink_study import emergence_seed, persistence
-from posleak.analysis.study import Verdicts, layer_slope, level
+from posleak.analysis.reports.sink_study import emergence_seed, persistence
+from posleak.analysis.reports.study import Verdicts, layer_slope, level
+from posleak.analysis.stages import NUMBERS
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = """
@@ -125,14 +126,16 @@ def test_verdicts_are_one_holm_family_and_say_what_each_test_found():
 
 
 def test_the_depth_slope_reads_layers_from_one_on():
-    def row(layer, value, condition="w=8"):
+    def row(layer, value, condition=None):
+        condition = condition or {"w": 8}
         return {"metric": "c_res_window_signed", "layer": layer, "head": None,
                 "condition": condition, "value": value}  # fmt: skip
 
-    rows = [row(0, 99.0), row(1, 1.0), row(2, 3.0), row(3, 5.0), row(2, 50.0, "w=4")]
-    assert layer_slope(rows, "c_res_window_signed", "w=8") == 2.0  # layer 0 left out
-    assert math.isclose(layer_slope([row(1, 1.0), row(2, 1.0)], "c_res_window_signed", "w=8"), 0)
-    assert layer_slope([row(0, 1.0), row(1, 2.0)], "c_res_window_signed", "w=8") is None
+    rows = [row(0, 99.0), row(1, 1.0), row(2, 3.0), row(3, 5.0), row(2, 50.0, {"w": 4})]
+    w8 = {"w": 8}
+    assert layer_slope(rows, "c_res_window_signed", w8) == 2.0  # layer 0 left out
+    assert math.isclose(layer_slope([row(1, 1.0), row(2, 1.0)], "c_res_window_signed", w8), 0)
+    assert layer_slope([row(0, 1.0), row(1, 2.0)], "c_res_window_signed", w8) is None
     assert level({0: 0.10, 1: 0.11, 2: 0.12}, percent=True) == "11% [9%, 13%] (n=3)"
     assert level({0: 0.5}) == "0.5 (n=1)" and level({}) == "–"
 
@@ -161,8 +164,8 @@ def test_the_sink_study_runs_end_to_end_at_a_tiny_budget(tmp_path):
     assert (tmp_path / "report" / "sink_emergence.png").exists()
     # (b) shows the signal its shares divide: rope's intact content-key C_res beside its floor
     rope = [json.loads(p.read_text())["headline"] for p in out.glob("rope-s*/analysis/*.json")]
-    intact = {i: h["c_res_early_v3_rest"] for i, h in enumerate(rope)}
-    floor = {i: h["c_res_early_v3_floor_rest"] for i, h in enumerate(rope)}
+    intact = {i: h[NUMBERS["c_res_deep"].key(part="rest")] for i, h in enumerate(rope)}
+    floor = {i: h[NUMBERS["c_res_deep_floor"].key(part="rest")] for i, h in enumerate(rope)}
     rows = [r for r in text.splitlines() if r.startswith(("| intact C_res, keys", "| its no-"))]
     assert rows[0].startswith(f"| intact C_res, keys j ≥ 1 | {level(intact)} | ")
     assert rows[1].startswith(f"| its no-signal floor | {level(floor)} | ")

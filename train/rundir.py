@@ -8,7 +8,7 @@
     RUN/train.log             a sweep's log of the run's command
     RUN/wandb_id.txt, wandb/  the wandb run's id and files (log.wandb = true)
     RUN/checkpoints/step_N/   train/checkpoint.py: model folder + optimizer + manifest
-    RUN/analysis/             written by `posleak analyze` (analysis/folder.py)
+    RUN/analysis/             written by `posleak analyze` (analysis/engine/folder.py)
     RUN/.lock, .lock.guard    train/lock.py: one writer at a time
 
 Training writes through this module (atomically, never through a link) and analysis reads

@@ -8,7 +8,12 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from posleak.analysis.stages.base import Context, Section, Stage
+from posleak.analysis.engine.numbers import Catalogue, Reported
+from posleak.analysis.stages.base import RUN, Context, Section, Stage
+
+# what the engine itself records, before any stage: the run's validation loss
+ENGINE_METRICS = {"val_loss": RUN}
+ENGINE_NUMBERS = (Reported("val_loss", "validation loss", unit="nats", fmt=".4f"),)
 
 
 def _discover() -> tuple[Stage, ...]:
@@ -20,11 +25,12 @@ def _discover() -> tuple[Stage, ...]:
 
 
 STAGES = _discover()
+NUMBERS = Catalogue([*ENGINE_NUMBERS, *(n for stage in STAGES for n in stage.numbers)])
 
 
 def sites() -> dict:
     """metric -> site, over every stage (a metric declared twice is a bug)."""
-    out: dict = {}
+    out: dict = dict(ENGINE_METRICS)
     for stage in STAGES:
         for metric, site in stage.metrics.items():
             if metric in out:
@@ -40,4 +46,4 @@ def stage(name: str) -> Stage:
     raise KeyError(f"no stage {name!r}; stages: {[s.name for s in STAGES]}")
 
 
-__all__ = ["STAGES", "Context", "Section", "Stage", "sites", "stage"]
+__all__ = ["NUMBERS", "STAGES", "Context", "Section", "Stage", "sites", "stage"]

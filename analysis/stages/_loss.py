@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from posleak.analysis.stats import percentile_interval
+from posleak.analysis.maths.stats import percentile_interval
 
 
 def target_groups(copy_targets, tokens: torch.Tensor) -> dict:
@@ -17,7 +17,7 @@ def target_groups(copy_targets, tokens: torch.Tensor) -> dict:
     return {"all": everything, "copy": copies, "other": ~copies}
 
 
-def record_change(analysis, metric: str, condition: str, change, mask, weights) -> None:
+def record_change(analysis, metric: str, condition: dict, change, mask, weights) -> None:
     """The mean change over the masked targets, by sequence, with a bootstrap interval over
     sequences (a sequence without such targets counts for nothing)."""
     count = mask.sum(1).double()

@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import torch
 
-from posleak.analysis import measures
-from posleak.analysis.logits import PARTS, early_sum, local_fit, parts, pooled
-from posleak.analysis.stats import percentile_interval
+from posleak.analysis.maths import measures
+from posleak.analysis.maths.logits import PARTS, early_sum, local_fit, parts, pooled
+from posleak.analysis.maths.stats import percentile_interval
 
 
-def record_removal(analysis, prefix: str, label: str, base, other) -> None:
+def record_removal(analysis, prefix: str, label: dict, base, other) -> None:
     """Version 2's removed share per layer (1 - sum C_other(i)^2 / sum C(i)^2 over 1 <= i < k,
     each query clamped; kept for comparison) with a paired bootstrap interval, the same for
     C_mask, and version 3's removed share per part pooled over layers >= 1."""
     add = analysis.rec.add
     for l, (st, ot) in enumerate(zip(base.logits, other.logits, strict=True)):
         for k in (*[k for k in analysis.opts.early_k if k <= analysis.T], None):
-            cond = f"{label},k={k or 'all'}"
+            cond = {**label, "k": k or "all"}
             orig, new = early_sum(pooled(st.signal), k), early_sum(pooled(ot.signal), k)
             boot = 1 - early_sum(pooled(ot.signal_boot), k) / early_sum(pooled(st.signal_boot), k)
             lo, hi = percentile_interval(boot)
@@ -29,7 +29,7 @@ def record_removal(analysis, prefix: str, label: str, base, other) -> None:
     record_removal_v3(analysis, prefix, label, base, other)
 
 
-def record_removal_v3(analysis, prefix: str, label: str, base, other) -> None:
+def record_removal_v3(analysis, prefix: str, label: dict, base, other) -> None:
     """Version 3, items 1-3, of one intervention (see removed_shares), recorded per part with
     its paired bootstrap interval."""
     if analysis.L < 2:
@@ -41,7 +41,7 @@ def record_removal_v3(analysis, prefix: str, label: str, base, other) -> None:
     ]
     for part, (value, boot) in removed_shares(local, k).items():
         lo, hi = percentile_interval(boot)
-        cond = f"{label},part={part}"
+        cond = {**label, "part": part}
         analysis.rec.add(
             f"{prefix}_removed_v3", value, condition=cond, lo=lo, hi=hi, n=analysis.opts.seqs
         )
@@ -70,7 +70,7 @@ def removed_shares(layers: list[tuple], k: int) -> dict:
     return out
 
 
-def record_probes(analysis, prefix: str, label: str, done) -> None:
+def record_probes(analysis, prefix: str, label: dict, done) -> None:
     """Per residual site, the base probe's transfer R^2 on the intervened states
     (`PREFIX_probe_r2_log`) and the R^2 of a probe refit on them (`PREFIX_probe_refit_r2_log`:
     the position information left)."""

@@ -1,9 +1,10 @@
-"""What a measurement declares: the hook points it reads, the metrics it writes (with their
-site), its per-layer curves and headline numbers, its figures and its report section.
+"""What a measurement declares: the metrics it writes (with their site), the numbers it reports
+(analysis/engine/numbers.py), its per-layer curves, its figures and its report section.
 
-The engine (analysis/analyze.py) runs the stages in `order` after one shared base pass;
-summaries (analysis/summary.py), comparisons (analysis/compare.py) and the records' sites loop
-over them, so a new measurement is one module here, its test and its entry in docs/science.md.
+The engine (analysis/engine/analyze.py) runs the stages in `order` after one shared base pass;
+summaries (analysis/engine/summary.py), comparisons (analysis/reports/compare.py) and the
+records' sites loop over them, so a new measurement is one module here, its test and its
+entry in docs/science.md.
 Labels are formatted from the Options the analysis was made with.
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from posleak.analysis.options import Options
+from posleak.analysis.engine.options import Options
 
 RESID, ATTN, RUN = "resid", "attn", None  # what a record's `layer` counts
 
@@ -22,7 +23,7 @@ RESID, ATTN, RUN = "resid", "attn", None  # what a record's `layer` counts
 @dataclass
 class Context:
     """What the stages of one analysis share: the analysed tokens, the base pass over them
-    (analysis/analyze.py: Pass, with the loss of every position), the tokens' next-token
+    (analysis/engine/analyze.py: Pass, with the loss of every position), the tokens' next-token
     targets, once the probe stage has run its fitted probes, and the per-position losses of
     intervened passes by label, for a later stage to reuse rather than run the pass again."""
 
@@ -47,8 +48,8 @@ class Stage:
 
     name: str  # in timings and progress
     order: int  # stages run, and report, in this order
-    reads: tuple[str, ...] = ()  # hook points read (documentation; the engine streams them)
     metrics: dict = field(default_factory=dict)  # metric -> site (RESID, ATTN or RUN)
+    numbers: tuple = ()  # the Reported numbers it measures, one per run each (per condition)
 
     def enabled(self, opts: Options) -> bool:
         return True
@@ -62,16 +63,8 @@ class Stage:
         return 0
 
     def per_layer(self, rows: list[dict], opts: Options) -> dict:
-        """{curve name: {layer: value}} for summary.json."""
+        """{curve name: {layer: value}} for analysis.json and the per-run report."""
         return {}
-
-    def headline(self, rows: list[dict], layers: dict, opts: Options) -> dict:
-        """{key: one number per run} for the comparison tables (None where not measured)."""
-        return {}
-
-    def headlines(self, opts: Options, summaries: dict) -> list[tuple[str, str]]:
-        """(key, label) of the comparison rows, labels formatted from the options."""
-        return []
 
     def figures(self, groups: dict, out: Path, opts: Options) -> dict:
         """{figure key: PNG file name} of the comparison report."""

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import torch
 
-from posleak.analysis import measures, plots
-from posleak.analysis.logits import PARTS
-from posleak.analysis.records import by_layer, removed_over_layers
+from posleak.analysis.engine.numbers import Reported
+from posleak.analysis.engine.records import by_layer, removed_over_layers
+from posleak.analysis.maths import measures
+from posleak.analysis.maths.logits import PARTS
+from posleak.analysis.maths.stats import bootstrap_weights
+from posleak.analysis.reports import plots
 from posleak.analysis.stages._loss import record_change
 from posleak.analysis.stages._removal import record_probes, record_removal
 from posleak.analysis.stages.base import ATTN, RESID, RUN, Section, Stage
-from posleak.analysis.stats import bootstrap_weights
 
 
 class BosSwap(Stage):
@@ -31,7 +33,7 @@ class BosSwap(Stage):
         everywhere = torch.ones_like(base_loss, dtype=torch.bool)
         early = everywhere.clone()
         early[:, k:] = False
-        groups = {"all": everywhere, f"i<{k}": early}
+        groups = {"all": everywhere, "early": early}  # early: queries i < k
         weights = bootstrap_weights(len(base_loss), analysis.opts.bootstrap, seed=7)
         for kind in analysis.opts.swaps:
             vector = replacement(analysis, kind, ctx.tokens)
@@ -44,10 +46,10 @@ class BosSwap(Stage):
             hooks = [("embed", swap)]
             swapped = analysis.measure(ctx.tokens, hooks, fitted=ctx.fitted, targets=ctx.targets)
             for group, mask in groups.items():
-                condition = f"{kind},queries={group}"
+                condition = {"swap": kind, "queries": group}
                 change = swapped.losses - base_loss
                 record_change(analysis, "bos_swap_loss_change", condition, change, mask, weights)
-            record_removal(analysis, "bos_swap", kind, ctx.base, swapped)
+            record_removal(analysis, "bos_swap", {"swap": kind}, ctx.base, swapped)
             for l in range(analysis.L):
                 signal = swapped.logits[l].signal.mean(-2)  # pooled over heads
                 for i in range(analysis.T):
@@ -56,55 +58,18 @@ class BosSwap(Stage):
                         measures.c_res(signal[i]),
                         layer=l,
                         query=i,
-                        condition=f"swap={kind}",
+                        condition={"swap": kind},
                     )
-            record_probes(analysis, "bos_swap", kind, swapped)
+            record_probes(analysis, "bos_swap", {"swap": kind}, swapped)
 
     def per_layer(self, rows, opts) -> dict:
         k = opts.early_queries
         return {
             f"bos_swap_removed_{kind}_k{k}": by_layer(
-                rows, "bos_swap_removed", condition=f"{kind},k={k}"
+                rows, "bos_swap_removed", condition={"swap": kind, "k": k}
             )
             for kind in opts.swaps
         }
-
-    def headline(self, rows, layers, opts) -> dict:
-        k = opts.early_queries
-        out = {
-            f"bos_swap_removed_{kind}_k{k}": removed_over_layers(rows, kind, k)
-            for kind in opts.swaps
-        }
-        v3 = {r["condition"]: r["value"] for r in rows if r["metric"] == "bos_swap_removed_v3"}
-        loss = {r["condition"]: r["value"] for r in rows if r["metric"] == "bos_swap_loss_change"}
-        for kind in opts.swaps:
-            for part in PARTS:
-                out[f"bos_swap_removed_v3_{kind}_{part}"] = v3.get(f"{kind},part={part}")
-            out[f"bos_swap_loss_{kind}"] = loss.get(f"{kind},queries=all")
-            out[f"bos_swap_loss_{kind}_early"] = loss.get(f"{kind},queries=i<{k}")
-        return out
-
-    def headlines(self, opts, summaries) -> list:
-        k = opts.early_queries
-        parts = tuple(zip(PARTS, ("all keys", "key 0", "keys j ≥ 1"), strict=True))
-        return [
-            *(
-                (f"bos_swap_removed_{kind}_k{k}", f"C_res² removed by BOS→{kind}, i < {k} (v2)")
-                for kind in opts.swaps
-            ),
-            *(
-                (
-                    f"bos_swap_removed_v3_{kind}_{part}",
-                    f"removed by BOS→{kind}, {label}, i < {k}, layers ≥ 1 (v3)",
-                )
-                for kind in opts.swaps
-                for part, label in parts
-            ),
-            *(
-                (f"bos_swap_loss_{kind}", f"loss change by BOS→{kind} (nats, every position)")
-                for kind in opts.swaps
-            ),
-        ]
 
     def figures(self, groups, out, opts) -> dict:
         ks = (*opts.early_k, None)
@@ -138,7 +103,6 @@ def replacement(analysis, kind: str, tokens: torch.Tensor) -> torch.Tensor:
 STAGE = BosSwap(
     name="BOS replacements",
     order=40,
-    reads=("embed", "blocks.{l}.attn.scores", "blocks.{l}.resid_post"),
     metrics={
         "bos_swap_removed": ATTN,
         "bos_swap_removed_c_mask": ATTN,
@@ -147,4 +111,27 @@ STAGE = BosSwap(
         "bos_swap_removed_v3": RUN,
         "bos_swap_loss_change": RUN,
     },
+    numbers=(
+        Reported(
+            "bos_swap_removed",
+            "C_res² removed by BOS→{swap}, i < {early_queries} (v2)",
+            unit="share",
+            conditions={"swap": "swaps"},
+            compute=lambda rows, layers, opts, c: removed_over_layers(
+                rows, c["swap"], opts.early_queries
+            ),
+        ),
+        Reported(
+            "bos_swap_removed_v3",
+            "removed by BOS→{swap}, part {part}, i < {early_queries}, layers ≥ 1 (v3)",
+            unit="share",
+            conditions={"swap": "swaps", "part": PARTS},
+        ),
+        Reported(
+            "bos_swap_loss_change",
+            "loss change by BOS→{swap}, queries: {queries}",
+            unit="nats",
+            conditions={"swap": "swaps", "queries": ("all", "early")},
+        ),
+    ),
 )

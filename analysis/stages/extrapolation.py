@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import torch
 
-from posleak.analysis import plots
-from posleak.analysis.collect import token_losses
+from posleak.analysis.engine.collect import token_losses
+from posleak.analysis.engine.numbers import Reported
+from posleak.analysis.reports import plots
 from posleak.analysis.stages.base import RUN, Section, Stage
+
+NTK = ("none", "length ratio")  # NTK at inference: none, or s = the length's multiple
 
 
 class Extrapolation(Stage):
@@ -35,35 +38,13 @@ class Extrapolation(Stage):
             for s in scales:
                 analysis.set_rope_scale(s)
                 losses = loss_by_position(analysis, tokens)
-                cond = f"len={length}" + (f",ntk={s:g}" if s > 1 else "")
+                cond = {"len": length, "multiple": m, "ntk": NTK[s > 1]}
                 for i in range(length):
                     analysis.rec.add("loss_by_position", losses[i], query=i, condition=cond)
                 analysis.rec.add("loss_mean", losses.mean(), condition=cond)
                 beyond = losses[T0:].mean() if m > 1 else None
                 analysis.rec.add("loss_beyond_train", beyond, condition=cond)
         analysis.set_rope_scale(analysis.opts.rope_scale or 1.0)
-
-    def headline(self, rows, layers, opts) -> dict:
-        return {
-            "loss_beyond_" + r["condition"].replace("=", "").replace(",", "_"): r["value"]
-            for r in rows
-            if r["metric"] == "loss_beyond_train" and r["value"] is not None
-        }
-
-    def headlines(self, opts, summaries) -> list:
-        """One row per length (and inference scale) that any of the runs measured."""
-        keys = sorted(
-            {
-                k
-                for items in summaries.values()
-                for s in items
-                for k in s["headline"]
-                if k.startswith("loss_beyond_")
-            },
-            key=lambda k: (len(k), k),
-        )
-        label = "loss beyond T_train at "
-        return [(k, label + k[len("loss_beyond_") :].replace("_", ", ")) for k in keys]
 
     def figures(self, groups, out, opts) -> dict:
         draw = lambda ax: plots.extrapolation_curve(ax, groups)  # noqa: E731
@@ -82,6 +63,17 @@ def loss_by_position(analysis, tokens: torch.Tensor) -> torch.Tensor:
 STAGE = Extrapolation(
     name="length extrapolation",
     order=80,
-    reads=(),
     metrics={"loss_by_position": RUN, "loss_mean": RUN, "loss_beyond_train": RUN},
+    numbers=(
+        Reported(
+            "loss_beyond_train",
+            "loss beyond T_train at {multiple}× T_train, NTK at inference: {ntk}",
+            unit="nats",
+            conditions={
+                "multiple": lambda opts: [m for m in opts.extrapolation if m > 1],
+                "ntk": NTK,
+            },
+            parameters=("len",),
+        ),
+    ),
 )

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import torch
 
-from posleak.analysis import measures, plots
-from posleak.analysis.collect import store, stream
-from posleak.analysis.records import by_layer
+from posleak.analysis.engine.collect import store, stream
+from posleak.analysis.engine.numbers import Reported
+from posleak.analysis.engine.records import by_layer
+from posleak.analysis.maths import measures
+from posleak.analysis.reports import plots
 from posleak.analysis.stages.base import ATTN, RESID, Section, Stage
 
 
@@ -18,7 +20,8 @@ class Fingerprint(Stage):
 
     def run(self, analysis, ctx) -> None:
         i_f = min(analysis.opts.fingerprint_query, analysis.T - 1)
-        for condition, bos in (("bos", "always"), ("nobos", "never")):
+        for name, bos in (("bos", "always"), ("nobos", "never")):
+            condition = {"bos": bos}
             if bos not in analysis.subject.bos_policies:  # a tokenizer without a BOS token
                 continue
             tokens = analysis.tokens(analysis.opts.fingerprint_seqs, analysis.T, "fingerprint", bos)
@@ -46,18 +49,11 @@ class Fingerprint(Stage):
 
     def per_layer(self, rows, opts) -> dict:
         return {
-            f"fingerprint_dispersion_{cond}": by_layer(
-                rows, "fingerprint_dispersion", condition=cond
+            f"fingerprint_dispersion_{name}": by_layer(
+                rows, "fingerprint_dispersion", condition={"bos": bos}
             )
-            for cond in ("bos", "nobos")
+            for name, bos in (("bos", "always"), ("nobos", "never"))
         }
-
-    def headline(self, rows, layers, opts) -> dict:
-        nobos = layers["fingerprint_dispersion_nobos"]
-        return {"fingerprint_nobos_last": nobos[max(nobos)] if nobos else None}
-
-    def headlines(self, opts, summaries) -> list:
-        return [("fingerprint_nobos_last", "x₀ dispersion without BOS (last layer)")]
 
     def figures(self, groups, out, opts) -> dict:
         draw = lambda ax: plots.fingerprint_curve(ax, groups)  # noqa: E731
@@ -90,16 +86,18 @@ def record_heads(analysis, layer, v0, gain, condition, i_f) -> None:
 STAGE = Fingerprint(
     name="fingerprint",
     order=60,
-    reads=(
-        "blocks.0.resid_pre",
-        "blocks.{l}.resid_post",
-        "blocks.{l}.attn.v",
-        "blocks.{l}.attn.pattern",
-    ),
     metrics={
         "fingerprint_dispersion": RESID,
         "fingerprint_cosine": RESID,
         "fingerprint_value_dispersion": ATTN,
         "fingerprint_head_dispersion": ATTN,
     },
+    numbers=(
+        Reported(
+            "fingerprint_nobos_last",
+            "x₀ dispersion without BOS (last layer)",
+            curve="fingerprint_dispersion_nobos",
+            reduce="last",
+        ),
+    ),
 )

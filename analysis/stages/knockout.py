@@ -4,8 +4,11 @@ of C_res and C_mask downstream, and the original probe on the knocked-out states
 
 from __future__ import annotations
 
-from posleak.analysis import measures, plots
-from posleak.analysis.records import by_layer
+from posleak.analysis.engine.numbers import Reported
+from posleak.analysis.engine.records import by_layer
+from posleak.analysis.maths import measures
+from posleak.analysis.maths.logits import PARTS
+from posleak.analysis.reports import plots
 from posleak.analysis.stages._removal import record_probes, record_removal
 from posleak.analysis.stages.base import ATTN, RESID, RUN, Section, Stage
 
@@ -24,56 +27,20 @@ class Knockout(Stage):
             knock_out(analysis, ctx, target)
         keys = measures.random_earlier_keys(analysis.T, analysis.window, analysis.subject.seed)
         controls = {  # version 3, item 8: the same in every layer, but of another key
-            "key=1": lambda pattern, name: measures.knock_out_key(pattern, 1),
-            "key=random": lambda pattern, name: measures.knock_out_equal_mass(pattern, keys),
+            1: lambda pattern, name: measures.knock_out_key(pattern, 1),
+            "random": lambda pattern, name: measures.knock_out_equal_mass(pattern, keys),
         }
-        for label, hook in controls.items():
-            knock_out(analysis, ctx, "all", hook, label)
+        for key, hook in controls.items():
+            knock_out(analysis, ctx, "all", hook, key)
 
     def per_layer(self, rows, opts) -> dict:
         out = {}
-        for label, suffix in (("layer=all", ""), ("layer=all,key=1", "_key1")):
+        for key, suffix in ((0, ""), (1, "_key1")):
             for metric in ("knockout_probe_r2_log", "knockout_probe_refit_r2_log"):
-                out[metric + suffix] = by_layer(rows, metric, condition=label)
+                out[metric + suffix] = by_layer(
+                    rows, metric, condition={"layer": "all", "key": key}
+                )
         return out
-
-    def headline(self, rows, layers, opts) -> dict:
-        intact = layers["probe_r2_log"]
-        out = {}
-        for name in ("knockout_probe_refit_r2_log", "knockout_probe_refit_r2_log_key1"):
-            if layers[name]:
-                out[name + "_last"] = layers[name][max(layers[name])]
-        knocked = layers["knockout_probe_r2_log"]
-        if knocked and intact:  # None where a probe's R^2 is undefined (a constant target)
-            last = intact[max(intact)], knocked[max(knocked)]
-            out["knockout_probe_r2_log_drop"] = None if None in last else last[0] - last[1]
-        removed = {r["condition"]: r["value"] for r in rows if r["metric"] == "knockout_removed_v3"}
-        for label, suffix in (("layer=all", ""), ("layer=all,key=1", "_key1")):
-            for part in ("all", "key0", "rest"):
-                out[f"knockout_removed_v3{suffix}_{part}"] = removed.get(f"{label},part={part}")
-        return out
-
-    def headlines(self, opts, summaries) -> list:
-        return [
-            (
-                "knockout_probe_refit_r2_log_last",
-                "probe R² refit after key-0 knockout (last layer): position left",
-            ),
-            (
-                "knockout_probe_refit_r2_log_key1_last",
-                "the same after the key-1 control knockout",
-            ),
-            (
-                "knockout_probe_r2_log_drop",
-                "transfer R² drop by key-0 knockout (original probe; unbounded)",
-            ),
-            (
-                "knockout_removed_v3_rest",
-                f"C_res removed by key-0 knockout, keys j ≥ 1, i < {opts.early_queries}, "
-                "layers ≥ 1 (v3)",
-            ),
-            ("knockout_removed_v3_key1_rest", "the same by the key-1 control knockout"),
-        ]
 
     def figures(self, groups, out, opts) -> dict:
         draw = lambda ax: plots.knockout_curve(ax, groups)  # noqa: E731
@@ -83,8 +50,8 @@ class Knockout(Stage):
         return [Section("Key-0 knockout", ("knockout",))]
 
 
-def knock_out(analysis, ctx, target, hook=None, control: str | None = None) -> None:
-    """The key-0 knockout (or a control `hook` of that shape, labelled `control`) in one
+def knock_out(analysis, ctx, target, hook=None, control: int | str = 0) -> None:
+    """The key-0 knockout (or a control `hook` of that shape, of key `control`) in one
     layer (an int) or in every layer ("all"): what it removes of C_res and C_mask, the
     original probes' transfer R^2, and the R^2 of probes refit on the knocked-out states.
     In every layer, the pass also keeps the loss of every position in ctx.losses."""
@@ -94,10 +61,20 @@ def knock_out(analysis, ctx, target, hook=None, control: str | None = None) -> N
     targets = ctx.targets if every else None
     knocked = analysis.measure(ctx.tokens, hooks, fitted=ctx.fitted, targets=targets)
     if every:
-        ctx.losses[control or "key=0"] = knocked.losses
-    label = f"layer={target}" + (f",{control}" if control else "")
+        ctx.losses[f"key={control}"] = knocked.losses
+    label = {"layer": target, "key": control}
     record_removal(analysis, "knockout", label, ctx.base, knocked)
     record_probes(analysis, "knockout", label, knocked)
+
+
+def transfer_drop(layers: dict) -> float | None:
+    """The original probe's transfer R² at the last site, intact minus knocked out (None where
+    a probe's R² is undefined: a constant target)."""
+    intact, knocked = layers["probe_r2_log"], layers["knockout_probe_r2_log"]
+    if not (knocked and intact):
+        return None
+    last = intact[max(intact)], knocked[max(knocked)]
+    return None if None in last else last[0] - last[1]
 
 
 def _knockout(pattern, name):
@@ -107,7 +84,6 @@ def _knockout(pattern, name):
 STAGE = Knockout(
     name="key-0 knockout",
     order=50,
-    reads=("blocks.{l}.attn.pattern", "blocks.{l}.resid_post"),
     metrics={
         "knockout_removed": ATTN,
         "knockout_removed_c_mask": ATTN,
@@ -115,4 +91,33 @@ STAGE = Knockout(
         "knockout_probe_refit_r2_log": RESID,
         "knockout_removed_v3": RUN,
     },
+    numbers=(
+        Reported(
+            "knockout_probe_refit_r2_log_last",
+            "probe R² refit after key-0 knockout (last layer): position left",
+            unit="R²",
+            curve="knockout_probe_refit_r2_log",
+            reduce="last",
+        ),
+        Reported(
+            "knockout_probe_refit_r2_log_key1_last",
+            "the same after the key-1 control knockout",
+            unit="R²",
+            curve="knockout_probe_refit_r2_log_key1",
+            reduce="last",
+        ),
+        Reported(
+            "knockout_probe_r2_log_drop",
+            "transfer R² drop by key-0 knockout (original probe; unbounded)",
+            compute=lambda rows, layers, opts, condition: transfer_drop(layers),
+        ),
+        Reported(
+            "knockout_removed_v3",
+            "C_res removed by knocking out key {key} in every layer, part {part}, "
+            "i < {early_queries}, layers ≥ 1 (v3)",
+            unit="share",
+            conditions={"key": (0, 1), "part": PARTS},
+            where={"layer": "all"},
+        ),
+    ),
 )

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from posleak.analysis import measures
-from posleak.analysis.collect import stream
-from posleak.analysis.records import finite_mean
+from posleak.analysis.engine.collect import stream
+from posleak.analysis.engine.numbers import Reported
+from posleak.analysis.maths import measures
+from posleak.analysis.maths.stats import bootstrap_weights
 from posleak.analysis.stages._hooks import on_heads
 from posleak.analysis.stages._loss import record_change, target_groups
 from posleak.analysis.stages.base import RUN, Stage
-from posleak.analysis.stats import bootstrap_weights
 
 
 class KnockoutLoss(Stage):
@@ -33,69 +33,40 @@ class KnockoutLoss(Stage):
         analysis.rec.add("knockout_sink_heads", sum(len(h) for h in heads.values()))
         keys = measures.random_earlier_keys(analysis.T, analysis.window, analysis.subject.seed)
         rules = {
-            "key=0": measures.knock_out_key0,
-            "key=1": lambda p: measures.knock_out_key(p, 1),
-            "key=random": lambda p: measures.knock_out_equal_mass(p, keys),
+            0: measures.knock_out_key0,
+            1: lambda p: measures.knock_out_key(p, 1),
+            "random": lambda p: measures.knock_out_equal_mass(p, keys),
         }
-        delta = {}
-        for label, rule in rules.items():
-            delta[label] = ctx.losses[label] - base  # the knockout stage's passes, every layer
-            if heads and label != "key=1":
+        delta = {}  # (key, heads) -> per-token loss change
+        for key, rule in rules.items():
+            delta[key, "all"] = ctx.losses[f"key={key}"] - base  # the knockout stage's passes
+            if heads and key != 1:
                 hooks = [(f"blocks.{l}.attn.pattern", on_heads(rule, h)) for l, h in heads.items()]
                 knocked = stream(analysis.model, ctx.tokens, {}, analysis.batch, hooks, ctx.targets)
-                delta[label + ",heads=sinks"] = knocked - base
-        delta["excess"] = delta["key=0"] - delta["key=random"]  # paired per token
-        if heads:
-            delta["excess,heads=sinks"] = (
-                delta["key=0,heads=sinks"] - delta["key=random,heads=sinks"]
-            )
+                delta[key, "sinks"] = knocked - base
+        for which in ("all", "sinks") if heads else ("all",):  # paired per token
+            delta[EXCESS, which] = delta[0, which] - delta["random", which]
         weights = bootstrap_weights(len(tokens), analysis.opts.bootstrap, seed=5)
-        for label, change in delta.items():
+        for (key, which), change in delta.items():
             for group, mask in groups.items():
-                record_change(
-                    analysis,
-                    "knockout_loss_change",
-                    f"{label},targets={group}",
-                    change,
-                    mask,
-                    weights,
-                )
-        by_query = delta["key=0"].mean(0)
+                condition = {"key": key, "heads": which, "targets": group}
+                record_change(analysis, "knockout_loss_change", condition, change, mask, weights)
+        by_query = delta[0, "all"].mean(0)
         for i in range(analysis.T):
             analysis.rec.add("knockout_loss_change_by_query", by_query[i], query=i)
 
-    def headline(self, rows, layers, opts) -> dict:
-        change = {r["condition"]: r["value"] for r in rows if r["metric"] == "knockout_loss_change"}
-        group = "other" if any(c.endswith("targets=other") for c in change) else "all"
-        out = {}
-        for label, key in KEYS:
-            out[key] = change.get(f"{label},targets={group}")
-        heads = [r["value"] for r in rows if r["metric"] == "knockout_sink_heads"]
-        out["knockout_sink_heads"] = finite_mean(heads)
-        return out
 
-    def headlines(self, opts, summaries) -> list:
-        targets = "non-copy targets on a copy corpus, else all"
-        return [
-            (key, f"loss change, {text} ({targets}; nats)")
-            for (label, key), text in zip(KEYS, KEY_TEXT, strict=True)
-        ] + [("knockout_sink_heads", "sink heads (α₀ > ε and λ₀ ≥ lift), all layers")]
+EXCESS = "0 minus random"  # the key-0 knockout's change minus the random-key control's
 
 
-KEYS = (
-    ("key=0", "knockout_loss_key0"),
-    ("key=random", "knockout_loss_random"),
-    ("excess", "knockout_loss_excess"),
-    ("key=0,heads=sinks", "knockout_loss_sinks"),
-    ("excess,heads=sinks", "knockout_loss_sinks_excess"),
-)
-KEY_TEXT = (
-    "key-0 knockout in every layer",
-    "equal-mass random-key control",
-    "key 0 minus the equal-mass control",
-    "key-0 knockout in the sink heads only",
-    "the same minus its equal-mass control in those heads",
-)
+def loss_change(rows: list[dict], condition: dict) -> float | None:
+    """The mean loss change of one knockout: on the non-copy targets where a copy corpus marks
+    them (a sink that parks a head idle matters for the queries that do not copy), else on
+    every target."""
+    changes = [r for r in rows if r["metric"] == "knockout_loss_change"]
+    group = "other" if any(r["condition"]["targets"] == "other" for r in changes) else "all"
+    wanted = {**condition, "targets": group}
+    return next((r["value"] for r in changes if r["condition"] == wanted), None)
 
 
 def sink_heads(analysis, ctx) -> dict:
@@ -113,9 +84,19 @@ def sink_heads(analysis, ctx) -> dict:
 STAGE = KnockoutLoss(
     name="knockout loss",
     order=55,
-    reads=("blocks.{l}.attn.pattern",),
     metrics={
         m: RUN
         for m in ("knockout_loss_change", "knockout_loss_change_by_query", "knockout_sink_heads")
     },
+    numbers=(
+        Reported(
+            "knockout_loss_change",
+            "loss change, key {key} knocked out in {heads} heads (non-copy targets on a copy "
+            "corpus, else all)",
+            unit="nats",
+            conditions={"key": (0, "random", EXCESS), "heads": ("all", "sinks")},
+            compute=lambda rows, layers, opts, c: loss_change(rows, c),
+        ),
+        Reported("knockout_sink_heads", "sink heads (α₀ > ε and λ₀ ≥ lift), all layers"),
+    ),
 )

@@ -11,17 +11,19 @@ import math
 
 import torch
 
-from posleak.analysis import measures, plots
-from posleak.analysis.collect import stream
-from posleak.analysis.logits import PARTS, local_fit, parts, pooled
-from posleak.analysis.records import (
+from posleak.analysis.engine.collect import stream
+from posleak.analysis.engine.numbers import Reported
+from posleak.analysis.engine.records import (
     by_layer,
     early_square_sum,
     finite_mean,
     per_layer_queries,
 )
+from posleak.analysis.maths import measures
+from posleak.analysis.maths.logits import PARTS, local_fit, parts, pooled
+from posleak.analysis.maths.stats import percentile_interval
+from posleak.analysis.reports import plots
 from posleak.analysis.stages.base import ATTN, RUN, Section, Stage
-from posleak.analysis.stats import percentile_interval
 
 
 class MeanLogits(Stage):
@@ -48,52 +50,12 @@ class MeanLogits(Stage):
         record_deep(analysis, ctx)
 
     def per_layer(self, rows, opts) -> dict:
-        k = opts.early_queries
-        c_res = per_layer_queries(rows, "c_res")
         return {
             "abs_share": by_layer(rows, "abs_share"),
-            "c_res_early": {
-                l: math.sqrt(early_square_sum(c, k) / (k - 1)) for l, c in c_res.items()
-            },
-            "c_content": {
-                l: finite_mean(c.values()) for l, c in per_layer_queries(rows, "c_content").items()
-            },
-            "c_mask": {
-                l: finite_mean(c.values()) for l, c in per_layer_queries(rows, "c_mask").items()
-            },
+            "c_res_early": early_rms(rows, opts),
+            "c_content": query_means(rows, "c_content"),
+            "c_mask": query_means(rows, "c_mask"),
         }
-
-    def headline(self, rows, layers, opts) -> dict:
-        out = {
-            key: finite_mean(layers[key].values())
-            for key in ("c_res_early", "c_content", "abs_share")
-        }
-        deep = {
-            (r["metric"], r["condition"]): r["value"]
-            for r in rows
-            if r["metric"] in ("c_res_deep", "c_res_deep_floor")
-        }
-        for part in PARTS:  # v3: the local fit, layers >= 1, signed means pooled, clamped once
-            out[f"c_res_early_v3_{part}"] = deep.get(("c_res_deep", f"part={part}"))
-            out[f"c_res_early_v3_floor_{part}"] = deep.get(("c_res_deep_floor", f"part={part}"))
-        return out
-
-    def headlines(self, opts, summaries) -> list:
-        return [
-            ("c_res_early", f"C_res at queries 1–{opts.early_queries - 1} (mean over layers)"),
-            ("c_content", "c_content: content variation of logits (mean over layers)"),
-            ("abs_share", "abs_share (mean over layers)"),
-            *(
-                (
-                    f"c_res_early_v3_{part}",
-                    f"C_res v3, {label}, queries 1–{opts.early_queries - 1}, layers ≥ 1 "
-                    f"(fit on i < {opts.fit_queries}, signed, clamped once)",
-                )
-                for part, label in zip(
-                    PARTS, ("all keys", "key 0 only", "keys j ≥ 1"), strict=False
-                )
-            ),
-        ]
 
     def figures(self, groups, out, opts) -> dict:
         per_query = plots.per_layer_queries
@@ -135,6 +97,18 @@ class MeanLogits(Stage):
         ]
 
 
+def early_rms(rows, opts) -> dict:
+    """{layer: root mean square of C_res(i) over the early queries 1 <= i < K} (version 2)."""
+    k = opts.early_queries
+    c_res = per_layer_queries(rows, "c_res")
+    return {l: math.sqrt(early_square_sum(c, k) / (k - 1)) for l, c in c_res.items()}
+
+
+def query_means(rows, metric: str) -> dict:
+    """{layer: mean over queries} of a per-query metric pooled over heads."""
+    return {l: finite_mean(c.values()) for l, c in per_layer_queries(rows, metric).items()}
+
+
 def record_signal(analysis, layer: int, signal, boot, head) -> None:
     """C_res(i) with its bootstrap interval, and the signed mean square with its SE."""
     if head is None:
@@ -167,7 +141,7 @@ def record_parts(analysis, layer: int, st, prefix: str = "c_res_early") -> None:
         if part != "all" and prefix == "c_res_early":
             for i in range(analysis.T):
                 add(f"c_res_{part}", measures.c_res(signed[i]), layer=layer, query=i)
-        cond = f"part={part}"
+        cond = {"part": part}
         mean, boot_mean = signed[1:k].mean(), boot[:, 1:k].mean(-1)
         lo, hi = percentile_interval(boot_mean)
         se, n = boot_mean.std(), analysis.opts.seqs
@@ -193,7 +167,7 @@ def record_deep(analysis, ctx) -> None:
             for index in range(3)
         )
         lo, hi = percentile_interval(boot)
-        clamp, cond = measures.clamp_once, f"part={part}"
+        clamp, cond = measures.clamp_once, {"part": part}
         add = analysis.rec.add
         add("c_res_deep", clamp(signed), condition=cond, lo=clamp(lo), hi=clamp(hi), n=n)
         add("c_res_deep_floor", torch.quantile(clamp(null), 0.95), condition=cond, n=n)
@@ -221,7 +195,6 @@ def content_deviation(analysis, tokens: torch.Tensor, base) -> list[torch.Tensor
 STAGE = MeanLogits(
     name="mean logits",
     order=20,
-    reads=("blocks.{l}.attn.scores",),
     metrics={
         m: ATTN
         for m in (
@@ -242,4 +215,30 @@ STAGE = MeanLogits(
         )
     }
     | {"c_res_deep": RUN, "c_res_deep_floor": RUN},
+    numbers=(
+        Reported(
+            "c_res_early",
+            "C_res at queries 1–{early_last} (mean over layers)",
+            curve="c_res_early",
+            reduce="mean",
+        ),
+        Reported(
+            "c_content",
+            "c_content: content variation of logits (mean over layers)",
+            curve="c_content",
+            reduce="mean",
+        ),
+        Reported("abs_share", "abs_share (mean over layers)", reduce="mean"),
+        Reported(
+            "c_res_deep",
+            "C_res v3, part {part}, queries 1–{early_last}, layers ≥ 1 (fit on i < "
+            "{fit_queries}, signed, clamped once)",
+            conditions={"part": PARTS},
+        ),
+        Reported(
+            "c_res_deep_floor",
+            "its no-signal floor at this N, part {part}",
+            conditions={"part": PARTS},
+        ),
+    ),
 )

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import torch
 
+from posleak.analysis.engine.numbers import Reported
+from posleak.analysis.maths.stats import bootstrap_weights
 from posleak.analysis.stages._loss import record_change
 from posleak.analysis.stages._removal import record_probes, record_removal_v3
 from posleak.analysis.stages.base import RESID, RUN, Stage
-from posleak.analysis.stats import bootstrap_weights
 
 
 class NtkInference(Stage):
@@ -30,10 +31,10 @@ class NtkInference(Stage):
         k = min(analysis.opts.early_queries, analysis.T)
         early = torch.zeros_like(ctx.base.losses, dtype=torch.bool)
         early[:, :k] = True
-        groups = {"all": torch.ones_like(early), f"i<{k}": early}
+        groups = {"all": torch.ones_like(early), "early": early}  # early: queries i < k
         weights = bootstrap_weights(len(ctx.tokens), analysis.opts.bootstrap, seed=11)
         for s in analysis.opts.ntk_scales:
-            label = f"s={s:g}"
+            label = {"s": float(s)}
             model.set_rope_scale(trained * s)
             try:
                 scaled = analysis.measure(ctx.tokens, [], fitted=ctx.fitted, targets=ctx.targets)
@@ -42,54 +43,40 @@ class NtkInference(Stage):
             record_removal_v3(analysis, "ntk", label, ctx.base, scaled)
             change = scaled.losses - ctx.base.losses
             for group, mask in groups.items():
-                cond = f"{label},queries={group}"
+                cond = {**label, "queries": group}
                 record_change(analysis, "ntk_loss_change", cond, change, mask, weights)
             record_probes(analysis, "ntk", label, scaled)
-
-    def headline(self, rows, layers, opts) -> dict:
-        removed = {r["condition"]: r["value"] for r in rows if r["metric"] == "ntk_removed_v3"}
-        loss = {r["condition"]: r["value"] for r in rows if r["metric"] == "ntk_loss_change"}
-        refit = {
-            (r["condition"], r["layer"]): r["value"]
-            for r in rows
-            if r["metric"] == "ntk_probe_refit_r2_log"
-        }
-        last = max((site for _, site in refit), default=None)
-        out = {}
-        for s in opts.ntk_scales:
-            label = f"s={s:g}"
-            out[f"ntk_removed_v3_s{s:g}_rest"] = removed.get(f"{label},part=rest")
-            out[f"ntk_loss_s{s:g}"] = loss.get(f"{label},queries=all")
-            out[f"ntk_probe_refit_r2_log_s{s:g}_last"] = refit.get((label, last))
-        return out
-
-    def headlines(self, opts, summaries) -> list:
-        k = opts.early_queries
-        return [
-            row
-            for s in opts.ntk_scales
-            for row in (
-                (
-                    f"ntk_removed_v3_s{s:g}_rest",
-                    f"removed by NTK s = {s:g}, keys j ≥ 1, i < {k} (v3)",
-                ),
-                (f"ntk_loss_s{s:g}", f"loss change by NTK s = {s:g} (nats, every position)"),
-                (
-                    f"ntk_probe_refit_r2_log_s{s:g}_last",
-                    f"probe R² under NTK s = {s:g} (last layer)",
-                ),
-            )
-        ]
 
 
 STAGE = NtkInference(
     name="NTK at inference",
     order=58,
-    reads=("blocks.{l}.attn.scores", "blocks.{l}.resid_post"),
     metrics={
         "ntk_removed_v3": RUN,
         "ntk_loss_change": RUN,
         "ntk_probe_r2_log": RESID,
         "ntk_probe_refit_r2_log": RESID,
     },
+    numbers=(
+        Reported(
+            "ntk_removed_v3",
+            "removed by NTK s = {s}, part {part}, i < {early_queries} (v3)",
+            unit="share",
+            conditions={"s": "ntk_scales", "part": ("rest",)},
+        ),
+        Reported(
+            "ntk_loss_change",
+            "loss change by NTK s = {s}, queries: {queries}",
+            unit="nats",
+            conditions={"s": "ntk_scales", "queries": ("all",)},
+        ),
+        Reported(
+            "ntk_probe_refit_r2_log_last",
+            "probe R² under NTK s = {s} (last layer)",
+            unit="R²",
+            metric="ntk_probe_refit_r2_log",
+            reduce="last",
+            conditions={"s": "ntk_scales"},
+        ),
+    ),
 )

@@ -7,12 +7,14 @@ intervened residual stream with them."""
 
 from __future__ import annotations
 
-from posleak.analysis import measures, plots
-from posleak.analysis import probe as probes
-from posleak.analysis.collect import each, stream
-from posleak.analysis.records import by_layer, finite_mean
+from posleak.analysis.engine.collect import each, stream
+from posleak.analysis.engine.numbers import Reported
+from posleak.analysis.engine.records import by_layer
+from posleak.analysis.maths import measures
+from posleak.analysis.maths import probe as probes
+from posleak.analysis.maths.stats import bootstrap_weights
+from posleak.analysis.reports import plots
 from posleak.analysis.stages.base import RESID, Section, Stage
-from posleak.analysis.stats import bootstrap_weights
 
 TARGETS = (("linear", ""), ("log", "_log"))
 
@@ -58,22 +60,9 @@ class Probe(Stage):
         out["probe_r2_log_interval"] = {  # 95% bootstrap interval over held-out sequences
             r["layer"]: [r["lo"], r["hi"]]
             for r in rows
-            if r["metric"] == "probe_r2_log" and r["condition"] is None and r["head"] is None
+            if r["metric"] == "probe_r2_log" and not r["condition"] and r["head"] is None
         }
         return out
-
-    def headline(self, rows, layers, opts) -> dict:
-        r2 = layers["probe_r2_log"]
-        return {
-            "probe_r2_log_last": r2[max(r2)] if r2 else None,
-            "probe_r2_log_mean": finite_mean(v for k, v in r2.items() if k >= 1),
-        }
-
-    def headlines(self, opts, summaries) -> list:
-        return [
-            ("probe_r2_log_last", "probe R², log target (last layer)"),
-            ("probe_r2_log_mean", "probe R², log target (mean over layers ≥ 1)"),
-        ]
 
     def figures(self, groups, out, opts) -> dict:
         return {"probe": plots.figure(out / "probe", lambda ax: plots.probe_curve(ax, groups))}
@@ -85,7 +74,6 @@ class Probe(Stage):
 STAGE = Probe(
     name="probes",
     order=10,
-    reads=("blocks.0.resid_pre", "blocks.{l}.resid_post"),
     metrics={
         m: RESID
         for m in (
@@ -99,4 +87,20 @@ STAGE = Probe(
             "probe_mae_uniform",
         )
     },
+    numbers=(
+        Reported(
+            "probe_r2_log_last",
+            "probe R², log target (last layer)",
+            "R²",
+            metric="probe_r2_log",
+            reduce="last",
+        ),
+        Reported(
+            "probe_r2_log_mean",
+            "probe R², log target (mean over layers ≥ 1)",
+            "R²",
+            metric="probe_r2_log",
+            reduce="mean_from_1",
+        ),
+    ),
 )

@@ -7,7 +7,8 @@ probe's transfer R² and the C_res removed at early queries (v3)."""
 
 from __future__ import annotations
 
-from posleak.analysis import measures
+from posleak.analysis.engine.numbers import Reported
+from posleak.analysis.maths import measures
 from posleak.analysis.stages._hooks import on_heads
 from posleak.analysis.stages._removal import record_probes, record_removal
 from posleak.analysis.stages.base import ATTN, RESID, RUN, Stage
@@ -23,43 +24,30 @@ class Route2(Stage):
     def run(self, analysis, ctx) -> None:
         def rules(l: int) -> dict:
             flatten = lambda p: measures.key0_gain_removed(p, analysis.windows[l])  # noqa: E731
-            return {"route2": flatten, "key=0": measures.knock_out_key0}
+            return {"route2": flatten, "knockout": measures.knock_out_key0}
 
         every = [
             (f"blocks.{l}.attn.pattern", on_heads(rules(l)["route2"], None))
             for l in range(analysis.L)
         ]
-        intervene(analysis, ctx, "route2,heads=all", every)
+        intervene(analysis, ctx, {"rule": "route2", "heads": "all"}, every)
         for l, h, lift in top_heads(analysis, ctx):
             analysis.rec.add("top_head_lift", lift, layer=l, head=h)
             for name, rule in rules(l).items():
                 hooks = [(f"blocks.{l}.attn.pattern", on_heads(rule, [h]))]
-                intervene(analysis, ctx, f"{name},layer={l},head={h}", hooks)
+                intervene(analysis, ctx, {"rule": name, "layer": l, "head": h}, hooks)
 
-    def headline(self, rows, layers, opts) -> dict:
-        refit = {
-            (r["condition"], r["layer"]): r["value"]
-            for r in rows
-            if r["metric"] == "route2_probe_refit_r2_log"
-        }
-        last = max((site for _, site in refit), default=None)
-        heads = [v for (c, site), v in refit.items() if site == last and c.startswith("key=0,")]
-        removed = {r["condition"]: r["value"] for r in rows if r["metric"] == "route2_removed_v3"}
-        return {
-            "route2_r2_left_last": refit.get(("route2,heads=all", last)),
-            "route2_removed_v3_all": removed.get("route2,heads=all,part=all"),
-            "head_knockout_r2_left_min": min((v for v in heads if v is not None), default=None),
-        }
 
-    def headlines(self, opts, summaries) -> list:
-        return [
-            ("route2_r2_left_last", "probe R² refit with key 0's gain flattened (last layer)"),
-            ("route2_removed_v3_all", "C_res removed by flattening key 0's gain (v3)"),
-            (
-                "head_knockout_r2_left_min",
-                f"lowest refit R² after one head's key-0 knockout (top {opts.top_heads} by λ₀)",
-            ),
-        ]
+def head_knockout_min(rows: list[dict]) -> float | None:
+    """The lowest refit probe R² at the last residual site over the single-head knockouts."""
+    refit = [r for r in rows if r["metric"] == "route2_probe_refit_r2_log"]
+    last = max((r["layer"] for r in refit), default=None)
+    heads = [
+        r["value"]
+        for r in refit
+        if r["layer"] == last and r["condition"]["rule"] == "knockout" and r["value"] is not None
+    ]
+    return min(heads, default=None)
 
 
 def top_heads(analysis, ctx) -> list[tuple[int, int, float]]:
@@ -71,7 +59,7 @@ def top_heads(analysis, ctx) -> list[tuple[int, int, float]]:
     return sorted(found, key=lambda t: -t[2])[: analysis.opts.top_heads]
 
 
-def intervene(analysis, ctx, label: str, hooks) -> None:
+def intervene(analysis, ctx, label: dict, hooks) -> None:
     """One intervened pass: C_res removed, transfer R^2 and refit R^2 per residual site."""
     done = analysis.measure(ctx.tokens, hooks, fitted=ctx.fitted)
     record_removal(analysis, "route2", label, ctx.base, done)
@@ -81,7 +69,6 @@ def intervene(analysis, ctx, label: str, hooks) -> None:
 STAGE = Route2(
     name="route-2 and head knockouts",
     order=52,
-    reads=("blocks.{l}.attn.pattern", "blocks.{l}.resid_post"),
     metrics={
         "route2_removed": ATTN,
         "route2_removed_c_mask": ATTN,
@@ -90,4 +77,26 @@ STAGE = Route2(
         "route2_probe_refit_r2_log": RESID,
         "top_head_lift": ATTN,
     },
+    numbers=(
+        Reported(
+            "route2_r2_left_last",
+            "probe R² refit with key 0's gain flattened (last layer)",
+            unit="R²",
+            metric="route2_probe_refit_r2_log",
+            reduce="last",
+            where={"rule": "route2", "heads": "all"},
+        ),
+        Reported(
+            "route2_removed_v3",
+            "C_res removed by flattening key 0's gain (v3)",
+            unit="share",
+            where={"rule": "route2", "heads": "all", "part": "all"},
+        ),
+        Reported(
+            "head_knockout_r2_left_min",
+            "lowest refit R² after one head's key-0 knockout (top {top_heads} by λ₀)",
+            unit="R²",
+            compute=lambda rows, layers, opts, condition: head_knockout_min(rows),
+        ),
+    ),
 )

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from posleak.analysis import measures, plots
-from posleak.analysis.collect import store, stream
-from posleak.analysis.records import finite_mean
+from posleak.analysis.engine.collect import store, stream
+from posleak.analysis.engine.numbers import Reported
+from posleak.analysis.maths import measures
+from posleak.analysis.reports import plots
 from posleak.analysis.stages.base import ATTN, Section, Stage
 
 
@@ -48,7 +49,7 @@ class Shift(Stage):
                 )
             for h in range(H):
                 add("shift_js", d[:, h].mean(), layer=l, head=h)
-            add("shift_js", d.mean(), layer=l, condition=f"delta={delta}")
+            add("shift_js", d.mean(), layer=l, condition={"delta": delta})
 
     def per_layer(self, rows, opts) -> dict:
         return {
@@ -56,12 +57,6 @@ class Shift(Stage):
                 r["layer"]: r["value"] for r in rows if r["metric"] == "shift_js" and r["condition"]
             }
         }
-
-    def headline(self, rows, layers, opts) -> dict:
-        return {"shift_js": finite_mean(layers["shift_js"].values())}
-
-    def headlines(self, opts, summaries) -> list:
-        return [("shift_js", "shift-test JS distance (mean over layers)")]
 
     def figures(self, groups, out, opts) -> dict:
         def draw(ax):
@@ -96,6 +91,10 @@ def _scorer(near_blocks, out, start_far: int, n: int):
 STAGE = Shift(
     name="shift test",
     order=70,
-    reads=("blocks.{l}.attn.pattern",),
     metrics={"shift_js": ATTN},
+    numbers=(
+        Reported(
+            "shift_js", "shift-test JS distance (mean over layers)", curve="shift_js", reduce="mean"
+        ),
+    ),
 )

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from posleak.analysis import measures, plots
-from posleak.analysis.collect import stream
-from posleak.analysis.records import by_layer
+from posleak.analysis.engine.collect import stream
+from posleak.analysis.engine.numbers import Reported
+from posleak.analysis.engine.records import by_layer
+from posleak.analysis.maths import measures
+from posleak.analysis.maths.stats import bootstrap_weights, percentile_interval
+from posleak.analysis.reports import plots
 from posleak.analysis.stages.base import ATTN, RESID, Section, Stage
-from posleak.analysis.stats import bootstrap_weights, percentile_interval
 
 
 class Signatures(Stage):
@@ -43,7 +45,7 @@ class Signatures(Stage):
             lo, hi = percentile_interval(weights @ r / weights.sum(1))
             add("massive_ratio", r.mean(), layer=site, lo=lo, hi=hi, n=n)
             top = int(x0.abs().argmax())
-            add("massive_top", x0[top].abs() / n, layer=site, condition=f"dim={top}", n=n)
+            add("massive_top", x0[top].abs() / n, layer=site, condition={"dim": int(top)}, n=n)
         for l in range(L):
             for h in range(H):
                 add("value_drain", drain[l][:, h].mean(), layer=l, head=h, n=n)
@@ -59,18 +61,6 @@ class Signatures(Stage):
             "massive_ratio": by_layer(rows, "massive_ratio"),
             "value_drain_min": {l: min(v) for l, v in drains.items()},
         }
-
-    def headline(self, rows, layers, opts) -> dict:
-        return {
-            "massive_ratio_max": max(layers["massive_ratio"].values(), default=None),
-            "value_drain_min": min(layers["value_drain_min"].values(), default=None),
-        }
-
-    def headlines(self, opts, summaries) -> list:
-        return [
-            ("massive_ratio_max", "massive activation ‖x₀‖ / median ‖x_i‖ (largest over layers)"),
-            ("value_drain_min", "value drain ‖W_O v₀‖ / median ‖W_O v_i‖ (smallest head)"),
-        ]
 
     def figures(self, groups, out, opts) -> dict:
         def draw(ax):
@@ -124,16 +114,24 @@ def _parked(out: torch.Tensor):
 STAGE = Signatures(
     name="sink signatures",
     order=35,
-    reads=(
-        "blocks.0.resid_pre",
-        "blocks.{l}.resid_post",
-        "blocks.{l}.attn.v",
-        "blocks.{l}.attn.pattern",
-    ),
     metrics={
         "massive_ratio": RESID,
         "massive_top": RESID,
         "value_drain": ATTN,
         "sink_virtual_mass": ATTN,
     },
+    numbers=(
+        Reported(
+            "massive_ratio_max",
+            "massive activation ‖x₀‖ / median ‖x_i‖ (largest over layers)",
+            curve="massive_ratio",
+            reduce="max",
+        ),
+        Reported(
+            "value_drain_min",
+            "value drain ‖W_O v₀‖ / median ‖W_O v_i‖ (smallest head)",
+            curve="value_drain_min",
+            reduce="min",
+        ),
+    ),
 )

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from posleak.analysis import measures, plots
-from posleak.analysis.records import finite_mean
+from posleak.analysis.engine.numbers import Reported
+from posleak.analysis.engine.records import finite_mean
+from posleak.analysis.maths import measures
+from posleak.analysis.maths.stats import bootstrap_weights, percentile_interval
+from posleak.analysis.reports import plots
 from posleak.analysis.stages.base import ATTN, Section, Stage
-from posleak.analysis.stats import bootstrap_weights, percentile_interval
 
 
 class Sinks(Stage):
@@ -56,13 +58,13 @@ class Sinks(Stage):
                     for i in range(1, analysis.T):
                         add("sink_gain", profile[h, i], layer=l, head=h, query=i)
             rate = (alpha.mean(0) > eps).double().mean()
-            add("sink_rate", rate, layer=l, condition=f"eps={eps}")
+            add("sink_rate", rate, layer=l, condition={"eps": eps})
             sinks = (alpha.mean(0) > eps) & (lift.mean(0) >= lift_min)
             add(
                 "sink_rate_lifted",
                 sinks.double().mean(),
                 layer=l,
-                condition=f"eps={eps},lift={lift_min:g}",
+                condition={"eps": eps, "lift": lift_min},
             )
 
     def per_layer(self, rows, opts) -> dict:
@@ -90,29 +92,6 @@ class Sinks(Stage):
             },
         }
 
-    def headline(self, rows, layers, opts) -> dict:
-        return {
-            "alpha0_max": max(layers["alpha0_max"].values(), default=None),
-            "a0_early_max": max(layers["a0_early_max"].values(), default=None),
-            "sink_rate": finite_mean(layers["sink_rate"].values()),
-            "lift0_max": max(layers["lift0_max"].values(), default=None),
-            "sink_rate_lifted": finite_mean(layers["sink_rate_lifted"].values()),
-            "alpha0_uniform": finite_mean(layers["alpha0_uniform"].values()),
-        }
-
-    def headlines(self, opts, summaries) -> list:
-        return [
-            ("alpha0_max", "α₀ of the strongest head"),
-            ("a0_early_max", f"A_i0 at i < {opts.early_queries}, strongest early reader"),
-            ("alpha0_uniform", "α₀ of uniform attention (its baseline)"),
-            ("sink_rate", f"sink rate, α₀ > {opts.sink_eps:g} (mean over layers)"),
-            ("lift0_max", "λ₀, key-0 lift of the strongest head (1 = uniform)"),
-            (
-                "sink_rate_lifted",
-                f"sink rate, α₀ > {opts.sink_eps:g} and λ₀ ≥ {opts.sink_lift:g} (mean over layers)",
-            ),
-        ]
-
     def figures(self, groups, out, opts) -> dict:
         return {
             "sinks": plots.head_maps(
@@ -130,7 +109,6 @@ class Sinks(Stage):
 STAGE = Sinks(
     name="sinks",
     order=30,
-    reads=("blocks.{l}.attn.pattern",),
     metrics={
         m: ATTN
         for m in (
@@ -143,4 +121,37 @@ STAGE = Sinks(
             "sink_rate_lifted",
         )
     },
+    numbers=(
+        Reported("alpha0_max", "α₀ of the strongest head", curve="alpha0_max", reduce="max"),
+        Reported(
+            "a0_early_max",
+            "A_i0 at i < {early_queries}, strongest early reader",
+            curve="a0_early_max",
+            reduce="max",
+        ),
+        Reported(
+            "alpha0_uniform",
+            "α₀ of uniform attention (its baseline)",
+            curve="alpha0_uniform",
+            reduce="mean",
+        ),
+        Reported(
+            "sink_rate",
+            "sink rate, α₀ > {sink_eps:g} (mean over layers)",
+            curve="sink_rate",
+            reduce="mean",
+        ),
+        Reported(
+            "lift0_max",
+            "λ₀, key-0 lift of the strongest head (1 = uniform)",
+            curve="lift0_max",
+            reduce="max",
+        ),
+        Reported(
+            "sink_rate_lifted",
+            "sink rate, α₀ > {sink_eps:g} and λ₀ ≥ {sink_lift:g} (mean over layers)",
+            curve="sink_rate_lifted",
+            reduce="mean",
+        ),
+    ),
 )

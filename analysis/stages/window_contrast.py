@@ -13,12 +13,13 @@ from typing import NamedTuple
 
 import torch
 
-from posleak.analysis import measures
-from posleak.analysis import probe as probes
-from posleak.analysis.collect import stream
-from posleak.analysis.logits import logit_stats, pooled
+from posleak.analysis.engine.collect import stream
+from posleak.analysis.engine.numbers import Reported
+from posleak.analysis.maths import measures
+from posleak.analysis.maths import probe as probes
+from posleak.analysis.maths.logits import logit_stats, pooled
+from posleak.analysis.maths.stats import percentile_interval
 from posleak.analysis.stages.base import ATTN, RESID, RUN, Stage
-from posleak.analysis.stats import percentile_interval
 
 
 def contrast_window(analysis) -> int | None:
@@ -65,7 +66,7 @@ class WindowContrast(Stage):
         w = contrast_window(analysis)
         if w is None:
             return
-        add, n, cond = analysis.rec.add, analysis.opts.seqs, f"w={w}"
+        add, n, cond = analysis.rec.add, analysis.opts.seqs, {"w": w}
         signals, boots, nulls, num, den = [], [], [], 0.0, 0.0  # layers >= 1
         by_layer = [window_stats(s, w, analysis.boot_a, analysis.boot_b) for s in ctx.base.sums]
         for l, st in enumerate(by_layer):
@@ -88,29 +89,6 @@ class WindowContrast(Stage):
             record_hybrid(analysis, cond, by_layer[1:], windowed)
         for site, r2 in enumerate(tail_probe(analysis, ctx.tokens, w)):
             add("probe_tail_r2_log", r2, layer=site, condition=cond, n=n // 2)
-
-    def headline(self, rows, layers, opts) -> dict:
-        value = {r["metric"]: r["value"] for r in rows if r["layer"] is None}
-        tail = {r["layer"]: r["value"] for r in rows if r["metric"] == "probe_tail_r2_log"}
-        return {
-            "c_res_window": value.get("c_res_window"),
-            "c_res_window_floor": value.get("c_res_window_floor"),
-            "abs_share_window": value.get("abs_share_window"),
-            "probe_tail_r2_log_last": tail[max(tail)] if tail else None,
-            "c_res_window_hybrid_diff": value.get("c_res_window_hybrid_diff"),
-        }
-
-    def headlines(self, opts, summaries) -> list:
-        return [
-            ("c_res_window", "C_res at queries i ≥ w on the window's pairs, layers ≥ 1 (v3)"),
-            ("c_res_window_floor", "its no-signal floor at this N (95% of sign flips)"),
-            ("abs_share_window", "abs_share on the same pairs, layers ≥ 1"),
-            ("probe_tail_r2_log_last", "probe R² at positions ≥ w (last layer, refit)"),
-            (
-                "c_res_window_hybrid_diff",
-                "hybrid model: signed C_res² at i ≥ w, window layers − global layers (v3)",
-            ),
-        ]
 
 
 class HybridContrast(NamedTuple):
@@ -143,7 +121,7 @@ def record_hybrid(analysis, cond: str, layer_stats: list[WindowStats], windowed:
     for kind, (signal, boot) in (("window", found.window), ("global", found.full)):
         lo, hi = percentile_interval(boot)
         clamp = measures.clamp_once
-        add("c_res_window_type", clamp(signal), condition=f"{cond},layers={kind}", lo=clamp(lo),
+        add("c_res_window_type", clamp(signal), condition={**cond, "layers": kind}, lo=clamp(lo),
             hi=clamp(hi), n=n)  # fmt: skip
     lo, hi = percentile_interval(found.diff_boot)
     add("c_res_window_hybrid_diff", found.diff, condition=cond, lo=lo, hi=hi, n=n,
@@ -178,7 +156,6 @@ def tail_probe(analysis, tokens: torch.Tensor, w: int) -> list[float]:
 STAGE = WindowContrast(
     name="window contrast",
     order=25,
-    reads=("blocks.{l}.attn.scores", "blocks.0.resid_pre", "blocks.{l}.resid_post"),
     metrics={
         "c_res_window_signed": ATTN,
         "c_res_window": RUN,
@@ -188,4 +165,30 @@ STAGE = WindowContrast(
         "c_res_window_type": RUN,
         "c_res_window_hybrid_diff": RUN,
     },
+    numbers=(
+        Reported(
+            "c_res_window",
+            "C_res at queries i ≥ w on the window's pairs, layers ≥ 1 (v3)",
+            parameters=("w",),
+        ),
+        Reported(
+            "c_res_window_floor",
+            "its no-signal floor at this N (95% of sign flips)",
+            parameters=("w",),
+        ),
+        Reported("abs_share_window", "abs_share on the same pairs, layers ≥ 1", parameters=("w",)),
+        Reported(
+            "probe_tail_r2_log_last",
+            "probe R² at positions ≥ w (last layer, refit)",
+            unit="R²",
+            metric="probe_tail_r2_log",
+            reduce="last",
+            parameters=("w",),
+        ),
+        Reported(
+            "c_res_window_hybrid_diff",
+            "hybrid model: signed C_res² at i ≥ w, window layers − global layers (v3)",
+            parameters=("w",),
+        ),
+    ),
 )

@@ -17,11 +17,13 @@ import json
 import math
 from pathlib import Path
 
-from posleak.analysis import compare, plots
-from posleak.analysis.analyze import analyze
-from posleak.analysis.folder import AnalysisDir
-from posleak.analysis.measures import DEFINITIONS, uniform_alpha
-from posleak.analysis.options import Options
+from posleak.analysis.engine.analyze import analyze
+from posleak.analysis.engine.folder import AnalysisDir
+from posleak.analysis.engine.options import Options
+from posleak.analysis.engine.records import matches
+from posleak.analysis.maths.measures import DEFINITIONS, uniform_alpha
+from posleak.analysis.reports import compare, plots, results
+from posleak.analysis.stages.knockout_loss import EXCESS
 from posleak.data import make_source
 from posleak.files import atomic_write, safe_dir
 from posleak.log import log
@@ -79,8 +81,7 @@ def per_seed(summaries: list[dict], number_of) -> dict:
     return {s["seed"]: number_of(s) for s in summaries}
 
 
-def headline(key: str):
-    return lambda s: s["headline"].get(key)
+headline = results.headline  # summary -> one declared number
 
 
 def fingerprint_bos_max(summary: dict) -> float | None:
@@ -89,14 +90,14 @@ def fingerprint_bos_max(summary: dict) -> float | None:
     return max(values, default=None)
 
 
-def layer_slope(records: list[dict], metric: str, condition: str | None) -> float | None:
+def layer_slope(records: list[dict], metric: str, condition: dict | None) -> float | None:
     """Least-squares slope over layers >= 1 of a per-layer metric: growth with depth (the same
     layer set as the pooled level, version 3 item 4)."""
     points = [
         (r["layer"], r["value"])
         for r in records
         if r["metric"] == metric
-        and r["condition"] == condition
+        and matches(r, condition)
         and r["head"] is None
         and r["layer"] is not None
         and r["layer"] >= 1
@@ -208,10 +209,10 @@ def claim_a(study: Study, out: Path) -> tuple[list[str], Verdicts | None]:
         "floor": ("its no-signal floor", headline("c_res_window_floor")),
         "share": (f"abs_share at i ≥ {w}", headline("abs_share_window")),
         "tail": (f"probe R² at positions ≥ {w} (last layer)", headline("probe_tail_r2_log_last")),
-        "early": (f"C_res at i < {k} (v3, all keys)", headline("c_res_early_v3_all")),
+        "early": (f"C_res at i < {k} (v3, all keys)", headline("c_res_deep", part="all")),
     }
     slope = {
-        v: by_records(study, v, lambda r: layer_slope(r, "c_res_window_signed", f"w={w}"))
+        v: by_records(study, v, lambda r: layer_slope(r, "c_res_window_signed", {"w": w}))
         for v in study.text
     }
     rows = [
@@ -305,16 +306,25 @@ def claim_b(study: Study) -> tuple[list[str], Verdicts]:
                     f"BOS → {kind}",
                     *(
                         level(
-                            per_seed(study.runs_of(v), headline(f"bos_swap_removed_v3_{kind}_{p}")),
+                            per_seed(
+                                study.runs_of(v), headline("bos_swap_removed_v3", swap=kind, part=p)
+                            ),
                             percent=True,
                         )
                         for p, _ in parts
                     ),
-                    level(per_seed(study.runs_of(v), headline(f"bos_swap_loss_{kind}_early"))),
+                    level(
+                        per_seed(
+                            study.runs_of(v),
+                            headline("bos_swap_loss_change", swap=kind, queries="early"),
+                        )
+                    ),
                 ]
             )
     removed = {
-        kind: per_seed(study.runs_of(REFERENCE), headline(f"bos_swap_removed_v3_{kind}_rest"))
+        kind: per_seed(
+            study.runs_of(REFERENCE), headline("bos_swap_removed_v3", swap=kind, part="rest")
+        )
         for kind in study.opts.swaps
     }
     cells = [
@@ -322,7 +332,9 @@ def claim_b(study: Study) -> tuple[list[str], Verdicts]:
         for kind, values in removed.items()
     ]
     if CONTROL in study.summaries and "mean" in removed:
-        control = per_seed(study.runs_of(CONTROL), headline("bos_swap_removed_v3_mean_rest"))
+        control = per_seed(
+            study.runs_of(CONTROL), headline("bos_swap_removed_v3", swap="mean", part="rest")
+        )
         cells.append(
             (f"`{REFERENCE}` − `{CONTROL}`, BOS → mean, keys j ≥ 1", removed["mean"], control)
         )
@@ -361,7 +373,9 @@ def claim_b(study: Study) -> tuple[list[str], Verdicts]:
 
 def _against_source(study: Study, verdicts: Verdicts) -> str:
     """RoPE's BOS→mean removed share (content keys) against 0 and the source study's 40%."""
-    values = per_seed(study.runs_of(REFERENCE), headline("bos_swap_removed_v3_mean_rest"))
+    values = per_seed(
+        study.runs_of(REFERENCE), headline("bos_swap_removed_v3", swap="mean", part="rest")
+    )
     found = mean_interval(values.values())
     if found is None:
         return f"`{REFERENCE}`'s BOS → mean was not measured."
@@ -382,8 +396,11 @@ def intact_signal_rows(study: Study, variants: list[str]) -> list[list[str]]:
     >= 1) beside the floor pure noise gives at this N, one column per variant."""
     rows = []
     for part, label in (("rest", "keys j ≥ 1"), ("key0", "key 0")):
-        for key, name in (("", f"intact C_res, {label}"), ("floor_", "its no-signal floor")):
-            number_of = headline(f"c_res_early_v3_{key}{part}")
+        for name_, name in (
+            ("c_res_deep", f"intact C_res, {label}"),
+            ("c_res_deep_floor", "its no-signal floor"),
+        ):
+            number_of = headline(name_, part=part)
             rows.append([name, *(level(per_seed(study.runs_of(v), number_of)) for v in variants)])
     return rows
 
@@ -391,11 +408,9 @@ def intact_signal_rows(study: Study, variants: list[str]) -> list[list[str]]:
 def signal_over_floor(study: Study, variant: str) -> str:
     """The content-key signal a removed share divides, as a multiple of its no-signal floor:
     near 1 the share is a ratio of noise, whatever its sign."""
+    signal, floor = headline("c_res_deep", part="rest"), headline("c_res_deep_floor", part="rest")
     ratios = [
-        s["headline"]["c_res_early_v3_rest"] / s["headline"]["c_res_early_v3_floor_rest"]
-        for s in study.runs_of(variant)
-        if s["headline"].get("c_res_early_v3_rest") is not None
-        and s["headline"].get("c_res_early_v3_floor_rest")
+        signal(s) / floor(s) for s in study.runs_of(variant) if signal(s) is not None and floor(s)
     ]
     if not ratios:
         return ""
@@ -424,7 +439,7 @@ def claim_c(study: Study) -> tuple[list[str], Verdicts]:
     with_sinks = [
         v
         for v in study.summaries
-        if any((s["headline"].get("knockout_sink_heads") or 0) > 0 for s in study.runs_of(v))
+        if any((results.value(s, "knockout_sink_heads") or 0) > 0 for s in study.runs_of(v))
     ]
     bos_max = max(
         (fingerprint_bos_max(s) or 0.0 for items in study.summaries.values() for s in items),
@@ -432,7 +447,9 @@ def claim_c(study: Study) -> tuple[list[str], Verdicts]:
     )
     cells = []
     for v in study.text:
-        excess = per_seed(study.runs_of(v), headline("knockout_loss_excess"))
+        excess = per_seed(
+            study.runs_of(v), headline("knockout_loss_change", key=EXCESS, heads="all")
+        )
         cells.append(
             (f"`{v}`: loss, key-0 knockout minus equal-mass control", excess, zeros(excess))
         )
@@ -440,8 +457,8 @@ def claim_c(study: Study) -> tuple[list[str], Verdicts]:
             study.runs_of(v),
             difference(
                 lambda s: (
-                    s["headline"].get("knockout_probe_refit_r2_log_key1_last"),
-                    s["headline"].get("knockout_probe_refit_r2_log_last"),
+                    results.value(s, "knockout_probe_refit_r2_log_key1_last"),
+                    results.value(s, "knockout_probe_refit_r2_log_last"),
                 )
             ),
         )
@@ -486,8 +503,8 @@ def step_zero(study: Study) -> list[str]:
     same run trained."""
     series = (
         ("C_mask, mean", lambda s: _mean(s["per_layer"]["c_mask"].values())),
-        ("C_res i < K (v3)", headline("c_res_early_v3_all")),
-        ("its floor", headline("c_res_early_v3_floor_all")),
+        ("C_res i < K (v3)", headline("c_res_deep", part="all")),
+        ("its floor", headline("c_res_deep_floor", part="all")),
         ("probe R² (last)", headline("probe_r2_log_last")),
         ("λ₀ max", headline("lift0_max")),
     )
@@ -632,18 +649,22 @@ def position_readout(study: Study, out: Path) -> list[str]:
 def extrapolation(study: Study, out: Path) -> list[str]:
     text = {v: study.groups[v] for v in study.text}
     fig = plots.figure(out / "extrapolation", lambda ax: plots.extrapolation_curve(ax, text))
-    beyond = sorted(
-        {k for v in study.text for s in study.runs_of(v) for k in s["headline"]},
-        key=lambda k: (len(k), k),
-    )
-    beyond = [k for k in beyond if k.startswith("loss_beyond_")]
+    beyond = results.number("loss_beyond_train")
+    columns = [
+        c
+        for c in beyond.values_of(study.opts)
+        if any(
+            headline(beyond.name, **c)(s) is not None for v in study.text for s in study.runs_of(v)
+        )
+    ]
     rows = [
-        [v, *(level(per_seed(study.runs_of(v), headline(k))) for k in beyond)] for v in study.text
+        [v, *(level(per_seed(study.runs_of(v), headline(beyond.name, **c))) for c in columns)]
+        for v in study.text
     ]
     return [
-        "## Length extrapolation (loss beyond the training length; `ntkS`: NTK at inference)",
+        "## Length extrapolation (loss beyond the training length, nats)",
         "",
-        *table(["variant", *(k.removeprefix("loss_beyond_") for k in beyond)], rows),
+        *table(["variant", *(f"{c['multiple']}× T, NTK {c['ntk']}" for c in columns)], rows),
         "",
         f"![extrapolation]({fig})",
     ]
@@ -664,11 +685,11 @@ def inference_ntk(study: Study) -> list[str]:
                 extrapolation=(),
             )
             extra = study.extra(s, "analysis-4x" + (f"-ntk{scale:g}" if scale else ""), opts)
-            numbers[scale]["probe"][s["seed"]] = extra["headline"]["probe_r2_log_last"]
-            numbers[scale]["c_res"][s["seed"]] = extra["headline"]["c_res_early_v3_all"]
+            numbers[scale]["probe"][s["seed"]] = results.value(extra, "probe_r2_log_last")
+            numbers[scale]["c_res"][s["seed"]] = results.value(extra, "c_res_deep", part="all")
     trained = {
         "probe": per_seed(study.runs_of(REFERENCE), headline("probe_r2_log_last")),
-        "c_res": per_seed(study.runs_of(REFERENCE), headline("c_res_early_v3_all")),
+        "c_res": per_seed(study.runs_of(REFERENCE), headline("c_res_deep", part="all")),
     }
     rows = [["1× (trained length)", level(trained["probe"]), level(trained["c_res"])]]
     rows += [
@@ -713,20 +734,19 @@ def emergence(study: Study, out: Path) -> list[str]:
             opts = Options(seqs=study.seqs, step=step, contrast_window=study.window)
             by_step[step] = study.extra(first, f"analysis-step{step}", opts)
     series = (
-        ("λ₀ (strongest head)", "lift0_max"),
-        ("α₀ (strongest head)", "alpha0_max"),
-        ("α₀ uniform", "alpha0_uniform"),
-        ("C_res i < K (v3)", "c_res_early_v3_all"),
-        ("BOS → mean removed, j ≥ 1", "bos_swap_removed_v3_mean_rest"),
-        ("probe R² (last)", "probe_r2_log_last"),
+        ("λ₀ (strongest head)", headline("lift0_max")),
+        ("α₀ (strongest head)", headline("alpha0_max")),
+        ("α₀ uniform", headline("alpha0_uniform")),
+        ("C_res i < K (v3)", headline("c_res_deep", part="all")),
+        ("BOS → mean removed, j ≥ 1", headline("bos_swap_removed_v3", swap="mean", part="rest")),
+        ("probe R² (last)", headline("probe_r2_log_last")),
     )
     rows = [
-        [str(step), *(number(s["headline"].get(k), 3) for _, k in series)]
-        for step, s in sorted(by_step.items())
+        [str(step), *(number(f(s), 3) for _, f in series)] for step, s in sorted(by_step.items())
     ]
     curves = {
-        label: [{step: s["headline"].get(k) for step, s in by_step.items()}]
-        for label, k in (series[0], series[3], series[5])
+        label: [{step: f(s) for step, s in by_step.items()}]
+        for label, f in (series[0], series[3], series[5])
     }
     fig = plots.seed_curves(
         out / "emergence",

@@ -4,7 +4,8 @@ Fields: run, variant, seed, site, layer, head, query, metric, value, condition, 
 n, definitions. `site` says what `layer` counts: "resid" (residual sites, 0 = the embedding
 output) or "attn" (attention layers, blocks from 0); None for run-level numbers. `layer`,
 `head`, `query` and `condition` are None where they do not apply (a head of None means pooled
-over heads); `lo`/`hi` bound a 95% bootstrap interval over
+over heads); `condition` is a dict of named fields (e.g. {"swap": "mean", "part": "rest"}),
+never a packed string; `lo`/`hi` bound a 95% bootstrap interval over
 sequences where one was computed; `definitions` is the version of docs/science.md the
 number follows. Plots and reports are pure functions of these rows.
 """
@@ -16,7 +17,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from posleak.analysis.measures import DEFINITIONS
+from posleak.analysis.maths.measures import DEFINITIONS
 
 FIELDS = (
     "run",
@@ -67,7 +68,7 @@ class Recorder:
                 "query": query,
                 "metric": metric,
                 "value": _num(value),
-                "condition": condition,
+                "condition": _condition(condition),
                 "std": _num(std),
                 "lo": _num(lo),
                 "hi": _num(hi),
@@ -83,6 +84,23 @@ class Recorder:
             raise KeyError(
                 f"metric {metric!r} is declared by no stage (analysis/stages/)"
             ) from None
+
+
+def _condition(condition) -> dict | None:
+    """A record's condition: None, or a dict of named scalar fields in one key order."""
+    if condition is None or condition == {}:
+        return None
+    if not isinstance(condition, dict):
+        raise TypeError(f"a record's condition is a dict of named fields, not {condition!r}")
+    for key, value in condition.items():
+        if not isinstance(key, str) or not isinstance(value, (str, int, float, bool)):
+            raise TypeError(f"condition field {key!r} = {value!r}: names are str, values scalars")
+    return dict(sorted(condition.items()))
+
+
+def matches(row: dict, condition: dict | None) -> bool:
+    """Whether a record's condition is exactly `condition` (None: no condition)."""
+    return (row["condition"] or None) == (_condition(condition) if condition else None)
 
 
 def _num(x):
@@ -131,9 +149,17 @@ def load_records(paths):
     return pandas.DataFrame(rows, columns=list(FIELDS))
 
 
-def select(rows: list[dict], metric: str, **where) -> list[dict]:
+ANY = object()  # select(..., condition=ANY): whatever the condition
+
+
+def select(rows: list[dict], metric: str, condition=ANY, **where) -> list[dict]:
+    """The rows of one metric at exactly this condition (default: any) and these values."""
     return [
-        r for r in rows if r["metric"] == metric and all(r.get(k) == v for k, v in where.items())
+        r
+        for r in rows
+        if r["metric"] == metric
+        and (condition is ANY or matches(r, condition))
+        and all(r.get(k) == v for k, v in where.items())
     ]
 
 
@@ -170,7 +196,7 @@ def by_layer(rows, metric, head=None, query=None, condition=None) -> dict:
         if r["metric"] == metric
         and r["head"] == head
         and r["query"] == query
-        and r["condition"] == condition
+        and matches(r, condition)
     }
 
 
@@ -181,7 +207,7 @@ def per_layer_queries(rows, metric, condition=None, head=None) -> dict:
         if (
             r["metric"] == metric
             and r["head"] == head
-            and r["condition"] == condition
+            and matches(r, condition)
             and r["query"] is not None
         ):
             out[r["layer"]][r["query"]] = r["value"]
@@ -202,7 +228,7 @@ def removed_over_layers(rows, kind: str, k: int | None) -> float | None:
     """1 - sum_{layers, 1<=i<k} C_swap^2 / sum C^2: the BOS replacement's removed share pooled
     over layers (per-layer ratios explode where a layer has almost no signal)."""
     base = per_layer_queries(rows, "c_res")
-    swap = per_layer_queries(rows, "c_res", condition=f"swap={kind}")
+    swap = per_layer_queries(rows, "c_res", condition={"swap": kind})
     if not swap:
         return None
     orig = sum(early_square_sum(base[l], k) for l in base)

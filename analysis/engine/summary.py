@@ -1,8 +1,10 @@
-"""analysis.json of one analysis, as a pure function of its records and options.
+"""analysis.json of one analysis, and its report.md, as pure functions of its records and
+options.
 
-`per_layer` holds one number per layer for each curve a stage draws; `headline` one number
-per run for the comparison table (the units that are paired by seed across variants). Both
-loop over the registered stages (analysis/stages/).
+`per_layer` holds one number per layer for each curve a stage draws; `headline` every number
+the stages declare (analysis/engine/numbers.py), under the keys their declarations compose:
+the units that are paired by seed across variants. Both loop over the registered stages
+(analysis/stages/), and so does the per-run report.
 """
 
 from __future__ import annotations
@@ -11,9 +13,9 @@ import dataclasses
 import sys
 
 from posleak import version
-from posleak.analysis.measures import DEFINITIONS
-from posleak.analysis.options import Options
-from posleak.analysis.stages import STAGES
+from posleak.analysis.engine.options import Options
+from posleak.analysis.maths.measures import DEFINITIONS
+from posleak.analysis.stages import NUMBERS, STAGES
 
 
 def per_layer(rows: list[dict], opts: Options) -> dict:
@@ -24,12 +26,9 @@ def per_layer(rows: list[dict], opts: Options) -> dict:
     return out
 
 
-def headline(rows: list[dict], layers: dict, val_loss: float | None, opts: Options) -> dict:
-    """One number per run for each comparison row (None where not measured)."""
-    out = {"val_loss": val_loss}
-    for stage in STAGES:
-        out.update(stage.headline(rows, layers, opts))
-    return out
+def headline(rows: list[dict], layers: dict, opts: Options) -> dict:
+    """Every declared number of one analysis (None where not measured)."""
+    return NUMBERS.headline(rows, layers, opts)
 
 
 def peak_rss_mb() -> float | None:
@@ -68,26 +67,16 @@ def summarise(analysis, seconds: float) -> dict:
         "peak_rss_mb": peak_rss_mb(),
         "timings": analysis.timings,
         "per_layer": layers,
-        "headline": headline(rows, layers, subject.info.get("val_loss"), opts),
+        "headline": headline(rows, layers, opts),
         "options": dataclasses.asdict(opts),  # what the labels of every report are made from
     }
 
 
 def run_report(summary: dict, figure: str) -> str:
-    early = Options.of_summary(summary).early_queries
-    """report.md of one analysis: what was analysed, the per-layer numbers, the figure."""
-    layers = summary["per_layer"]
-    interval = layers["probe_r2_log_interval"]
-
-    def cell(table: dict, layer, fmt="{:.3f}"):
-        value = table.get(layer, table.get(str(layer)))
-        return "–" if value is None else fmt.format(value)
-
-    def probe(layer):
-        lo, hi = interval.get(layer, interval.get(str(layer), [None, None]))
-        r2 = cell(layers["probe_r2_log"], layer, "{:.2f}")
-        return r2 if lo is None else f"{r2} [{lo:.2f}, {hi:.2f}]"
-
+    """report.md of one analysis: what was analysed, every declared number, then each
+    stage's per-layer curves as one table per stage (a new stage appears without an edit
+    here), and the overview figure."""
+    opts = Options.of_summary(summary)
     loss = summary.get("val_loss")
     lines = [
         f"# Analysis of `{summary['run']}`",
@@ -97,22 +86,37 @@ def run_report(summary: dict, figure: str) -> str:
         f"`{summary['data']}`, BOS {summary['bos']}; definitions version "
         f"{summary['definitions']}; validation loss {'–' if loss is None else f'{loss:.4f}'}.",
         "",
-        f"| residual site | probe R², log target [95% bootstrap over {summary['seqs']} "
-        "sequences] |",
-        "|---|---|",
-        *(f"| {layer} | {probe(layer)} |" for layer in layers["probe_r2_log"]),
-        "",
-        f"| attention layer | C_res RMS over queries 1–{early - 1} | abs_share | α₀ of the "
-        "strongest head | sink rate |",
-        "|---|---|---|---|---|",
-        *(
-            f"| {layer} | {cell(layers['c_res_early'], layer)} | "
-            f"{cell(layers['abs_share'], layer)} | {cell(layers['alpha0_max'], layer)} | "
-            f"{cell(layers['sink_rate'], layer, '{:.2f}')} |"
-            for layer in layers["c_res_early"]
-        ),
-        "",
         f"![overview]({figure})",
         "",
+        "## Numbers",
+        "",
+        "| number | value |",
+        "|---|--:|",
     ]
-    return "\n".join(lines)
+    for number in NUMBERS:
+        for condition in number.values_of(opts):
+            value = summary["headline"].get(number.key(**condition))
+            if value is not None:
+                lines.append(f"| {number.title(opts, **condition)} | {number.format(value)} |")
+    layers = summary["per_layer"]
+    for stage in STAGES:
+        curves = {
+            name: {int(l): v for l, v in layers[name].items()}
+            for name in stage.per_layer([], opts)
+            if layers.get(name) and not name.endswith("_interval")
+        }
+        if not curves:
+            continue
+        index = sorted({l for curve in curves.values() for l in curve})
+        lines += ["", f"## {stage.name}", "", "| layer | " + " | ".join(curves) + " |"]
+        lines.append("|--:|" + "--:|" * len(curves))
+        for l in index:
+            cells = (_cell(curve.get(l)) for curve in curves.values())
+            lines.append(f"| {l} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value) -> str:
+    if isinstance(value, (int, float)):
+        return f"{value:.3g}"
+    return "–"

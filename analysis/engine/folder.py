@@ -1,10 +1,10 @@
 """The analysis folder: its layout, and the one place its files are written and read.
 
-    ANALYSIS/records.jsonl   tidy rows (analysis/records.py)
-    ANALYSIS/analysis.json   the analysis's headline numbers and options (analysis/summary.py);
-                             a run's own summary.json is training's, never this
-    ANALYSIS/report.png      the overview figure (analysis/plots.py)
-    ANALYSIS/report.md       the per-layer numbers beside the figure (analysis/summary.py)
+    ANALYSIS/records.jsonl   tidy rows (analysis/engine/records.py)
+    ANALYSIS/analysis.json   headline numbers and options (analysis/engine/summary.py); a run's
+                             own summary.json is training's, never this
+    ANALYSIS/report.png      the overview figure (analysis/reports/plots.py)
+    ANALYSIS/report.md       the per-layer numbers beside the figure (analysis/engine/summary.py)
     ANALYSIS/.lock           one writer at a time (train/lock.py)
 
 A run's analysis is RUN/analysis; a pretrained model's is analyses/NAME (or --out). Writes
@@ -20,7 +20,7 @@ import os
 import time
 from pathlib import Path
 
-from posleak.analysis import records
+from posleak.analysis.engine import records
 from posleak.files import atomic_write, refuse_link, safe_dir
 from posleak.train.lock import RunLock, RunLocked
 

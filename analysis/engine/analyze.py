@@ -16,16 +16,18 @@ from typing import NamedTuple
 
 import torch
 
-from posleak.analysis import measures, plots, stages
-from posleak.analysis import probe as probes
-from posleak.analysis.collect import LogitSums, Subject, each, run_subject, store, stream
-from posleak.analysis.folder import AnalysisDir
-from posleak.analysis.logits import LogitStats, logit_stats
-from posleak.analysis.options import Options
-from posleak.analysis.progress import Progress
-from posleak.analysis.records import Recorder
-from posleak.analysis.stats import bootstrap_weights
-from posleak.analysis.summary import run_report, summarise
+from posleak.analysis import stages
+from posleak.analysis.engine.collect import LogitSums, Subject, each, run_subject, store, stream
+from posleak.analysis.engine.folder import AnalysisDir
+from posleak.analysis.engine.options import Options
+from posleak.analysis.engine.progress import Progress
+from posleak.analysis.engine.records import Recorder
+from posleak.analysis.engine.summary import run_report, summarise
+from posleak.analysis.maths import measures
+from posleak.analysis.maths import probe as probes
+from posleak.analysis.maths.logits import LogitStats, logit_stats
+from posleak.analysis.maths.stats import bootstrap_weights
+from posleak.analysis.reports import plots
 from posleak.model.masks import attention_mask
 from posleak.train.environment import check_fits
 
@@ -90,6 +92,7 @@ class Analysis:
     def run_all(self) -> tuple[list[dict], dict]:
         """The base pass, then every registered stage in order (analysis/stages/)."""
         started = time.perf_counter()
+        self.rec.add("val_loss", self.subject.info.get("val_loss"))  # the run's, from training
         enabled = [s for s in stages.STAGES if s.enabled(self.opts)]
         plan = {"base pass": self.opts.seqs * self.T, **{s.name: s.work(self) for s in enabled}}
         progress = Progress(plan)
@@ -228,7 +231,7 @@ def subject_of(target: str | Path, opts: Options) -> Subject:
     """A run directory, or `hf:PATH_OR_NAME` for a pretrained transformers model."""
     check_device(opts.device)
     if str(target).startswith("hf:"):
-        from posleak.analysis import pretrained  # imports transformers
+        from posleak.analysis.pretrained import models as pretrained  # imports transformers
 
         if opts.step is not None:
             raise ValueError("--step selects a checkpoint of a posleak run, not of hf: models")
@@ -254,7 +257,7 @@ def check_device(name: str) -> None:
 def default_out(target: str | Path) -> Path:
     """RUN/analysis, or analyses/NAME for a pretrained model hf:.../NAME."""
     if str(target).startswith("hf:"):
-        from posleak.analysis.pretrained import short_name
+        from posleak.analysis.pretrained.models import short_name
 
         return Path("analyses") / short_name(str(target)[3:])
     return Path(target) / "analysis"

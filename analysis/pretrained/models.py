@@ -1,7 +1,8 @@
 """Pretrained causal language models from transformers, behind posleak's hook names.
 
 `posleak analyze hf:PATH_OR_NAME` runs the measurements of a posleak run on a Llama, Mistral,
-Qwen2, Gemma 3 or GPT-NeoX checkpoint (a transformers folder, or a GGUF file: analysis/gguf.py).
+Qwen2, Gemma 3 or GPT-NeoX checkpoint (a transformers folder, or a GGUF file:
+analysis/pretrained/gguf.py).
 Nothing is re-implemented per architecture: the model runs its own code. Our attention
 function, registered through transformers' AttentionInterface (with the eager mask, so
 windows are the model's own), computes logits and weights in the open so that hooks can
@@ -19,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from posleak.analysis import gguf
-from posleak.analysis.collect import Subject
+from posleak.analysis.engine.collect import Subject
+from posleak.analysis.pretrained import gguf
 from posleak.data import DataConfig, make_source
 from posleak.data.counter_rng import random_below, stream_key
 from posleak.data.text import TextCorpus, hub_reachable

@@ -14,12 +14,13 @@ import os
 from pathlib import Path
 
 from posleak import version
-from posleak.analysis.analyze import analyze
-from posleak.analysis.folder import AnalysisDir
-from posleak.analysis.html import to_html
-from posleak.analysis.measures import DEFINITIONS
-from posleak.analysis.options import Options
-from posleak.analysis.records import mean_std
+from posleak.analysis.engine.analyze import analyze
+from posleak.analysis.engine.folder import AnalysisDir
+from posleak.analysis.engine.options import Options
+from posleak.analysis.engine.records import mean_std
+from posleak.analysis.maths.measures import DEFINITIONS
+from posleak.analysis.reports import results
+from posleak.analysis.reports.html import to_html
 from posleak.analysis.stages import STAGES
 from posleak.files import atomic_write, safe_dir
 from posleak.log import log
@@ -34,7 +35,7 @@ from posleak.report import (
 )
 from posleak.train.rundir import RunDir
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 POOLED = ("definitions", "seqs", "seq_len", "data", "bos", "rope_scale")  # within a variant
@@ -141,11 +142,12 @@ def _same(items: list[dict], keys) -> None:
 
 
 def headline_rows(summaries: dict, opts: Options) -> list[tuple[str, str]]:
-    """(key, label) of every comparison row: validation loss, then each stage's."""
-    rows = [("val_loss", "validation loss")]
-    for stage in STAGES:
-        rows += stage.headlines(opts, summaries)
-    return rows
+    """(key, label) of every declared number that some analysis measured."""
+    return [
+        (key, label)
+        for key, label in results.rows(opts)
+        if any(s["headline"].get(key) is not None for items in summaries.values() for s in items)
+    ]
 
 
 def by_seed(items: list[dict], key: str) -> dict:

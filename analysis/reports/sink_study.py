@@ -14,11 +14,11 @@ import json
 import math
 from pathlib import Path
 
-from posleak.analysis import compare, plots
-from posleak.analysis.measures import DEFINITIONS
-from posleak.analysis.options import Options
-from posleak.analysis.records import finite_mean
-from posleak.analysis.study import (
+from posleak.analysis.engine.options import Options
+from posleak.analysis.engine.records import finite_mean
+from posleak.analysis.maths.measures import DEFINITIONS
+from posleak.analysis.reports import compare, plots, results
+from posleak.analysis.reports.study import (
     Study,
     by_records,
     fingerprint_bos_max,
@@ -30,6 +30,7 @@ from posleak.analysis.study import (
     verdict_table,
     zeros,
 )
+from posleak.analysis.stages.knockout_loss import EXCESS
 from posleak.data import make_source
 from posleak.files import atomic_write, safe_dir
 from posleak.model.rope import ntk_base
@@ -48,7 +49,7 @@ def is_sink_sweep(study: Study) -> bool:
 # ---------------------------------------------------------------- numbers per run
 def has_sink(summary: dict) -> float:
     """1 when some head is a sink (alpha_0 > eps and lambda_0 >= lift), else 0."""
-    return float((summary["headline"].get("knockout_sink_heads") or 0) > 0)
+    return float((results.value(summary, "knockout_sink_heads") or 0) > 0)
 
 
 def virtual_mass(records: list[dict]) -> float | None:
@@ -137,7 +138,7 @@ def _anchoring(study: Study) -> str:
     formed = sum(has_sink(s) for s in nobos)
     with_bos = sum(has_sink(s) for s in study.runs_of(REFERENCE))
     dispersion = finite_mean(fingerprint_bos_max(s) for s in study.runs_of(REFERENCE))
-    varying = finite_mean(s["headline"].get("fingerprint_nobos_last") for s in nobos)
+    varying = finite_mean(results.value(s, "fingerprint_nobos_last") for s in nobos)
     if not with_bos:
         where = "with no sink in `rope`, where a sink is anchored cannot be read here"
     elif formed:
@@ -156,13 +157,17 @@ def _anchoring(study: Study) -> str:
 def _stabilising(study: Study, variants: list[str]) -> list[str]:
     cells = []
     for v in variants:
-        excess = per_seed(study.runs_of(v), headline("knockout_loss_sinks_excess"))
+        excess = per_seed(
+            study.runs_of(v), headline("knockout_loss_change", key=EXCESS, heads="sinks")
+        )
         excess = {k: x for k, x in excess.items() if x is not None}
         if len(excess) >= 2:
             cells.append(
                 (f"`{v}`: sink heads' key 0 minus equal-mass control", excess, zeros(excess))
             )
-        every = per_seed(study.runs_of(v), headline("knockout_loss_excess"))
+        every = per_seed(
+            study.runs_of(v), headline("knockout_loss_change", key=EXCESS, heads="all")
+        )
         cells.append((f"`{v}`: key 0 minus equal-mass control, every head", every, zeros(every)))
     return [
         "Does the model lean on its sink? The change of loss on non-copy targets when key 0 "
@@ -181,15 +186,15 @@ def claim_b(study: Study) -> list[str]:
     rows = []
     for kind in study.opts.swaps:
         for part, label in (("key0", "key 0"), ("rest", "keys j ≥ 1")):
-            key = f"bos_swap_removed_v3_{kind}_{part}"
+            removed_part = headline("bos_swap_removed_v3", swap=kind, part=part)
             rows.append(
                 [
                     f"BOS → {kind}, {label}",
-                    *(level(per_seed(study.runs_of(v), headline(key)), True) for v in variants),
+                    *(level(per_seed(study.runs_of(v), removed_part), True) for v in variants),
                 ]
             )
     cells = []
-    removed = headline("bos_swap_removed_v3_mean_rest")
+    removed = headline("bos_swap_removed_v3", swap="mean", part="rest")
     control = per_seed(study.runs_of(CONTROL), removed)
     for v in variants:
         if v != CONTROL and control:
@@ -274,14 +279,14 @@ def _ntk_note(study: Study, T: int) -> str:
 def emergence(study: Study, out: Path) -> list[str]:
     """The first EMERGENCE_SEEDS seeds of rope at every kept checkpoint."""
     series = (
-        ("λ₀ (strongest head)", lambda s, m: s["headline"].get("lift0_max")),
-        ("α₀ (strongest head)", lambda s, m: s["headline"].get("alpha0_max")),
+        ("λ₀ (strongest head)", lambda s, m: results.value(s, "lift0_max")),
+        ("α₀ (strongest head)", lambda s, m: results.value(s, "alpha0_max")),
         ("copy loss", lambda s, m: m.get("val_copy_loss")),
-        ("value drain (smallest head)", lambda s, m: s["headline"].get("value_drain_min")),
-        ("massive activation (largest)", lambda s, m: s["headline"].get("massive_ratio_max")),
+        ("value drain (smallest head)", lambda s, m: results.value(s, "value_drain_min")),
+        ("massive activation (largest)", lambda s, m: results.value(s, "massive_ratio_max")),
         (
             "BOS → mean removed, j ≥ 1",
-            lambda s, m: s["headline"].get("bos_swap_removed_v3_mean_rest"),
+            lambda s, m: results.value(s, "bos_swap_removed_v3", swap="mean", part="rest"),
         ),
     )
     curves: dict = {label: [] for label, _ in series}

@@ -19,11 +19,14 @@ import dataclasses
 import os
 from pathlib import Path
 
-from posleak.analysis.analyze import Analysis, subject_of, write_analysis
-from posleak.analysis.folder import AnalysisDir
-from posleak.analysis.measures import DEFINITIONS
-from posleak.analysis.options import Options
-from posleak.analysis.pretrained import short_name
+from posleak.analysis.engine.analyze import Analysis, subject_of, write_analysis
+from posleak.analysis.engine.folder import AnalysisDir
+from posleak.analysis.engine.options import Options
+from posleak.analysis.engine.records import matches
+from posleak.analysis.maths.measures import DEFINITIONS
+from posleak.analysis.pretrained.models import short_name
+from posleak.analysis.reports import results
+from posleak.analysis.stages.knockout_loss import EXCESS
 from posleak.files import atomic_write, safe_dir, sha256_file
 from posleak.log import log
 from posleak.report import number, table
@@ -97,9 +100,9 @@ class Read:
         self.summary, self.rows = folder.read_summary(), folder.read_records()
         self.opts = Options.of_summary(self.summary)
 
-    def row(self, metric: str, condition: str | None = None, layer=None) -> dict | None:
+    def row(self, metric: str, condition: dict | None = None, layer=None) -> dict | None:
         for r in self.rows:
-            if r["metric"] == metric and r.get("condition") == condition and r["layer"] == layer:
+            if r["metric"] == metric and matches(r, condition) and r["layer"] == layer:
                 return r
         return None
 
@@ -107,8 +110,8 @@ class Read:
         """The last residual site (the final layer's output)."""
         return max(r["layer"] for r in self.each("probe_r2_log"))
 
-    def each(self, metric: str, condition: str | None = None) -> list[dict]:
-        return [r for r in self.rows if r["metric"] == metric and r.get("condition") == condition]
+    def each(self, metric: str, condition: dict | None = None) -> list[dict]:
+        return [r for r in self.rows if r["metric"] == metric and matches(r, condition)]
 
 
 def cell(r: dict | None, digits: int = 3, percent: bool = False) -> str:
@@ -227,7 +230,7 @@ def model_section(name: str, reads: dict[str, Read]) -> list[str]:
         [
             r
             for r in (reads.get("long"), native)
-            if r and r.each("c_res_window_hybrid_diff", f"w={min(windows)}")
+            if r and r.each("c_res_window_hybrid_diff", {"w": min(windows)})
         ]
         if windows
         else []
@@ -246,14 +249,14 @@ def anchoring(native: Read, other: Read | None) -> list[str]:
     for policy, read in reads.items():
         _, sinks = sink_table(read)
         counts[policy] = sum(len(h) for h in sinks.values())
-    disp = native.each("fingerprint_dispersion", "bos") or other.each(
+    disp = native.each("fingerprint_dispersion", {"bos": "always"}) or other.each(
         "fingerprint_dispersion", "bos"
     )
-    nobos = native.each("fingerprint_dispersion", "nobos") or other.each(
+    nobos = native.each("fingerprint_dispersion", {"bos": "never"}) or other.each(
         "fingerprint_dispersion", "nobos"
     )
     worst, spread = max_value(disp), max_value(nobos)
-    head = native.each("fingerprint_head_dispersion", "bos")
+    head = native.each("fingerprint_head_dispersion", {"bos": "always"})
     return [
         f"**Anchoring.** With BOS at position 0, {counts['always']} heads are sink heads; "
         f"without it (position 0 holds an ordinary token), {counts['never']}. "
@@ -269,17 +272,22 @@ def anchoring(native: Read, other: Read | None) -> list[str]:
 def knockouts(read: Read) -> list[str]:
     group = "all"
     rows = [
-        [label, cell(read.row("knockout_loss_change", f"{cond},targets={group}"))]
-        for label, cond in (
-            ("key 0 knocked out in every head", "key=0"),
-            ("an equal-mass random earlier key, every head", "key=random"),
-            ("key 0 minus the equal-mass control (paired per token)", "excess"),
-            ("key 0 knocked out in the sink heads only", "key=0,heads=sinks"),
-            ("the same minus its control in those heads", "excess,heads=sinks"),
-            ("key 1 knocked out in every head", "key=1"),
+        [
+            label,
+            cell(read.row("knockout_loss_change", {"key": key, "heads": heads, "targets": group})),
+        ]
+        for label, key, heads in (
+            ("key 0 knocked out in every head", 0, "all"),
+            ("an equal-mass random earlier key, every head", "random", "all"),
+            ("key 0 minus the equal-mass control (paired per token)", EXCESS, "all"),
+            ("key 0 knocked out in the sink heads only", 0, "sinks"),
+            ("the same minus its control in those heads", EXCESS, "sinks"),
+            ("key 1 knocked out in every head", 1, "all"),
         )
     ]
-    refit = read.row("knockout_probe_refit_r2_log", "layer=all", layer=read.summary_last())
+    refit = read.row(
+        "knockout_probe_refit_r2_log", {"layer": "all", "key": 0}, layer=read.summary_last()
+    )
     return [
         "**Does the model lean on key 0?** Loss change (nats per token, every position), 95% "
         "bootstrap over sequences:",
@@ -304,13 +312,19 @@ def removal(native: Read, other: Read | None) -> list[str]:
                 [
                     f"BOS {read.opts.bos}",
                     f"position 0 → {kind}",
-                    cell(read.row("bos_swap_removed_v3", f"{kind},part=key0"), percent=True),
-                    cell(read.row("bos_swap_removed_v3", f"{kind},part=rest"), percent=True),
-                    cell(read.row("bos_swap_loss_change", f"{kind},queries=i<{k}")),
+                    cell(
+                        read.row("bos_swap_removed_v3", {"swap": kind, "part": "key0"}),
+                        percent=True,
+                    ),
+                    cell(
+                        read.row("bos_swap_removed_v3", {"swap": kind, "part": "rest"}),
+                        percent=True,
+                    ),
+                    cell(read.row("bos_swap_loss_change", {"swap": kind, "queries": "early"})),
                 ]
             )
-    deep = native.row("c_res_deep", "part=rest")
-    floor = native.row("c_res_deep_floor", "part=rest")
+    deep = native.row("c_res_deep", {"part": "rest"})
+    floor = native.row("c_res_deep_floor", {"part": "rest"})
     return [
         "### (b) Replacing what sits at position 0",
         "",
@@ -342,10 +356,10 @@ def ntk(read: Read) -> list[str]:
     rows = [
         [
             f"s = {s:g}",
-            cell(read.row("ntk_removed_v3", f"s={s:g},part=rest"), percent=True),
-            cell(read.row("ntk_removed_v3", f"s={s:g},part=key0"), percent=True),
-            cell(read.row("ntk_probe_refit_r2_log", f"s={s:g}", layer=last)),
-            cell(read.row("ntk_loss_change", f"s={s:g},queries=all")),
+            cell(read.row("ntk_removed_v3", {"s": s, "part": "rest"}), percent=True),
+            cell(read.row("ntk_removed_v3", {"s": s, "part": "key0"}), percent=True),
+            cell(read.row("ntk_probe_refit_r2_log", {"s": s}, layer=last)),
+            cell(read.row("ntk_loss_change", {"s": s, "queries": "all"})),
         ]
         for s in read.opts.ntk_scales
     ]
@@ -373,15 +387,15 @@ def ntk(read: Read) -> list[str]:
 def hybrid(read: Read, windows: list[int]) -> list[str]:
     """(a) inside a hybrid model: window layers against global layers beyond the window."""
     w = read.opts.contrast_window or min(windows)
-    cond = f"w={w}"
+    cond = {"w": w}
     diff = read.row("c_res_window_hybrid_diff", cond)
     s = read.summary
     return [
         f"**Window layers against global layers** ({read.opts.seqs} sequences of {s['seq_len']} "
         f"tokens, so that queries {w}–{s['seq_len'] - 1} lie beyond the window of {w}): the "
         f"residual component at those queries on the window's pairs, layers ≥ 1, is "
-        f"{cell(read.row('c_res_window_type', cond + ',layers=window'))} in the window layers "
-        f"and {cell(read.row('c_res_window_type', cond + ',layers=global'))} in the global "
+        f"{cell(read.row('c_res_window_type', {**cond, 'layers': 'window'}))} in the window layers "
+        f"and {cell(read.row('c_res_window_type', {**cond, 'layers': 'global'}))} in the global "
         "layers (C_res: the square root of the signed split-half signal, clamped once); their "
         f"signed difference (C_res², window − global) is {verdict(diff)}, paired bootstrap "
         f"over sequences. Probe R² at positions ≥ {w} (last "
@@ -393,13 +407,23 @@ def hybrid(read: Read, windows: list[int]) -> list[str]:
 
 QUANT_ROWS = (  # (label, metric, condition, at the last residual site)
     ("probe R² (log target, last layer)", "probe_r2_log", None, True),
-    ("C_res at early queries, layers ≥ 1, keys j ≥ 1", "c_res_deep", "part=rest", False),
-    ("removed by BOS → mean, keys j ≥ 1", "bos_swap_removed_v3", "mean,part=rest", False),
-    ("loss change, key-0 knockout", "knockout_loss_change", "key=0,targets=all", False),
+    ("C_res at early queries, layers ≥ 1, keys j ≥ 1", "c_res_deep", {"part": "rest"}, False),
+    (
+        "removed by BOS → mean, keys j ≥ 1",
+        "bos_swap_removed_v3",
+        {"swap": "mean", "part": "rest"},
+        False,
+    ),
+    (
+        "loss change, key-0 knockout",
+        "knockout_loss_change",
+        {"key": 0, "heads": "all", "targets": "all"},
+        False,
+    ),
     (
         "loss change, key 0 minus equal-mass control",
         "knockout_loss_change",
-        "excess,targets=all",
+        {"key": EXCESS, "heads": "all", "targets": "all"},
         False,
     ),
 )
@@ -417,7 +441,7 @@ def quantisation_section(reads: dict[str, Read], run: Path) -> list[str]:
             else ("yes" if a["lo"] <= b["value"] <= a["hi"] else "no")
         )
         rows.append([label, cell(a), cell(b), number(moved, 3), inside])
-    alpha = [r.summary["headline"].get("alpha0_max") for r in (f32, q4)]
+    alpha = [results.value(r.summary, "alpha0_max") for r in (f32, q4)]
     return [
         "## Quantisation: what Q4 alone moves",
         "",

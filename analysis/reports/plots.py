@@ -5,6 +5,7 @@ single run, its bootstrap interval over sequences), and every title says which."
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import matplotlib
@@ -14,7 +15,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from posleak.analysis.records import across_runs, mean_std, removed_over_layers, select
+from posleak.analysis.engine.records import across_runs, mean_std, removed_over_layers, select
 from posleak.files import atomic_write
 
 COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -140,9 +141,11 @@ def head_maps(path: Path, groups: dict, metric: str, label: str, vmin=None) -> s
 
 
 def fingerprint_curve(ax, groups) -> None:
-    line_with_spread(ax, groups, "fingerprint_dispersion", "layer", " BOS", "-", condition="bos")
     line_with_spread(
-        ax, groups, "fingerprint_dispersion", "layer", " no BOS", "--", condition="nobos"
+        ax, groups, "fingerprint_dispersion", "layer", " BOS", "-", condition={"bos": "always"}
+    )
+    line_with_spread(
+        ax, groups, "fingerprint_dispersion", "layer", " no BOS", "--", condition={"bos": "never"}
     )
     ax.set(
         ylabel="std/‖mean‖ of x₀ (fingerprint_dispersion)",
@@ -199,7 +202,7 @@ def knockout_curve(ax, groups) -> None:
         "layer",
         " key 0 knocked out",
         "--",
-        condition="layer=all",
+        condition={"layer": "all"},
     )
     ax.set(
         ylabel="held-out R² (probe_r2_log)",
@@ -209,25 +212,18 @@ def knockout_curve(ax, groups) -> None:
 
 
 def extrapolation_curve(ax, groups) -> None:
-    conds = sorted(
-        {
-            r["condition"]
-            for runs in groups.values()
-            for rows in runs
-            for r in select(rows, "loss_mean")
-        },
-        key=lambda c: (len(c), c),
-    )
-    longest = [
-        c
-        for c in conds
-        if c.split(",")[0]
-        == max((c.split(",")[0] for c in conds), key=lambda s: int(s[4:]), default="")
-    ]
-    for cond in longest:
-        style = "--" if "ntk" in cond else "-"
-        line_with_spread(ax, groups, "loss_by_position", "query", f" {cond}", style, condition=cond)
-    lengths = sorted({int(c.split(",")[0][4:]) for c in conds})
+    conds = {
+        json.dumps(r["condition"], sort_keys=True): r["condition"]
+        for runs in groups.values()
+        for rows in runs
+        for r in select(rows, "loss_mean")
+    }
+    lengths = sorted({c["len"] for c in conds.values()})
+    longest = [c for c in conds.values() if lengths and c["len"] == lengths[-1]]
+    for cond in sorted(longest, key=lambda c: c["ntk"] != "none"):
+        style = "--" if cond["ntk"] != "none" else "-"
+        label = f" len={cond['len']}" + ("" if cond["ntk"] == "none" else ", NTK")
+        line_with_spread(ax, groups, "loss_by_position", "query", label, style, condition=cond)
     if len(lengths) > 1:  # the shortest analysed length is the training length
         ax.axvline(lengths[0], color="grey", lw=0.8, ls=":", label=f"T_train = {lengths[0]}")
     ax.set(

@@ -11,8 +11,8 @@ from typing import NamedTuple
 
 import torch
 
-from posleak.analysis import measures
-from posleak.analysis.collect import LogitSums
+from posleak.analysis.engine.collect import LogitSums
+from posleak.analysis.maths import measures
 
 
 class LogitStats(NamedTuple):

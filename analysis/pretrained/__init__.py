@@ -1,0 +1,1 @@
+"""Pretrained models: transformers checkpoints and GGUF files behind posleak's hook names."""

@@ -1,0 +1,1 @@
+"""Reports: the comparison across variants, the studies, their figures and HTML."""

@@ -1,0 +1,39 @@
+"""The one reader of reported numbers across analyses: a number is named by its declaration
+(analysis/engine/numbers.py), never by a key spelt by hand, so a misspelt number or condition
+raises at once with the names that exist."""
+
+from __future__ import annotations
+
+from posleak.analysis.engine.numbers import Reported
+from posleak.analysis.engine.options import Options
+from posleak.analysis.stages import NUMBERS
+
+
+def number(name: str) -> Reported:
+    return NUMBERS[name]
+
+
+def value(summary: dict, name: str, **condition):
+    """One declared number of one analysis (None where it was not measured)."""
+    return summary["headline"].get(NUMBERS[name].key(**condition))
+
+
+def headline(name: str, **condition):
+    """The function summary -> that number (checked now, read later)."""
+    key = NUMBERS[name].key(**condition)
+    return lambda summary: summary["headline"].get(key)
+
+
+def per_seed(summaries: list[dict], name: str, **condition) -> dict:
+    """{seed: value} of one declared number over a variant's analyses."""
+    key = NUMBERS[name].key(**condition)
+    return {s["seed"]: s["headline"].get(key) for s in summaries}
+
+
+def rows(opts: Options) -> list[tuple[str, str]]:
+    """(key, label) of every declared number under these options, in the stages' order."""
+    return [
+        (number.key(**condition), number.title(opts, **condition))
+        for number in NUMBERS
+        for condition in number.values_of(opts)
+    ]
