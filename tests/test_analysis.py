@@ -216,6 +216,7 @@ NOT_WRITTEN_HERE = {
     "ntk_probe_r2_log",
     "ntk_probe_refit_r2_log",
     "ntk_removed_v3",
+    "ntk_removed_share",
     "sink_gain",
     "sink_virtual_mass",
 }
@@ -228,7 +229,7 @@ def test_analyze_writes_tidy_v3_records_summary_and_figures(runs):
     rows = read(out / "records.jsonl")
     assert {r["metric"] for r in rows} - {"sink_gain"} == METRIC_NAMES
     assert all(tuple(r) == FIELDS for r in rows)
-    assert {r["definitions"] for r in rows} == {3} and summary["definitions"] == 3
+    assert {r["definitions"] for r in rows} == {4} and summary["definitions"] == 4
     assert {r["variant"] for r in rows} == {"rope"} and {r["seed"] for r in rows} == {1}
     assert summary["per_layer"]["fingerprint_dispersion_bos"] == {0: 0.0, 1: 0.0, 2: 0.0}
     assert (out / "report.png").stat().st_size > 10_000
@@ -484,8 +485,8 @@ def test_route2_and_head_interventions_run_on_the_top_heads_by_lift(runs):
 
 
 def test_the_difference_table_is_one_holm_family_and_names_the_mde_of_every_null():
+    from posleak.analysis.maths.seeds import paired_difference
     from posleak.analysis.reports.compare import difference_table
-    from posleak.report import paired_difference
 
     seeds = range(8)
     ref = [{"seed": s, "headline": {"x": 0.0, "y": 0.0, "z": 0.0}} for s in seeds]
@@ -732,3 +733,40 @@ def test_ntk_at_inference_is_read_against_the_base_pass_on_the_same_sequences(ru
     stage("NTK at inference").run(nope, nope_ctx)
     assert not [r for r in nope.rec.rows if r["metric"].startswith("ntk_")]
     assert Options(ntk_scales=(1.0,)).problems(32)
+
+
+def drawn(fig) -> list[int]:
+    """How many artists hold data in each panel of a figure (colour bars aside)."""
+    counts = []
+    for ax in fig.axes:
+        if ax.get_label() == "<colorbar>":
+            continue
+        lines = sum(1 for line in ax.get_lines() if len(line.get_xdata()) > 0)
+        fills = sum(1 for c in ax.collections if len(c.get_paths()) or len(c.get_offsets()))
+        images = len(ax.get_images())
+        bars = sum(1 for p in ax.patches if p.get_height() != 0)
+        counts.append(lines + fills + images + bars)
+    return counts
+
+
+def test_every_figure_a_comparison_links_draws_something_in_every_panel(runs, tmp_path):
+    """A figure that asks for rows nobody recorded draws an empty panel (the shift figure once
+    asked for a condition its rows did not carry); every panel must hold data."""
+    from posleak.analysis.reports import plots
+
+    seen, save = {}, plots.save
+
+    def recording(fig, path):
+        seen[Path(path).with_suffix(".png").name] = drawn(fig)
+        return save(fig, path)
+
+    plots.save = recording
+    try:
+        groups, summaries = load_groups(find_runs([str(runs)]), SMALL)
+        text = write_report(groups, summaries, tmp_path / "report").read_text()
+    finally:
+        plots.save = save
+    linked = re.findall(r"\(([a-z_0-9]+\.png)\)", text)
+    assert linked and set(linked) <= set(seen)
+    empty = {name: counts for name, counts in seen.items() if not all(counts)}
+    assert not empty, empty

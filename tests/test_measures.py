@@ -10,9 +10,9 @@ import torch
 from posleak.analysis.engine.collect import LogitSums
 from posleak.analysis.maths import measures, probe
 from posleak.analysis.maths.logits import early_sum, logit_stats, pooled
+from posleak.analysis.maths.seeds import paired_difference, t_quantile_975
 from posleak.analysis.maths.stats import bootstrap_weights
 from posleak.model.masks import attention_mask
-from posleak.report import paired_difference, t_quantile_975
 
 GEN = torch.Generator().manual_seed(0)
 
@@ -616,29 +616,37 @@ def t_density_integral(t: float, df: int, steps: int = 200_000) -> float:
 
 @pytest.mark.parametrize("df", [1, 2, 4, 9, 29])
 def test_t_p_values_and_quantile_tables_agree_with_numerical_integration(df):
-    from posleak.report import t_quantile_80, t_two_sided_p
+    from posleak.analysis.maths.seeds import t_quantile, t_two_sided_p
 
     for t in (0.3, 1.0, 2.5, t_quantile_975(df)):
         assert t_two_sided_p(t, df) == pytest.approx(t_density_integral(t, df), abs=1e-6)
     assert t_density_integral(t_quantile_975(df), df) == pytest.approx(0.05, abs=1e-4)
-    assert t_density_integral(t_quantile_80(df), df) == pytest.approx(0.40, abs=1e-3)
+    assert t_density_integral(t_quantile(0.80, df), df) == pytest.approx(0.40, abs=1e-3)
+    # the hand-written table these quantiles replaced (scipy.stats), to its printed digits
+    table = {1: 12.706204736, 2: 4.302652730, 4: 2.776445105, 9: 2.262157163, 29: 2.045229642}
+    assert t_quantile_975(df) == pytest.approx(table[df], abs=1e-8)
 
 
 def test_sign_flips_holm_and_the_detectable_effect_follow_their_definitions():
-    from posleak.report import holm, minimum_detectable, sign_flip_p
+    from posleak.analysis.maths.seeds import holm, minimum_detectable, sign_flip_p, t_quantile
 
     assert sign_flip_p([1.0, 2.0, 3.0]) == 0.25  # all positive: 2 of 8 patterns as extreme
     assert sign_flip_p([1.0, -1.0]) == 1.0
     assert sign_flip_p([0.5, 0.4, 0.6, 0.55, 0.45, 0.5]) == pytest.approx(2 / 64)
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
-    # simulated power of the paired t-test at the MDE: about 80%
+    # simulated power of the paired t-test at the MDE: 80%, at the level that decides a cell
+    # (0.05 alone; 0.05 / 5 as the first step of a Holm family of five)
     gen = torch.Generator().manual_seed(11)
     n, sd = 7, 1.0
-    mde = minimum_detectable(sd, n)
-    d = mde + sd * torch.randn(4000, n, generator=gen, dtype=torch.float64)
-    t = d.mean(1) / (d.std(1) / n**0.5)
-    power = (t.abs() > t_quantile_975(n - 1)).double().mean().item()
-    assert power == pytest.approx(0.80, abs=0.03)
+    for alpha in (0.05, 0.01):
+        mde = minimum_detectable(sd, n, alpha)
+        d = mde + sd * torch.randn(20000, n, generator=gen, dtype=torch.float64)
+        t = d.mean(1) / (d.std(1) / n**0.5)
+        power = (t.abs() > t_quantile(1 - alpha / 2, n - 1)).double().mean().item()
+        assert power == pytest.approx(0.80, abs=0.015), alpha
+    approximation = (t_quantile_975(n - 1) + t_quantile(0.8, n - 1)) / n**0.5  # the old formula
+    assert minimum_detectable(sd, n) == pytest.approx(approximation, rel=0.05)
+    assert minimum_detectable(sd, n, 0.01) > 1.3 * minimum_detectable(sd, n)
 
 
 # ------------------------------------------------------------------ v3: removed shares by part

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from posleak.analysis.reports.sink_study import emergence_seed, persistence
-from posleak.analysis.reports.study import Verdicts, layer_slope, level
+from posleak.analysis.reports.study import layer_slope, level
+from posleak.analysis.reports.verdicts import Verdicts
 from posleak.analysis.stages import NUMBERS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,7 +71,7 @@ def test_study_small_runs_end_to_end_at_a_tiny_budget(tmp_path):
     spec = spec.replace("train.steps = 200", "train.steps = 8")  # Markov's own budget
     text, out = sweep_and_report(tmp_path, spec + TINY)
     assert "from the records of 19 finished runs (of 19 planned) in 9 variants" in text
-    assert "definitions version 3" in text
+    assert "definitions version 4" in text
     sections = ("## (a)", "## (b)", "## (c)", "## At initialisation", "4× its training length")
     for claim in (*sections, "## Over training", "Length extrapolation", "## Training", "## Scale"):
         assert claim in text, claim
@@ -81,13 +82,19 @@ def test_study_small_runs_end_to_end_at_a_tiny_budget(tmp_path):
         if "`learned`" in label:  # the positive control has one seed
             assert cell.endswith("(n=1 < 3: no test)"), cell
             continue
+        if "BOS →" in label and "no test" in cell:
+            # a seed drops out of a share when its model broke or its intact signal is not
+            # positive (nothing to remove): at 8 training steps that happens
+            continue
         assert any(v in cell for v in ("**finding**", "not detected (MDE", "after Holm")), cell
+        if "not tested: the primary contrast" in cell:  # gatekeeping: the primary is a null
+            continue
         assert "sign-flip p" in cell and "Holm" in cell, cell
     assert "queries 16–31 only" in text  # the window contrast reads where w = 16 binds
     rope = [json.loads(p.read_text())["headline"] for p in out.glob("rope-s*/analysis/*.json")]
     floor = level(dict(enumerate(h["c_res_window_floor"] for h in rope)))
     assert f"| rope | {level(dict(enumerate(h['c_res_window'] for h in rope)))} | {floor} |" in text
-    assert "| intact C_res, keys j ≥ 1 |" in text and "its no-signal floor in `rope`" in text
+    assert "| intact C², content keys j ≥ 1 |" in text and "its no-signal floor in `rope`" in text
     assert not (tmp_path / "report" / "comparison").exists()  # the comparison is compare's
     assert (tmp_path / "report" / "emergence.png").exists()
     steps = sorted(p.name for p in (out).glob("rope-s0-*/analysis-step*"))
@@ -164,12 +171,13 @@ def test_the_sink_study_runs_end_to_end_at_a_tiny_budget(tmp_path):
     assert (tmp_path / "report" / "sink_emergence.png").exists()
     # (b) shows the signal its shares divide: rope's intact content-key C_res beside its floor
     rope = [json.loads(p.read_text())["headline"] for p in out.glob("rope-s*/analysis/*.json")]
-    intact = {i: h[NUMBERS["c_res_deep"].key(part="rest")] for i, h in enumerate(rope)}
-    floor = {i: h[NUMBERS["c_res_deep_floor"].key(part="rest")] for i, h in enumerate(rope)}
-    rows = [r for r in text.splitlines() if r.startswith(("| intact C_res, keys", "| its no-"))]
-    assert rows[0].startswith(f"| intact C_res, keys j ≥ 1 | {level(intact)} | ")
+    intact = {i: h[NUMBERS["c_res_content"].key()] for i, h in enumerate(rope)}
+    floor = {i: h[NUMBERS["c_res_content_floor"].key()] for i, h in enumerate(rope)}
+    rows = [r for r in text.splitlines() if r.startswith(("| intact C², content", "| its no-"))]
+    assert rows[0].startswith(f"| intact C², content keys j ≥ 1 | {level(intact)} | ")
     assert rows[1].startswith(f"| its no-signal floor | {level(floor)} | ")
-    ratio = sum(intact[i] / floor[i] for i in intact) / len(intact)
+    ratios = [intact[i] / floor[i] for i in intact if floor[i] > 0]
+    ratio = sum(ratios) / len(ratios)
     assert f"divides is {ratio:.1f}× its no-signal floor in `rope`" in text
     # asked for other options, the study analyses again rather than reuse and mislabel
     again = posleak("study", out, "--out", tmp_path / "again", "--seqs", "12")

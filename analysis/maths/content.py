@@ -169,3 +169,14 @@ def _early(split: ContentSplit, part: str, early: int) -> torch.Tensor:
     queries = torch.zeros(split.content.shape[-1], dtype=torch.bool)
     queries[1:early] = True
     return queries & split.offset_queries if part == "key0" else queries
+
+
+def local_split(analysis, sums) -> ContentSplit:
+    """The split of one layer from the local fit on queries i < K_fit (the same numbers at
+    any analysed length >= K_fit), early queries 1 <= i < early_queries."""
+    k_fit = min(analysis.opts.fit_queries, analysis.T)
+    early = min(analysis.opts.early_queries, analysis.T)
+    return content_split(sums.prefix(k_fit), analysis.boot_a, analysis.boot_b, early)
+
+
+PARTS = ("content", "key0")

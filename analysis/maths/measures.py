@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import torch
 
-DEFINITIONS = 3
+DEFINITIONS = 4
 
 
 # ------------------------------------------------------------------ the two-way fit

@@ -1,5 +1,5 @@
 """Bootstrap intervals within a run (over sequences). Intervals across runs, paired by seed,
-are in posleak/report.py with the rest of the report kit."""
+are in seeds.py."""
 
 from __future__ import annotations
 

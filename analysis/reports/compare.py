@@ -3,8 +3,8 @@
 Groups runs by variant (from their sweep labels or configs), analyses any finished run that
 has not been analysed with the current definitions, and writes a Markdown report with
 figures. Variants are compared with the reference variant paired by seed: the mean
-difference over shared seeds with a 95% t-interval; a difference is marked a finding only
-when its interval excludes zero with at least 3 seeds.
+difference over shared seeds with a 95% t-interval; the table is one family, and a difference
+is marked a finding only when, with at least 3 seeds, its Holm-adjusted p is below 0.05.
 """
 
 from __future__ import annotations
@@ -19,20 +19,14 @@ from posleak.analysis.engine.folder import AnalysisDir
 from posleak.analysis.engine.options import Options
 from posleak.analysis.engine.records import mean_std
 from posleak.analysis.maths.measures import DEFINITIONS
+from posleak.analysis.maths.seeds import MIN_SEEDS, holm, mean_interval, paired_difference
 from posleak.analysis.reports import results
 from posleak.analysis.reports.html import to_html
+from posleak.analysis.reports.verdicts import ALPHA, difference_cell
 from posleak.analysis.stages import STAGES
 from posleak.files import atomic_write, safe_dir
 from posleak.log import log
-from posleak.report import (
-    MIN_SEEDS,
-    difference_cell,
-    holm,
-    mean_interval,
-    number,
-    paired_difference,
-    table,
-)
+from posleak.report import number, table
 from posleak.train.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -186,7 +180,9 @@ def difference_table(summaries: dict, reference: str, rows) -> list[str]:
     }
     tested = [c for c, d in cells.items() if d is not None and d.n >= MIN_SEEDS]
     adjusted = dict(zip(tested, holm([cells[c].p for c in tested]), strict=True))
-    body = [[label, *(difference_cell(cells[key, v], adjusted.get((key, v))) for v in others)]
+    level = ALPHA / max(1, len(tested))  # the first step of Holm decides a null's MDE
+    body = [[label, *(difference_cell(cells[key, v], adjusted.get((key, v)), level)
+                      for v in others)]
             for key, label in rows]  # fmt: skip
     return table(["metric", *(f"{v} − {reference}" for v in others)], body)
 

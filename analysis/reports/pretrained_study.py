@@ -26,6 +26,7 @@ from posleak.analysis.engine.records import matches
 from posleak.analysis.maths.measures import DEFINITIONS
 from posleak.analysis.pretrained.models import short_name
 from posleak.analysis.reports import results
+from posleak.analysis.reports.study import BROKEN_NATS
 from posleak.analysis.stages.knockout_loss import EXCESS
 from posleak.files import atomic_write, safe_dir, sha256_file
 from posleak.log import log
@@ -300,6 +301,17 @@ def knockouts(read: Read) -> list[str]:
     ]
 
 
+def share_cells(read: Read, kind: str) -> list[str]:
+    """The removed shares of one replacement, content keys and key 0, or "model broken"."""
+    loss = read.row("bos_swap_loss_change", {"swap": kind, "queries": "early"})
+    if loss and loss["value"] is not None and loss["value"] > BROKEN_NATS:
+        return ["model broken", "model broken"]
+    return [
+        cell(read.row("bos_swap_removed_share", {"swap": kind, "part": part}), percent=True)
+        for part in ("content", "key0")
+    ]
+
+
 def removal(native: Read, other: Read | None) -> list[str]:
     """(b): the share of the early-query residual component each BOS replacement removes."""
     k = native.opts.early_queries
@@ -312,34 +324,29 @@ def removal(native: Read, other: Read | None) -> list[str]:
                 [
                     f"BOS {read.opts.bos}",
                     f"position 0 → {kind}",
-                    cell(
-                        read.row("bos_swap_removed_v3", {"swap": kind, "part": "key0"}),
-                        percent=True,
-                    ),
-                    cell(
-                        read.row("bos_swap_removed_v3", {"swap": kind, "part": "rest"}),
-                        percent=True,
-                    ),
+                    *share_cells(read, kind),
                     cell(read.row("bos_swap_loss_change", {"swap": kind, "queries": "early"})),
                 ]
             )
-    deep = native.row("c_res_deep", {"part": "rest"})
-    floor = native.row("c_res_deep_floor", {"part": "rest"})
+    deep = native.row("c_res_content")
+    floor = native.row("c_res_content_floor")
     return [
         "### (b) Replacing what sits at position 0",
         "",
-        f"The residual component at queries 1–{k - 1} over layers ≥ 1 (key 0's column and the "
-        f"content keys j ≥ 1 apart, local fit on i < {native.opts.fit_queries}): content keys "
-        f"{cell(deep)} beside a no-signal floor of {number(floor['value'] if floor else None, 3)}. "
-        "Share removed by overwriting position 0's embedding (negative: the replacement adds "
-        "signal), and the loss change at the same queries:",
+        f"The residual component at queries 1–{k - 1} over layers ≥ 1 (local fit on i < "
+        f"{native.opts.fit_queries}; the content part from a fit on keys j ≥ 1 only, key 0 read "
+        f"against it): content keys C² = {cell(deep)} beside a no-signal floor of "
+        f"{number(floor['value'] if floor else None, 3)}. Share removed by overwriting position "
+        "0's embedding (negative: the replacement adds signal; where the loss at those queries "
+        f"rose by more than {BROKEN_NATS:g} nat the model is broken and no share is read), and "
+        "the loss change at the same queries:",
         "",
         *table(
             [
                 "sequences",
                 "replacement",
+                "removed, content keys",
                 "removed, key 0",
-                "removed, keys j ≥ 1",
                 f"loss change, i < {k}",
             ],
             rows,
@@ -356,8 +363,8 @@ def ntk(read: Read) -> list[str]:
     rows = [
         [
             f"s = {s:g}",
-            cell(read.row("ntk_removed_v3", {"s": s, "part": "rest"}), percent=True),
-            cell(read.row("ntk_removed_v3", {"s": s, "part": "key0"}), percent=True),
+            cell(read.row("ntk_removed_share", {"s": s, "part": "content"}), percent=True),
+            cell(read.row("ntk_removed_share", {"s": s, "part": "key0"}), percent=True),
             cell(read.row("ntk_probe_refit_r2_log", {"s": s}, layer=last)),
             cell(read.row("ntk_loss_change", {"s": s, "queries": "all"})),
         ]
@@ -373,7 +380,7 @@ def ntk(read: Read) -> list[str]:
         *table(
             [
                 "NTK",
-                f"removed, keys j ≥ 1, i < {k}",
+                f"removed, content keys, i < {k}",
                 "removed, key 0",
                 "probe R² (refit, last layer)",
                 "loss change",
@@ -407,11 +414,11 @@ def hybrid(read: Read, windows: list[int]) -> list[str]:
 
 QUANT_ROWS = (  # (label, metric, condition, at the last residual site)
     ("probe R² (log target, last layer)", "probe_r2_log", None, True),
-    ("C_res at early queries, layers ≥ 1, keys j ≥ 1", "c_res_deep", {"part": "rest"}, False),
+    ("C² at early queries, layers ≥ 1, content keys", "c_res_content", None, False),
     (
-        "removed by BOS → mean, keys j ≥ 1",
-        "bos_swap_removed_v3",
-        {"swap": "mean", "part": "rest"},
+        "removed by BOS → mean, content keys",
+        "bos_swap_removed_share",
+        {"swap": "mean", "part": "content"},
         False,
     ),
     (
@@ -434,7 +441,8 @@ def quantisation_section(reads: dict[str, Read], run: Path) -> list[str]:
     rows = []
     for label, metric, condition, last in QUANT_ROWS:
         a, b = (r.row(metric, condition, r.summary_last() if last else None) for r in (f32, q4))
-        moved = None if a is None or b is None else b["value"] - a["value"]
+        values = (None, None) if a is None or b is None else (a["value"], b["value"])
+        moved = None if None in values else values[1] - values[0]
         inside = (
             "–"
             if moved is None or a.get("lo") is None

@@ -22,21 +22,14 @@ from posleak.analysis.engine.folder import AnalysisDir
 from posleak.analysis.engine.options import Options
 from posleak.analysis.engine.records import matches
 from posleak.analysis.maths.measures import DEFINITIONS, uniform_alpha
+from posleak.analysis.maths.seeds import MIN_SEEDS, mean_interval
 from posleak.analysis.reports import compare, plots, results
+from posleak.analysis.reports.verdicts import Verdicts
 from posleak.analysis.stages.knockout_loss import EXCESS
 from posleak.data import make_source
 from posleak.files import atomic_write, safe_dir
 from posleak.log import log
-from posleak.report import (
-    MIN_SEEDS,
-    difference_cell,
-    holm,
-    mean_interval,
-    minimum_detectable,
-    number,
-    paired_difference,
-    table,
-)
+from posleak.report import number, table
 from posleak.train import checkpoint
 from posleak.train.rundir import RunDir
 
@@ -146,53 +139,6 @@ def level(values: dict, percent: bool = False) -> str:
     return f"{show(m)} [{show(lo)}, {show(hi)}] (n={n})"
 
 
-class Verdicts:
-    """One Holm family of paired contrasts: each a label, the values by seed and the
-    reference by seed. Its table and the words for one contrast come from the same tests."""
-
-    def __init__(self, cells: list[tuple[str, dict, dict]]):
-        self.cells = cells
-        self.diffs = [paired_difference(values, ref) for _, values, ref in cells]
-        tested = [i for i, d in enumerate(self.diffs) if d is not None and d.n >= MIN_SEEDS]
-        self.adjusted = dict(zip(tested, holm([self.diffs[i].p for i in tested]), strict=True))
-
-    def table(self, against: str) -> list[str]:
-        rows = [
-            [label, difference_cell(d, self.adjusted.get(i))]
-            for i, ((label, _, _), d) in enumerate(zip(self.cells, self.diffs, strict=True))
-        ]
-        return table(["contrast", f"difference from {against}, 95% t-interval"], rows)
-
-    def words(self, label: str) -> str:
-        """The verdict on one contrast: a finding and its sign; a contrast whose own interval
-        excludes 0 but that Holm's correction leaves above 0.05, said as such; or not detected,
-        with its MDE."""
-        i = next(k for k, (name, _, _) in enumerate(self.cells) if name == label)
-        d = self.diffs[i]
-        if d is None:
-            return "not measured"
-        if d.n < MIN_SEEDS:
-            return f"{number(d.mean, 3)} with n={d.n} < {MIN_SEEDS} seeds: not tested"
-        interval = f"{number(d.mean, 3)} [{number(d.lo, 3)}, {number(d.hi, 3)}]"
-        if self.adjusted[i] < 0.05:
-            return f"**{'higher' if d.mean > 0 else 'lower'}**, {interval}"
-        if d.p < 0.05:
-            return (
-                f"not a finding after Holm correction (p {number(d.p, 2)}, Holm "
-                f"{number(self.adjusted[i], 2)}), {interval}, though alone its interval excludes 0"
-            )
-        mde = number(minimum_detectable(d.sd, d.n), 2)
-        return f"not detected at this scale, {interval} (smallest detectable: {mde})"
-
-    @property
-    def nulls(self) -> int:
-        return sum(1 for i in self.adjusted if self.adjusted[i] >= 0.05)
-
-
-def verdict_table(cells: list[tuple[str, dict, dict]], against: str) -> list[str]:
-    return Verdicts(cells).table(against)
-
-
 def zeros(values: dict) -> dict:
     return dict.fromkeys(values, 0.0)
 
@@ -294,63 +240,66 @@ def claim_a(study: Study, out: Path) -> tuple[list[str], Verdicts | None]:
     ], verdicts
 
 
+BROKEN_NATS = 1.0  # a replacement that raises the early-query loss more than this broke the model
+PARTS_V4 = (("content", "content keys j ≥ 1"), ("key0", "key 0 against them"))
+
+
+def removed_by_seed(summaries: list[dict], kind: str, part: str) -> tuple[dict, int]:
+    """{seed: removed share} of one replacement, leaving out the seeds whose early-query loss
+    rose by more than BROKEN_NATS (a broken model's share is not position removed), and how
+    many were left out."""
+    share = headline("bos_swap_removed_share", swap=kind, part=part)
+    loss = headline("bos_swap_loss_change", swap=kind, queries="early")
+    kept = {s["seed"]: share(s) for s in summaries if (loss(s) or 0.0) <= BROKEN_NATS}
+    return kept, len(summaries) - len(kept)
+
+
+def share_cell(summaries: list[dict], kind: str, part: str) -> str:
+    values, broken = removed_by_seed(summaries, kind, part)
+    text = level(values, percent=True) if values else "–"
+    return text + (f"; model broken in {broken} of {len(summaries)} seeds" if broken else "")
+
+
 def claim_b(study: Study) -> tuple[list[str], Verdicts]:
     k = study.opts.early_queries
-    parts = (("key0", "key 0"), ("rest", "keys j ≥ 1"))
-    rows = []
-    for v in study.text:
-        for kind in study.opts.swaps:
-            rows.append(
-                [
-                    v,
-                    f"BOS → {kind}",
-                    *(
-                        level(
-                            per_seed(
-                                study.runs_of(v), headline("bos_swap_removed_v3", swap=kind, part=p)
-                            ),
-                            percent=True,
-                        )
-                        for p, _ in parts
-                    ),
-                    level(
-                        per_seed(
-                            study.runs_of(v),
-                            headline("bos_swap_loss_change", swap=kind, queries="early"),
-                        )
-                    ),
-                ]
-            )
-    removed = {
-        kind: per_seed(
-            study.runs_of(REFERENCE), headline("bos_swap_removed_v3", swap=kind, part="rest")
-        )
+    rows = [
+        [
+            v,
+            f"BOS → {kind}",
+            *(share_cell(study.runs_of(v), kind, p) for p, _ in PARTS_V4),
+            level(per_seed(study.runs_of(v), headline("bos_swap_loss_change", swap=kind,
+                                                         queries="early"))),
+        ]
+        for v in study.text
         for kind in study.opts.swaps
+    ]  # fmt: skip
+    kinds = sorted(study.opts.swaps, key=lambda kind: kind != "mean")  # BOS → mean first
+    removed = {
+        kind: removed_by_seed(study.runs_of(REFERENCE), kind, "content")[0] for kind in kinds
     }
     cells = [
-        (f"`{REFERENCE}`, BOS → {kind}, keys j ≥ 1", values, zeros(values))
+        (f"`{REFERENCE}`, BOS → {kind}, content keys", values, zeros(values))
         for kind, values in removed.items()
     ]
     if CONTROL in study.summaries and "mean" in removed:
-        control = per_seed(
-            study.runs_of(CONTROL), headline("bos_swap_removed_v3", swap="mean", part="rest")
-        )
+        control = removed_by_seed(study.runs_of(CONTROL), "mean", "content")[0]
         cells.append(
-            (f"`{REFERENCE}` − `{CONTROL}`, BOS → mean, keys j ≥ 1", removed["mean"], control)
+            (f"`{REFERENCE}` − `{CONTROL}`, BOS → mean, content keys", removed["mean"], control)
         )
-    verdicts = Verdicts(cells)
+    verdicts = Verdicts(cells, primary="mean" in removed)
+    fit = min(study.opts.fit_queries, study.runs_of(REFERENCE)[0]["seq_len"])
     return [
         "## (b) What share of the residual component at early queries does replacing BOS remove?",
         "",
         f"The share of the signed split-half signal at queries 1–{k - 1} removed when the BOS "
-        "embedding is replaced, from the local fit (queries below "
-        f"{min(study.opts.fit_queries, study.runs_of(REFERENCE)[0]['seq_len'])}), summed over "
-        "layers ≥ 1 and divided once (layer 0's key-0 "
-        "logit is the embedding's own, so a replacement moves it by construction). The key-0 "
-        "column (BOS's own logit) and the content keys j ≥ 1 (position written into the "
-        "residual stream) are reported apart; negative: the replacement adds signal. The loss "
-        f"change is at the same early positions (nats). Answer: {_against_source(study, verdicts)}"
-        + signal_over_floor(study, REFERENCE),
+        f"embedding is replaced, from the local fit (queries below {fit}), summed over layers "
+        "≥ 1 and divided once (layer 0's key-0 logit is the embedding's own). The content part "
+        "comes from a fit on the keys j ≥ 1 only, so BOS's own logit cannot leak into it; key "
+        "0 is read against that fit (its variation over queries: position read against BOS). "
+        "Negative: the replacement adds signal. A seed whose loss at those queries rose by "
+        f"more than {BROKEN_NATS:g} nat is left out of a share (model broken, counted). The "
+        f"loss change is at the same early positions (nats). Answer: "
+        f"{_against_source(study, verdicts)}" + signal_over_floor(study, REFERENCE),
         "",
         *table(["", *study.text], intact_signal_rows(study, study.text)),
         "",
@@ -358,14 +307,15 @@ def claim_b(study: Study) -> tuple[list[str], Verdicts]:
             [
                 "variant",
                 "replacement",
-                *(f"removed, {label}" for _, label in parts),
+                *(f"removed, {label}" for _, label in PARTS_V4),
                 f"loss change, i < {k}",
             ],
             rows,
         ),
         "",
-        "Claim (b), one Holm family (removed share of keys j ≥ 1, against 0 and against the "
-        f"learned-sink control `{CONTROL}`):",
+        "Claim (b): BOS → mean's content-key share against 0 is the primary cell, tested "
+        "first at 0.05; the other replacements and the contrast with the learned-sink control "
+        f"`{CONTROL}` form a Holm family tested only when it is a finding:",
         "",
         *verdicts.table("0 / the control"),
     ], verdicts
@@ -373,9 +323,7 @@ def claim_b(study: Study) -> tuple[list[str], Verdicts]:
 
 def _against_source(study: Study, verdicts: Verdicts) -> str:
     """RoPE's BOS→mean removed share (content keys) against 0 and the source study's 40%."""
-    values = per_seed(
-        study.runs_of(REFERENCE), headline("bos_swap_removed_v3", swap="mean", part="rest")
-    )
+    values = removed_by_seed(study.runs_of(REFERENCE), "mean", "content")[0]
     found = mean_interval(values.values())
     if found is None:
         return f"`{REFERENCE}`'s BOS → mean was not measured."
@@ -384,7 +332,7 @@ def _against_source(study: Study, verdicts: Verdicts) -> str:
     if n < 2:
         return said + " (one seed: no interval)."
     source = "includes" if lo <= SOURCE_REMOVED <= hi else "excludes"
-    verdict = verdicts.words(f"`{REFERENCE}`, BOS → mean, keys j ≥ 1")
+    verdict = verdicts.words(f"`{REFERENCE}`, BOS → mean, content keys")
     return (
         f"{said} ([{lo:.0%}, {hi:.0%}] over {n} seeds; against 0: {verdict}); the interval "
         f"{source} the source study's {SOURCE_REMOVED:.0%}."
@@ -392,15 +340,15 @@ def _against_source(study: Study, verdicts: Verdicts) -> str:
 
 
 def intact_signal_rows(study: Study, variants: list[str]) -> list[list[str]]:
-    """What a removed share divides: each part's intact early-query C_res (local fit, layers
-    >= 1) beside the floor pure noise gives at this N, one column per variant."""
+    """What a removed share divides: each part's intact early-query signal (signed C², local
+    fit, layers >= 1) beside the floor of both halves' sign flips, one column per variant."""
     rows = []
-    for part, label in (("rest", "keys j ≥ 1"), ("key0", "key 0")):
+    for part, label in PARTS_V4:
         for name_, name in (
-            ("c_res_deep", f"intact C_res, {label}"),
-            ("c_res_deep_floor", "its no-signal floor"),
+            (f"c_res_{part}", f"intact C², {label}"),
+            (f"c_res_{part}_floor", "its no-signal floor"),
         ):
-            number_of = headline(name_, part=part)
+            number_of = headline(name_)
             rows.append([name, *(level(per_seed(study.runs_of(v), number_of)) for v in variants)])
     return rows
 
@@ -408,9 +356,11 @@ def intact_signal_rows(study: Study, variants: list[str]) -> list[list[str]]:
 def signal_over_floor(study: Study, variant: str) -> str:
     """The content-key signal a removed share divides, as a multiple of its no-signal floor:
     near 1 the share is a ratio of noise, whatever its sign."""
-    signal, floor = headline("c_res_deep", part="rest"), headline("c_res_deep_floor", part="rest")
+    signal, floor = headline("c_res_content"), headline("c_res_content_floor")
     ratios = [
-        signal(s) / floor(s) for s in study.runs_of(variant) if signal(s) is not None and floor(s)
+        signal(s) / floor(s)
+        for s in study.runs_of(variant)
+        if signal(s) is not None and floor(s) and floor(s) > 0
     ]
     if not ratios:
         return ""
@@ -738,7 +688,10 @@ def emergence(study: Study, out: Path) -> list[str]:
         ("α₀ (strongest head)", headline("alpha0_max")),
         ("α₀ uniform", headline("alpha0_uniform")),
         ("C_res i < K (v3)", headline("c_res_deep", part="all")),
-        ("BOS → mean removed, j ≥ 1", headline("bos_swap_removed_v3", swap="mean", part="rest")),
+        (
+            "BOS → mean removed, content",
+            headline("bos_swap_removed_share", swap="mean", part="content"),
+        ),
         ("probe R² (last)", headline("probe_r2_log_last")),
     )
     rows = [

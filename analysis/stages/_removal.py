@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from posleak.analysis.maths import measures
+from posleak.analysis.maths import content, measures
 from posleak.analysis.maths.logits import PARTS, early_sum, local_fit, parts, pooled
 from posleak.analysis.maths.stats import percentile_interval
 
@@ -44,6 +44,28 @@ def record_removal_v3(analysis, prefix: str, label: dict, base, other) -> None:
         cond = {**label, "part": part}
         analysis.rec.add(
             f"{prefix}_removed_v3", value, condition=cond, lo=lo, hi=hi, n=analysis.opts.seqs
+        )
+    record_removal_v4(analysis, prefix, label, base, other)
+
+
+def record_removal_v4(analysis, prefix: str, label: dict, base, other) -> None:
+    """Version 4's removed share of one intervention, per part (the content keys from a fit on
+    keys j >= 1, key 0 read against it), over layers >= 1 and the early queries, divided once,
+    with a paired bootstrap interval."""
+    k = min(analysis.opts.early_queries, analysis.T)
+    splits = [
+        (content.local_split(analysis, base.sums[l]), content.local_split(analysis, other.sums[l]))
+        for l in range(1, analysis.L)
+    ]
+    for part in content.PARTS:
+        share = content.removed_share(splits, part, k)
+        analysis.rec.add(
+            f"{prefix}_removed_share",
+            share.value,
+            condition={**label, "part": part},
+            lo=share.lo,
+            hi=share.hi,
+            n=analysis.opts.seqs,
         )
 
 

@@ -11,7 +11,7 @@ import torch
 
 from posleak.analysis.engine.numbers import Reported
 from posleak.analysis.engine.records import by_layer, removed_over_layers
-from posleak.analysis.maths import measures
+from posleak.analysis.maths import content, measures
 from posleak.analysis.maths.logits import PARTS
 from posleak.analysis.maths.stats import bootstrap_weights
 from posleak.analysis.reports import plots
@@ -109,6 +109,7 @@ STAGE = BosSwap(
         "bos_swap_probe_r2_log": RESID,
         "bos_swap_probe_refit_r2_log": RESID,
         "bos_swap_removed_v3": RUN,
+        "bos_swap_removed_share": RUN,
         "bos_swap_loss_change": RUN,
     },
     numbers=(
@@ -132,6 +133,12 @@ STAGE = BosSwap(
             "loss change by BOS→{swap}, queries: {queries}",
             unit="nats",
             conditions={"swap": "swaps", "queries": ("all", "early")},
+        ),
+        Reported(
+            "bos_swap_removed_share",
+            "removed by BOS→{swap}, {part} part, i < {early_queries}, layers ≥ 1",
+            unit="share",
+            conditions={"swap": "swaps", "part": content.PARTS},
         ),
     ),
 )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from posleak.analysis.engine.numbers import Reported
 from posleak.analysis.engine.records import by_layer
-from posleak.analysis.maths import measures
+from posleak.analysis.maths import content, measures
 from posleak.analysis.maths.logits import PARTS
 from posleak.analysis.reports import plots
 from posleak.analysis.stages._removal import record_probes, record_removal
@@ -90,6 +90,7 @@ STAGE = Knockout(
         "knockout_probe_r2_log": RESID,
         "knockout_probe_refit_r2_log": RESID,
         "knockout_removed_v3": RUN,
+        "knockout_removed_share": RUN,
     },
     numbers=(
         Reported(
@@ -117,6 +118,14 @@ STAGE = Knockout(
             "i < {early_queries}, layers ≥ 1 (v3)",
             unit="share",
             conditions={"key": (0, 1), "part": PARTS},
+            where={"layer": "all"},
+        ),
+        Reported(
+            "knockout_removed_share",
+            "removed by knocking out key {key} in every layer, {part} part, "
+            "i < {early_queries}, layers ≥ 1",
+            unit="share",
+            conditions={"key": (0, 1, "random"), "part": content.PARTS},
             where={"layer": "all"},
         ),
     ),

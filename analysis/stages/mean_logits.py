@@ -19,7 +19,7 @@ from posleak.analysis.engine.records import (
     finite_mean,
     per_layer_queries,
 )
-from posleak.analysis.maths import measures
+from posleak.analysis.maths import content, measures
 from posleak.analysis.maths.logits import PARTS, local_fit, parts, pooled
 from posleak.analysis.maths.stats import percentile_interval
 from posleak.analysis.reports import plots
@@ -32,7 +32,7 @@ class MeanLogits(Stage):
 
     def run(self, analysis, ctx) -> None:
         add = analysis.rec.add
-        content = content_deviation(analysis, ctx.tokens, ctx.base)
+        deviation = content_deviation(analysis, ctx.tokens, ctx.base)
         for l, st in enumerate(ctx.base.logits):
             record_signal(analysis, l, st.signal, st.signal_boot, None)
             for h in range(analysis.H):
@@ -44,10 +44,11 @@ class MeanLogits(Stage):
             add("abs_share", st.share_num.sum() / st.share_den.sum(), layer=l)
             for i in range(analysis.T):
                 add("c_mask", st.c_mask[:, i].mean(), layer=l, query=i)
-                add("c_content", content[l][i], layer=l, query=i)
+                add("c_content", deviation[l][i], layer=l, query=i)
             record_parts(analysis, l, st)
             record_parts(analysis, l, local_fit(analysis, ctx.base.sums[l]), "c_res_local")
         record_deep(analysis, ctx)
+        record_split(analysis, ctx)
 
     def per_layer(self, rows, opts) -> dict:
         return {
@@ -138,9 +139,6 @@ def record_parts(analysis, layer: int, st, prefix: str = "c_res_early") -> None:
     (the fit over every query, as in version 2) or c_res_local (the fit on i < K_fit)."""
     add, k = analysis.rec.add, min(analysis.opts.early_queries, analysis.T)
     for part, (signed, boot, null) in parts(st).items():
-        if part != "all" and prefix == "c_res_early":
-            for i in range(analysis.T):
-                add(f"c_res_{part}", measures.c_res(signed[i]), layer=layer, query=i)
         cond = {"part": part}
         mean, boot_mean = signed[1:k].mean(), boot[:, 1:k].mean(-1)
         lo, hi = percentile_interval(boot_mean)
@@ -171,6 +169,32 @@ def record_deep(analysis, ctx) -> None:
         add = analysis.rec.add
         add("c_res_deep", clamp(signed), condition=cond, lo=clamp(lo), hi=clamp(hi), n=n)
         add("c_res_deep_floor", torch.quantile(clamp(null), 0.95), condition=cond, n=n)
+
+
+def record_split(analysis, ctx) -> None:
+    """Version 4: the early-query signal of the content keys (a fit on keys j >= 1) and of key 0
+    read against it (the BOS offset's variation), signed, per layer and averaged over layers
+    >= 1 (layer 0's key-0 logit is the embedding's own), each with its bootstrap SE and
+    interval and the floor of both halves' sign flips; and the BOS offset's mean over the
+    early queries, BOS's token identity."""
+    add, n, k = analysis.rec.add, analysis.opts.seqs, min(analysis.opts.early_queries, analysis.T)
+    splits = [content.local_split(analysis, sums) for sums in ctx.base.sums]
+    for part in content.PARTS:
+        by_layer_ = [content.parts_of(split)[part] for split in splits]
+        mask = splits[0].offset_queries if part == "key0" else None
+        groups = [(l, [p]) for l, p in enumerate(by_layer_)]
+        if analysis.L >= 2:
+            groups.append((None, by_layer_[1:]))
+        for layer, chosen in groups:
+            found = content.early_aggregate(chosen, k, mask)
+            add(f"c_res_{part}", found.value, layer=layer, std=found.se, lo=found.lo,
+                hi=found.hi, n=n)  # fmt: skip
+            add(f"c_res_{part}_floor", found.floor, layer=layer, n=n)
+    for l, split in enumerate(splits):
+        offset = split.bos_offset[:, split.offset_queries].mean(-1)  # (H,)
+        for h in range(analysis.H):
+            add("bos_offset_mean", offset[h], layer=l, head=h, n=n)
+        add("bos_offset_mean", offset.mean(), layer=l, n=n)
 
 
 def content_deviation(analysis, tokens: torch.Tensor, base) -> list[torch.Tensor]:
@@ -204,8 +228,11 @@ STAGE = MeanLogits(
             "c_mask",
             "g_rel",
             "c_content",
+            "c_res_content",
+            "c_res_content_floor",
             "c_res_key0",
-            "c_res_rest",
+            "c_res_key0_floor",
+            "bos_offset_mean",
             "c_res_early_signed",
             "c_res_early_v3",
             "c_res_early_floor",
@@ -239,6 +266,23 @@ STAGE = MeanLogits(
             "c_res_deep_floor",
             "its no-signal floor at this N, part {part}",
             conditions={"part": PARTS},
+        ),
+        Reported(
+            "c_res_content",
+            "C²_content: position in the content keys (fit on keys j ≥ 1), queries "
+            "1–{early_last}, layers ≥ 1, signed",
+        ),
+        Reported("c_res_content_floor", "its no-signal floor (both halves sign-flipped)"),
+        Reported(
+            "c_res_key0",
+            "C²_key0: key 0 read against the content fit, queries 1–{early_last}, layers ≥ 1, "
+            "signed",
+        ),
+        Reported("c_res_key0_floor", "its no-signal floor (both halves sign-flipped)"),
+        Reported(
+            "bos_offset_mean",
+            "BOS offset b̄: key 0's logit above the content fit (mean over layers ≥ 1)",
+            reduce="mean_from_1",
         ),
     ),
 )

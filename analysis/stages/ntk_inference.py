@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from posleak.analysis.engine.numbers import Reported
+from posleak.analysis.maths import content
 from posleak.analysis.maths.stats import bootstrap_weights
 from posleak.analysis.stages._loss import record_change
 from posleak.analysis.stages._removal import record_probes, record_removal_v3
@@ -53,6 +54,7 @@ STAGE = NtkInference(
     order=58,
     metrics={
         "ntk_removed_v3": RUN,
+        "ntk_removed_share": RUN,
         "ntk_loss_change": RUN,
         "ntk_probe_r2_log": RESID,
         "ntk_probe_refit_r2_log": RESID,
@@ -77,6 +79,12 @@ STAGE = NtkInference(
             metric="ntk_probe_refit_r2_log",
             reduce="last",
             conditions={"s": "ntk_scales"},
+        ),
+        Reported(
+            "ntk_removed_share",
+            "removed by NTK s = {s}, {part} part, i < {early_queries}, layers ≥ 1",
+            unit="share",
+            conditions={"s": "ntk_scales", "part": content.PARTS},
         ),
     ),
 )

@@ -8,7 +8,7 @@ probe's transfer R² and the C_res removed at early queries (v3)."""
 from __future__ import annotations
 
 from posleak.analysis.engine.numbers import Reported
-from posleak.analysis.maths import measures
+from posleak.analysis.maths import content, measures
 from posleak.analysis.stages._hooks import on_heads
 from posleak.analysis.stages._removal import record_probes, record_removal
 from posleak.analysis.stages.base import ATTN, RESID, RUN, Stage
@@ -73,6 +73,7 @@ STAGE = Route2(
         "route2_removed": ATTN,
         "route2_removed_c_mask": ATTN,
         "route2_removed_v3": RUN,
+        "route2_removed_share": RUN,
         "route2_probe_r2_log": RESID,
         "route2_probe_refit_r2_log": RESID,
         "top_head_lift": ATTN,
@@ -97,6 +98,13 @@ STAGE = Route2(
             "lowest refit R² after one head's key-0 knockout (top {top_heads} by λ₀)",
             unit="R²",
             compute=lambda rows, layers, opts, condition: head_knockout_min(rows),
+        ),
+        Reported(
+            "route2_removed_share",
+            "removed by flattening key 0's gain, {part} part",
+            unit="share",
+            conditions={"part": content.PARTS},
+            where={"rule": "route2", "heads": "all"},
         ),
     ),
 )

@@ -8,6 +8,7 @@ import torch
 
 from posleak.analysis.engine.collect import store, stream
 from posleak.analysis.engine.numbers import Reported
+from posleak.analysis.engine.records import ANY
 from posleak.analysis.maths import measures
 from posleak.analysis.reports import plots
 from posleak.analysis.stages.base import ATTN, Section, Stage
@@ -67,7 +68,7 @@ class Shift(Stage):
                 "JS distance",
                 "Shift test, content keys only",
                 query=None,
-                condition=None,
+                condition=ANY,  # the layer's pooled value records its shift {"delta": Δ}
             )
 
         return {"shift": plots.figure(out / "shift", draw)}
