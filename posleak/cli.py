@@ -136,6 +136,12 @@ def _study(p: argparse.ArgumentParser) -> None:
     p.add_argument("sweep", help="the study's sweep directory (runs/sweeps/study)")
     p.add_argument("--out", default="runs/study", help="report directory (default runs/study)")
     p.add_argument("--seqs", type=int, default=Options.seqs, help="held-out sequences per analysis")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="analyses in parallel, one torch thread each (default 1; 2 on a 2-core machine)",
+    )
 
 
 def _pretrained_study(p: argparse.ArgumentParser) -> None:
@@ -156,6 +162,12 @@ def _compare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference", help="variant the others are compared with (default: rope)")
     p.add_argument(
         "--seqs", type=int, default=Options.seqs, help="sequences for runs not yet analysed"
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="analyses in parallel, one torch thread each (default 1; 2 on a 2-core machine)",
     )
 
 

@@ -174,7 +174,7 @@ def compare(args: argparse.Namespace) -> int:
 
     runs = comparison.find_runs(args.paths)
     opts = Options(seqs=args.seqs, contrast_window=comparison.contrast_window_of(runs))
-    groups, summaries = comparison.load_groups(runs, opts)
+    groups, summaries = comparison.load_groups(runs, opts, jobs=args.jobs)
     if not groups:
         raise FileNotFoundError("no finished runs to compare")
     report = comparison.write_report(groups, summaries, Path(args.out), args.reference)
@@ -187,7 +187,7 @@ def study(args: argparse.Namespace) -> int:
     from posleak.analysis.reports import sink_study
     from posleak.analysis.reports import study as studies
 
-    found = studies.Study(Path(args.sweep), args.seqs)
+    found = studies.Study(Path(args.sweep), args.seqs, args.jobs)
     kind = sink_study if sink_study.is_sink_sweep(found) else studies
     report = kind.write_report(found, Path(args.out))
     print(f"report: {report}")

@@ -770,3 +770,66 @@ def test_every_figure_a_comparison_links_draws_something_in_every_panel(runs, tm
     assert linked and set(linked) <= set(seen)
     empty = {name: counts for name, counts in seen.items() if not all(counts)}
     assert not empty, empty
+
+
+def test_reuse_requires_the_checkpoint_the_run_holds_now(tmp_path):
+    """An analysis is reused only of the checkpoint it read: a run resumed to a later step,
+    or retrained in the same folder, is analysed again (it used to be reported with the old
+    step's numbers)."""
+    from posleak.analysis.reports.compare import is_current
+
+    run = tmp_path / "rope-s0"
+    train(build(tiny_overrides(train__steps=8)), run)
+    first = analyze(run, SMALL)
+    assert first["step"] == 8 and first["checkpoint_digest"]
+    assert is_current(AnalysisDir(run / "analysis").read_summary(), SMALL)
+    train(build(tiny_overrides(train__steps=12)), run, resume=True)
+    assert not is_current(AnalysisDir(run / "analysis").read_summary(), SMALL)
+    _, summaries = load_groups([run], SMALL, exact=True)
+    assert summaries["rope"][0]["step"] == 12
+    assert is_current(AnalysisDir(run / "analysis").read_summary(), SMALL)
+    kept = shutil.move(run / "analysis", tmp_path / "kept")
+    shutil.rmtree(run)
+    train(build(tiny_overrides(train__steps=12, seed=1)), run)  # same step, other weights
+    shutil.move(kept, run / "analysis")
+    assert not is_current(AnalysisDir(run / "analysis").read_summary(), SMALL)
+
+
+def test_the_same_run_twice_is_refused_not_pooled(runs, tmp_path):
+    """Two copies of one trained run are one seed, not two: told apart by the checkpoint's
+    weights digest, whatever their folders are called."""
+    copy = tmp_path / "rope-s7"
+    shutil.copytree(runs / "rope-s0", copy)
+    analyze(runs / "rope-s0", SMALL)
+    analyze(copy, SMALL)
+    with pytest.raises(ValueError, match="hold the same trained model"):
+        load_groups(find_runs([str(runs / "rope-s0"), str(copy)]), SMALL)
+
+
+def test_analyses_in_parallel_give_the_records_of_analyses_in_turn(tmp_path, caplog):
+    """`--jobs 2`: worker processes of one thread each write what the same analyses write
+    one after another in one thread, bit for bit, and one progress line
+    per finished analysis counts them over the whole batch."""
+    import logging
+
+    for seed in (0, 1):
+        train(build(tiny_overrides(seed=seed)), tmp_path / f"rope-s{seed}")
+    runs = [tmp_path / "rope-s0", tmp_path / "rope-s1"]
+
+    def records() -> list[str]:
+        rows = [r for run in runs for r in read(run / "analysis" / "records.jsonl")]
+        return sorted(json.dumps(r, sort_keys=True) for r in rows)
+
+    with caplog.at_level(logging.INFO, logger="posleak"):
+        load_groups(runs, SMALL, jobs=2)
+    parallel = records()
+    assert "analysed 2/2" in caplog.text
+    for run in runs:
+        shutil.rmtree(run / "analysis")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # float sums depend on the thread count: compare like with like
+    try:
+        load_groups(runs, SMALL, jobs=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert records() == parallel

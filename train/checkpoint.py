@@ -111,6 +111,16 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in ours if p.is_dir())
 
 
+def weights_digest(path: Path) -> str | None:
+    """The sha256 of a checkpoint's weights as its manifest lists it (None where the manifest
+    is missing or damaged): what an analysis of it records, and what reuse compares."""
+    try:
+        digest = json.loads((Path(path) / MANIFEST).read_text()).get(MODEL_FILE)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return digest if isinstance(digest, str) else None
+
+
 def quarantine(path: Path, reason: Exception) -> Path:
     """Move an unusable checkpoint to checkpoints/corrupt/ (never counted, never pruned)."""
     path = Path(path)

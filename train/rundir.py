@@ -241,6 +241,15 @@ class RunDir:
             "training with `posleak train --resume RUN` to rewrite it"
         )
 
+    def checkpoint_identity(self, step: int | None = None) -> tuple[int, str | None] | None:
+        """(step, weights digest) of the checkpoint an analysis at `step` (default: the
+        newest) would read now, from the manifest (None where there is none)."""
+        try:
+            path = self._candidates(step)[-1]
+        except FileNotFoundError:
+            return None
+        return checkpoint.step_of(path), checkpoint.weights_digest(path)
+
     def _candidates(self, step: int | None) -> list[Path]:
         candidates = self.checkpoints()
         if step is not None:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from posleak.data import BatchStream, DataConfig, make_source, vocab_size_of
+from posleak.train import checkpoint
 from posleak.train.config import RunConfig
 from posleak.train.rundir import RunDir
 
@@ -57,6 +58,7 @@ def run_subject(run_dir: str | Path, step: int | None = None, source: str | None
         "run": str(run_dir),
         "checkpoint": state["checkpoint"],
         "step": state["step"],
+        "checkpoint_digest": checkpoint.weights_digest(Path(state["checkpoint"])),
         "val_loss": (RunDir(run_dir).summary() or {}).get("final_val_loss"),
     }
     return Subject(

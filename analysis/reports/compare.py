@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from posleak import version
-from posleak.analysis.engine.analyze import analyze
+from posleak.analysis.engine.batch import analyse_all
 from posleak.analysis.engine.folder import AnalysisDir
 from posleak.analysis.engine.options import Options
 from posleak.analysis.engine.records import mean_std
@@ -75,18 +75,37 @@ def contrast_window_of(runs: list[Path]) -> int | None:
 
 
 def is_current(summary: dict, opts: Options | None) -> bool:
-    """An analysis is reused when made under today's definitions and, where `opts` is given,
-    with exactly those options (a study states the options its report used)."""
-    return summary.get("definitions") == DEFINITIONS and (
-        opts is None or Options.of_summary(summary) == opts
+    """An analysis is reused when made under today's definitions, of the checkpoint the run
+    holds now (its step and weights digest: a run resumed or retrained since is analysed
+    again) and, where `opts` is given, with exactly those options (a study states the options
+    its report used)."""
+    return (
+        summary.get("definitions") == DEFINITIONS
+        and (opts is None or Options.of_summary(summary) == opts)
+        and same_checkpoint(summary)
     )
 
 
-def load_groups(runs: list[Path], opts: Options, exact: bool = False) -> tuple[dict, dict]:
+def same_checkpoint(summary: dict) -> bool:
+    """Whether the run an analysis was made of still holds the checkpoint it read (always
+    true of an analysis without a posleak run around it: a pretrained model's)."""
+    run = RunDir(summary.get("run") or "")
+    if not run.config_file.exists():
+        return True
+    step = Options.of_summary(summary).step
+    now = run.checkpoint_identity(step)
+    return now is not None and now == (summary.get("step"), summary.get("checkpoint_digest"))
+
+
+def load_groups(
+    runs: list[Path], opts: Options, exact: bool = False, jobs: int = 1
+) -> tuple[dict, dict]:
     """{variant: [records of each run]} and {variant: [analysis summaries]}. A run without a
-    current analysis is analysed with `opts`; with `exact`, so is one analysed otherwise."""
+    current analysis is analysed with `opts` (`jobs` at a time); with `exact`, so is one
+    analysed otherwise."""
     groups: dict = {}
     summaries: dict = {}
+    folders, todo = [], []
     for run in runs:
         folder = AnalysisDir(run if AnalysisDir.is_analysis(run) else run / "analysis")
         current = folder.summary_file.exists() and is_current(
@@ -96,12 +115,14 @@ def load_groups(runs: list[Path], opts: Options, exact: bool = False) -> tuple[d
             raise ValueError(
                 f"{run} was analysed with other definitions or options: analyse its run again"
             )
+        if not current and RunDir(run).summary() is None:
+            log.warning(f"[compare] skipping {run}: training has not finished")
+            continue
+        folders.append(folder)
         if not current:
-            if RunDir(run).summary() is None:
-                log.warning(f"[compare] skipping {run}: training has not finished")
-                continue
-            log.info(f"[compare] analysing {run}")
-            analyze(run, opts)
+            todo.append((run, opts, None))
+    analyse_all(todo, jobs, "compare")
+    for folder in folders:
         summary = folder.read_summary()
         groups.setdefault(summary["variant"], []).append(folder.read_records())
         summaries.setdefault(summary["variant"], []).append(summary)
@@ -115,6 +136,22 @@ def check_matched(summaries: dict) -> None:
     for items in summaries.values():
         _same(items, POOLED)
     _same([s for items in summaries.values() for s in items], COMPARED)
+    check_distinct(summaries)
+
+
+def check_distinct(summaries: dict) -> None:
+    """Refuse one trained model counted twice (a copied run folder would otherwise pool as
+    two seeds): runs are told apart by what was trained, their checkpoint's weights digest."""
+    seen: dict = {}
+    for items in summaries.values():
+        for s in items:
+            digest = s.get("checkpoint_digest")
+            if digest and digest in seen:
+                raise ValueError(
+                    f"{seen[digest]} and {s['run']} hold the same trained model (checkpoint "
+                    f"{digest[:12]}…): a copy would count as two seeds; compare each run once"
+                )
+            seen.setdefault(digest, s["run"])
 
 
 def _option(summary: dict, key: str):

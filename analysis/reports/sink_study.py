@@ -184,6 +184,10 @@ def _stabilising(study: Study, variants: list[str]) -> list[str]:
     ]
 
 
+def at_step(study: Study, step: int) -> Options:
+    return Options(seqs=study.seqs, step=step, contrast_window=study.window)
+
+
 def claim_b(study: Study) -> list[str]:
     k = study.opts.early_queries
     variants = study_variants(study)
@@ -295,6 +299,14 @@ def emergence(study: Study, out: Path) -> list[str]:
     curves: dict = {label: [] for label, _ in series}
     rows, sinks_by_seed = [], {}
     shown = emergence_seed(study.runs_of(REFERENCE)[:EMERGENCE_SEEDS])
+    study.prefetch(
+        [
+            (summary, f"analysis-step{step}", at_step(study, step))
+            for summary in study.runs_of(REFERENCE)[:EMERGENCE_SEEDS]
+            for step in map(checkpoint.step_of, RunDir(summary["run"]).checkpoints())
+            if step != summary["step"]
+        ]
+    )
     for summary in study.runs_of(REFERENCE)[:EMERGENCE_SEEDS]:
         sinks_by_seed[summary["seed"]] = {}
         run = RunDir(summary["run"])
@@ -305,8 +317,7 @@ def emergence(study: Study, out: Path) -> list[str]:
             if step == summary["step"]:
                 at = summary
             else:
-                opts = Options(seqs=study.seqs, step=step, contrast_window=study.window)
-                at = study.extra(summary, f"analysis-step{step}", opts)
+                at = study.extra(summary, f"analysis-step{step}", at_step(study, step))
             m = metrics.get(step, {})
             sinks_by_seed[summary["seed"]][step] = has_sink(at)
             for label, f in series:

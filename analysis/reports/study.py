@@ -17,7 +17,7 @@ import json
 import math
 from pathlib import Path
 
-from posleak.analysis.engine.analyze import analyze
+from posleak.analysis.engine.batch import analyse_all
 from posleak.analysis.engine.folder import AnalysisDir
 from posleak.analysis.engine.options import Options
 from posleak.analysis.engine.records import matches
@@ -28,7 +28,6 @@ from posleak.analysis.reports.verdicts import Verdicts
 from posleak.analysis.stages.knockout_loss import EXCESS
 from posleak.data import make_source
 from posleak.files import atomic_write, safe_dir
-from posleak.log import log
 from posleak.report import number, table
 from posleak.train import checkpoint
 from posleak.train.rundir import RunDir
@@ -40,12 +39,12 @@ SOURCE_REMOVED = 0.4  # the source study's share removed by replacing BOS (early
 class Study:
     """The runs of one study sweep, grouped by variant, with their analysis summaries."""
 
-    def __init__(self, sweep_dir: Path, seqs: int):
-        self.sweep_dir, self.seqs = Path(sweep_dir), seqs
+    def __init__(self, sweep_dir: Path, seqs: int, jobs: int = 1):
+        self.sweep_dir, self.seqs, self.jobs = Path(sweep_dir), seqs, jobs
         runs = compare.find_runs([str(sweep_dir)])
         self.window = compare.contrast_window_of(runs)
         base = Options(seqs=seqs, contrast_window=self.window)
-        groups, self.summaries = compare.load_groups(runs, base, exact=True)
+        groups, self.summaries = compare.load_groups(runs, base, exact=True, jobs=jobs)
         if not self.summaries:
             raise FileNotFoundError(f"{sweep_dir} holds no finished runs yet")
         self.groups = groups
@@ -58,12 +57,21 @@ class Study:
 
     def extra(self, summary: dict, name: str, opts: Options) -> dict:
         """An additional analysis of one run, kept in RUN/name and reused when made under
-        today's definitions with these options."""
-        folder = AnalysisDir(Path(summary["run"]) / name)
-        if folder.summary_file.exists() and compare.is_current(folder.read_summary(), opts):
-            return folder.read_summary()
-        log.info(f"[study] {summary['run']}: {name}")
-        return analyze(summary["run"], opts, folder.path)
+        today's definitions, of the run's checkpoint, with these options."""
+        self.prefetch([(summary, name, opts)])
+        return AnalysisDir(Path(summary["run"]) / name).read_summary()
+
+    def prefetch(self, wanted: list[tuple[dict, str, Options]]) -> None:
+        """Make the additional analyses (summary, name, options) that are not current, `jobs`
+        at a time: a section asks for all of its own first."""
+        todo = []
+        for summary, name, opts in wanted:
+            folder = AnalysisDir(Path(summary["run"]) / name)
+            if not (
+                folder.summary_file.exists() and compare.is_current(folder.read_summary(), opts)
+            ):
+                todo.append((Path(summary["run"]), opts, folder.path))
+        analyse_all(todo, self.jobs, "study")
 
     def extra_records(self, summary: dict, name: str) -> list[dict]:
         return AnalysisDir(Path(summary["run"]) / name).read_records()
@@ -459,6 +467,16 @@ def step_zero(study: Study) -> list[str]:
         ("λ₀ max", headline("lift0_max")),
     )
     rows, missing = [], []
+    opts = Options(seqs=study.seqs, step=0, contrast_window=study.window)
+    study.prefetch(
+        [
+            (study.runs_of(v)[0], "analysis-step0", opts)
+            for v in study.text
+            if any(
+                checkpoint.step_of(p) == 0 for p in RunDir(study.runs_of(v)[0]["run"]).checkpoints()
+            )
+        ]
+    )
     for v in study.text:
         first = study.runs_of(v)[0]
         if not any(checkpoint.step_of(p) == 0 for p in RunDir(first["run"]).checkpoints()):
@@ -620,20 +638,32 @@ def extrapolation(study: Study, out: Path) -> list[str]:
     ]
 
 
+def four_times(study: Study, summary: dict, scale: float | None) -> Options:
+    """The options of a reference run's analysis at 4x its training length."""
+    return Options(
+        seqs=max(8, study.seqs // 4),
+        seq_len=4 * summary["seq_len"],
+        rope_scale=scale,
+        swaps=(),
+        knockout=False,
+        extrapolation=(),
+    )
+
+
 def inference_ntk(study: Study) -> list[str]:
     """The reference runs at 4x their training length, without and with NTK scaling s = 4:
     the local early-query statistic reads the same queries at every length."""
     numbers = {scale: {"probe": {}, "c_res": {}} for scale in (None, 4.0)}
+    study.prefetch(
+        [
+            (s, "analysis-4x" + (f"-ntk{scale:g}" if scale else ""), four_times(study, s, scale))
+            for scale in numbers
+            for s in study.runs_of(REFERENCE)
+        ]
+    )
     for scale in numbers:
         for s in study.runs_of(REFERENCE):
-            opts = Options(
-                seqs=max(8, study.seqs // 4),
-                seq_len=4 * s["seq_len"],
-                rope_scale=scale,
-                swaps=(),
-                knockout=False,
-                extrapolation=(),
-            )
+            opts = four_times(study, s, scale)
             extra = study.extra(s, "analysis-4x" + (f"-ntk{scale:g}" if scale else ""), opts)
             numbers[scale]["probe"][s["seed"]] = results.value(extra, "probe_r2_log_last")
             numbers[scale]["c_res"][s["seed"]] = results.value(extra, "c_res_deep", part="all")
@@ -677,6 +707,8 @@ def emergence(study: Study, out: Path) -> list[str]:
     first = study.runs_of(REFERENCE)[0]
     steps = [checkpoint.step_of(p) for p in RunDir(first["run"]).checkpoints()]
     by_step = {}
+    at_step = lambda step: Options(seqs=study.seqs, step=step, contrast_window=study.window)  # noqa: E731
+    study.prefetch([(first, f"analysis-step{t}", at_step(t)) for t in steps if t != first["step"]])
     for step in steps:
         if step == first["step"]:
             by_step[step] = first

@@ -1,0 +1,57 @@
+"""Many analyses at once: each in a worker process with one torch thread (two one-thread
+analyses side by side beat one two-thread analysis on a small machine), with one progress
+line over the whole batch. jobs = 1 runs them here, in order."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+from posleak.analysis.engine.analyze import analyze
+from posleak.analysis.engine.options import Options
+from posleak.log import log
+
+
+def analyse_all(work: list[tuple[Path, Options, Path | None]], jobs: int, tag: str) -> None:
+    """Analyse every (run, options, output folder or None for the run's own) in `work`."""
+    if not work:
+        return
+    if jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {jobs}")
+    started, total = time.monotonic(), len(work)
+
+    def done(k: int, run) -> None:
+        elapsed = time.monotonic() - started
+        eta = elapsed / k * (total - k)
+        log.info(
+            f"[{tag}] analysed {k}/{total}: {run} | elapsed {_clock(elapsed)} | eta {_clock(eta)}"
+        )
+
+    if jobs == 1 or total == 1:
+        for k, (run, opts, out) in enumerate(work, start=1):
+            log.info(f"[{tag}] analysing {k}/{total}: {run}")
+            analyze(run, opts, out)
+            done(k, run)
+        return
+    context = multiprocessing.get_context("spawn")  # no torch threads forked mid-flight
+    with ProcessPoolExecutor(min(jobs, total), context, initializer=_one_thread) as pool:
+        futures = {pool.submit(analyze, run, opts, out): run for run, opts, out in work}
+        for k, future in enumerate(as_completed(futures), start=1):
+            future.result()  # a failed analysis stops the batch with its own error
+            done(k, futures[future])
+
+
+def _one_thread() -> None:
+    import logging
+
+    import torch
+
+    torch.set_num_threads(1)
+    logging.getLogger("posleak").setLevel(logging.WARNING)  # the parent reports progress
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
