@@ -23,6 +23,9 @@ BOS_POLICIES = ("always", "never")
 ALIGNS = ("random", "document")
 
 
+MARKOV_LOG2_STATES = 20  # a Markov chain's contexts, vocab^order, at most 2^20
+
+
 @dataclass(frozen=True)
 class DataConfig:
     source: str = (
@@ -46,6 +49,11 @@ class DataConfig:
 
     def problems(self) -> list[str]:
         out = []
+        if not self.source.strip():
+            out.append(
+                "data.source is empty (it would read the current folder as a corpus); name "
+                "bible, uniform, markov, induction, backcopy, hf:NAME or a file or folder"
+            )
         if self.bos not in BOS_POLICIES:
             out.append(f"data.bos must be one of {BOS_POLICIES}, got {self.bos!r}")
         if self.align not in ALIGNS:
@@ -66,6 +74,20 @@ class DataConfig:
             out.append(
                 "data.markov_order and data.induction_segment must be >= 1, "
                 "data.induction_copies >= 0"
+            )
+        elif self.markov_order * math.log2(max(self.vocab_size - 3, 2)) > MARKOV_LOG2_STATES:
+            # compared in logarithms: vocab ** order itself can be too large to compute
+            out.append(
+                f"data.markov_order {self.markov_order} needs (vocab_size - 3)^order contexts, "
+                f"more than 2^{MARKOV_LOG2_STATES}; lower data.markov_order or data.vocab_size"
+            )
+        if (
+            self.source == "induction"
+            and self.induction_copies * self.induction_segment >= self.seq_len
+        ):
+            out.append(
+                f"data.induction_copies x data.induction_segment must fit in data.seq_len "
+                f"({self.seq_len}), got {self.induction_copies} x {self.induction_segment}"
             )
         return out
 

@@ -62,7 +62,7 @@ class Markov(ChunkedChain):
 
     def __init__(self, n_ordinary: int, order: int, concentration: float, corpus_seed: int):
         super().__init__(n_ordinary)
-        if order < 1 or n_ordinary**order > 1 << 20:
+        if order < 1 or order > 20 or n_ordinary**order > 1 << 20:  # order first: no 64^(2^62)
             raise ValueError(
                 f"markov order {order} with {n_ordinary} tokens needs {n_ordinary}^{order} "
                 "contexts; use order >= 1 and keep vocab^order <= 2^20"

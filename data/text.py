@@ -34,7 +34,9 @@ ARRAYS = ("train.npy", "train_starts.npy", "val.npy", "val_starts.npy")
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("POSLEAK_CACHE", Path.home() / ".cache" / "posleak"))
+    """$POSLEAK_CACHE, or ~/.cache/posleak when it is unset or empty (an empty value would
+    otherwise put the cache in whatever folder the command runs from)."""
+    return Path(os.environ.get("POSLEAK_CACHE") or Path.home() / ".cache" / "posleak")
 
 
 def bible_documents() -> list[str]:

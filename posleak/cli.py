@@ -52,6 +52,15 @@ def _sweep(p: argparse.ArgumentParser) -> None:
     p.add_argument("sweep", help="sweep TOML file (see configs/sweeps/)")
     p.add_argument("--out", help="sweep directory (default: runs/sweeps/<name>)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (threads are split)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key in every run, last (a smoke sweep: --set train.steps=30; its "
+        "default folder is runs/sweeps/NAME-set-HASH)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the expansion, run nothing")
     p.add_argument(
         "--print-config", action="store_true", help="print every run's resolved config, run nothing"

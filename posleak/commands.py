@@ -7,6 +7,7 @@ Modules are imported inside each handler, so that `posleak --help` never imports
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shlex
 import subprocess
@@ -88,12 +89,17 @@ def _rank() -> int:
 def sweep(args: argparse.Namespace) -> int:
     from posleak.model import ConfigError
     from posleak.train import sweep as sweeps
-    from posleak.train.config import build, to_toml
+    from posleak.train.config import build, parse_override, to_toml
 
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
     spec = sweeps.read_sweep(Path(args.sweep))
-    sweep_dir = Path(args.out or f"runs/sweeps/{spec['name']}")
+    spec["overrides"] = dict(parse_override(text) for text in args.overrides)
+    name = spec["name"]
+    if spec["overrides"]:  # a smoke sweep: its own folder, never mixed with the full one
+        digest = hashlib.sha256(json.dumps(spec["overrides"], sort_keys=True).encode())
+        name += f"-set-{digest.hexdigest()[:6]}"
+    sweep_dir = Path(args.out or f"runs/sweeps/{name}")
     if args.dry_run:
         print(f"runs into {sweep_dir}:", flush=True)
         count = 0
@@ -199,7 +205,9 @@ def pretrained_study(args: argparse.Namespace) -> int:
 
     from posleak.analysis.engine.options import Options
     from posleak.analysis.reports import pretrained_study as study
+    from posleak.files import regular_target
 
+    regular_target(args.out, "--out")  # before the models load
     base, work = Options(seqs=args.seqs, seq_len=args.seq_len), Path(args.work)
     for model in args.models:
         if not model.startswith("hf:"):
@@ -249,9 +257,10 @@ def sample(args: argparse.Namespace) -> int:
 
 
 def bench(args: argparse.Namespace) -> int:
-    from posleak.files import atomic_write
+    from posleak.files import atomic_write, regular_target
     from posleak.train import bench as benchmark
 
+    regular_target(args.out, "--out")  # before minutes of timing
     result = benchmark.run_bench(args.quick)
     cases = [(16, 32, None)] if args.quick else [(256, 128, None), (256, 1024, 8.0)]
     result["analysis"] = analysis_cost(cases, 64 if args.quick else 128)

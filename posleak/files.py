@@ -47,8 +47,22 @@ def open_new(path: str | Path, mode: int = 0o644) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, mode)
 
 
+def regular_target(path: str | Path, what: str = "file") -> Path:
+    """`path` as the target of an atomic write, refused before any work if it is a link or
+    exists as something other than a regular file (a device such as /dev/null, a FIFO, a
+    socket, a folder): the final rename would replace it with a regular file."""
+    path = refuse_link(path, what)
+    if path.exists() and not path.is_file():
+        raise UnsafePath(
+            f"{what} {path} exists and is not a regular file (a device, FIFO, socket or "
+            "folder); posleak replaces only files: give the path of a file"
+        )
+    return path
+
+
 def atomic_write(path: str | Path, data: str | bytes) -> None:
-    path = refuse_link(path, "file")
+    """Write `data` to `path` atomically (regular_target says what is refused)."""
+    path = regular_target(path)
     tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(8)}")
     fd = open_new(tmp)
     try:

@@ -79,7 +79,8 @@ def test_a_text_run_exports_with_its_tokenizer(tmp_path):
 def test_a_gguf_export_reads_back_as_its_weights_quantised_by_the_gguf_package(tmp_path):
     """`posleak export --format gguf`: at F32 the file loads (through transformers' GGUF
     reader, as a pretrained subject) to posleak's own logits and byte ids; at Q4_0 to the
-    logits of posleak's model whose matrices went through gguf.quants by hand."""
+    logits of posleak's model whose matrices went through gguf.quants by hand, and at F16
+    likewise."""
     gguf = pytest.importorskip("gguf", reason="the hf extra is not installed")
     from posleak.analysis.engine.analyze import Options, analysis_of
 
@@ -89,7 +90,7 @@ def test_a_gguf_export_reads_back_as_its_weights_quantised_by_the_gguf_package(t
     ours, _, _ = RunDir(run).load_model()
     tokens = torch.randint(0, 259, (2, 24), generator=torch.Generator().manual_seed(3))
     opts = Options(seqs=4, seq_len=16)
-    for quant in ("F32", "Q4_0"):
+    for quant in ("F32", "F16", "Q4_0"):  # F16 once failed with KeyError: ALL_F16
         path = tmp_path / f"run-{quant}.gguf"
         assert (
             main(["export", str(run), "--format", "gguf", "--quant", quant, "--out", str(path)])
@@ -98,11 +99,12 @@ def test_a_gguf_export_reads_back_as_its_weights_quantised_by_the_gguf_package(t
         analysis = analysis_of(f"hf:{path}", opts)
         assert analysis.subject.info["quantisation"] == quant
         expected, _, _ = RunDir(run).load_model()
-        if quant == "Q4_0":
-            kind = gguf.GGMLQuantizationType.Q4_0
+        if quant != "F32":
+            kind = gguf.GGMLQuantizationType[quant]
+            block = gguf.GGML_QUANT_SIZES[kind][0]
             with torch.no_grad():
                 for weight in expected.parameters():
-                    if weight.ndim == 2 and weight.shape[1] % 32 == 0:
+                    if weight.ndim == 2 and weight.shape[1] % block == 0:
                         rounded = gguf.quants.dequantize(
                             gguf.quants.quantize(weight.numpy(), kind), kind
                         )

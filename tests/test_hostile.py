@@ -897,3 +897,75 @@ def running(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return "State:\tZ" not in status
+
+
+@pytest.mark.parametrize("command", [["bench", "--quick"], ["pretrained-study", "hf:x"]])
+def test_an_output_that_is_a_fifo_or_device_is_refused_before_any_work(tmp_path, command, capsys):
+    """bench and pretrained-study end in an atomic rename over --out: over /dev/null as root
+    that replaced the machine's device with a regular file. A FIFO stands in for the device."""
+    import stat
+
+    from posleak.files import UnsafePath, atomic_write
+
+    fifo = tmp_path / "out"
+    os.mkfifo(fifo)
+    assert main([*command, "--out", str(fifo)]) == 2
+    error = capsys.readouterr().err
+    assert "not a regular file" in error and str(fifo) in error and "Traceback" not in error
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+    with pytest.raises(UnsafePath, match="not a regular file"):
+        atomic_write(fifo, "x")
+    assert stat.S_ISFIFO(fifo.lstat().st_mode) and not list(tmp_path.glob(".out.tmp-*"))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "says"),
+    [
+        ("data.source", '""', "data.source is empty"),
+        ("data.markov_order", str(2**62), "data.markov_order"),
+        ("data.induction_copies", str(2**62), "data.induction_copies"),
+    ],
+)
+def test_values_that_would_read_the_wrong_data_or_never_answer_are_refused(
+    tmp_path, capsys, key, value, says
+):
+    """An empty source once trained on every file under the current folder; a Markov order
+    of 2^62 computed 64^(2^62) to check its range and never answered; 2^62 induction copies
+    looped in the first batch. Each is refused at once, with the key named."""
+    extra = ["--set", "data.source=induction"] if "induction" in key else []
+    out = tmp_path / "run"
+    code = main(["train", "rope", *extra, "--set", f"{key}={value}", "--out", str(out)])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert says in error and "Traceback" not in error
+    assert not out.exists()
+
+
+def test_an_empty_cache_variable_means_the_default_cache(monkeypatch, tmp_path):
+    from posleak.data.text import default_cache_dir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("POSLEAK_CACHE", "")
+    assert default_cache_dir() == Path.home() / ".cache" / "posleak"
+
+
+def test_ctrl_c_prints_the_command_that_resumes_and_that_command_does(tmp_path):
+    """The hint once said `--resume --out RUN`, a form the command line refuses; it is now the
+    command itself, and running it resumes from the saved step and says so."""
+    config = write_config(tmp_path / "c.toml", tiny_overrides(train__steps=3000))
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "posleak", "train", str(config), "--out", str(run)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    while proc.poll() is None and not (metrics.exists() and len(metrics.read_text().split()) > 5):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate()
+    hint = f"posleak train --resume {run}"
+    assert proc.returncode == 130 and hint in err, err
+    step = checkpoint.step_of(checkpoint.list_checkpoints(run / "checkpoints")[-1])
+    again = [sys.executable, "-m", *hint.split()[:3], str(run), "--set", f"train.steps={step + 4}"]
+    done = subprocess.run(again, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"resuming {run} from step {step}" in done.stderr

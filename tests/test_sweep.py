@@ -188,3 +188,19 @@ def test_presets_are_the_one_definition_of_each_variant(tmp_path):
     assert run.values["model.window"] == 64 and run.values["model.position"] == "rope"
     with pytest.raises(ConfigError, match="unknown preset 'swb'; valid presets"):
         read_sweep(sweep_file(tmp_path, 'seeds = [0]\n[variants.x]\npreset = "swb"\n'))
+
+
+def test_set_applies_to_every_run_last_and_keeps_a_smoke_sweep_in_its_own_folder(tmp_path):
+    """`posleak sweep FILE --set train.steps=3`: every run trains 3 steps (over the sweep's own
+    [set] and its variants), into a folder of its own by default."""
+    path = sweep_file(tmp_path, VARIANTS + '[set]\n"train.steps" = 9\n')
+    smoke = posleak("sweep", path, "--set", "train.steps=3", "--out", tmp_path / "smoke")
+    assert smoke.returncode == 0, smoke.stderr
+    steps = {
+        json.loads((run / "summary.json").read_text())["steps"]
+        for run in (tmp_path / "smoke").glob("*-s*")
+        if (run / "summary.json").exists()
+    }
+    assert steps == {3}
+    dry = posleak("sweep", path, "--set", "train.steps=3", "--dry-run")
+    assert dry.returncode == 0 and "runs/sweeps/sweep-set-" in dry.stdout, dry.stdout

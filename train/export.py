@@ -256,9 +256,7 @@ def export_gguf(run: str | Path, out: str | Path, quant: str) -> Path:
     writer = gguf.GGUFWriter(str(tmp), "llama")
     try:
         writer.add_name(Path(run).name)
-        writer.add_file_type(
-            gguf.LlamaFileType[f"MOSTLY_{quant}" if quant[0] == "Q" else f"ALL_{quant}"]
-        )
+        writer.add_file_type(gguf.LlamaFileType["ALL_F32" if quant == "F32" else f"MOSTLY_{quant}"])
         writer.add_context_length(cfg.data.seq_len)
         writer.add_embedding_length(m.d_model)
         writer.add_block_count(m.n_layer)

@@ -141,6 +141,7 @@ class Run:
         state = checkpoint.load_latest(self.ckpt_root, self.model, self.optimizer)
         if state:
             self.step, self.elapsed = state["step"], state["elapsed_s"]
+            log.info(f"resuming {self.out} from step {self.step} of {self.cfg.train.steps}")
         if self.step > self.cfg.train.steps:
             raise ConfigError(
                 f"{self.out} is at step {self.step}, past train.steps="
@@ -248,7 +249,7 @@ class Run:
                 if self._stop_signal:
                     raise RunInterrupted(
                         f"stopped by {self._stop_signal} after step {self.step}; checkpoint "
-                        f"saved, continue with --resume --out {self.out}"
+                        f"saved, continue with: posleak train --resume {self.out}"
                     )
         summary = {
             "steps": self.step,

@@ -169,6 +169,7 @@ def planned(spec: dict) -> Iterator[PlannedRun]:
     """expand() one run at a time."""
     base = read_toml(Path(spec["base"]))
     shared = flatten(spec.get("set", {}))
+    overrides = spec.get("overrides", {})  # `posleak sweep FILE --set k=v`: every run, last
     grid = flatten(spec.get("grid", {}))
     grid_keys = sorted(grid)
     for point in itertools.product(*(grid[k] for k in grid_keys)):
@@ -177,7 +178,7 @@ def planned(spec: dict) -> Iterator[PlannedRun]:
             keys = {k: v for k, v in overlay.items() if k not in ("seeds", "preset")}
             keys = {**(preset(overlay["preset"]) if "preset" in overlay else {}), **flatten(keys)}
             for seed in overlay.get("seeds", spec["seeds"]):
-                values = {**base, **shared, **keys, **grid_values, "seed": seed}
+                values = {**base, **shared, **keys, **grid_values, **overrides, "seed": seed}
                 digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
                 label = "".join(
                     f"-{k.rsplit('.', 1)[-1]}{_label(v)}" for k, v in grid_values.items()
