@@ -304,8 +304,19 @@ def test_records_say_which_layer_count_they_use_and_load_as_a_dataframe(runs):
         if not (runs / run / "analysis" / "records.jsonl").exists():
             analyze(runs / run, SMALL)
     frame = load_records([runs / "nope-s0", runs / "rope-s1" / "analysis"])
-    assert list(frame.columns) == list(FIELDS)
+    assert list(frame.columns)[: len(FIELDS)] == list(FIELDS)
     assert set(frame["run"]) == {"nope-s0", "rope-s1"}
+    assert str(frame["layer"].dtype) == "Int64" and str(frame["seed"].dtype) == "Int64"
+    swaps = frame[(frame.metric == "bos_swap_loss_change") & (frame["condition.queries"] == "all")]
+    assert set(swaps["condition.swap"]) == set(SMALL.swaps)
+    assert frame.groupby("condition", dropna=False).size().sum() == len(frame)
+    from posleak.analysis.reports.results import headline_frame
+
+    numbers = headline_frame([runs / "nope-s0", runs / "rope-s1"])
+    probe = numbers[(numbers.number == "probe_r2_log_last") & (numbers.variant == "rope")]
+    assert len(probe) == 1 and probe["value"].item() == pytest.approx(
+        frame[(frame.run == "rope-s1") & (frame.metric == "probe_r2_log")]["value"].iloc[-1]
+    )
     probe_rows = frame[frame.metric == "probe_r2_log"]
     assert set(probe_rows.site) == {"resid"} and set(probe_rows.layer) == {0, 1, 2}
     assert set(frame[frame.metric == "c_res"].site) == {"attn"}
@@ -833,3 +844,19 @@ def test_analyses_in_parallel_give_the_records_of_analyses_in_turn(tmp_path, cap
     finally:
         torch.set_num_threads(threads)
     assert records() == parallel
+
+
+def test_an_analysis_records_the_code_and_packages_that_made_it(runs, tmp_path):
+    import subprocess
+
+    summary = analyze(runs / "rope-s0", SMALL, tmp_path / "a")
+    made = summary["provenance"]
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True)
+    if head.returncode == 0:  # a checkout (CI clones one)
+        assert made["commit"] == head.stdout.decode().strip() and made["dirty"] in (True, False)
+    assert made["packages"]["torch"] == torch.__version__.split("+")[0] or made["packages"][
+        "torch"
+    ].startswith(torch.__version__.split("+")[0])
+    groups, summaries = load_groups(find_runs([str(tmp_path / "a")]), SMALL)
+    text = write_report(groups, summaries, tmp_path / "report").read_text()
+    assert f"torch {made['packages']['torch']}" in text

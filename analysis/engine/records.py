@@ -139,14 +139,29 @@ def records_files(paths) -> list[Path]:
     return found
 
 
+INTEGERS = ("seed", "layer", "head", "query", "n", "definitions")  # integer columns, NA-able
+
+
 def load_records(paths):
-    """Every record of the given analyses as a pandas DataFrame (one row per number)."""
+    """Every record of the given analyses as a pandas DataFrame (one row per number): layer,
+    head, query, n and seed as nullable integers, `condition` as compact JSON (NA where
+    none, so it groups and compares), and each condition field as a column of its own,
+    `condition.FIELD`."""
     try:
         import pandas
     except ImportError:
         raise ImportError("load_records needs pandas: pip install pandas") from None
     rows = [row for path in records_files(paths) for row in read(path)]
-    return pandas.DataFrame(rows, columns=list(FIELDS))
+    fields = sorted({k for r in rows for k in (r.get("condition") or {})})
+    frame = pandas.DataFrame(rows, columns=list(FIELDS))
+    for field in fields:
+        frame[f"condition.{field}"] = [(r.get("condition") or {}).get(field) for r in rows]
+    frame["condition"] = [
+        json.dumps(r["condition"], sort_keys=True) if r.get("condition") else None for r in rows
+    ]
+    for column in INTEGERS:
+        frame[column] = frame[column].astype("Int64")
+    return frame
 
 
 ANY = object()  # select(..., condition=ANY): whatever the condition

@@ -14,6 +14,7 @@ import sys
 
 from posleak import version
 from posleak.analysis.engine.options import Options
+from posleak.analysis.engine.provenance import provenance
 from posleak.analysis.maths.measures import DEFINITIONS
 from posleak.analysis.stages import NUMBERS, STAGES
 
@@ -69,6 +70,7 @@ def summarise(analysis, seconds: float) -> dict:
         "per_layer": layers,
         "headline": headline(rows, layers, opts),
         "options": dataclasses.asdict(opts),  # what the labels of every report are made from
+        "provenance": provenance(),  # commit, package versions, the command
     }
 
 

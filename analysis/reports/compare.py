@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from posleak import version
+from posleak.analysis.engine import provenance
 from posleak.analysis.engine.batch import analyse_all
 from posleak.analysis.engine.folder import AnalysisDir
 from posleak.analysis.engine.options import Options
@@ -273,7 +273,7 @@ def _header(summaries: dict, out: Path) -> list[str]:
         f"on {first['seqs']} held-out sequences of {first['seq_len']} tokens "
         f"from `{first['data']}`. "
         f"Definitions version {DEFINITIONS}: {definitions_link(out)}. "
-        f"posleak {version()}.",
+        f"Made by {provenance.line(provenance.provenance())}",
     ]
 
 

@@ -37,3 +37,36 @@ def rows(opts: Options) -> list[tuple[str, str]]:
         for number in NUMBERS
         for condition in number.values_of(opts)
     ]
+
+
+def headline_frame(paths):
+    """Every declared number of the given analyses as a pandas DataFrame, one row per (run,
+    number, condition): run, variant, seed, step, number, its condition fields as
+    `condition.FIELD` columns, value and unit."""
+    import pandas
+
+    from posleak.analysis.engine.folder import AnalysisDir
+    from posleak.analysis.engine.records import records_files
+
+    rows = []
+    for path in records_files(paths):
+        summary = AnalysisDir(path.parent).read_summary()
+        opts = Options.of_summary(summary)
+        for number in NUMBERS:
+            for condition in number.values_of(opts):
+                rows.append(
+                    {
+                        "run": summary["run"],
+                        "variant": summary["variant"],
+                        "seed": summary["seed"],
+                        "step": summary.get("step"),
+                        "number": number.name,
+                        **{f"condition.{k}": v for k, v in condition.items()},
+                        "value": summary["headline"].get(number.key(**condition)),
+                        "unit": number.unit,
+                    }
+                )
+    frame = pandas.DataFrame(rows)
+    for column in ("seed", "step"):
+        frame[column] = frame[column].astype("Int64")
+    return frame
