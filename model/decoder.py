@@ -23,7 +23,7 @@ from torch import nn
 
 from posleak.files import atomic_write, safe_dir
 from posleak.model.config import ModelConfig
-from posleak.model.hooks import HookFn, HookPoint, attached, hook_points
+from posleak.model.hooks import HookFn, HookPoint, attached, hook_points, run_with_cache
 from posleak.model.masks import attention_mask
 from posleak.model.rope import rotate
 
@@ -305,17 +305,9 @@ class Decoder(nn.Module):
         """W_O of an attention layer, (d_model, n_head * d_head): head h owns columns h*d_h.."""
         return self.layers[layer].self_attn.o_proj.weight
 
-    def run_with_cache(self, tokens: torch.Tensor, names: Iterable[str] | None = None):
-        """Forward pass that also returns {name: detached activation} for the names asked for."""
-        names = self.hook_names() if names is None else list(names)
-        cache: dict[str, torch.Tensor] = {}
-
-        def store(tensor: torch.Tensor, name: str) -> None:
-            cache[name] = tensor.detach()
-
-        with self.hooks([(name, store) for name in names]):
-            logits = self(tokens)
-        return logits, cache
+    def run_with_cache(self, tokens: torch.Tensor, names=None, names_filter=None, grad=False):
+        """Forward pass that also returns {name: detached activation} (model/hooks.py)."""
+        return run_with_cache(self, tokens, names, names_filter, grad)
 
     # ---------------------------------------------------------------- persistence
     # One format for a model, here and inside every training checkpoint: model.safetensors

@@ -70,3 +70,27 @@ def attached(points: dict[str, HookPoint], hooks: Iterable[tuple[str, HookFn]]):
     finally:
         for name, fn in hooks:
             points[name].fns.remove(fn)
+
+
+def run_with_cache(model, tokens: torch.Tensor, names=None, names_filter=None, grad=False):
+    """(logits, {name: activation}) of one forward pass, the activations detached. `names`: a
+    list of hook names (default: every one); `names_filter` (TransformerLens's spelling): a
+    list, or a function of a name that says whether to keep it. Runs under torch.no_grad()
+    unless `grad` (then the logits keep their graph)."""
+    chosen = list(model.hook_points) if names is None else list(names)
+    if names_filter is not None:
+        keep = names_filter if callable(names_filter) else set(names_filter).__contains__
+        chosen = [name for name in chosen if keep(name)]
+    unknown = sorted(set(chosen) - set(model.hook_points))
+    if unknown:
+        raise KeyError(
+            f"no hook point {unknown[0]!r}; the model has: {', '.join(model.hook_points)}"
+        )
+    cache: dict[str, torch.Tensor] = {}
+
+    def store(tensor: torch.Tensor, name: str) -> None:
+        cache[name] = tensor.detach()
+
+    with torch.set_grad_enabled(grad), attached(model.hook_points, [(n, store) for n in chosen]):
+        logits = model(tokens)
+    return logits, cache

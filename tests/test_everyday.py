@@ -191,3 +191,40 @@ def test_used_as_a_library_posleak_prints_nothing_below_warning(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout == "" and "step " not in done.stderr
     assert (tmp_path / "r" / "summary.json").exists()
+
+
+def test_load_gives_a_run_or_a_gguf_file_with_the_same_hooks_and_a_cache_without_grad(tmp_path):
+    """posleak.analysis.load: a run folder and its GGUF export (at F32) answer to the same hook
+    names with the same activations; run_with_cache keeps no graph unless asked, and takes
+    TransformerLens's names_filter as a list or a function."""
+    pytest.importorskip("gguf", reason="the hf extra is not installed")
+    from posleak.analysis import load
+
+    run = tmp_path / "run"
+    train(build(tiny_overrides(data__source="bible")), run)
+    assert (
+        main(
+            [
+                "export",
+                str(run),
+                "--format",
+                "gguf",
+                "--quant",
+                "F32",
+                "--out",
+                str(tmp_path / "m.gguf"),
+            ]
+        )
+        == 0
+    )
+    ours, theirs = load(run), load(tmp_path / "m.gguf")
+    tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    name = "blocks.1.attn.pattern"
+    logits, cache = ours.run_with_cache(tokens, names_filter=lambda n: n == name)
+    assert not logits.requires_grad and list(cache) == [name]
+    other_logits, other = theirs.run_with_cache(tokens, names_filter=[name])
+    assert torch.allclose(cache[name], other[name], atol=1e-5)
+    assert torch.allclose(logits, other_logits, atol=1e-4)
+    assert ours.run_with_cache(tokens, names=[name], grad=True)[0].requires_grad
+    with pytest.raises(KeyError, match="no hook point 'hook_pattern'"):
+        ours.run_with_cache(tokens, names=["hook_pattern"])

@@ -25,7 +25,7 @@ from posleak.analysis.pretrained import gguf
 from posleak.data import DataConfig, make_source
 from posleak.data.counter_rng import random_below, stream_key
 from posleak.data.text import TextCorpus, hub_reachable
-from posleak.model.hooks import HookPoint, attached, hook_points
+from posleak.model.hooks import HookPoint, attached, hook_points, run_with_cache
 from posleak.model.positions import SCHEMES
 from posleak.model.rope import ntk_base
 
@@ -208,6 +208,13 @@ class Pretrained(nn.Module):
     def hooks(self, hooks):
         with attached(self.hook_points, hooks):
             yield self
+
+    def run_with_cache(self, tokens: torch.Tensor, names=None, names_filter=None, grad=False):
+        """Forward pass that also returns {name: detached activation} (model/hooks.py)."""
+        return run_with_cache(self, tokens, names, names_filter, grad)
+
+    def hook_names(self) -> list[str]:
+        return list(self.hook_points)
 
     @property
     def embed_tokens(self) -> nn.Module:
