@@ -87,6 +87,7 @@ def _rank() -> int:
 
 
 def sweep(args: argparse.Namespace) -> int:
+    from posleak.files import owned_dir
     from posleak.model import ConfigError
     from posleak.train import sweep as sweeps
     from posleak.train.config import build, parse_override, to_toml
@@ -115,6 +116,7 @@ def sweep(args: argparse.Namespace) -> int:
             print(f"# {r.name}" + (f"  (invalid: {r.error})" if r.error else ""))
             print(to_toml(build(r.values)) if r.error is None else "", flush=True)
         return 0
+    owned_dir(sweep_dir, "sweep folder", lambda folder: (folder / "configs").is_dir())
     sweeps.write_plan(sweep_dir, runs)
     if args.print_commands:
         for r in runs:
@@ -177,7 +179,9 @@ def analyze(args: argparse.Namespace) -> int:
 def compare(args: argparse.Namespace) -> int:
     from posleak.analysis.engine.options import Options
     from posleak.analysis.reports import compare as comparison
+    from posleak.files import check_owned
 
+    check_owned(args.out, "report folder", comparison.has_report)  # before any analysis
     runs = comparison.find_runs(args.paths)
     opts = Options(seqs=args.seqs, contrast_window=comparison.contrast_window_of(runs))
     groups, summaries = comparison.load_groups(runs, opts, jobs=args.jobs)
@@ -192,7 +196,10 @@ def compare(args: argparse.Namespace) -> int:
 def study(args: argparse.Namespace) -> int:
     from posleak.analysis.reports import sink_study
     from posleak.analysis.reports import study as studies
+    from posleak.analysis.reports.compare import has_report
+    from posleak.files import check_owned
 
+    check_owned(args.out, "report folder", has_report)  # before any analysis
     found = studies.Study(Path(args.sweep), args.seqs, args.jobs)
     kind = sink_study if sink_study.is_sink_sweep(found) else studies
     report = kind.write_report(found, Path(args.out))

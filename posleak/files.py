@@ -42,6 +42,35 @@ def safe_dir(path: str | Path, what: str = "folder") -> Path:
     return path
 
 
+OWNED = ".posleak-output"  # the marker of an output folder posleak made
+
+
+def check_owned(path: str | Path, what: str, ours_already=None) -> Path:
+    """Refuse, before any work, an output folder that holds files posleak did not write: it
+    writes only into a new or empty folder, or one that carries its marker (or that
+    `ours_already(path)` recognises as an earlier output of its own)."""
+    path = refuse_link(path, what)
+    if path.exists() and not path.is_dir():
+        raise UnsafePath(f"{what} {path} is a file, not a folder; give a folder")
+    if path.is_dir() and not (path / OWNED).exists():
+        foreign = sorted(entry.name for entry in path.iterdir())
+        if foreign and not (ours_already and ours_already(path)):
+            raise UnsafePath(
+                f"{what} {path} holds files posleak did not write ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}); give a new or empty folder"
+            )
+    return path
+
+
+def owned_dir(path: str | Path, what: str, ours_already=None) -> Path:
+    """check_owned, then the folder created (parents too) and marked as posleak's."""
+    path = check_owned(path, what, ours_already)
+    path.mkdir(parents=True, exist_ok=True)
+    if not (path / OWNED).exists():
+        atomic_write(path / OWNED, "an output folder of posleak's: it rewrites only its own\n")
+    return path
+
+
 def open_new(path: str | Path, mode: int = 0o644) -> int:
     """A file descriptor of a newly created file (never an existing one, never via a link)."""
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, mode)

@@ -969,3 +969,30 @@ def test_ctrl_c_prints_the_command_that_resumes_and_that_command_does(tmp_path):
     done = subprocess.run(again, cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert f"resuming {run} from step {step}" in done.stderr
+
+
+@pytest.mark.parametrize("command", ["analyze", "compare", "study", "sweep"])
+def test_an_output_folder_of_someone_elses_files_is_refused_and_left_as_it_was(
+    finished, tmp_path, capsys, command
+):
+    """analyze, compare, study and sweep once replaced report.md and records.jsonl in a
+    user's folder (only train and export checked): posleak writes only into a new or empty
+    folder, or one it marked as its own."""
+    _, run = finished
+    folder = tmp_path / "D"
+    folder.mkdir()
+    for name in ("report.md", "records.jsonl"):
+        (folder / name).write_text("mine\n")
+    sweep_file = tmp_path / "s.toml"
+    sweep_file.write_text(f'base = "{finished[0]}"\nseeds = [0]\n[variants.rope]\n')
+    argv = {
+        "analyze": ["analyze", str(run), "--seqs", "8"],
+        "compare": ["compare", str(run), "--seqs", "8"],
+        "study": ["study", str(run.parent), "--seqs", "8"],
+        "sweep": ["sweep", str(sweep_file)],
+    }[command]
+    assert main([*argv, "--out", str(folder)]) == 2
+    error = capsys.readouterr().err
+    assert "holds files posleak did not write" in error and "Traceback" not in error, error
+    assert sorted(p.name for p in folder.iterdir()) == ["records.jsonl", "report.md"]
+    assert all(p.read_text() == "mine\n" for p in folder.iterdir())

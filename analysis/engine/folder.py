@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from posleak.analysis.engine import records
-from posleak.files import atomic_write, refuse_link, safe_dir
+from posleak.files import atomic_write, check_owned, owned_dir, refuse_link
 from posleak.train.lock import RunLock, RunLocked
 
 WAIT_S = 300.0  # how long an analysis waits for another one's writes to the same folder
@@ -42,10 +42,12 @@ class AnalysisDir:
         return folder.summary_file.is_file() and folder.records_file.is_file()
 
     def check_writable(self) -> None:
-        """Fail before any work if the folder could not be written (a file, a link, read-only)."""
+        """Fail before any work if the folder could not be written (a file, a link, read-only,
+        a folder of someone else's files)."""
         refuse_link(self.path, "analysis folder")
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"--out {self.path} is a file; give a folder for the analysis")
+        check_owned(self.path, "analysis folder", AnalysisDir.is_analysis)
         existing = next(p for p in (self.path, *self.path.parents) if p.exists())
         if not os.access(existing, os.W_OK | os.X_OK):
             raise PermissionError(
@@ -56,7 +58,7 @@ class AnalysisDir:
     @contextlib.contextmanager
     def writing(self):
         """The folder, created and locked for one analysis's writes."""
-        safe_dir(self.path, "analysis folder")
+        owned_dir(self.path, "analysis folder", AnalysisDir.is_analysis)
         lock = RunLock(self.path)
         waited = 0.0
         while True:  # another analysis holds it only while it writes: wait for it

@@ -24,7 +24,7 @@ from posleak.analysis.reports import results
 from posleak.analysis.reports.html import to_html
 from posleak.analysis.reports.verdicts import ALPHA, difference_cell
 from posleak.analysis.stages import STAGES
-from posleak.files import atomic_write, safe_dir
+from posleak.files import atomic_write, owned_dir
 from posleak.log import log
 from posleak.report import number, table
 from posleak.train.rundir import RunDir
@@ -232,6 +232,11 @@ def draw_figures(groups: dict, out: Path, opts: Options) -> dict:
     return figures
 
 
+def has_report(folder: Path) -> bool:
+    """A report folder an earlier posleak wrote (before it marked its folders)."""
+    return (folder / "report.md").is_file() and "posleak" in (folder / "report.md").read_text()
+
+
 def definitions_link(out: Path) -> str:
     science = ROOT / "docs" / "science.md"
     if science.exists():
@@ -240,7 +245,7 @@ def definitions_link(out: Path) -> str:
 
 
 def write_report(groups: dict, summaries: dict, out: Path, reference: str | None = None) -> Path:
-    safe_dir(out, "report folder")
+    owned_dir(out, "report folder", has_report)
     reference = reference or ("rope" if "rope" in summaries else next(iter(summaries)))
     if reference not in summaries:
         raise ValueError(f"reference variant {reference!r} is not among {sorted(summaries)}")

@@ -37,7 +37,7 @@ from posleak.analysis.reports.study import (
 from posleak.analysis.reports.verdicts import Verdicts, verdict_table
 from posleak.analysis.stages.knockout_loss import EXCESS
 from posleak.data import make_source
-from posleak.files import atomic_write, safe_dir
+from posleak.files import atomic_write, owned_dir
 from posleak.model.rope import ntk_base
 from posleak.report import number, table
 from posleak.train import checkpoint
@@ -390,7 +390,7 @@ def study_variants(study: Study) -> list[str]:
 
 
 def write_report(study: Study, out: Path) -> Path:
-    safe_dir(out, "report folder")
+    owned_dir(out, "report folder", compare.has_report)
     planned = len(list((study.sweep_dir / "configs").glob("*.toml")))
     finished = sum(len(v) for v in study.summaries.values())
     first = RunDir(study.runs_of(study_variants(study)[0])[0]["run"]).read_config()[0]

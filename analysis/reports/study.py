@@ -28,7 +28,7 @@ from posleak.analysis.reports import compare, plots, results
 from posleak.analysis.reports.verdicts import Verdicts
 from posleak.analysis.stages.knockout_loss import EXCESS
 from posleak.data import make_source
-from posleak.files import atomic_write, safe_dir
+from posleak.files import atomic_write, owned_dir
 from posleak.report import number, table
 from posleak.train import checkpoint
 from posleak.train.rundir import RunDir
@@ -784,7 +784,7 @@ def scale_note(study: Study, nulls: int) -> list[str]:
 
 
 def write_report(study: Study, out: Path) -> Path:
-    safe_dir(out, "report folder")
+    owned_dir(out, "report folder", compare.has_report)
     planned = len(list((study.sweep_dir / "configs").glob("*.toml")))
     finished = sum(len(v) for v in study.summaries.values())
     first = RunDir(study.runs_of(REFERENCE)[0]["run"]).read_config()[0]
