@@ -220,3 +220,45 @@ def test_the_real_smollm2_file_from_pypi_loads_and_reads_text():
         logits = analysis.model(tokens[:, :-1])
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
     assert loss.item() < 4.0  # a trained model on the KJV (uniform would be ln 49152 = 10.8)
+
+
+@pytest.mark.parametrize("damage", ["weights", "record", "truncated"])
+def test_a_damaged_cache_copy_is_rebuilt_not_trusted(
+    tiny_gguf, tmp_path, monkeypatch, damage, caplog
+):
+    """The dequantised copy is checked against the sha256 of every file it holds on every
+    load: halved weights were once analysed with rc 0 while analysis.json certified the
+    source file. A damaged copy is named, rebuilt and analysed as the file says."""
+    import logging
+
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setenv("POSLEAK_CACHE", str(tmp_path / "cache"))
+    path, reference = tiny_gguf
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
+    first = analysis_of(f"hf:{path}", SMALL)
+    assert len(first.subject.info["cache_sha256"]) == 64
+    (cached,) = (tmp_path / "cache" / "gguf").iterdir()
+    weights = cached / "model.safetensors"
+    if damage == "weights":
+        save_file({k: v / 2 for k, v in load_file(weights).items()}, weights)
+    elif damage == "record":
+        (cached / "gguf.json").write_text("{not json")
+    else:
+        weights.write_bytes(weights.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING, logger="posleak"):
+        again = analysis_of(f"hf:{path}", SMALL)
+    assert "is damaged" in caplog.text and str(cached) in caplog.text
+    with torch.no_grad():
+        assert torch.allclose(again.model(tokens), reference(input_ids=tokens).logits, atol=1e-5)
+    assert again.subject.info["cache_sha256"] == first.subject.info["cache_sha256"]
+
+
+def test_a_renamed_gguf_file_is_recorded_under_its_own_name(tiny_gguf, tmp_path, monkeypatch):
+    monkeypatch.setenv("POSLEAK_CACHE", str(tmp_path / "cache"))
+    path, _ = tiny_gguf
+    analysis_of(f"hf:{path}", SMALL)
+    renamed = tmp_path / "other" / "renamed.gguf"
+    renamed.parent.mkdir()
+    renamed.write_bytes(path.read_bytes())
+    assert analysis_of(f"hf:{renamed}", SMALL).subject.info["gguf_file"] == "renamed.gguf"

@@ -153,9 +153,13 @@ def checkpoint(name: str) -> tuple[Path, dict]:
     path = locate(name)
     digest = sha256_file(path)
     folder = default_cache_dir() / "gguf" / digest[:32]
-    record = folder / RECORD
-    if record.is_file():
-        return folder, json.loads(record.read_text())
+    if folder.exists():
+        problem = cache_problem(folder, digest)
+        if problem is None:
+            info = json.loads((folder / RECORD).read_text())
+            return folder, {**info, "gguf_file": path.name}  # the name it is read under now
+        log.warning(f"[gguf] the cached copy {folder} is damaged ({problem}); rebuilding it")
+        shutil.rmtree(folder)
     kind, counts = quantisation(path)
     info = {
         "gguf_file": path.name,
@@ -166,6 +170,25 @@ def checkpoint(name: str) -> tuple[Path, dict]:
     log.info(f"[gguf] dequantising {path.name} ({info['quantisation']}) once, into {folder}")
     _dequantise(path, folder, info)
     return folder, info
+
+
+def cache_problem(folder: Path, digest: str) -> str | None:
+    """What is wrong with a cached dequantised copy (None: it holds exactly the files its
+    record lists, each with its sha256, made from the GGUF file of this digest)."""
+    try:
+        info = json.loads((folder / RECORD).read_text())
+        files = info["cache_files"]
+        if info["gguf_sha256"] != digest or not isinstance(files, dict):
+            return f"{RECORD} describes another file"
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{RECORD} unreadable: {type(err).__name__}"
+    for name, expected in files.items():
+        file = folder / name
+        if Path(name).name != name or file.is_symlink() or not file.is_file():
+            return f"{name} missing"
+        if sha256_file(file) != expected:
+            return f"{name} does not match its recorded sha256"
+    return None
 
 
 def _dequantise(path: Path, folder: Path, info: dict) -> None:
@@ -189,6 +212,9 @@ def _dequantise(path: Path, folder: Path, info: dict) -> None:
     try:
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+        digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+        info.update(cache_files=files, cache_sha256=digest)  # checked on every load
         (tmp / RECORD).write_text(json.dumps(info, indent=2) + "\n")
         if folder.exists():  # another process finished first: keep its copy
             shutil.rmtree(tmp)
