@@ -3,6 +3,7 @@ permuted the way llama.cpp's converter stores them) goes through transformers' `
 loader, is cached as an ordinary checkpoint, and gives the logits of the same weights loaded
 the ordinary way."""
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -262,3 +263,33 @@ def test_a_renamed_gguf_file_is_recorded_under_its_own_name(tiny_gguf, tmp_path,
     renamed.parent.mkdir()
     renamed.write_bytes(path.read_bytes())
     assert analysis_of(f"hf:{renamed}", SMALL).subject.info["gguf_file"] == "renamed.gguf"
+
+
+def test_the_pretrained_study_reuses_an_analysis_only_of_the_same_file(
+    tiny_gguf, tmp_path, monkeypatch
+):
+    """A GGUF file replaced under the same name, or another file of the same name in another
+    folder, was once reported with the first file's analyses: they follow the content now."""
+    from posleak.analysis.reports.pretrained_study import analyses_of
+
+    monkeypatch.setenv("POSLEAK_CACHE", str(tmp_path / "cache"))
+    path, model = tiny_gguf
+    opts = dataclasses.replace(SMALL, swaps=(), knockout=False, extrapolation=(), shift_seqs=4)
+    work = tmp_path / "work"
+    first = analyses_of(f"hf:{path}", opts, work)
+    other = tmp_path / "elsewhere" / "tiny.gguf"
+    other.parent.mkdir()
+    with torch.no_grad():
+        for weight in model.parameters():
+            weight.mul_(0.5)
+    try:
+        write_gguf(other, model)
+    finally:
+        with torch.no_grad():
+            for weight in model.parameters():
+                weight.mul_(2.0)
+    second = analyses_of(f"hf:{other}", opts, work)
+    assert {f.path for f in first.values()}.isdisjoint({f.path for f in second.values()})
+    (kind, folder), *_ = first.items()
+    stamp = folder.summary_file.stat().st_mtime_ns
+    assert analyses_of(f"hf:{path}", opts, work)[kind].summary_file.stat().st_mtime_ns == stamp

@@ -55,9 +55,10 @@ def analyses_of(model: str, base: Options, work: Path) -> dict[str, AnalysisDir]
         plans["long"] = dataclasses.replace(
             base, **REDUCED, bos=native, seq_len=2 * min(windows), seqs=max(8, base.seqs // 4)
         )
+    digest = subject.info.get("gguf_sha256")  # a GGUF file: its analyses follow its content
+    name = short_name(model[3:]) + (f"-{digest[:8]}" if digest else "")
     return {
-        kind: _made_or_reused(subject, opts, work / short_name(model[3:]) / kind)
-        for kind, opts in plans.items()
+        kind: _made_or_reused(subject, opts, work / name / kind) for kind, opts in plans.items()
     }
 
 
@@ -65,7 +66,12 @@ def _made_or_reused(subject, opts: Options, out: Path) -> AnalysisDir:
     folder = AnalysisDir(out)
     if folder.summary_file.exists():
         summary = folder.read_summary()
-        if summary.get("definitions") == DEFINITIONS and Options.of_summary(summary) == opts:
+        same = summary.get("gguf_sha256") == subject.info.get("gguf_sha256")  # both None: folders
+        if (
+            same
+            and summary.get("definitions") == DEFINITIONS
+            and Options.of_summary(summary) == opts
+        ):
             log.info(f"[pretrained-study] reusing {out}")
             return folder
     log.info(f"[pretrained-study] analysing {subject.name} into {out}")
