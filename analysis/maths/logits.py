@@ -25,7 +25,7 @@ class LogitStats(NamedTuple):
     mean: torch.Tensor  # (H, P) mean logits M over all sequences, packed
     signal_key0: torch.Tensor  # (H, T) the key-0 column's part of signal (the rest: j >= 1)
     key0_boot: torch.Tensor  # (R, H, T) its bootstrap replicates, the same resamples
-    signal_null: torch.Tensor  # (R, H, T) signal with random signs on the B blocks: no signal
+    signal_null: torch.Tensor  # (R, H, T) signal with random signs on both halves' blocks
     key0_null: torch.Tensor  # (R, H, T) the same for the key-0 part
 
     @property
@@ -59,9 +59,14 @@ def logit_stats(
     wa, wb = wa / wa.sum(1, keepdim=True), wb / wb.sum(1, keepdim=True)
     signal_boot = torch.einsum("ra,rb,abhi->rhi", wa, wb, cross)
     key0_boot = torch.einsum("ra,rb,abhi->rhi", wa, wb, cross_key0)
-    flips = sign_flips(len(boot_b), len(count_b))  # (R, nB)
-    signal_null = torch.einsum("a,rb,abhi->rhi", count_a, flips * count_b, cross) / total
-    key0_null = torch.einsum("a,rb,abhi->rhi", count_a, flips * count_b, cross_key0) / total
+    # version 4: both halves' blocks flipped (one half alone keeps a signal x noise term)
+    flips_a, flips_b = (
+        sign_flips(len(boot_a), len(count_a), 7),
+        sign_flips(len(boot_b), len(count_b)),
+    )
+    wa0, wb0 = flips_a * count_a, flips_b * count_b  # (R, nA), (R, nB)
+    signal_null = torch.einsum("ra,rb,abhi->rhi", wa0, wb0, cross) / total
+    key0_null = torch.einsum("ra,rb,abhi->rhi", wa0, wb0, cross_key0) / total
     halves = []
     for half, count in ((0, count_a), (1, count_b)):
         w = count / count.sum()
@@ -88,9 +93,10 @@ def logit_stats(
 
 def sign_flips(replicates: int, blocks: int, seed: int = 6) -> torch.Tensor:
     """(replicates, blocks) balanced random signs (as many +1 as -1; a middle block of an odd
-    count gets 0). Flipping half B's blocks so keeps the noise of the split-half product and
-    cancels the signal exactly (equal block counts), so these replicates show the floor that
-    noise alone gives at this N."""
+    count gets 0). Flipping both halves' blocks so (independently) keeps the noise x noise part
+    of the split-half product and cancels the signal and the signal x noise terms exactly
+    (equal block counts), so these replicates show the floor that noise alone gives at this
+    N."""
     gen = torch.Generator().manual_seed(seed)
     signs = torch.tensor([1.0] * (blocks // 2) + [-1.0] * (blocks // 2) + [0.0] * (blocks % 2))
     order = torch.stack([torch.randperm(blocks, generator=gen) for _ in range(replicates)])

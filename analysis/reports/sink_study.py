@@ -168,18 +168,19 @@ def _stabilising(study: Study, variants: list[str]) -> list[str]:
         excess = {k: x for k, x in excess.items() if x is not None}
         if len(excess) >= 2:
             cells.append(
-                (f"`{v}`: sink heads' key 0 minus equal-mass control", excess, zeros(excess))
+                (f"`{v}`: sink heads' key 0 minus random-key control", excess, zeros(excess))
             )
         every = per_seed(
             study.runs_of(v), headline("knockout_loss_change", key=EXCESS, heads="all")
         )
-        cells.append((f"`{v}`: key 0 minus equal-mass control, every head", every, zeros(every)))
+        cells.append((f"`{v}`: key 0 minus random-key control, every head", every, zeros(every)))
     return [
         "Does the model lean on its sink? The change of loss on non-copy targets when key 0 "
-        "is knocked out (its attention spread over the other keys), minus the change when "
-        "the same mass is taken from a random earlier key instead (nats; > 0: key 0 matters "
-        "more than an equal share of another key). Sink-head rows use the seeds that "
-        "formed one.",
+        "is knocked out (its attention spread over the other keys), minus the change when a "
+        "random earlier key loses attention instead (nats). The control is version 3's: it "
+        "takes at most key 0's mass and in sink heads far less, so it is not an equal-mass "
+        "comparison (version 4's control with its moved mass is not yet in the code). "
+        "Sink-head rows use the seeds that formed one.",
         "",
         *verdict_table(cells, "0"),
     ]
@@ -231,10 +232,10 @@ def claim_a(study: Study) -> list[str]:
     if not window:
         return ["## (a) Window against RoPE", "", "No window variant in this sweep."]
     T = cfg.data.seq_len
-    level_of = headline("c_res_window")
-    ref = per_seed(study.runs_of(REFERENCE), level_of)
+    signed = headline("c_res_window_signed_mean")  # signed C²: what the seeds are tested on
+    ref = per_seed(study.runs_of(REFERENCE), signed)
     cells = [
-        (f"`{v}` − `{REFERENCE}`", per_seed(study.runs_of(v), level_of), ref)
+        (f"`{v}` − `{REFERENCE}`", per_seed(study.runs_of(v), signed), ref)
         for v in (WINDOWED, NTK)
         if v in study.summaries
     ]
@@ -242,26 +243,33 @@ def claim_a(study: Study) -> list[str]:
     return [
         "## (a) Does a window feed the residual position component?",
         "",
-        f"C_res at queries {window}–{T - 1}, where the window of {window} keys binds, on the "
-        f"window's pairs in every model (a two-way fit on that pair set), signed and pooled "
-        f"over heads and layers ≥ 1, clamped once; paired by seed. With {layers} layers there "
-        f"is {'one layer' if layers == 2 else f'{layers - 1} layers'} beyond the first, so "
-        "this is the level at depth, not a slope over depth." + _ntk_note(study, T),
+        f"The residual component at queries {window}–{T - 1}, where the window of {window} keys "
+        "binds, on the window's pairs in every model (a two-way fit on that pair set), pooled "
+        "over heads and averaged over layers ≥ 1, as a signed C² (the seeds are compared on it; "
+        "its floor is the 95% quantile of both halves' sign flips, squared); paired by seed. "
+        f"With {layers} layers there is "
+        f"{'one layer' if layers == 2 else f'{layers - 1} layers'} beyond the first, so this is "
+        "the level at depth, not a slope over depth." + _ntk_note(study, T),
         "",
         *table(
-            ["variant", f"C_res at i ≥ {window}, layers ≥ 1", "its no-signal floor"],
+            ["variant", f"C² at i ≥ {window}, layers ≥ 1 (signed)", "its no-signal floor"],
             [
-                [
-                    v,
-                    level(per_seed(study.runs_of(v), level_of)),
-                    level(per_seed(study.runs_of(v), headline("c_res_window_floor"))),
-                ]
+                [v, level(per_seed(study.runs_of(v), signed)), level(window_floor(study, v))]
                 for v in study_variants(study)
             ],
         ),
         "",
         *verdict_table(cells, f"`{REFERENCE}`"),
     ]
+
+
+def window_floor(study: Study, variant: str) -> dict:
+    """{seed: the no-signal floor of the window contrast, as a C²}."""
+    floor = headline("c_res_window_floor")
+    return {
+        seed: None if value is None else value**2
+        for seed, value in per_seed(study.runs_of(variant), floor).items()
+    }
 
 
 def _ntk_note(study: Study, T: int) -> str:

@@ -153,6 +153,11 @@ def zeros(values: dict) -> dict:
 
 
 # ---------------------------------------------------------------- the three claims
+def squared(number_of):
+    """A clamped root's number as the signed square it came from (a floor in C² units)."""
+    return lambda summary: None if number_of(summary) is None else number_of(summary) ** 2
+
+
 def claim_a(study: Study, out: Path) -> tuple[list[str], Verdicts | None]:
     w = study.window
     if not w:
@@ -160,11 +165,11 @@ def claim_a(study: Study, out: Path) -> tuple[list[str], Verdicts | None]:
     T = study.opts.seq_len if study.opts.seq_len else study.runs_of(REFERENCE)[0]["seq_len"]
     k = study.opts.early_queries
     numbers = {
-        "window": (f"C_res at i ≥ {w}, window's pairs", headline("c_res_window")),
-        "floor": ("its no-signal floor", headline("c_res_window_floor")),
+        "window": (f"C² at i ≥ {w}, window's pairs (signed)", headline("c_res_window_signed_mean")),
+        "floor": ("its no-signal floor (C²)", squared(headline("c_res_window_floor"))),
         "share": (f"abs_share at i ≥ {w}", headline("abs_share_window")),
         "tail": (f"probe R² at positions ≥ {w} (last layer)", headline("probe_tail_r2_log_last")),
-        "early": (f"C_res at i < {k} (v3, all keys)", headline("c_res_deep", part="all")),
+        "early": (f"C²_content at i < {k} (signed)", headline("c_res_content")),
     }
     slope = {
         v: by_records(study, v, lambda r: layer_slope(r, "c_res_window_signed", {"w": w}))
@@ -229,8 +234,10 @@ def claim_a(study: Study, out: Path) -> tuple[list[str], Verdicts | None]:
         f"A window of {w} keys computes what full attention computes at queries i < {w}, so "
         f"the window contrast reads queries {w}–{T - 1} only, on the window's pairs "
         f"(j > i − {w}) in both models: a two-way fit on that pair set, the split-half signal "
-        "pooled over heads and layers ≥ 1, clamped once. abs_share and the probe are read "
-        "there too; the slope is over layers ≥ 1. " + " ".join(said),
+        "pooled over heads and averaged over layers ≥ 1, signed (a C²; the seeds are compared "
+        "on it, and its floor, from both halves' sign flips, is squared to match). abs_share "
+        "and the probe are read there too; the slope is over layers ≥ 1; NTK against RoPE "
+        "reads the content keys' early-query C² (version 4). " + " ".join(said),
         "",
         *table(
             [
@@ -410,7 +417,7 @@ def claim_c(study: Study) -> tuple[list[str], Verdicts]:
             study.runs_of(v), headline("knockout_loss_change", key=EXCESS, heads="all")
         )
         cells.append(
-            (f"`{v}`: loss, key-0 knockout minus equal-mass control", excess, zeros(excess))
+            (f"`{v}`: loss, key-0 knockout minus random-key control", excess, zeros(excess))
         )
         left = per_seed(
             study.runs_of(v),
@@ -447,8 +454,9 @@ def claim_c(study: Study) -> tuple[list[str], Verdicts]:
         *table(["variant", *(label for label, _ in series)], rows),
         "",
         "Does the model lean on key 0? Loss change when key 0 is knocked out in every layer, "
-        "minus the change when the same attention mass is taken from a random earlier key "
-        "(nats), and the probe R² that a refit probe loses when key 0 is knocked out beyond "
+        "minus the change when a random earlier key loses attention instead (nats; version "
+        "3's control, which moves less mass than key 0: not an equal-mass comparison), and "
+        "the probe R² that a refit probe loses when key 0 is knocked out beyond "
         "what it loses when key 1 is (both bounded: refit R², not the original probe's "
         "transfer). Claim (c), one Holm family:",
         "",

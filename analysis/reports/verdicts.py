@@ -37,7 +37,10 @@ def difference_cell(d: PairedDifference | None, holm_p: float | None, level: flo
         return text + " **finding**"
     mde = number(minimum_detectable(d.sd, d.n, level), 2)
     if d.p < ALPHA:  # its own interval excludes 0; the family's correction decides
-        return text + f"; not a finding after Holm, though its interval excludes 0 (MDE {mde})"
+        return (
+            text + f"; not a finding after Holm, though its interval excludes 0 (MDE {mde} at "
+            f"level {number(level, 2)})"
+        )
     return text + f"; not detected (MDE {mde} at level {number(level, 2)})"
 
 

@@ -178,6 +178,13 @@ STAGE = WindowContrast(
         ),
         Reported("abs_share_window", "abs_share on the same pairs, layers ≥ 1", parameters=("w",)),
         Reported(
+            "c_res_window_signed_mean",
+            "signed C² at queries i ≥ w on the window's pairs, mean over layers ≥ 1",
+            metric="c_res_window_signed",
+            reduce="mean_from_1",
+            parameters=("w",),
+        ),
+        Reported(
             "probe_tail_r2_log_last",
             "probe R² at positions ≥ w (last layer, refit)",
             unit="R²",
