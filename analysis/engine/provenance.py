@@ -1,6 +1,6 @@
 """What made an analysis or a report: posleak's version and git commit (with a dirty flag
-when the checkout has uncommitted changes), the versions of the packages that compute its
-numbers, and the command line that regenerates it."""
+when the code, not the docs a report writes into, has uncommitted changes), the versions of
+the packages that compute its numbers, and the command line that regenerates it."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from posleak import version
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout, when posleak runs from one
 PACKAGES = ("torch", "numpy", "scipy", "transformers", "gguf")
+SOURCES = ("model", "data", "train", "analysis", "posleak", "pyproject.toml")  # what computes
 
 
 def provenance() -> dict:
@@ -48,7 +49,16 @@ def _git() -> tuple[str | None, bool | None]:
             timeout=10,
         )
         status = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+            [
+                "git",
+                "-C",
+                str(ROOT),
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                *SOURCES,
+            ],
             capture_output=True,
             text=True,
             timeout=10,
