@@ -301,7 +301,7 @@ def emergence(study: Study, out: Path) -> list[str]:
         ("value drain (smallest head)", lambda s, m: results.value(s, "value_drain_min")),
         ("massive activation (largest)", lambda s, m: results.value(s, "massive_ratio_max")),
         (
-            "BOS → mean removed, j ≥ 1",
+            "BOS → mean removed, content keys",
             lambda s, m: results.value(s, "bos_swap_removed_share", swap="mean", part="content"),
         ),
     )
