@@ -92,8 +92,9 @@ def test_study_small_runs_end_to_end_at_a_tiny_budget(tmp_path):
         assert "sign-flip p" in cell and "Holm" in cell, cell
     assert "queries 16–31 only" in text  # the window contrast reads where w = 16 binds
     rope = [json.loads(p.read_text())["headline"] for p in out.glob("rope-s*/analysis/*.json")]
-    floor = level(dict(enumerate(h["c_res_window_floor"] for h in rope)))
-    assert f"| rope | {level(dict(enumerate(h['c_res_window'] for h in rope)))} | {floor} |" in text
+    signed = NUMBERS["c_res_window_signed_mean"].key()
+    floor = level(dict(enumerate(h["c_res_window_floor"] ** 2 for h in rope)))  # as a C²
+    assert f"| rope | {level(dict(enumerate(h[signed] for h in rope)))} | {floor} |" in text
     assert "| intact C², content keys j ≥ 1 |" in text and "its no-signal floor in `rope`" in text
     assert not (tmp_path / "report" / "comparison").exists()  # the comparison is compare's
     assert (tmp_path / "report" / "emergence.png").exists()
@@ -166,7 +167,7 @@ def test_the_sink_study_runs_end_to_end_at_a_tiny_budget(tmp_path):
     assert formed in "012"
     if formed == "0":  # 8 steps form no sink: the anchoring sentence must say so
         assert "cannot be read here" in text
-    assert "C_res at queries 16–31, where the window of 16 keys binds" in text
+    assert "The residual component at queries 16–31, where the window of 16 keys binds" in text
     assert "rotary pairs" in text
     assert (tmp_path / "report" / "sink_emergence.png").exists()
     # (b) shows the signal its shares divide: rope's intact content-key C_res beside its floor

@@ -133,6 +133,8 @@ class Run:
         self.forward_model = self._wrap(self.model)
         if self.rank == 0:
             self._write_header(reason, resumed=resumed)
+            if resumed:  # said once every check has passed
+                log.info(f"resuming {self.out} from step {self.step} of {self.cfg.train.steps}")
         self._stop_signal = None
 
     def _restore(self) -> bool:
@@ -141,7 +143,6 @@ class Run:
         state = checkpoint.load_latest(self.ckpt_root, self.model, self.optimizer)
         if state:
             self.step, self.elapsed = state["step"], state["elapsed_s"]
-            log.info(f"resuming {self.out} from step {self.step} of {self.cfg.train.steps}")
         if self.step > self.cfg.train.steps:
             raise ConfigError(
                 f"{self.out} is at step {self.step}, past train.steps="
