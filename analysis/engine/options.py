@@ -30,6 +30,8 @@ class Options:
     probe_folds: int = 5  # cross-validation folds (grouped by sequence) for the ridge strength
     early_queries: int = 16  # "early queries" are 1 <= i < this: the A_i0 profile of every head,
     # C_res at early queries and the headline share removed by a BOS replacement
+    anchor_positions: tuple = (0, 4, 16)  # version 4's anchoring: BOS put at these positions
+    anchor_seqs: int = 64  # sequences for the anchoring test
     fingerprint_seqs: int = 32
     fingerprint_query: int = 8  # query i at which a head's position-0 output is compared
     early_k: tuple = (8, 16, 32, 64)  # BOS replacement: removed share over queries i < k

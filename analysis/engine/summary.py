@@ -16,7 +16,7 @@ from posleak import version
 from posleak.analysis.engine.options import Options
 from posleak.analysis.engine.provenance import provenance
 from posleak.analysis.maths.measures import DEFINITIONS
-from posleak.analysis.stages import NUMBERS, STAGES
+from posleak.analysis.stages import NUMBERS, STAGES, enabled
 
 
 def per_layer(rows: list[dict], opts: Options) -> dict:
@@ -70,6 +70,7 @@ def summarise(analysis, seconds: float) -> dict:
         "per_layer": layers,
         "headline": headline(rows, layers, opts),
         "options": dataclasses.asdict(opts),  # what the labels of every report are made from
+        "stages": enabled(opts),  # what ran: reuse needs the same
         "provenance": provenance(),  # commit, package versions, the command
     }
 

@@ -295,3 +295,14 @@ def shift_distances(near: torch.Tensor, far: torch.Tensor, start_near: int, star
 def uniform_guess_mae(n: int) -> float:
     """E|X - Y| for X, Y independent and uniform on n positions: (n^2 - 1) / (3n)."""
     return (n * n - 1) / (3 * n)
+
+
+def key_lift(column: torch.Tensor, key: int, window: int | None) -> torch.Tensor:
+    """lambda_k per sequence and head: the mean of n_i * A_ik over the queries i > key that see
+    key `key` (1 for uniform attention; key 0's lift is key0_lift). column (N, H, T): A_ik for
+    every query i -> (N, H)."""
+    T = column.shape[-1]
+    i = torch.arange(T)
+    sees = (i > key) if window is None else (i > key) & (i - key < window)
+    n = visible_keys(T, window)[sees]
+    return (column[..., sees].double() * n).mean(-1)

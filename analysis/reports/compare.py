@@ -13,6 +13,7 @@ import json
 import os
 from pathlib import Path
 
+from posleak.analysis import stages
 from posleak.analysis.engine import provenance
 from posleak.analysis.engine.batch import analyse_all
 from posleak.analysis.engine.folder import AnalysisDir
@@ -75,13 +76,14 @@ def contrast_window_of(runs: list[Path]) -> int | None:
 
 
 def is_current(summary: dict, opts: Options | None) -> bool:
-    """An analysis is reused when made under today's definitions, of the checkpoint the run
-    holds now (its step and weights digest: a run resumed or retrained since is analysed
-    again) and, where `opts` is given, with exactly those options (a study states the options
-    its report used)."""
+    """An analysis is reused when made under today's definitions by today's stages, of the
+    checkpoint the run holds now (its step and weights digest: a run resumed or retrained
+    since is analysed again) and, where `opts` is given, with exactly those options (a study
+    states the options its report used)."""
     return (
         summary.get("definitions") == DEFINITIONS
         and (opts is None or Options.of_summary(summary) == opts)
+        and summary.get("stages") == stages.enabled(Options.of_summary(summary))
         and same_checkpoint(summary)
     )
 

@@ -19,6 +19,7 @@ import dataclasses
 import os
 from pathlib import Path
 
+from posleak.analysis import stages
 from posleak.analysis.engine.analyze import Analysis, subject_of, write_analysis
 from posleak.analysis.engine.folder import AnalysisDir
 from posleak.analysis.engine.options import Options
@@ -71,6 +72,7 @@ def _made_or_reused(subject, opts: Options, out: Path) -> AnalysisDir:
             same
             and summary.get("definitions") == DEFINITIONS
             and Options.of_summary(summary) == opts
+            and summary.get("stages") == stages.enabled(opts)
         ):
             log.info(f"[pretrained-study] reusing {out}")
             return folder

@@ -39,6 +39,12 @@ def sites() -> dict:
     return out
 
 
+def enabled(opts) -> list[str]:
+    """The names of the stages an analysis with these options runs (its summary lists them,
+    so that an analysis made before a stage existed is not reused as if it had run it)."""
+    return [s.name for s in STAGES if s.enabled(opts)]
+
+
 def stage(name: str) -> Stage:
     for s in STAGES:
         if s.name == name:
@@ -46,4 +52,4 @@ def stage(name: str) -> Stage:
     raise KeyError(f"no stage {name!r}; stages: {[s.name for s in STAGES]}")
 
 
-__all__ = ["NUMBERS", "STAGES", "Context", "Section", "Stage", "sites", "stage"]
+__all__ = ["NUMBERS", "STAGES", "Context", "Section", "Stage", "enabled", "sites", "stage"]
