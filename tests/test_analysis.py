@@ -575,8 +575,7 @@ def planted_sink_subject(gain: float, T: int = 24, n: int = 16):
     other = 1.0 / (torch.exp(score) + i)  # the weight of any one ordinary key
     knocked = {"key=0": torch.where(i >= 1, 0.0, a0)}
     knocked["key=1"] = torch.where(i > 1, a0 / (1 - other), a0)
-    mass = torch.minimum(a0, other)  # key keys[i] is ordinary for i >= 1
-    knocked["key=random"] = torch.where(i >= 1, a0 / (1 - mass), a0)
+    knocked["key=random"] = torch.where(i >= 1, a0 / (1 - other), a0)  # an ordinary key
     mask = torch.from_numpy(marked(tokens.numpy())[:, 1:])
     expected = {}
     for label, a in knocked.items():

@@ -587,16 +587,20 @@ def test_control_knockouts_follow_their_definitions_on_a_nested_loop():
     assert torch.allclose(k1.sum(-1), p.sum(-1))
     keys = measures.random_earlier_keys(T, None, seed=0)
     assert all(1 <= keys[i] <= i for i in range(1, T))
-    eq = measures.knock_out_equal_mass(p, keys)
+    eq = measures.knock_out_random_key(p, keys)
+    moved = measures.knocked_mass(p, keys)
     for b in range(2):
         for h in range(3):
             for i in range(1, T):
                 row = p[b, h, i].clone()
                 j = int(keys[i])
-                row[j] -= min(row[0], row[j])
+                assert moved[b, h, i - 1] == row[j]
+                row[j] = 0.0
                 row = row * p[b, h, i].sum() / row.sum()
                 assert torch.allclose(eq[b, h, i], row)
     assert torch.equal(eq[..., 0, :], p[..., 0, :])
+    zeros = torch.zeros(T, dtype=torch.long)  # key 0's knockout takes A_i0
+    assert torch.equal(measures.knocked_mass(p, zeros), p[..., 1:, 0])
 
 
 # ------------------------------------------------------------------ v3: statistics

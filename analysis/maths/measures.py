@@ -233,20 +233,26 @@ def knock_out_key(pattern: torch.Tensor, key: int) -> torch.Tensor:
     return out
 
 
-def knock_out_equal_mass(pattern: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """The equal-mass control: from key keys[i] (an earlier key, >= 1) of each query i >= 1,
-    remove as much attention as key 0 holds (at most what that key holds), each row rescaled
-    to its original total. keys (T,) long; what a random key of key 0's mass contributes."""
+def knock_out_random_key(pattern: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Version 4's random-key control: key keys[i] (an earlier key, >= 1) of each query i >= 1
+    knocked out like key 0 (its attention set to 0, the row rescaled to its original total).
+    It moves whatever mass that key held: `knocked_mass` says how much, beside key 0's."""
     out = pattern.clone()
     T = pattern.shape[-1]
     i = torch.arange(1, T)
     j = keys[1:].to(pattern.device)
     total = out[..., 1:, :].sum(-1, keepdim=True)
-    mass = torch.minimum(out[..., i, 0], out[..., i, j])
-    out[..., i, j] = out[..., i, j] - mass
+    out[..., i, j] = 0.0
     rest = out[..., 1:, :].sum(-1, keepdim=True)
     out[..., 1:, :] = out[..., 1:, :] * torch.where(rest > 0, total / rest, 0.0)
     return out
+
+
+def knocked_mass(pattern: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The attention a knockout takes off its key, per query i >= 1: A_i,keys[i] (keys of
+    zeros: key 0's knockout). (..., T, T) -> (..., T - 1)."""
+    i = torch.arange(1, pattern.shape[-1])
+    return pattern[..., i, keys[1:].to(pattern.device)]
 
 
 def random_earlier_keys(seq_len: int, window: int | None, seed: int) -> torch.Tensor:

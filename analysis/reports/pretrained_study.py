@@ -287,8 +287,8 @@ def knockouts(read: Read) -> list[str]:
         ]
         for label, key, heads in (
             ("key 0 knocked out in every head", 0, "all"),
-            ("an equal-mass random earlier key, every head", "random", "all"),
-            ("key 0 minus the equal-mass control (paired per token)", EXCESS, "all"),
+            ("a random earlier key, every head (random-key control)", "random", "all"),
+            ("key 0 minus the random-key control (paired per token)", EXCESS, "all"),
             ("key 0 knocked out in the sink heads only", 0, "sinks"),
             ("the same minus its control in those heads", EXCESS, "sinks"),
             ("key 1 knocked out in every head", 1, "all"),
@@ -436,7 +436,7 @@ QUANT_ROWS = (  # (label, metric, condition, at the last residual site)
         False,
     ),
     (
-        "loss change, key 0 minus equal-mass control",
+        "loss change, key 0 minus random-key control",
         "knockout_loss_change",
         {"key": EXCESS, "heads": "all", "targets": "all"},
         False,

@@ -398,6 +398,8 @@ def claim_c(study: Study) -> tuple[list[str], Verdicts]:
         ("value drain, smallest head", headline("value_drain_min")),
         ("massive activation, largest", headline("massive_ratio_max")),
         ("x₀ dispersion with BOS (max)", fingerprint_bos_max),
+        ("mass moved, key 0's knockout", headline("moved_mass", key=0)),
+        ("mass moved, random-key control", headline("moved_mass", key="random")),
     )
     rows = [
         [v, *(level(per_seed(study.runs_of(v), f)) for _, f in series)] for v in study.summaries
@@ -454,8 +456,8 @@ def claim_c(study: Study) -> tuple[list[str], Verdicts]:
         *table(["variant", *(label for label, _ in series)], rows),
         "",
         "Does the model lean on key 0? Loss change when key 0 is knocked out in every layer, "
-        "minus the change when a random earlier key loses attention instead (nats; version "
-        "3's control, which moves less mass than key 0: not an equal-mass comparison), and "
+        "minus the change when a random earlier key is knocked out instead (nats; the mass "
+        "each moves is in the table above: a random-key control, not an equal-mass one), and "
         "the probe R² that a refit probe loses when key 0 is knocked out beyond "
         "what it loses when key 1 is (both bounded: refit R², not the original probe's "
         "transfer). Claim (c), one Holm family:",

@@ -4,6 +4,8 @@ of C_res and C_mask downstream, and the original probe on the knocked-out states
 
 from __future__ import annotations
 
+import torch
+
 from posleak.analysis.engine.numbers import Reported
 from posleak.analysis.engine.records import by_layer
 from posleak.analysis.maths import content, measures
@@ -23,15 +25,24 @@ class Knockout(Stage):
 
     def run(self, analysis, ctx) -> None:
         per_layer = list(range(analysis.L)) if analysis.opts.knockout_per_layer else []
-        for target in [*per_layer, "all"]:
+        for target in per_layer:
             knock_out(analysis, ctx, target)
-        keys = measures.random_earlier_keys(analysis.T, analysis.window, analysis.subject.seed)
-        controls = {  # version 3, item 8: the same in every layer, but of another key
-            1: lambda pattern, name: measures.knock_out_key(pattern, 1),
-            "random": lambda pattern, name: measures.knock_out_equal_mass(pattern, keys),
+        T = analysis.T
+        random = measures.random_earlier_keys(T, analysis.window, analysis.subject.seed)
+        rules = {  # key 0 in every layer, and the controls: key 1, a random earlier key
+            0: (lambda pattern, name: measures.knock_out_key0(pattern), torch.zeros(T).long()),
+            1: (lambda pattern, name: measures.knock_out_key(pattern, 1), torch.ones(T).long()),
+            "random": (lambda p, name: measures.knock_out_random_key(p, random), random),
         }
-        for key, hook in controls.items():
-            knock_out(analysis, ctx, "all", hook, key)
+        for key, (rule, keys) in rules.items():
+            moved = [[] for _ in range(analysis.L)]
+            knock_out(analysis, ctx, "all", measuring(rule, keys, moved, key), key)
+            per_layer_mass = [torch.cat(m).mean() for m in moved]
+            for l, mass in enumerate(per_layer_mass):
+                analysis.rec.add("moved_mass", mass, layer=l, condition={"key": key})
+            analysis.rec.add(
+                "moved_mass", torch.stack(per_layer_mass).mean(), condition={"key": key}
+            )
 
     def per_layer(self, rows, opts) -> dict:
         out = {}
@@ -48,6 +59,19 @@ class Knockout(Stage):
 
     def sections(self, opts) -> list:
         return [Section("Key-0 knockout", ("knockout",))]
+
+
+def measuring(rule, keys: torch.Tensor, moved: list, key):
+    """A knockout hook that also keeps, per layer, the attention it takes off its key (key 1's
+    rule leaves query 1 alone, so its first query is left out of the mass)."""
+
+    def hook(pattern, name):
+        layer = int(name.split(".")[1])
+        mass = measures.knocked_mass(pattern, keys)
+        moved[layer].append((mass[..., 1:] if key == 1 else mass).detach().double().flatten())
+        return rule(pattern, name)
+
+    return hook
 
 
 def knock_out(analysis, ctx, target, hook=None, control: int | str = 0) -> None:
@@ -90,9 +114,15 @@ STAGE = Knockout(
         "knockout_probe_r2_log": RESID,
         "knockout_probe_refit_r2_log": RESID,
         "knockout_removed_v3": RUN,
+        "moved_mass": ATTN,
         "knockout_removed_share": RUN,
     },
     numbers=(
+        Reported(
+            "moved_mass",
+            "attention a knockout of key {key} moves (mean over queries, heads, layers)",
+            conditions={"key": (0, 1, "random")},
+        ),
         Reported(
             "knockout_probe_refit_r2_log_last",
             "probe R² refit after key-0 knockout (last layer): position left",

@@ -35,7 +35,7 @@ class KnockoutLoss(Stage):
         rules = {
             0: measures.knock_out_key0,
             1: lambda p: measures.knock_out_key(p, 1),
-            "random": lambda p: measures.knock_out_equal_mass(p, keys),
+            "random": lambda p: measures.knock_out_random_key(p, keys),
         }
         delta = {}  # (key, heads) -> per-token loss change
         for key, rule in rules.items():
