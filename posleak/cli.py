@@ -17,6 +17,12 @@ from posleak.analysis.engine.options import Options  # no torch: --help stays in
 from posleak.log import show
 
 
+def _overrides(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help
+    )
+
+
 def _train(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "config",
@@ -24,14 +30,7 @@ def _train(p: argparse.ArgumentParser) -> None:
         help="TOML config file (see configs/; a run's config.toml works), or a preset name "
         "(rope, ntk, swa, sink, nope, learned, alibi) on the built-in defaults",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a key, e.g. --set train.lr=1e-3 (repeatable)",
-    )
+    _overrides(p, "override a key, e.g. --set train.lr=1e-3 (repeatable)")
     p.add_argument("--out", help="run directory (default: runs/<config name>-s<seed>)")
     p.add_argument(
         "--resume",
@@ -52,14 +51,10 @@ def _sweep(p: argparse.ArgumentParser) -> None:
     p.add_argument("sweep", help="sweep TOML file (see configs/sweeps/)")
     p.add_argument("--out", help="sweep directory (default: runs/sweeps/<name>)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (threads are split)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a key in every run, last (a smoke sweep: --set train.steps=30; its "
-        "default folder is runs/sweeps/NAME-set-HASH)",
+    _overrides(
+        p,
+        "override a key in every run, last (a smoke sweep: --set train.steps=30; its default "
+        "folder is runs/sweeps/NAME-set-HASH)",
     )
     p.add_argument("--dry-run", action="store_true", help="print the expansion, run nothing")
     p.add_argument(

@@ -45,3 +45,18 @@ def write_config(path, values: dict):
             nested[key] = value
     path.write_text(tomli_w.dumps(nested))
     return path
+
+
+def blank_one_head_model(**config):
+    """A one-layer, one-head Decoder with every weight zero and every norm weight one: a
+    planted-model test writes the few weights its closed form needs into it."""
+    from posleak.model import Decoder, ModelConfig
+
+    model = Decoder(ModelConfig(n_layer=1, n_head=1, **config))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.norm.weight.fill_(1.0)
+        model.layers[0].input_layernorm.weight.fill_(1.0)
+        model.layers[0].post_attention_layernorm.weight.fill_(1.0)
+    return model

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_overrides
+from conftest import blank_one_head_model, tiny_overrides
 
 from posleak.analysis.engine.analyze import Options, analysis_of, analyze
 from posleak.analysis.engine.collect import collect, keep
@@ -527,15 +527,10 @@ def planted_sink_subject(gain: float, T: int = 24, n: int = 16):
     from posleak.analysis.engine.collect import Subject
 
     V, d, bos = 13, 8, 10
-    model = Decoder(ModelConfig(vocab_size=V, n_layer=1, n_head=1, d_model=d, position="nope"))
+    model = blank_one_head_model(vocab_size=V, d_model=d, position="nope")
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-        model.norm.weight.fill_(1.0)
         layer = model.layers[0]
-        layer.input_layernorm.weight.fill_(1.0)
-        layer.post_attention_layernorm.weight.fill_(1.0)
         emb = torch.zeros(V, d)
         emb[:bos, 1] = 1.0
         emb[:bos, 2:] = 0.5 * torch.randn(bos, d - 2, generator=gen)

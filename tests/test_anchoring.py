@@ -5,13 +5,13 @@ stays on key 0 whatever token is there)."""
 
 import pytest
 import torch
+from conftest import blank_one_head_model
 
 from posleak.analysis.engine.analyze import Analysis, Options
 from posleak.analysis.engine.collect import Subject
 from posleak.analysis.maths import measures
 from posleak.analysis.stages import stage
 from posleak.analysis.stages.anchoring import bos_at
-from posleak.model import Decoder, ModelConfig
 from posleak.model.masks import attention_mask
 
 V, D, BOS, T = 13, 8, 10, 32
@@ -49,18 +49,10 @@ def planted(anchor: str) -> Subject:
     """One NoPE (token) or learned-position (position) head whose queries all score one key
     high: the BOS token's key, or whatever sits at position 0."""
     position = "nope" if anchor == "token" else "learned"
-    cfg = ModelConfig(
-        vocab_size=V, n_layer=1, n_head=1, d_model=D, position=position, max_seq_len=T
-    )
-    model = Decoder(cfg)
+    model = blank_one_head_model(vocab_size=V, d_model=D, position=position, max_seq_len=T)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-        model.norm.weight.fill_(1.0)
         layer = model.layers[0]
-        layer.input_layernorm.weight.fill_(1.0)
-        layer.post_attention_layernorm.weight.fill_(1.0)
         emb = torch.zeros(V, D)
         emb[:, 1] = 1.0
         emb[:, 2:] = 0.3 * torch.randn(V, D - 2, generator=gen)
