@@ -110,7 +110,18 @@ def _analyze(p: argparse.ArgumentParser) -> None:
         default=Options.dtype,
         help=f"weights of an hf: model (default {Options.dtype})",
     )
+    p.add_argument(
+        "--stages",
+        type=_names,
+        default=Options.stages,
+        help="run only these measurements, comma-separated (analysis/stages/ module names, e.g. "
+        "probe,bands; default: all); what they need runs too",
+    )
     p.add_argument("--out", help="output directory (default: RUN/analysis, or analyses/NAME)")
+
+
+def _names(text: str) -> tuple:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
 def _scales(text: str) -> tuple:

@@ -154,6 +154,7 @@ def analyze(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         contrast_window=args.contrast_window,
         ntk_scales=args.ntk_scales,
+        stages=args.stages,
     )
     summary = analyze_target(args.run, opts, args.out)
     out = Path(args.out or default_out(args.run))

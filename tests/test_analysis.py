@@ -19,7 +19,7 @@ from posleak.analysis.engine.folder import AnalysisDir
 from posleak.analysis.engine.records import FIELDS, read
 from posleak.analysis.maths import measures, probe
 from posleak.analysis.reports.compare import find_runs, load_groups, write_report
-from posleak.analysis.stages import NUMBERS, sites, stage
+from posleak.analysis.stages import NUMBERS, chosen, sites, stage
 from posleak.analysis.stages.bos_swap import replacement
 from posleak.analysis.stages.knockout import knock_out
 from posleak.analysis.stages.knockout_loss import EXCESS
@@ -206,6 +206,12 @@ def test_shift_test_is_zero_for_a_rope_layer_that_reads_only_relative_offsets():
 # window to contrast cannot write (sink_gain: only heads above the sink threshold)
 NOT_WRITTEN_HERE = {
     "abs_share_window",
+    "band_c_res_content",
+    "band_c_res_content_beyond",
+    "band_c_res_content_floor",
+    "band_frontier",
+    "band_frontier_content",
+    "band_probe_r2",
     "c_res_window",
     "c_res_window_floor",
     "c_res_window_hybrid_diff",
@@ -478,6 +484,27 @@ def test_the_window_contrast_reads_beyond_w_and_a_full_model_takes_its_comparato
     assert all(r["condition"] in ({"w": 8}, {"w": 8, "layers": "global"}) for r in rows)
     assert all(r["value"] <= 1 for r in rows if r["metric"] == "probe_tail_r2_log")
     assert Options(contrast_window=31).problems(32) and not Options(contrast_window=30).problems(32)
+
+
+def test_the_bands_cut_a_full_model_by_its_comparators_window_and_stages_choose_what_runs(runs):
+    opts = dataclasses.replace(SMALL, contrast_window=8, stages=("bands",))
+    assert [s.key for s in chosen(opts)] == ["bands"]
+    analysis = analysis_of(runs / "rope-s0", opts)
+    rows, _ = analysis.run_all()
+    bands = {r["metric"] for r in rows} - {"val_loss"}
+    assert bands == {m for m in sites() if m.startswith("band_")}
+    probed = [r for r in rows if r["metric"] == "band_probe_r2"]
+    assert {(r["layer"], r["condition"]["band"]) for r in probed} == {
+        (site, band)
+        for site in range(3)
+        for band in range(4)  # 32 positions, w 8
+    }
+    assert all(r["lo"] <= r["value"] <= r["hi"] for r in probed)
+    frontiers = [r["value"] for r in rows if r["metric"] == "band_frontier"]
+    assert len(frontiers) == 3 and all(-1 <= f <= 3 for f in frontiers)
+    needing = [s.key for s in chosen(dataclasses.replace(SMALL, stages=("knockout_loss",)))]
+    assert needing == ["probe", "knockout", "knockout_loss"]
+    assert "no stage nonsense" in Options(stages=("nonsense",)).problems(32)[0]
 
 
 def test_route2_and_head_interventions_run_on_the_top_heads_by_lift(runs):

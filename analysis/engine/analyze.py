@@ -93,7 +93,7 @@ class Analysis:
         """The base pass, then every registered stage in order (analysis/stages/)."""
         started = time.perf_counter()
         self.rec.add("val_loss", self.subject.info.get("val_loss"))  # the run's, from training
-        enabled = [s for s in stages.STAGES if s.enabled(self.opts)]
+        enabled = stages.chosen(self.opts)
         plan = {"base pass": self.opts.seqs * self.T, **{s.name: s.work(self) for s in enabled}}
         progress = Progress(plan)
         self.progress = progress

@@ -53,6 +53,8 @@ class Options:
     extrapolation: tuple = (1, 2, 4, 8)  # loss per position at these multiples of T_train
     extrapolation_seqs: int = 32
     batch_size: int = 32
+    stages: tuple = ()  # the stages to run by key (analysis/stages/ module names); () = all,
+    # and a stage's prerequisites run with it
     max_attention_elements: int = 1 << 25  # the batch shrinks so B*H*T*T stays below this
 
     def problems(self, train_len: int) -> list[str]:
@@ -75,6 +77,10 @@ class Options:
             out.append(
                 f"--ntk-scales must be finite and > 1 (1 is the base pass), got {self.ntk_scales}"
             )
+        from posleak.analysis.stages import keys  # the stages import these options
+
+        if unknown := sorted(set(self.stages) - set(keys())):
+            out.append(f"--stages: no stage {', '.join(unknown)}; stages: {', '.join(keys())}")
         if self.bos not in (None, "always", "never"):
             out.append(f"--bos must be always or never, got {self.bos!r}")
         return out

@@ -206,8 +206,14 @@ def mean_baseline_mae(train_positions: torch.Tensor, test_positions: torch.Tenso
     return (test_positions.double() - train_positions.double().mean()).abs().mean().item()
 
 
+def r2_replicates(s: Score, weights: torch.Tensor) -> torch.Tensor:
+    """(replicates,) bootstrap replicates of R^2 over held-out sequences (weights:
+    replicates x N multiplicities)."""
+    return 1 - (weights @ s.seq_sse) / (weights.sum(1) * s.seq_sst)
+
+
 def r2_interval(s: Score, weights: torch.Tensor) -> tuple[float, float]:
     """95% bootstrap interval of R^2 over held-out sequences (weights: replicates x N)."""
-    r2 = 1 - (weights @ s.seq_sse) / (weights.sum(1) * s.seq_sst)
-    lo, hi = torch.quantile(r2, torch.tensor([0.025, 0.975], dtype=torch.float64))
+    q = torch.tensor([0.025, 0.975], dtype=torch.float64)
+    lo, hi = torch.quantile(r2_replicates(s, weights), q)
     return lo.item(), hi.item()

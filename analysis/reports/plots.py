@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -324,3 +325,72 @@ def c_res_by_layer(ax, groups) -> None:
         xlabel="query position i",
         ylabel="residual component (c_res)",
     )
+
+
+def band_maps(path: Path, groups: dict, edge) -> str:
+    """Per variant, band x layer maps of the light cone (analysis/stages/bands.py): the band
+    probe's held-out R² by residual site (top) and the share of runs whose band C_content_res
+    exceeds its family-wise floor by attention layer (bottom), with the window's cone drawn as
+    a line (edge(layer, w, site): the last band it reaches; a reference under full
+    attention)."""
+    variants = list(groups)
+    ncols = min(len(variants), 5)
+    blocks = math.ceil(len(variants) / ncols)
+    fig, axes = plt.subplots(2 * blocks, ncols, figsize=(2.6 * ncols + 1.2, 4.4 * blocks),
+                             constrained_layout=True, squeeze=False)  # fmt: skip
+    images = [None, None]
+    for idx, variant in enumerate(variants):
+        runs = groups[variant]
+        for row, (metric, site, label) in enumerate(BAND_PANELS):
+            ax = axes[2 * (idx // ncols) + row, idx % ncols]
+            grid, w = _band_grid(runs, metric)
+            if grid is None:
+                ax.set_axis_off()
+                continue
+            images[row] = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", origin="lower",
+                                    aspect="auto", interpolation="nearest")  # fmt: skip
+            layers = np.arange(grid.shape[0])
+            reach = [edge(int(l), w, site) + 0.5 for l in layers]
+            ax.step(reach, layers, where="mid", color="white", linestyle="--", linewidth=1.2)
+            ax.set(title=f"{variant} (n={len(runs)})", xlabel=f"query band (width {w})",
+                   ylabel=label)  # fmt: skip
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes.flat[len(variants) * 2 :]:
+        ax.set_axis_off()
+    for row, (image, label) in enumerate(zip(images, BAND_COLOURS, strict=True)):
+        if image is not None:
+            fig.colorbar(image, ax=list(axes[row::2].flat), shrink=0.8, label=label)
+    fig.suptitle("Light cone: position by query band (dashed: the window's cone edge); "
+                 "mean over seeds", fontsize=10)  # fmt: skip
+    return save(fig, path)
+
+
+BAND_PANELS = (
+    ("band_probe_r2", "resid", "residual site"),
+    ("band_above", "attn", "attention layer"),
+)
+BAND_COLOURS = ("band probe R² (held out)", "C_content_res above floor (share of runs)")
+
+
+def _band_grid(runs: list, metric: str) -> tuple:
+    """(layers x bands) grid, mean over runs, and the band width; (None, None) without rows.
+    metric "band_above": 1 where band_c_res_content exceeds band_c_res_content_floor."""
+    cells: dict = {}
+    w = None
+    for rows in runs:
+        floors = {(r["layer"], r["condition"]["band"]): r["value"]
+                  for r in rows if r["metric"] == "band_c_res_content_floor"}  # fmt: skip
+        source = "band_c_res_content" if metric == "band_above" else metric
+        for r in rows:
+            if r["metric"] != source or r["value"] is None:
+                continue
+            key = (r["layer"], r["condition"]["band"])
+            w = r["condition"]["w"]
+            value = float(r["value"] > floors[key]) if metric == "band_above" else r["value"]
+            cells.setdefault(key, []).append(value)
+    if not cells:
+        return None, None
+    grid = np.full((max(k[0] for k in cells) + 1, max(k[1] for k in cells) + 1), np.nan)
+    for key, values in cells.items():
+        grid[key] = sum(values) / len(values)
+    return grid, w

@@ -20,7 +20,9 @@ def _discover() -> tuple[Stage, ...]:
     found = []
     for info in pkgutil.iter_modules(__path__):
         if info.name != "base" and not info.name.startswith("_"):  # helpers start with _
-            found.append(importlib.import_module(f"{__name__}.{info.name}").STAGE)
+            stage = importlib.import_module(f"{__name__}.{info.name}").STAGE
+            stage.key = info.name
+            found.append(stage)
     return tuple(sorted(found, key=lambda stage: stage.order))
 
 
@@ -39,10 +41,26 @@ def sites() -> dict:
     return out
 
 
+def chosen(opts) -> list[Stage]:
+    """The stages an analysis with these options runs, in order: those that apply, and of
+    them only the ones Options.stages names (all when it names none) with what they need."""
+    wanted = set(opts.stages or (s.key for s in STAGES))
+    for s in reversed(STAGES):  # a stage needs only earlier ones
+        if s.key in wanted:
+            wanted.update(s.needs)
+    return [s for s in STAGES if s.key in wanted and s.enabled(opts)]
+
+
 def enabled(opts) -> list[str]:
     """The names of the stages an analysis with these options runs (its summary lists them,
-    so that an analysis made before a stage existed is not reused as if it had run it)."""
-    return [s.name for s in STAGES if s.enabled(opts)]
+    so that an analysis made before a stage existed, or with fewer stages, is not reused as if
+    it had run them)."""
+    return [s.name for s in chosen(opts)]
+
+
+def keys() -> list[str]:
+    """What --stages accepts."""
+    return [s.key for s in STAGES]
 
 
 def stage(name: str) -> Stage:
@@ -52,4 +70,15 @@ def stage(name: str) -> Stage:
     raise KeyError(f"no stage {name!r}; stages: {[s.name for s in STAGES]}")
 
 
-__all__ = ["NUMBERS", "STAGES", "Context", "Section", "Stage", "enabled", "sites", "stage"]
+__all__ = [
+    "NUMBERS",
+    "STAGES",
+    "Context",
+    "Section",
+    "Stage",
+    "chosen",
+    "enabled",
+    "keys",
+    "sites",
+    "stage",
+]

@@ -50,6 +50,8 @@ class Stage:
     order: int  # stages run, and report, in this order
     metrics: dict = field(default_factory=dict)  # metric -> site (RESID, ATTN or RUN)
     numbers: tuple = ()  # the Reported numbers it measures, one per run each (per condition)
+    needs: tuple = ()  # the keys of stages whose results it reads (they run first)
+    key: str = ""  # its module's name: what --stages names (set on discovery)
 
     def enabled(self, opts: Options) -> bool:
         return True

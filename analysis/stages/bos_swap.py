@@ -101,6 +101,7 @@ def replacement(analysis, kind: str, tokens: torch.Tensor) -> torch.Tensor:
 
 
 STAGE = BosSwap(
+    needs=("probe",),
     name="BOS replacements",
     order=40,
     metrics={

@@ -106,6 +106,7 @@ def _knockout(pattern, name):
 
 
 STAGE = Knockout(
+    needs=("probe",),
     name="key-0 knockout",
     order=50,
     metrics={

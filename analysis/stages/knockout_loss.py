@@ -82,6 +82,7 @@ def sink_heads(analysis, ctx) -> dict:
 
 
 STAGE = KnockoutLoss(
+    needs=("knockout",),
     name="knockout loss",
     order=55,
     metrics={

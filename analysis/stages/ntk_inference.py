@@ -50,6 +50,7 @@ class NtkInference(Stage):
 
 
 STAGE = NtkInference(
+    needs=("probe",),
     name="NTK at inference",
     order=58,
     metrics={

@@ -67,6 +67,7 @@ def intervene(analysis, ctx, label: dict, hooks) -> None:
 
 
 STAGE = Route2(
+    needs=("probe",),
     name="route-2 and head knockouts",
     order=52,
     metrics={
