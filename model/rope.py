@@ -8,6 +8,8 @@ passes over memory and is what the decoder runs.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -17,6 +19,13 @@ def ntk_base(base: float, scale: float, d_head: int) -> float:
     The highest frequency (p = 0) is unchanged and the lowest (p = d/2 - 1) is divided by s.
     """
     return base * scale ** (d_head / (d_head - 2))
+
+
+def turning_pairs(base: float, d_head: int, seq_len: int) -> int:
+    """How many rotary pairs complete at least one turn within seq_len positions
+    (omega_p * seq_len >= 2 pi): the pairs that tell positions apart by angle within the
+    context. NTK scaling changes position only through the pairs it moves out of this set."""
+    return int((rope_frequencies(d_head, base) * seq_len >= 2 * math.pi).sum())
 
 
 def rope_frequencies(d_head: int, base: float, dtype=torch.float64) -> torch.Tensor:

@@ -157,6 +157,13 @@ def _study(p: argparse.ArgumentParser) -> None:
         default=1,
         help="analyses in parallel, one torch thread each (default 1; 2 on a 2-core machine)",
     )
+    p.add_argument(
+        "--report",
+        choices=["auto", "text", "sinks", "light-cone"],
+        default="auto",
+        help="which study's report (default auto: light-cone when runs train on "
+        "document-aligned crops, sinks on Bigram-Backcopy, else text)",
+    )
 
 
 def _pretrained_study(p: argparse.ArgumentParser) -> None:

@@ -195,15 +195,23 @@ def compare(args: argparse.Namespace) -> int:
 
 
 def study(args: argparse.Namespace) -> int:
-    from posleak.analysis.reports import sink_study
+    from posleak.analysis.reports import light_cone, sink_study
     from posleak.analysis.reports import study as studies
     from posleak.analysis.reports.compare import has_report
     from posleak.files import check_owned
 
     check_owned(args.out, "report folder", has_report)  # before any analysis
+    kind = args.report
+    if kind == "auto" and light_cone.is_light_cone_sweep(Path(args.sweep)):
+        kind = "light-cone"
+    if kind == "light-cone":
+        cone = light_cone.LightCone(Path(args.sweep), args.seqs, args.jobs)
+        print(f"report: {light_cone.write_report(cone, Path(args.out))}")
+        return 0
     found = studies.Study(Path(args.sweep), args.seqs, args.jobs)
-    kind = sink_study if sink_study.is_sink_sweep(found) else studies
-    report = kind.write_report(found, Path(args.out))
+    if kind == "auto":
+        kind = "sinks" if sink_study.is_sink_sweep(found) else "text"
+    report = (sink_study if kind == "sinks" else studies).write_report(found, Path(args.out))
     print(f"report: {report}")
     return 0
 

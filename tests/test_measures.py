@@ -832,3 +832,71 @@ def test_flattening_key0s_gain_removes_position_carried_by_it_and_nothing_else()
     assert r2(flattened) < 0.05
     assert torch.equal(measures.key0_gain_removed(flattened, None), flattened)
     assert torch.equal(flattened[..., 1:], pattern[..., 1:])  # the other keys untouched
+
+
+def causal_pattern(seed: int, T: int = 12, H: int = 2, sink: float = 2.0) -> torch.Tensor:
+    """(1, H, T, T) causal attention rows with a key-0 preference that varies with i."""
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randn(1, H, T, T, generator=gen, dtype=torch.float64)
+    scores[..., 0] += sink + torch.linspace(0, 2, T, dtype=torch.float64)[:, None].T
+    visible = torch.ones(T, T, dtype=torch.bool).tril()
+    return scores.masked_fill(~visible, float("-inf")).softmax(-1)
+
+
+def test_the_write_route_removes_exactly_the_position_dependent_gain_on_bos_value():
+    pattern = causal_pattern(0)
+    values = torch.randn(1, 2, 12, 5, dtype=torch.float64)
+    flat = measures.key0_gain_removed(pattern, None)
+    a0 = pattern[..., 1:, 0]
+    mean = a0.mean(-1, keepdim=True)
+    by_formula = pattern @ values
+    by_formula[..., 1:, :] -= (a0 - mean)[..., None] * values[..., :1, :]
+    assert torch.allclose(flat @ values, by_formula)
+    drained = values.clone()
+    drained[..., 0, :] = 0  # a drained sink: no write route, so nothing to remove
+    assert torch.equal(flat @ drained, pattern @ drained)
+
+
+def test_the_mass_route_fixes_key0s_share_and_keeps_each_rows_total_and_proportions():
+    pattern = causal_pattern(1)
+    mass = measures.key0_mass_flattened(pattern, None)
+    a0 = pattern[..., 1:, 0]
+    assert torch.allclose(mass[..., 1:, 0], a0.mean(-1, keepdim=True).expand_as(a0))
+    assert torch.allclose(mass.sum(-1), pattern.sum(-1))
+    ratio = mass[..., 1:, 1:] / pattern[..., 1:, 1:]  # one factor per row on the content keys
+    visible = pattern[..., 1:, 1:] > 0
+    row_factor = (1 - mass[..., 1:, :1]) / (1 - pattern[..., 1:, :1])
+    assert torch.allclose(ratio[visible], row_factor.expand_as(ratio)[visible])
+    assert torch.equal(mass[..., 0, :], pattern[..., 0, :])  # key 0's own row cannot change
+    values = torch.randn(1, 2, 12, 5, dtype=torch.float64)
+    values[..., 0, :] = 0  # drained: the write route is a no-op, the mass route is not
+    assert not torch.allclose(mass @ values, pattern @ values)
+
+
+def test_both_routes_are_exact_no_ops_on_a_head_whose_key0_share_does_not_vary():
+    T = 10
+    pattern = torch.zeros(1, 1, T, T, dtype=torch.float64)
+    pattern[..., 0, 0] = 1.0
+    for i in range(1, T):  # 0.4 on key 0 for every query, the rest spread over the others
+        pattern[..., i, 0] = 0.4
+        pattern[..., i, 1 : i + 1] = 0.6 / i
+    for route in (measures.key0_gain_removed, measures.key0_mass_flattened):
+        assert torch.allclose(route(pattern, None), pattern)
+
+
+def test_routes_under_a_window_touch_only_the_queries_that_see_key0():
+    T, w = 12, 4
+    visible = attention_mask(T, w)
+    gen = torch.Generator().manual_seed(2)
+    scores = torch.randn(1, 1, T, T, generator=gen, dtype=torch.float64)
+    pattern = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    for route in (measures.key0_gain_removed, measures.key0_mass_flattened):
+        out = route(pattern, w)
+        assert torch.equal(out[..., w:, :], pattern[..., w:, :])
+
+
+def test_the_value_ablation_puts_the_mean_content_value_at_position0():
+    values = torch.randn(3, 2, 9, 4)
+    out = measures.value0_to_mean(values)
+    assert torch.allclose(out[..., 0, :], values[..., 1:, :].mean(-2))
+    assert torch.equal(out[..., 1:, :], values[..., 1:, :])

@@ -170,6 +170,11 @@ def test_the_sink_study_runs_end_to_end_at_a_tiny_budget(tmp_path):
     assert "The residual component at queries 16–31, where the window of 16 keys binds" in text
     assert "rotary pairs" in text
     assert (tmp_path / "report" / "sink_emergence.png").exists()
+    # every intervention on key 0 in every variant, trained beside step 0 of the same seed
+    routes = [r for r in text.splitlines() if r.startswith("| `") and " route | " in r]
+    assert len(routes) == 3 * 5 and all(r.count("(n=2)") >= 3 for r in routes), routes
+    step0 = {p.parent.parent.name for p in out.glob("*/analysis-step0/analysis.json")}
+    assert len(step0) == 10
     # (b) shows the signal its shares divide: rope's intact content-key C_res beside its floor
     rope = [json.loads(p.read_text())["headline"] for p in out.glob("rope-s*/analysis/*.json")]
     intact = {i: h[NUMBERS["c_res_content"].key()] for i, h in enumerate(rope)}
@@ -199,3 +204,31 @@ def test_emergence_is_shown_for_the_first_seed_that_ends_with_a_sink():
         "From its first checkpoint with a sink: seed 0 has none at any checkpoint; "
         "seed 3 has one at 3 of the 4 checkpoints from step 50 on."
     )
+
+
+def test_the_light_cone_study_runs_end_to_end_at_a_tiny_budget(tmp_path):
+    """configs/sweeps/light_cone.toml with 3 seeds at a tiny budget (4 bands of 8 queries);
+    `posleak study` recognises it by its document-aligned runs."""
+    spec = (ROOT / "configs/sweeps/light_cone.toml").read_text()
+    spec = spec.replace('base = "../', f'base = "{ROOT / "configs"}/')
+    spec = spec.replace("seeds = [0, 1, 2, 3]", "seeds = [0, 1, 2]")
+    text, out = sweep_and_report(tmp_path, spec + TINY)
+    assert "from 30 finished runs (of 30 planned) in 10 variants" in text
+    for section in ("## 1. Does a window's band frontier grow", "## 2. Is the window's",
+                    "## 3. Does NTK suppress"):  # fmt: skip
+        assert section in text, section
+    rows = verdict_rows(text)
+    assert [label for label, _ in rows] == [
+        "`nope-swa-doc` trained", "`swa-doc` trained", "`nope-swa-rand` trained",
+        "`swa-rand` trained", "`swa-doc` − `rope-doc`", "`nope-swa-doc` − `nope-doc`",
+        "`swa-rand` − `rope-rand`", "`nope-swa-rand` − `nope-rand`", "`ntk-doc` − `rope-doc`",
+        "`ntk-rand` − `rope-rand`", "`rope-doc` at 4T, s = 8 − s = 1",
+        "`rope-rand` at 4T, s = 8 − s = 1",
+    ]  # fmt: skip
+    assert all("n=3" not in cell or "no test" not in cell for _, cell in rows)
+    for png in ("light_cone_step0.png", "light_cone_trained.png"):
+        assert (tmp_path / "report" / png).stat().st_size > 10_000
+    rope = next(out.glob("rope-rand-s0-*"))
+    assert {p.name for p in rope.glob("light-cone*")} == {
+        "light-cone", "light-cone-step0", *(f"light-cone-4x-s{s}" for s in (1, 2, 4, 8))
+    }  # fmt: skip

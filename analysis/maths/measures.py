@@ -221,6 +221,30 @@ def key0_gain_removed(pattern: torch.Tensor, window: int | None) -> torch.Tensor
     return out
 
 
+def key0_mass_flattened(pattern: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Version 4's mass route: A_i0 replaced by its mean ā over the queries that see key 0
+    (per sequence and head) and the other keys of each such row rescaled to keep the row's
+    total, so both of key 0's routes (its write A_i0 W_O v_0 and its dilution of the content
+    keys by 1 - A_i0) lose their dependence on i. (..., T, T)."""
+    out = key0_gain_removed(pattern, window)
+    queries = sink_queries(pattern.shape[-1], window)
+    total = pattern[..., queries, :].sum(-1)
+    before = total - pattern[..., queries, 0]  # the content keys' mass
+    after = total - out[..., queries, 0]
+    scale = torch.where(before > 0, after / before, 0.0)[..., None]
+    rows = out[..., queries, 1:]
+    out[..., queries, 1:] = rows * scale
+    return out
+
+
+def value0_to_mean(values: torch.Tensor) -> torch.Tensor:
+    """Version 4's value ablation: position 0's value replaced by the mean of the other
+    positions' values (per sequence and head), attention untouched. values (..., T, d_head)."""
+    out = values.clone()
+    out[..., 0, :] = values[..., 1:, :].mean(-2)
+    return out
+
+
 def knock_out_key(pattern: torch.Tensor, key: int) -> torch.Tensor:
     """The control knockout: A_ij for key j = `key` set to 0 for queries i > key, each row
     rescaled to its original total (knock_out_key0 is key = 0)."""

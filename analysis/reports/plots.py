@@ -1,6 +1,7 @@
 """Figures as pure functions of records. `groups` maps a variant to the record lists of its
-runs (one per seed); a curve is the mean over runs with a band of +-1 sd across seeds (for a
-single run, its bootstrap interval over sequences), and every title says which."""
+runs (one per seed); a curve is the mean over runs with the 95% t-interval of that mean (the
+interval the tables and verdicts use; for a single run, its bootstrap interval over
+sequences), and every title says which."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 
 from posleak.analysis.engine.records import across_runs, mean_std, removed_over_layers, select
+from posleak.analysis.maths.seeds import t_quantile_975
 from posleak.files import atomic_write
 
 COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -26,8 +28,9 @@ DPI = 150
 
 
 def line_with_spread(ax, groups, metric, x, label_suffix="", style="-", **where) -> None:
-    """The mean over a variant's runs, with a band: ± 1 sd across seeds when it has several,
-    else the run's own 95% bootstrap interval over sequences where the records hold one."""
+    """The mean over a variant's runs, with a band: the 95% t-interval of the mean over seeds
+    when it has several, else the run's own 95% bootstrap interval over sequences where the
+    records hold one."""
     for idx, (variant, runs) in enumerate(groups.items()):
         stats = across_runs(runs, metric, x, **where)
         if not stats:
@@ -37,8 +40,8 @@ def line_with_spread(ax, groups, metric, x, label_suffix="", style="-", **where)
         color = COLORS[idx % len(COLORS)]
         ax.plot(xs, mean, style, color=color, label=f"{variant}{label_suffix} (n={len(runs)})")
         if len(runs) > 1:
-            std = np.array([v[1] for v in stats.values()])
-            ax.fill_between(xs, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+            half = np.array([t_half(v[1], v[2]) for v in stats.values()])
+            ax.fill_between(xs, mean - half, mean + half, color=color, alpha=0.2, linewidth=0)
         elif (band := _interval(runs[0], metric, x, where)) is not None:
             ax.fill_between(band[0], band[1], band[2], color=color, alpha=0.2, linewidth=0)
 
@@ -53,10 +56,15 @@ def _interval(rows, metric, x, where) -> tuple | None:
     return tuple(np.array(column, dtype=float) for column in zip(*points, strict=True))
 
 
+def t_half(sd: float, n: int) -> float:
+    """Half the width of the 95% t-interval of a mean of n values with this sd (0 for one)."""
+    return t_quantile_975(n - 1) * sd / math.sqrt(n) if n > 1 else 0.0
+
+
 def spread(groups) -> str:
     """What a figure's bands show, for its title."""
     if any(len(runs) > 1 for runs in groups.values()):
-        return "mean ± sd over seeds"
+        return "mean over seeds; band: 95% t-interval of the mean"
     return "one run; band: 95% bootstrap over sequences"
 
 
@@ -168,7 +176,8 @@ def swap_bars(path: Path, groups, ks: tuple, kinds: tuple) -> str:
             stats = []
             for k in ks:
                 vals = [v for v in (removed_over_layers(r, kind, k) for r in runs) if v is not None]
-                stats.append(mean_std(vals)[:2] if vals else (np.nan, 0.0))
+                m = mean_std(vals) if vals else None
+                stats.append((m[0], t_half(m[1], m[2])) if m else (np.nan, 0.0))
             xs = np.arange(len(ks)) + idx * width
             ax.bar(
                 xs,
@@ -186,7 +195,7 @@ def swap_bars(path: Path, groups, ks: tuple, kinds: tuple) -> str:
     axes[0].legend(fontsize=LEGEND)
     fig.suptitle(
         "BOS replacement: share of the residual component removed, pooled over layers; "
-        "mean ± sd over seeds (each panel its own scale)",
+        "mean over seeds, bars: 95% t-interval of the mean (each panel its own scale)",
         fontsize=10,
     )
     return save(fig, path)
@@ -246,7 +255,8 @@ def log_if_decades(ax, decades: float = 2.0) -> None:
 
 
 def seed_curves(path: Path, series: dict, xlabel: str, ylabel: str, title: str) -> str:
-    """One line per name: the mean over seeds of {x: y} curves, with a band of ± 1 sd."""
+    """One line per name: the mean over seeds of {x: y} curves, with the 95% t-interval of the
+    mean as a band."""
 
     def draw(ax):
         for color, (name, curves) in zip(COLORS * 4, series.items(), strict=False):
@@ -254,9 +264,9 @@ def seed_curves(path: Path, series: dict, xlabel: str, ylabel: str, title: str) 
             points = [(float(x), v) for x in keys if (v := [c[x] for c in curves if x in c])]
             xs = [x for x, _ in points]
             mean = np.array([mean_std(v)[0] for _, v in points])
-            sd = np.array([mean_std(v)[1] for _, v in points])
+            half = np.array([t_half(*mean_std(v)[1:]) for _, v in points])
             ax.plot(xs, mean, "o-", ms=3, color=color, label=f"{name} (n={len(curves)})")
-            ax.fill_between(xs, mean - sd, mean + sd, color=color, alpha=0.15)
+            ax.fill_between(xs, mean - half, mean + half, color=color, alpha=0.15)
         ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
 
     return figure(path, draw)

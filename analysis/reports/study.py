@@ -598,7 +598,7 @@ def position_readout(study: Study, out: Path) -> list[str]:
         ("probe R² (last layer)", headline("probe_r2_log_last")),
         ("refit R² after key-0 knockout", headline("knockout_probe_refit_r2_log_last")),
         ("after key-1 knockout", headline("knockout_probe_refit_r2_log_key1_last")),
-        ("with key 0's gain flattened", headline("route2_r2_left_last")),
+        ("with key 0's gain flattened", headline("route2_r2_left_last", rule="write")),
         ("one head's key-0 knockout, lowest", headline("head_knockout_r2_left_min")),
         ("C_mask (mean)", lambda s: _mean(s["per_layer"]["c_mask"].values())),
         ("shift-test JS", headline("shift_js")),

@@ -251,6 +251,22 @@ def frontier_slope(metric: str):
     return compute
 
 
+def probe_beyond(site: str):
+    """A Reported's compute: the band probe's R² averaged over the bands beyond the first
+    (queries i >= w) at the embeddings (site "first": position the tokens themselves carry)
+    or at the last residual site."""
+
+    def compute(rows, layers, opts, condition):
+        cells = [r for r in rows if r["metric"] == "band_probe_r2"]
+        if not cells:
+            return None
+        layer = (min if site == "first" else max)(r["layer"] for r in cells)
+        beyond = [r["value"] for r in cells if r["layer"] == layer and r["condition"]["band"] >= 1]
+        return sum(beyond) / len(beyond) if beyond else None
+
+    return compute
+
+
 STAGE = Bands(
     name="bands",
     order=26,
@@ -283,6 +299,18 @@ STAGE = Bands(
             metric="band_frontier",
             reduce="last",
             parameters=("w",),
+        ),
+        Reported(
+            "band_probe_r2_beyond_last",
+            "band probe R² at queries i ≥ w (mean over those bands), last residual site",
+            unit="R²",
+            compute=probe_beyond("last"),
+        ),
+        Reported(
+            "band_probe_r2_beyond_embed",
+            "band probe R² at queries i ≥ w (mean over those bands), embeddings",
+            unit="R²",
+            compute=probe_beyond("first"),
         ),
         Reported(
             "band_c_res_content_beyond",

@@ -1,22 +1,32 @@
-"""Version 3, item 8: which route carries position from key 0. The route-2 test replaces
-every head's key-0 contribution by its mean over queries (measures.key0_gain_removed): what
-position a refit probe still finds is what does not come through key 0's position-dependent
-gain. Then, head by head for the top heads by key-0 lift, the key-0 knockout and the route-2
-test in that head alone. Each reports the refit probe's R² (position left), the original
-probe's transfer R² and the C_res removed at early queries (v3)."""
+"""Version 4, item 7: which route carries position from key 0, in every head of every layer
+at once (docs/science.md):
+- write route (`rule=write`, version 3's route-2 test): A_i0 replaced by its mean ā over the
+  queries, the other keys untouched: key 0's value arrives with a constant gain;
+- mass route (`rule=mass`): A_i0 := ā and the other keys rescaled to keep the row's total:
+  neither key 0's write nor its dilution of the content keys depends on i;
+- value ablation (`rule=value`): position 0's value replaced by the mean content value,
+  attention kept.
+Then, head by head for the top heads by key-0 lift, the key-0 knockout and the write route in
+that head alone. Each reports the refit probe's R² (position left), the original probe's
+transfer R², the removed shares, and (every-head rules) the change of next-token loss at the
+early queries and at all of them; a report pairs each with the same run at step 0."""
 
 from __future__ import annotations
 
+import torch
+
 from posleak.analysis.engine.numbers import Reported
 from posleak.analysis.maths import content, measures
+from posleak.analysis.maths.stats import bootstrap_weights
 from posleak.analysis.stages._hooks import on_heads
+from posleak.analysis.stages._loss import record_change
 from posleak.analysis.stages._removal import record_probes, record_removal
 from posleak.analysis.stages.base import ATTN, RESID, RUN, Stage
 
 
 class Route2(Stage):
     def work(self, analysis) -> int:
-        return (1 + 2 * analysis.opts.top_heads) * analysis.opts.seqs * analysis.T
+        return (len(ROUTES) + 2 * analysis.opts.top_heads) * analysis.opts.seqs * analysis.T
 
     def enabled(self, opts) -> bool:
         return opts.knockout
@@ -24,13 +34,16 @@ class Route2(Stage):
     def run(self, analysis, ctx) -> None:
         def rules(l: int) -> dict:
             flatten = lambda p: measures.key0_gain_removed(p, analysis.windows[l])  # noqa: E731
-            return {"route2": flatten, "knockout": measures.knock_out_key0}
+            return {"write": flatten, "knockout": measures.knock_out_key0}
 
-        every = [
-            (f"blocks.{l}.attn.pattern", on_heads(rules(l)["route2"], None))
-            for l in range(analysis.L)
-        ]
-        intervene(analysis, ctx, {"rule": "route2", "heads": "all"}, every)
+        weights = bootstrap_weights(len(ctx.tokens), analysis.opts.bootstrap, seed=8)
+        for rule in ROUTES:
+            hooks = [route_hook(analysis, rule, l) for l in range(analysis.L)]
+            done = intervene(analysis, ctx, {"rule": rule, "heads": "all"}, hooks, loss=True)
+            change = done.losses - ctx.base.losses
+            for queries, mask in query_groups(analysis, change.shape).items():
+                condition = {"rule": rule, "queries": queries}
+                record_change(analysis, "route_loss_change", condition, change, mask, weights)
         for l, h, lift in top_heads(analysis, ctx):
             analysis.rec.add("top_head_lift", lift, layer=l, head=h)
             for name, rule in rules(l).items():
@@ -59,16 +72,38 @@ def top_heads(analysis, ctx) -> list[tuple[int, int, float]]:
     return sorted(found, key=lambda t: -t[2])[: analysis.opts.top_heads]
 
 
-def intervene(analysis, ctx, label: dict, hooks) -> None:
-    """One intervened pass: C_res removed, transfer R^2 and refit R^2 per residual site."""
-    done = analysis.measure(ctx.tokens, hooks, fitted=ctx.fitted)
+ROUTES = ("write", "mass", "value")
+
+
+def route_hook(analysis, rule: str, layer: int) -> tuple:
+    """The (hook point, hook) of one every-head route in one layer."""
+    window = analysis.windows[layer]
+    if rule == "value":
+        return f"blocks.{layer}.attn.v", lambda values, name: measures.value0_to_mean(values)
+    flatten = measures.key0_gain_removed if rule == "write" else measures.key0_mass_flattened
+    return f"blocks.{layer}.attn.pattern", on_heads(lambda p: flatten(p, window), None)
+
+
+def query_groups(analysis, shape) -> dict:
+    """{queries: (N, T) mask}: the early queries 1 <= i < early_queries, and every query."""
+    early = torch.zeros(shape, dtype=torch.bool)
+    early[:, 1 : min(analysis.opts.early_queries, analysis.T)] = True
+    return {"early": early, "all": torch.ones(shape, dtype=torch.bool)}
+
+
+def intervene(analysis, ctx, label: dict, hooks, loss: bool = False):
+    """One intervened pass: C_res removed, transfer R^2 and refit R^2 per residual site (and,
+    with `loss`, every position's loss)."""
+    targets = ctx.targets if loss else None
+    done = analysis.measure(ctx.tokens, hooks, fitted=ctx.fitted, targets=targets)
     record_removal(analysis, "route2", label, ctx.base, done)
     record_probes(analysis, "route2", label, done)
+    return done
 
 
 STAGE = Route2(
     needs=("probe",),
-    name="route-2 and head knockouts",
+    name="routes and head knockouts",
     order=52,
     metrics={
         "route2_removed": ATTN,
@@ -78,21 +113,29 @@ STAGE = Route2(
         "route2_probe_r2_log": RESID,
         "route2_probe_refit_r2_log": RESID,
         "top_head_lift": ATTN,
+        "route_loss_change": RUN,
     },
     numbers=(
         Reported(
             "route2_r2_left_last",
-            "probe R² refit with key 0's gain flattened (last layer)",
+            "probe R² refit after the {rule} route (last layer)",
             unit="R²",
             metric="route2_probe_refit_r2_log",
             reduce="last",
-            where={"rule": "route2", "heads": "all"},
+            conditions={"rule": ROUTES},
+            where={"heads": "all"},
+        ),
+        Reported(
+            "route_loss_change",
+            "loss change under the {rule} route, {queries} queries",
+            unit="nats",
+            conditions={"rule": ROUTES, "queries": ("early", "all")},
         ),
         Reported(
             "route2_removed_v3",
             "C_res removed by flattening key 0's gain (v3)",
             unit="share",
-            where={"rule": "route2", "heads": "all", "part": "all"},
+            where={"rule": "write", "heads": "all", "part": "all"},
         ),
         Reported(
             "head_knockout_r2_left_min",
@@ -102,10 +145,10 @@ STAGE = Route2(
         ),
         Reported(
             "route2_removed_share",
-            "removed by flattening key 0's gain, {part} part",
+            "removed by the {rule} route, {part} part",
             unit="share",
-            conditions={"part": content.PARTS},
-            where={"rule": "route2", "heads": "all"},
+            conditions={"rule": ROUTES, "part": content.PARTS},
+            where={"heads": "all"},
         ),
     ),
 )
