@@ -117,3 +117,23 @@ def test_a_gguf_export_reads_back_as_its_weights_quantised_by_the_gguf_package(t
     drawn = analysis.tokens(2, 16, "check", bos="always")
     assert drawn[:, 0].eq(ByteTokenizer().bos).all() and drawn[:, 1:].lt(256).all()
     assert main(["export", str(run), "--format", "gguf", "--quant", "Q3", "--out", str(path)]) == 2
+
+
+def test_a_re_export_replaces_only_an_earlier_export_and_never_a_users_files(tmp_path):
+    """A re-export swaps the whole folder, so it is refused where the folder holds anything
+    an earlier export did not write (its manifest lists what it did), and the files stay."""
+    run = tmp_path / "run"
+    train(build(tiny_overrides(model__position="rope")), run)
+    out = export_hf(run, tmp_path / "hf")
+    assert export_hf(run, out) == out  # an untouched earlier export is replaced
+    (out / "NOTES.md").write_text("mine")
+    with pytest.raises(ExportError, match="NOTES.md"):
+        export_hf(run, out)
+    assert (out / "NOTES.md").read_text() == "mine" and (out / "model.safetensors").exists()
+    marked = tmp_path / "marked"  # a README that only looks like an export's
+    marked.mkdir()
+    (marked / "README.md").write_text((out / "README.md").read_text())
+    (marked / "data.csv").write_text("1,2")
+    with pytest.raises(ExportError, match="README.md, data.csv"):
+        export_hf(run, marked)
+    assert sorted(p.name for p in marked.iterdir()) == ["README.md", "data.csv"]

@@ -14,6 +14,7 @@ bytes to the same ids and prepends BOS when the run trained with it.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -133,6 +134,8 @@ def export_hf(run: str | Path, out: str | Path) -> Path:
 
             transformers.GenerationConfig(**special).save_pretrained(tmp)
         (tmp / "README.md").write_text(model_card(Path(run), model, cfg, state))
+        names = sorted(entry.name for entry in tmp.iterdir())
+        (tmp / MANIFEST).write_text(json.dumps(names) + "\n")
         _publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -141,7 +144,8 @@ def export_hf(run: str | Path, out: str | Path) -> Path:
 
 def check_out(run: Path, out: Path) -> None:
     """--out must not be inside the run (its checkpoints would be overwritten) and must be
-    new, empty, or an earlier export (its README.md starts with CARD_MARK)."""
+    new, empty, or an earlier export holding only what that export wrote (its manifest lists
+    them): a re-export replaces the folder, so a file the user added there would be lost."""
     inside = out.resolve().is_relative_to(run.resolve())
     if inside:
         raise ExportError(
@@ -151,13 +155,26 @@ def check_out(run: Path, out: Path) -> None:
     refuse_link(out, "--out")
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file; give a folder for the checkpoint")
-    card = out / "README.md"
-    earlier = card.is_file() and card.read_text(errors="replace").startswith(CARD_MARK)
-    if out.is_dir() and any(out.iterdir()) and not earlier:
-        raise ExportError(
-            f"--out {out} holds files that are not an earlier posleak export; give a new or "
-            "empty folder"
-        )
+    if out.is_dir():
+        foreign = sorted({entry.name for entry in out.iterdir()} - exported_files(out))
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise ExportError(
+                f"--out {out} holds files no earlier posleak export wrote there ({shown}); a "
+                "re-export replaces the folder: move them out, or give a new or empty folder"
+            )
+
+
+def exported_files(out: Path) -> set[str]:
+    """The names an earlier export wrote into `out` (its manifest and what it lists); none
+    when there is no readable manifest."""
+    try:
+        names = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return set()
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        return set()
+    return {MANIFEST, *names}
 
 
 def _publish(tmp: Path, out: Path) -> None:
@@ -172,6 +189,7 @@ def _publish(tmp: Path, out: Path) -> None:
 
 
 CARD_MARK = "<!-- written by posleak export -->"
+MANIFEST = ".posleak-export"  # the names of the files an export wrote (JSON list)
 
 
 def model_card(run: Path, model: Decoder, cfg: RunConfig, state: dict) -> str:
