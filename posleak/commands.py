@@ -7,6 +7,7 @@ Modules are imported inside each handler, so that `posleak --help` never imports
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import shlex
@@ -177,6 +178,21 @@ def analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def writing(out: str | Path, ours_already):
+    """The report folder, created as posleak's and locked for the whole command: a second
+    compare or study into it is refused (naming the first) rather than raced."""
+    from posleak.files import owned_dir
+    from posleak.train.lock import RunLock
+
+    lock = RunLock(owned_dir(out, "report folder", ours_already))
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def compare(args: argparse.Namespace) -> int:
     from posleak.analysis.engine.options import Options
     from posleak.analysis.reports import compare as comparison
@@ -185,22 +201,29 @@ def compare(args: argparse.Namespace) -> int:
     check_owned(args.out, "report folder", comparison.has_report)  # before any analysis
     runs = comparison.find_runs(args.paths)
     opts = Options(seqs=args.seqs, contrast_window=comparison.contrast_window_of(runs))
-    groups, summaries = comparison.load_groups(runs, opts, jobs=args.jobs)
-    if not groups:
-        raise FileNotFoundError("no finished runs to compare")
-    report = comparison.write_report(groups, summaries, Path(args.out), args.reference)
+    with writing(args.out, comparison.has_report):
+        groups, summaries = comparison.load_groups(runs, opts, jobs=args.jobs)
+        if not groups:
+            raise FileNotFoundError("no finished runs to compare")
+        report = comparison.write_report(groups, summaries, Path(args.out), args.reference)
     print(f"report: {report}")
     print(f"html: {report.with_suffix('.html')}")
     return 0
 
 
 def study(args: argparse.Namespace) -> int:
-    from posleak.analysis.reports import light_cone, sink_study
-    from posleak.analysis.reports import study as studies
     from posleak.analysis.reports.compare import has_report
     from posleak.files import check_owned
 
     check_owned(args.out, "report folder", has_report)  # before any analysis
+    with writing(args.out, has_report):
+        return _study(args)
+
+
+def _study(args: argparse.Namespace) -> int:
+    from posleak.analysis.reports import light_cone, sink_study
+    from posleak.analysis.reports import study as studies
+
     kind = args.report
     if kind == "auto" and light_cone.is_light_cone_sweep(Path(args.sweep)):
         kind = "light-cone"

@@ -137,3 +137,27 @@ def test_a_re_export_replaces_only_an_earlier_export_and_never_a_users_files(tmp
     with pytest.raises(ExportError, match="README.md, data.csv"):
         export_hf(run, marked)
     assert sorted(p.name for p in marked.iterdir()) == ["README.md", "data.csv"]
+
+
+def test_a_gguf_export_never_publishes_over_a_file_that_appeared_while_it_ran(
+    tmp_path, monkeypatch
+):
+    """Two exports to one new name: the one that finishes second is refused, not printed as
+    exported over the first one's file."""
+    gguf = pytest.importorskip("gguf", reason="the hf extra is not installed")
+    from posleak.train.export import export_gguf
+
+    run = tmp_path / "run"
+    train(build(tiny_overrides(data__source="bible")), run)
+    out = tmp_path / "model.gguf"
+    close = gguf.GGUFWriter.close
+
+    def racing_close(writer):  # the other export lands first
+        close(writer)
+        out.write_bytes(b"the other export")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "close", racing_close)
+    with pytest.raises(ExportError, match="appeared while this export ran"):
+        export_gguf(run, out, "F32")
+    assert out.read_bytes() == b"the other export"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".model")] == []

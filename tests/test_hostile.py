@@ -996,3 +996,19 @@ def test_an_output_folder_of_someone_elses_files_is_refused_and_left_as_it_was(
     assert "holds files posleak did not write" in error and "Traceback" not in error, error
     assert sorted(p.name for p in folder.iterdir()) == ["records.jsonl", "report.md"]
     assert all(p.read_text() == "mine\n" for p in folder.iterdir())
+
+
+def test_a_second_compare_into_a_report_folder_in_use_is_refused(finished, tmp_path, capsys):
+    """compare and study lock their report folder for the whole command: a second writer is
+    told who holds it instead of racing it."""
+    import json
+    import os
+
+    _, run = copy_run(finished, tmp_path)
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / ".posleak-output").write_text("ours\n")
+    holder = {"host": __import__("socket").gethostname(), "pid": os.getppid(), "since": 0}
+    (out / ".lock").write_text(json.dumps(holder))  # a live process holds it
+    one_line_error(capsys, "compare", run, "--out", out, "--seqs", "8", match="is in use by pid")
+    assert sorted(p.name for p in out.iterdir()) == [".lock", ".lock.guard", ".posleak-output"]

@@ -297,7 +297,13 @@ def export_gguf(run: str | Path, out: str | Path, quant: str) -> Path:
         writer.write_tensors_to_file()
         writer.close()
         share(tmp)
-        os.replace(tmp, out)
+        try:  # published only where nothing appeared meanwhile (another export, say)
+            os.link(tmp, out)
+        except FileExistsError:
+            raise ExportError(
+                f"--out {out} appeared while this export ran (another export?); it is left as "
+                "it is and this export was discarded: give a new file name"
+            ) from None
     finally:
         tmp.unlink(missing_ok=True)
     return out
