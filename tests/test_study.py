@@ -171,7 +171,11 @@ def test_the_sink_study_runs_end_to_end_at_a_tiny_budget(tmp_path):
     assert "rotary pairs" in text
     assert (tmp_path / "report" / "sink_emergence.png").exists()
     # every intervention on key 0 in every variant, trained beside step 0 of the same seed
-    routes = [r for r in text.splitlines() if r.startswith("| `") and " route | " in r]
+    routes = [
+        r
+        for r in text.splitlines()
+        if r.startswith("| `") and ("route |" in r or "ablation |" in r)
+    ]
     assert len(routes) == 3 * 5 and all(r.count("(n=2)") >= 3 for r in routes), routes
     step0 = {p.parent.parent.name for p in out.glob("*/analysis-step0/analysis.json")}
     assert len(step0) == 10

@@ -241,9 +241,10 @@ INTERVENTIONS = (  # (label, the refit R² after it, the loss change it costs or
     ("key-0 knockout", headline("knockout_probe_refit_r2_log_last"),
      headline("knockout_loss_change", key=0, heads="all")),
     ("key-1 knockout (control)", headline("knockout_probe_refit_r2_log_key1_last"), None),
-    *((f"{rule} route", headline("route2_r2_left_last", rule=rule),
+    *((label, headline("route2_r2_left_last", rule=rule),
        headline("route_loss_change", rule=rule, queries="early"))
-      for rule in ("write", "mass", "value")),
+      for rule, label in (("write", "write route"), ("mass", "mass route"),
+                          ("value", "value ablation"))),
 )  # fmt: skip
 
 
@@ -264,11 +265,18 @@ def routes(study: Study) -> list[str]:
             out[s["seed"]] = None if a is None or b is None else a - b
         return out
 
-    rows = []
+    rows, said = [], []
     for v in variants:
         for label, after, loss in INTERVENTIONS:
             trained, initial = drops(v, after, False), drops(v, after, True)
             learned = paired_difference(trained, initial)
+            if label == "key-0 knockout" and learned is not None and v in (REFERENCE, "nope"):
+                said.append(
+                    f"in `{v}` the key-0 knockout removes {level(initial)} of the refit R² at "
+                    f"step 0 and {level(trained)} trained (trained − step 0: "
+                    f"{number(learned.mean, 3)} [{number(learned.lo, 3)}, "
+                    f"{number(learned.hi, 3)}])"
+                )
             rows.append([
                 f"`{v}`", label, level(trained), level(initial),
                 "–" if learned is None else level(dict(enumerate(learned.diffs))),
@@ -300,6 +308,12 @@ def routes(study: Study) -> list[str]:
             ],
             rows,
         ),
+        "",
+        "Read against step 0: "
+        + "; ".join(said)
+        + ". What an intervention removes at step 0 is the mask diluting BOS's value as "
+        "1/(i + 1) before any learning; only the trained − step 0 column is what a model "
+        "learned to route through key 0.",
     ]
 
 
