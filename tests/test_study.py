@@ -223,8 +223,8 @@ def test_the_light_cone_study_runs_end_to_end_at_a_tiny_budget(tmp_path):
         assert section in text, section
     rows = verdict_rows(text)
     assert [label for label, _ in rows] == [
-        "`nope-swa-doc` trained", "`swa-doc` trained", "`nope-swa-rand` trained",
-        "`swa-rand` trained", "`swa-doc` − `rope-doc`", "`nope-swa-doc` − `nope-doc`",
+        "`swa-doc` trained", "`nope-swa-doc` trained", "`swa-rand` trained",
+        "`nope-swa-rand` trained", "`swa-doc` − `rope-doc`", "`nope-swa-doc` − `nope-doc`",
         "`swa-rand` − `rope-rand`", "`nope-swa-rand` − `nope-rand`", "`ntk-doc` − `rope-doc`",
         "`ntk-rand` − `rope-rand`", "`rope-doc` at 4T, s = 8 − s = 1",
         "`rope-rand` at 4T, s = 8 − s = 1",

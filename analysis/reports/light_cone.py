@@ -242,7 +242,9 @@ def figures(study: LightCone, out: Path) -> list[str]:
 
 def frontier_growth(study: LightCone, out: Path) -> list[str]:
     w, L = study.window, study.config.model["n_layer"]
-    windowed = [v for v in study.variants if windowed_variant(study, v)]
+    windowed = [  # the primary cell first: RoPE's window, where position is in the text
+        f"{w_}-{data}" for data in DATA for w_, _ in PAIRS if f"{w_}-{data}" in study.variants
+    ]
     slope = "band_frontier_slope"
     rows = []
     for v in study.variants:
@@ -298,8 +300,24 @@ def frontier_growth(study: LightCone, out: Path) -> list[str]:
         f"- At step 0 (the architecture alone) the frontier climbs in {len(climbing)} of "
         f"{len(windowed)} window variants (95% t-interval above 0): "
         + (", ".join(f"`{v}` {interval(step0[v])}" for v in climbing) or "none")
-        + f", against the cone's {cone:.3g}."
+        + f", against the cone's {cone:.3g}; full attention at step 0: "
+        + ", ".join(
+            f"`{f}-{d}` {level(study, f'{f}-{d}', STEP0, slope)}"
+            for d in DATA
+            for _, f in PAIRS[:1]
+            if f"{f}-{d}" in study.variants
+        )
+        + "."
     ]
+    for v in windowed:
+        beyond = beyond_cone(study, v, TRAINED)
+        tokens = mean_interval(study.per_seed(v, TRAINED, "band_probe_r2_beyond_embed").values())
+        if tokens and tokens[3] >= 2 and tokens[1] > 0:
+            lines.append(
+                f"- `{v}`: the embeddings alone decode position at queries i ≥ {w} (band "
+                f"probe R² {interval(tokens)}): the text carries it, so no cone bounds it "
+                f"({beyond} sites trained have their frontier past the cone)."
+            )
     return lines
 
 
