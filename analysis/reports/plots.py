@@ -367,9 +367,9 @@ def band_maps(path: Path, groups: dict, edge) -> str:
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes.flat[len(variants) * 2 :]:
         ax.set_axis_off()
-    for row, (image, label) in enumerate(zip(images, BAND_COLOURS, strict=True)):
-        if image is not None:
-            fig.colorbar(image, ax=list(axes[row::2].flat), shrink=0.8, label=label)
+    for image, label, side in zip(images, BAND_COLOURS, ("right", "bottom"), strict=True):
+        if image is not None:  # one bar to the right, one below: they cannot overlap
+            fig.colorbar(image, ax=list(axes.flat), location=side, shrink=0.6, label=label)
     fig.suptitle("Light cone: position by query band (dashed: the window's cone edge); "
                  "mean over seeds", fontsize=10)  # fmt: skip
     return save(fig, path)
