@@ -306,7 +306,10 @@ def _tables(summaries: dict, reference: str, rows) -> list[str]:
 
 
 def _section(title: str, keys, fig: dict) -> list[str]:
-    return ["", f"## {title}", *(f"![{k}]({fig[k]})" for k in keys)]
+    """A section with its figures; none where its stage drew nothing for these runs (the
+    light cone's maps need a window to cut bands by)."""
+    drawn = [k for k in keys if k in fig]
+    return ["", f"## {title}", *(f"![{k}]({fig[k]})" for k in drawn)] if drawn else []
 
 
 def _runs_table(summaries: dict) -> list[str]:
