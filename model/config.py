@@ -10,13 +10,25 @@ from posleak.model.positions import SCHEMES
 
 SINKS = ("none", "learned", "off_by_one")
 MAX_WIDTH = 1 << 14  # d_model and n_layer: beyond this a typo, not a plan
+MAX_ROPE_SCALE = 1e6  # NTK's s, trained or at inference (b * s^(d/(d-2)) stays finite)
 LIMITS = {  # beyond these a typo, not a plan (each far above any model posleak trains)
     "d_model": MAX_WIDTH,
     "n_layer": MAX_WIDTH,
     "vocab_size": 1 << 22,
     "d_ff": 1 << 18,
     "max_seq_len": 1 << 20,
+    "rope_base": 1e12,
+    "rope_scale": MAX_ROPE_SCALE,
 }
+
+
+def _is_int(value) -> bool:
+    """An integer, and not a bool (True is an int to Python, never a layer count to us)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class ConfigError(ValueError):
@@ -57,8 +69,13 @@ class ModelConfig:
         out = []
         for name in ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not _is_int(value) or value < 1:
                 out.append(f"{name} must be a positive integer, got {value!r}")
+        for name in ("rope_base", "rope_scale", "norm_eps"):
+            if not _is_real(getattr(self, name)):
+                out.append(f"{name} must be a number, got {getattr(self, name)!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            out.append(f"tie_embeddings must be true or false, got {self.tie_embeddings!r}")
         if out:
             return out
         if self.position not in SCHEMES:
@@ -70,15 +87,15 @@ class ModelConfig:
                 f"d_model={self.d_model} is not divisible by n_head={self.n_head}; "
                 "pick n_head among the divisors of d_model"
             )
-        if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
+        if self.window is not None and (not _is_int(self.window) or self.window < 1):
             out.append(
                 f"window must be a positive integer or None (full causal), got {self.window!r}"
             )
-        if self.d_ff is not None and (not isinstance(self.d_ff, int) or self.d_ff < 1):
+        if self.d_ff is not None and (not _is_int(self.d_ff) or self.d_ff < 1):
             out.append(f"d_ff must be a positive integer or None, got {self.d_ff!r}")
         for name, limit in LIMITS.items():
             value = getattr(self, name)
-            if isinstance(value, int) and value > limit:
+            if _is_real(value) and value > limit:
                 out.append(f"{name}={value} is beyond what posleak builds (at most {limit})")
         if not (math.isfinite(self.norm_eps) and self.norm_eps > 0):
             out.append(f"norm_eps must be a finite number > 0, got {self.norm_eps!r}")

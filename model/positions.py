@@ -112,6 +112,10 @@ class RopeNTK(Rope):
     name = "rope_ntk"
 
     def _scale_problems(self, cfg) -> list[str]:
+        if cfg.rope_scale != 1 and cfg.d_head <= 2:
+            return [
+                f"NTK scaling needs d_model/n_head >= 4 (its exponent is d/(d-2)), got {cfg.d_head}"
+            ]
         return []
 
 

@@ -18,6 +18,10 @@ def ntk_base(base: float, scale: float, d_head: int) -> float:
 
     The highest frequency (p = 0) is unchanged and the lowest (p = d/2 - 1) is divided by s.
     """
+    if scale == 1:
+        return base
+    if d_head <= 2:
+        raise ValueError(f"NTK scaling needs a head dimension of at least 4, got {d_head}")
     return base * scale ** (d_head / (d_head - 2))
 
 

@@ -278,20 +278,21 @@ def sample(args: argparse.Namespace) -> int:
     from posleak.train import sample as sampling
     from posleak.train.rundir import RunDir
 
-    if args.tokens < 1 or args.top_k < 1 or not args.temperature > 0:
-        raise ValueError("--tokens and --top-k must be >= 1 and --temperature > 0")
+    problems = sampling.sample_problems(args.tokens, args.top_k, args.temperature, args.seed)
+    if problems:
+        raise ValueError("; ".join(problems))
     model, cfg, _ = RunDir(args.run).load_model(args.step)
     codec = sampling.Codec(model, cfg)
-    ids = sampling.generate(
-        model,
-        codec.encode(args.prompt),
-        args.tokens,
-        args.top_k,
-        args.temperature,
-        args.seed,
-        cfg.data.seq_len,
+    prompt = codec.encode(args.prompt)
+    ids = sampling.new_ids(
+        model, prompt, args.tokens, args.top_k, args.temperature, args.seed, cfg.data.seq_len
     )
-    print(codec.decode(ids))
+    if hasattr(sys.stdout, "reconfigure"):  # a terminal that cannot show a character
+        sys.stdout.reconfigure(errors="backslashreplace")
+    print(codec.decode(prompt), end="", flush=True)
+    for piece in codec.pieces(ids):
+        print(piece, end="", flush=True)
+    print()
     return 0
 
 

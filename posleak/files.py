@@ -10,9 +10,13 @@ run folder must not be able to redirect our writes elsewhere.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
+import re
 import secrets
+import shutil
+import time
 from pathlib import Path
 
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -134,3 +138,54 @@ def fsync_path(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+STALE_SECONDS = 600  # a temporary nobody has written for this long, of a dead process, is left over
+
+
+def temporary_prefix(target: str | Path) -> str:
+    """The name prefix of a large temporary for `target` (an export, a cache entry), in its
+    folder: it carries this process's pid, so that one a killed process left can be told from
+    one being written (remove_stale_temporaries)."""
+    return f".{Path(target).name}.tmp-{os.getpid()}-"
+
+
+def remove_stale_temporaries(target: str | Path) -> list[Path]:
+    """Delete the temporaries of `target` that a process killed mid-write left (SIGKILL runs
+    no cleanup): named by temporary_prefix, their pid not running on this machine, and
+    nothing in them written for STALE_SECONDS (a writer on another machine sharing the folder
+    keeps writing). Returns what was removed."""
+    target = Path(target)
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.tmp-(\d+)-")
+    removed = []
+    for entry in target.parent.glob(f".{glob.escape(target.name)}.tmp-*"):
+        found = pattern.match(entry.name)
+        if not found or _running(int(found.group(1))) or _idle(entry) < STALE_SECONDS:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process, or not a pid: not ours to judge
+    return True
+
+
+def _idle(entry: Path) -> float:
+    """Seconds since anything in entry (a file, or a folder and the files in it) changed."""
+    try:
+        times = [entry.lstat().st_mtime]
+        if entry.is_dir() and not entry.is_symlink():
+            times += [child.lstat().st_mtime for child in entry.iterdir()]
+    except FileNotFoundError:
+        return 0.0
+    return time.time() - max(times)

@@ -161,3 +161,38 @@ def test_a_gguf_export_never_publishes_over_a_file_that_appeared_while_it_ran(
         export_gguf(run, out, "F32")
     assert out.read_bytes() == b"the other export"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".model")] == []
+
+
+def test_what_a_killed_export_left_is_removed_by_the_next_one_and_nothing_else(tmp_path):
+    """SIGKILL runs no cleanup: the next export removes the temporaries of a process that no
+    longer runs and that nobody has written for STALE_SECONDS; a live writer's, a fresh one
+    and a user's files stay."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from posleak.files import STALE_SECONDS
+
+    run = tmp_path / "run"
+    train(build(tiny_overrides(model__position="rope")), run)
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # its pid now runs nothing
+    old = time.time() - 2 * STALE_SECONDS
+
+    def planted(name: str, age: float | None) -> object:
+        path = tmp_path / name
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"x" * 1000)
+        if age is not None:
+            for p in (path / "model.safetensors", path):
+                os.utime(p, (age, age))
+        return path
+
+    killed = planted(f".hf.tmp-{child.pid}-ab12", old)
+    fresh = planted(f".hf.tmp-{child.pid}-cd34", None)
+    live = planted(f".hf.tmp-{os.getpid()}-ef56", old)
+    users = planted(".hf.tmp-notes", old)
+    export_hf(run, tmp_path / "hf")
+    assert not killed.exists()
+    assert fresh.exists() and live.exists() and users.exists()

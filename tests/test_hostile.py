@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -175,6 +176,9 @@ def test_data_too_small_fails_before_the_run_directory_is_made(tmp_path, capsys,
         "train.weight_decay=-0.1",
         "train.beta1=1.0",
         "train.threads=-1",
+        "train.threads=4611686018427387904",
+        "model.rope_scale=1e308",
+        "model.rope_base=1e308",
         "train.lr=inf",
         "train.grad_clip=nan",
         "model.norm_eps=-1e-5",
@@ -237,6 +241,80 @@ def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    ("values", "field"),
+    [
+        ({"n_layer": True, "vocab_size": True}, "n_layer must be a positive integer, got True"),
+        ({"window": True}, "window must be a positive integer"),
+        ({"d_ff": False}, "d_ff must be a positive integer"),
+        ({"norm_eps": True}, "norm_eps must be a number, got True"),
+        ({"rope_base": "1e4"}, "rope_base must be a number"),
+        ({"tie_embeddings": 1}, "tie_embeddings must be true or false"),
+        ({"position": "rope_ntk", "rope_scale": 4.0, "d_model": 4, "n_head": 2}, "d/(d-2)"),
+    ],
+)
+def test_the_python_api_refuses_what_the_config_file_refuses(values, field):
+    """True is an int to Python: ModelConfig(n_layer=True) once built a one-layer model."""
+    from posleak.model import ModelConfig
+    from posleak.model.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(field)):
+        ModelConfig(**values)
+
+
+def test_a_head_dimension_of_two_builds_plain_rope():
+    from posleak.model import Decoder, ModelConfig
+
+    model = Decoder(ModelConfig(vocab_size=10, n_layer=1, n_head=2, d_model=4))
+    assert model(torch.zeros(1, 3, dtype=torch.long)).shape == (1, 3, 10)
+
+
+# ------------------------------------------------------------------ sampling
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--tokens", "100000000"], "--tokens must be between 1 and 65536"),
+        (["--tokens", "0"], "--tokens must be between"),
+        (["--seed", str(2**70)], "--seed must be in [0, 2^63)"),
+        (["--temperature", "nan"], "--temperature must be"),
+    ],
+)
+def test_sampling_bounds_are_checked_before_any_token(trained, capsys, args, match):
+    one_line_error(capsys, "sample", trained, *args, match=match)
+
+
+def test_a_sample_streams_and_survives_bytes_and_terminals_that_are_not_utf8(tmp_path):
+    """The output appears token by token (a long sample shows progress); a prompt of bytes
+    that are not UTF-8 is taken as bytes; a terminal that cannot show a character gets an
+    escape, not a codec error."""
+    values = tiny_overrides(data__source="bible", data__vocab_size=259, train__steps=2)
+    run = tmp_path / "run"
+    train(build(values), run)
+    env = {**os.environ, "POSLEAK_CACHE": str(tmp_path / "cache"), "PYTHONIOENCODING": "ascii"}
+    prompt = b"caf\xc3\xa9 \xff\xfe"
+    cmd = [sys.executable, "-m", "posleak", "sample", str(run), "--tokens", "3"]
+    done = subprocess.run([*cmd, "--prompt", prompt], env=env, capture_output=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(b"caf\\xe9 \\ufffd\\ufffd"), done.stdout
+    assert b"Traceback" not in done.stderr
+
+
+def test_pieces_of_a_stream_decode_as_the_whole(tmp_path):
+    from posleak.train.sample import Codec
+
+    class Cfg:
+        class data:
+            source, bos = "bible", "always"
+
+    class Model:
+        class cfg:
+            vocab_size = 259
+
+    codec = Codec(Model, Cfg)
+    ids = [*"héllo wörld ✓".encode(), 256, 0xFF, 257, *"é".encode()]
+    assert "".join(codec.pieces(iter(ids))) == codec.decode(ids)
+
+
 # ------------------------------------------------------------------ analysis inputs
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
@@ -252,17 +330,31 @@ def trained(tmp_path_factory):
         (["--seq-len", "2"], "--seq-len must be"),
         (["--seq-len", "0"], "--seq-len must be"),
         (["--rope-scale", "0"], "--rope-scale must be"),
+        (["--rope-scale", "1e308"], "--rope-scale must be"),
     ],
 )
 def test_bad_analysis_arguments_are_refused_not_replaced_by_defaults(trained, capsys, args, match):
     one_line_error(capsys, "analyze", trained, *args, "--out", trained / "x", match=match)
 
 
-def test_a_truncated_records_file_is_named_by_compare(trained, tmp_path, capsys):
-    assert cli(capsys, "analyze", trained, "--seqs", 8)[0] == 0
-    records = trained / "analysis" / "records.jsonl"
-    records.write_text(records.read_text()[:-50])
-    one_line_error(capsys, "compare", trained, "--out", tmp_path / "c", match=str(records))
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        (lambda text: text[:-50].encode(), "is not valid JSON"),
+        (lambda text: b"\x00\xff\xfe binary" + text.encode(), "line 1 is not UTF-8"),
+        (lambda text: text.encode() + b"[1, 2]\n", "is not a record"),
+        (lambda text: text.encode() + b'{"value": 3}\n', "is not a record"),
+    ],
+    ids=["truncated", "binary", "list", "no-metric"],
+)
+def test_a_damaged_records_file_is_named_by_compare(trained, tmp_path, capsys, damage, match):
+    analysed = tmp_path / "analysis"
+    if not analysed.exists():
+        assert cli(capsys, "analyze", trained, "--seqs", 8, "--out", analysed)[0] == 0
+    records = analysed / "records.jsonl"
+    records.write_bytes(damage(records.read_text()))
+    err = one_line_error(capsys, "compare", analysed, "--out", tmp_path / "c", match=str(records))
+    assert match in err and len(err.strip().splitlines()) == 1
 
 
 # ------------------------------------------------------------------ sweeps
@@ -642,7 +734,6 @@ def test_nul_bytes_anywhere_in_a_file_are_refused(tmp_path, capsys):
         ("config.toml", "no-model", "analyze", "config.toml is damaged"),
         ("env.json", "truncate", "train", "env.json is damaged"),
         ("env.json", "list", "train", "env.json holds a list"),
-        ("summary.json", "truncate", "analyze", "summary.json is damaged"),
         ("sweep.json", "list", "analyze", "sweep.json holds a list"),
         ("sweep.json", "no-variant", "analyze", "sweep.json lacks its variant"),
     ],
@@ -665,6 +756,18 @@ def test_damaged_run_files_are_named_with_the_fix(
         args = ["analyze", run, "--seqs", 8]
     err = one_line_error(capsys, *args, match=match)
     assert len(err.strip().splitlines()) == 1 and str(run) in err
+
+
+def test_an_analysis_does_not_need_the_runs_summary_and_says_so_when_it_is_damaged(
+    finished, tmp_path, capsys
+):
+    """summary.json gives the analysis only the run's final validation loss."""
+    _, run = copy_run(finished, tmp_path)
+    (run / "summary.json").write_text("{")
+    code, err = cli(capsys, "analyze", run, "--seqs", 8, "--stages", "probe")
+    assert code == 0 and f"warning: {run / 'summary.json'} is damaged" in err
+    summary = json.loads((run / "analysis" / "analysis.json").read_text())
+    assert summary["val_loss"] is None and summary["headline"]
 
 
 def test_a_damaged_run_file_fails_its_run_not_the_sweep(tmp_path, capsys):

@@ -30,6 +30,7 @@ from posleak.model import ConfigError, ModelConfig
 
 MAX_BATCH = 1 << 16  # sequences per step: beyond this a typo, not a plan
 MAX_SEED = 1 << 63  # torch.manual_seed takes a signed 64-bit integer
+MAX_THREADS = 1 << 10  # torch threads of one process: beyond this a typo
 MAX_INCLUDE_DEPTH = 32
 DERIVED = (  # config.toml's informational [derived] table, written by train/loop.py
     "rope_effective_base",
@@ -315,7 +316,7 @@ def train_problems(t: TrainConfig) -> list[str]:
         ("beta1", 0 <= t.beta1 < 1, "in [0, 1)"),
         ("beta2", 0 <= t.beta2 < 1, "in [0, 1)"),
         ("grad_clip", math.isfinite(t.grad_clip) and t.grad_clip >= 0, "finite and >= 0 (0 = off)"),
-        ("threads", t.threads >= 0, ">= 0 (0 = torch's default)"),
+        ("threads", 0 <= t.threads <= MAX_THREADS, f"in [0, {MAX_THREADS}] (0 = torch's default)"),
         ("batch_size", t.batch_size <= MAX_BATCH, f"at most {MAX_BATCH}"),
     )
     out += [

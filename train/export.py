@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,7 +25,7 @@ from safetensors.torch import save_file
 
 from posleak.data import ByteTokenizer
 from posleak.data.batches import SYNTHETIC
-from posleak.files import refuse_link, share
+from posleak.files import refuse_link, remove_stale_temporaries, share, temporary_prefix
 from posleak.model import Decoder
 from posleak.train.config import RunConfig
 from posleak.train.rundir import RunDir
@@ -123,7 +124,8 @@ def export_hf(run: str | Path, out: str | Path) -> Path:
         raise ExportError(f"cannot export {run}: {why}")
     bytes_vocab = _byte_vocabulary(cfg, model)
     special = _special_ids() if bytes_vocab else {}
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    remove_stale_temporaries(out)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=temporary_prefix(out)))
     try:
         hf_config(model, special, cfg.data.seq_len).save_pretrained(tmp)
         save_file(hf_weights(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -181,7 +183,7 @@ def _publish(tmp: Path, out: Path) -> None:
     """Move the finished export into place: a reader sees the old export or the new one."""
     for path in (tmp, *tmp.rglob("*")):
         share(path)
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    old = out.with_name(temporary_prefix(out) + "replaced")  # a kill next: stale, removed
     if out.exists():
         os.rename(out, old)
     os.rename(tmp, out)
@@ -270,7 +272,8 @@ def export_gguf(run: str | Path, out: str | Path, quant: str) -> Path:
     if why:
         raise ExportError(f"cannot export {run}: {why}")
     m, kind = model.cfg, gguf.GGMLQuantizationType[quant]
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    remove_stale_temporaries(out)
+    tmp = out.with_name(temporary_prefix(out) + secrets.token_hex(4))
     writer = gguf.GGUFWriter(str(tmp), "llama")
     try:
         writer.add_name(Path(run).name)

@@ -9,14 +9,25 @@ gets the run's BOS at position 0 when the run trained with one.
 
 from __future__ import annotations
 
+import codecs
+from collections.abc import Iterable, Iterator
+
 import torch
 
 from posleak.data import ByteTokenizer
 from posleak.data.batches import SYNTHETIC
 
+MAX_TOKENS = 1 << 16  # new tokens of one sample: beyond this a typo, not a sample
+MAX_SEED = 1 << 63  # torch.Generator takes a signed 64-bit seed
+
+
+def generate(model: torch.nn.Module, prompt: list[int], tokens: int, **options) -> list[int]:
+    """prompt followed by `tokens` new ids (options: those of new_ids)."""
+    return list(prompt) + list(new_ids(model, prompt, tokens, **options))
+
 
 @torch.no_grad()
-def generate(
+def new_ids(
     model: torch.nn.Module,
     prompt: list[int],
     tokens: int,
@@ -24,8 +35,9 @@ def generate(
     temperature: float = 1.0,
     seed: int = 0,
     context: int | None = None,
-) -> list[int]:
-    """prompt followed by `tokens` new ids; each step reads the last `context` ids."""
+) -> Iterator[int]:
+    """The `tokens` ids that follow prompt, one at a time as each is chosen (so that a long
+    sample shows as it is written)."""
     generator = torch.Generator().manual_seed(seed)
     ids = list(prompt)
     for _ in range(tokens):
@@ -33,11 +45,25 @@ def generate(
         logits = model(window)[0, -1].float()
         if top_k == 1:
             ids.append(int(logits.argmax()))
-            continue
-        values, index = logits.topk(min(top_k, len(logits)))
-        probs = torch.softmax(values / temperature, dim=-1)
-        ids.append(int(index[torch.multinomial(probs, 1, generator=generator)]))
-    return ids
+        else:
+            values, index = logits.topk(min(top_k, len(logits)))
+            probs = torch.softmax(values / temperature, dim=-1)
+            ids.append(int(index[torch.multinomial(probs, 1, generator=generator)]))
+        yield ids[-1]
+
+
+def sample_problems(tokens: int, top_k: int, temperature: float, seed: int) -> list[str]:
+    """What is wrong with sampling options, each with the accepted range."""
+    out = []
+    if not 1 <= tokens <= MAX_TOKENS:
+        out.append(f"--tokens must be between 1 and {MAX_TOKENS}, got {tokens}")
+    if top_k < 1:
+        out.append(f"--top-k must be >= 1 (1 = greedy), got {top_k}")
+    if not 0 < temperature < float("inf"):
+        out.append(f"--temperature must be a finite number > 0, got {temperature}")
+    if not 0 <= seed < MAX_SEED:
+        out.append(f"--seed must be in [0, 2^63), got {seed}")
+    return out
 
 
 class Codec:
@@ -53,8 +79,8 @@ class Codec:
         self.start = [bos] if cfg.data.bos == "always" else []
 
     def encode(self, prompt: str) -> list[int]:
-        if self.text:
-            ids = ByteTokenizer().encode(prompt).tolist()
+        if self.text:  # bytes that were not UTF-8 on the command line are taken as they are
+            ids = ByteTokenizer().encode(prompt.encode("utf-8", "surrogateescape")).tolist()
         else:
             ids = [self._token_id(t) for t in prompt.split()]
         if not self.start and not ids:
@@ -63,6 +89,18 @@ class Codec:
 
     def decode(self, ids: list[int]) -> str:
         return ByteTokenizer().decode(ids) if self.text else " ".join(map(str, ids))
+
+    def pieces(self, ids: Iterable[int]) -> Iterator[str]:
+        """decode() of a stream of ids, a piece per id as it comes (a character split over
+        several bytes is written once whole; specials are dropped, invalid UTF-8 is U+FFFD)."""
+        if not self.text:
+            yield from (f" {i}" for i in ids)
+            return
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        for i in ids:
+            if i < 256:
+                yield decoder.decode(bytes([i]))
+        yield decoder.decode(b"", final=True)
 
     def _token_id(self, text: str) -> int:
         if not text.isdigit() or int(text) >= self.vocab_size:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from posleak.data import BatchStream, DataConfig, make_source, vocab_size_of
+from posleak.log import log
 from posleak.train import checkpoint
 from posleak.train.config import RunConfig
 from posleak.train.rundir import RunDir
@@ -59,7 +60,7 @@ def run_subject(run_dir: str | Path, step: int | None = None, source: str | None
         "checkpoint": state["checkpoint"],
         "step": state["step"],
         "checkpoint_digest": checkpoint.weights_digest(Path(state["checkpoint"])),
-        "val_loss": (RunDir(run_dir).summary() or {}).get("final_val_loss"),
+        "val_loss": final_val_loss(RunDir(run_dir)),
     }
     return Subject(
         model=model,
@@ -73,6 +74,16 @@ def run_subject(run_dir: str | Path, step: int | None = None, source: str | None
         info=info,
         copy_targets=getattr(make_source(data), "copy_targets", None),
     )
+
+
+def final_val_loss(run: RunDir) -> float | None:
+    """The run's final validation loss from summary.json, which the analysis only reports:
+    a damaged summary is named in a warning and costs only this number."""
+    try:
+        return (run.summary() or {}).get("final_val_loss")
+    except ValueError as e:
+        log.warning(f"warning: {e}; the analysis goes on without the run's validation loss")
+        return None
 
 
 def run_label(run_dir: Path, cfg: RunConfig) -> dict:

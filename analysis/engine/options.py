@@ -7,7 +7,6 @@ the reports format their labels from them, so changing one changes every place i
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 
@@ -41,6 +40,8 @@ class Options:
     # queries i >= w on the window's pairs; default w: the model's own window (a full-attention
     # model compared with a windowed one is analysed with the other's w)
     swaps: tuple = ("mean", "token", "random", "zeros")
+    swap_family: tuple = ("mean",)  # those of `swaps` named here also get the key-only and
+    # value-only swaps and the position control (three passes each)
     knockout: bool = True  # key-0 knockout in all layers at once
     knockout_per_layer: bool = False  # also one layer at a time (one more pass per layer)
     top_heads: int = 3  # per-head key-0 knockouts and route-2 tests for the top heads by lambda_0
@@ -58,24 +59,28 @@ class Options:
     max_attention_elements: int = 1 << 25  # the batch shrinks so B*H*T*T stays below this
 
     def problems(self, train_len: int) -> list[str]:
+        from posleak.model.config import MAX_ROPE_SCALE  # torch: not for the command line's help
+
         out = []
         T = train_len if self.seq_len is None else self.seq_len
         if self.seqs < 4:
             out.append(f"--seqs must be at least 4 (two halves of two sequences), got {self.seqs}")
         if T < max(4, self.probe_min_pos + 3):
             out.append(f"--seq-len must be at least 4 for the probe and the fits, got {T}")
-        if self.rope_scale is not None and not (
-            math.isfinite(self.rope_scale) and self.rope_scale >= 1
-        ):
-            out.append(f"--rope-scale must be finite and >= 1 (1 = none), got {self.rope_scale}")
+        if self.rope_scale is not None and not (1 <= self.rope_scale <= MAX_ROPE_SCALE):
+            out.append(
+                f"--rope-scale must be between 1 (none) and {MAX_ROPE_SCALE:g}, "
+                f"got {self.rope_scale}"
+            )
         if self.contrast_window is not None and not 1 <= self.contrast_window < T - 1:
             out.append(
                 f"--contrast-window must be between 1 and the analysed length - 2 ({T - 2}), "
                 f"got {self.contrast_window}"
             )
-        if not all(math.isfinite(s) and s > 1 for s in self.ntk_scales):
+        if not all(1 < s <= MAX_ROPE_SCALE for s in self.ntk_scales):
             out.append(
-                f"--ntk-scales must be finite and > 1 (1 is the base pass), got {self.ntk_scales}"
+                f"--ntk-scales must be > 1 (1 is the base pass) and at most {MAX_ROPE_SCALE:g}, "
+                f"got {self.ntk_scales}"
             )
         from posleak.analysis.stages import keys  # the stages import these options
 
@@ -89,9 +94,15 @@ class Options:
     def of_summary(cls, summary: dict) -> Options:
         """The options an analysis was made with (analysis.json's `options`; defaults for an
         older summary that has none)."""
-        stored = summary.get("options") or {}
+        stored = summary.get("options")
+        if stored is None:
+            return cls()
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        values = {
-            k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in fields
-        }
-        return cls(**values)
+        values = {**ADDED_LATER, **stored}
+        return cls(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in fields}
+        )
+
+
+# Options added after analyses were first stored: what an analysis that stored none of them did
+ADDED_LATER = {"swap_family": ()}

@@ -112,17 +112,29 @@ def _num(x):
 
 def read(path: Path) -> list[dict]:
     """Every row of a records.jsonl; a damaged file is named with the line that fails."""
+    redo = "delete the analysis folder and run `posleak analyze` again"
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = Path(path).read_bytes()[: e.start].count(b"\n") + 1
+        raise ValueError(
+            f"{path}: line {line} is not UTF-8 text (a damaged file); {redo}"
+        ) from None
     rows = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line:
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             raise ValueError(
-                f"{path}: line {number} is not valid JSON (a truncated or edited file); "
-                "delete the analysis folder and run `posleak analyze` again"
+                f"{path}: line {number} is not valid JSON (a truncated or edited file); {redo}"
             ) from None
+        if not isinstance(row, dict) or not isinstance(row.get("metric"), str):
+            raise ValueError(
+                f"{path}: line {number} is not a record (a JSON object with a metric); {redo}"
+            )
+        rows.append({field: row.get(field) for field in FIELDS} | row)
     return rows
 
 

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from posleak.data.text import default_cache_dir
-from posleak.files import sha256_file
+from posleak.files import remove_stale_temporaries, sha256_file, temporary_prefix
 from posleak.log import log
 
 PYPI = "pypi:"
@@ -108,7 +108,10 @@ def _joined_chunks(package: str, files) -> Path | None:
     if target.is_file() and sha256_file(target) == digest:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkstemp(prefix=".join-", dir=target.parent)[1])
+    remove_stale_temporaries(target)
+    fd, name = tempfile.mkstemp(prefix=temporary_prefix(target), dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
         h = hashlib.sha256()
         with tmp.open("wb") as out:
@@ -208,7 +211,8 @@ def _dequantise(path: Path, folder: Path, info: dict) -> None:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".gguf-", dir=folder.parent))
+    remove_stale_temporaries(folder)
+    tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(folder), dir=folder.parent))
     try:
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

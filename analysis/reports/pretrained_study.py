@@ -27,7 +27,9 @@ from posleak.analysis.engine.records import matches
 from posleak.analysis.maths.measures import DEFINITIONS
 from posleak.analysis.pretrained.models import short_name
 from posleak.analysis.reports import results
-from posleak.analysis.reports.study import BROKEN_NATS
+from posleak.analysis.reports.study import BROKEN_NATS, family_sentence, swap_passes
+from posleak.analysis.stages import NUMBERS
+from posleak.analysis.stages.bos_swap import PASSES
 from posleak.analysis.stages.knockout_loss import EXCESS
 from posleak.files import atomic_write, safe_dir, sha256_file
 from posleak.log import log
@@ -309,13 +311,21 @@ def knockouts(read: Read) -> list[str]:
     ]
 
 
-def share_cells(read: Read, kind: str) -> list[str]:
-    """The removed shares of one replacement, content keys and key 0, or "model broken"."""
-    loss = read.row("bos_swap_loss_change", {"swap": kind, "queries": "early"})
+def swap_row(read: Read, kind: str, how: str, number: str, **condition) -> dict | None:
+    """The record behind one number of a replacement's pass (bos_swap.PASSES)."""
+    declared = NUMBERS[getattr(PASSES[how], number)]
+    full = {**declared.where, "swap": kind, **PASSES[how].condition, **condition}
+    return read.row(declared.source, full)
+
+
+def share_cells(read: Read, kind: str, how: str) -> list[str]:
+    """The removed shares of one pass of a replacement, content keys and key 0, or "model
+    broken"."""
+    loss = swap_row(read, kind, how, "loss", queries="early")
     if loss and loss["value"] is not None and loss["value"] > BROKEN_NATS:
         return ["model broken", "model broken"]
     return [
-        cell(read.row("bos_swap_removed_share", {"swap": kind, "part": part}), percent=True)
+        cell(swap_row(read, kind, how, "share", part=part), percent=True)
         for part in ("content", "key0")
     ]
 
@@ -327,13 +337,13 @@ def removal(native: Read, other: Read | None) -> list[str]:
     for read in (native, other):
         if read is None or not read.opts.swaps:
             continue
-        for kind in read.opts.swaps:
+        for kind, how in swap_passes(read.opts):
             rows.append(
                 [
                     f"BOS {read.opts.bos}",
-                    f"position 0 → {kind}",
-                    *share_cells(read, kind),
-                    cell(read.row("bos_swap_loss_change", {"swap": kind, "queries": "early"})),
+                    PASSES[how].label.format(kind=kind),
+                    *share_cells(read, kind, how),
+                    cell(swap_row(read, kind, how, "loss", queries="early")),
                 ]
             )
     deep = native.row("c_res_content")
@@ -347,7 +357,7 @@ def removal(native: Read, other: Read | None) -> list[str]:
         f"{number(floor['value'] if floor else None, 3)}. Share removed by overwriting position "
         "0's embedding (negative: the replacement adds signal; where the loss at those queries "
         f"rose by more than {BROKEN_NATS:g} nat the model is broken and no share is read), and "
-        "the loss change at the same queries:",
+        f"the loss change at the same queries. {family_sentence(native.opts)}".rstrip(),
         "",
         *table(
             [

@@ -25,6 +25,7 @@ from posleak.analysis.reports.study import (
     PARTS_V4,
     Study,
     by_records,
+    family_sentence,
     fingerprint_bos_max,
     headline,
     intact_signal_rows,
@@ -33,9 +34,11 @@ from posleak.analysis.reports.study import (
     removed_by_seed,
     share_cell,
     signal_over_floor,
+    swap_passes,
     zeros,
 )
 from posleak.analysis.reports.verdicts import Verdicts, verdict_table
+from posleak.analysis.stages.bos_swap import PASSES
 from posleak.analysis.stages.knockout_loss import EXCESS
 from posleak.data import make_source
 from posleak.files import atomic_write, owned_dir
@@ -325,8 +328,11 @@ def claim_b(study: Study) -> list[str]:
     k = study.opts.early_queries
     variants = study_variants(study)
     rows = [
-        [f"BOS → {kind}, {label}", *(share_cell(study.runs_of(v), kind, part) for v in variants)]
-        for kind in study.opts.swaps
+        [
+            f"{PASSES[how].label.format(kind=kind)}, {label}",
+            *(share_cell(study.runs_of(v), kind, part, how) for v in variants),
+        ]
+        for kind, how in swap_passes(study.opts)
         for part, label in PARTS_V4
     ]
     cells = []
@@ -345,7 +351,9 @@ def claim_b(study: Study) -> list[str]:
         "The content part comes from a fit on the keys j ≥ 1 only (BOS's own logit cannot "
         "leak into it); key 0 is read against that fit. Negative: the replacement adds "
         f"position signal; a seed whose early-query loss rose by more than {BROKEN_NATS:g} nat "
-        "is left out (model broken, counted)." + signal_over_floor(study, REFERENCE),
+        "is left out (model broken, counted). "
+        + family_sentence(study.opts)
+        + signal_over_floor(study, REFERENCE),
         "",
         *table(["", *variants], [*intact_signal_rows(study, variants), *rows]),
         "",

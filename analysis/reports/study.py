@@ -26,6 +26,7 @@ from posleak.analysis.maths.measures import DEFINITIONS, uniform_alpha
 from posleak.analysis.maths.seeds import MIN_SEEDS, mean_interval
 from posleak.analysis.reports import compare, plots, results
 from posleak.analysis.reports.verdicts import Verdicts
+from posleak.analysis.stages.bos_swap import PASSES, in_family
 from posleak.analysis.stages.knockout_loss import EXCESS
 from posleak.data import make_source
 from posleak.files import atomic_write, owned_dir
@@ -260,35 +261,62 @@ BROKEN_NATS = 1.0  # a replacement that raises the early-query loss more than th
 PARTS_V4 = (("content", "content keys j ≥ 1"), ("key0", "key 0 against them"))
 
 
-def removed_by_seed(summaries: list[dict], kind: str, part: str) -> tuple[dict, int]:
-    """{seed: removed share} of one replacement, leaving out the seeds whose early-query loss
-    rose by more than BROKEN_NATS (a broken model's share is not position removed), and how
-    many were left out."""
-    share = headline("bos_swap_removed_share", swap=kind, part=part)
-    loss = headline("bos_swap_loss_change", swap=kind, queries="early")
+def removed_by_seed(
+    summaries: list[dict], kind: str, part: str, how: str = "whole"
+) -> tuple[dict, int]:
+    """{seed: removed share} of one pass of a replacement's family (bos_swap.PASSES), leaving
+    out the seeds whose early-query loss rose by more than BROKEN_NATS (a broken model's share
+    is not position removed), and how many were left out."""
+    swap = PASSES[how]
+    share = headline(swap.share, swap=kind, part=part, **swap.condition)
+    loss = headline(swap.loss, swap=kind, queries="early", **swap.condition)
     kept = {s["seed"]: share(s) for s in summaries if (loss(s) or 0.0) <= BROKEN_NATS}
     return kept, len(summaries) - len(kept)
 
 
-def share_cell(summaries: list[dict], kind: str, part: str) -> str:
-    values, broken = removed_by_seed(summaries, kind, part)
+def share_cell(summaries: list[dict], kind: str, part: str, how: str = "whole") -> str:
+    values, broken = removed_by_seed(summaries, kind, part, how)
     text = level(values, percent=True) if values else "–"
     return text + (f"; model broken in {broken} of {len(summaries)} seeds" if broken else "")
 
 
+def family_sentence(opts: Options) -> str:
+    """What the swap family's rows are, for the replacements that have them (else "")."""
+    kinds = in_family(opts)
+    if not kinds:
+        return ""
+    return (
+        f"For {', '.join(f'BOS → {kind}' for kind in kinds)} the swap family follows "
+        "(descriptive, outside the verdicts): only BOS's key, or only its value, replaced in "
+        "every layer ≥ 1 by the one the replaced embedding gives (which route a removal takes), "
+        "and the position control, the same embedding written at a random position 1 ≤ p ≤ "
+        f"{opts.early_queries // 2} of each sequence instead of at 0 (a share as large there "
+        "says that replacing any early token does it, not replacing BOS). "
+    )
+
+
+def swap_passes(opts: Options) -> list[tuple[str, str]]:
+    """(replacement, pass) of every pass the analyses made, the whole replacements first."""
+    whole = [(kind, "whole") for kind in opts.swaps]
+    return whole + [(kind, how) for kind in in_family(opts) for how in PASSES if how != "whole"]
+
+
 def claim_b(study: Study) -> tuple[list[str], Verdicts]:
     k = study.opts.early_queries
+
+    def loss(kind: str, how: str):
+        return headline(PASSES[how].loss, swap=kind, queries="early", **PASSES[how].condition)
+
     rows = [
         [
             v,
-            f"BOS → {kind}",
-            *(share_cell(study.runs_of(v), kind, p) for p, _ in PARTS_V4),
-            level(per_seed(study.runs_of(v), headline("bos_swap_loss_change", swap=kind,
-                                                         queries="early"))),
+            PASSES[how].label.format(kind=kind),
+            *(share_cell(study.runs_of(v), kind, p, how) for p, _ in PARTS_V4),
+            level(per_seed(study.runs_of(v), loss(kind, how))),
         ]
         for v in study.text
-        for kind in study.opts.swaps
-    ]  # fmt: skip
+        for kind, how in swap_passes(study.opts)
+    ]
     kinds = sorted(study.opts.swaps, key=lambda kind: kind != "mean")  # BOS → mean first
     removed = {
         kind: removed_by_seed(study.runs_of(REFERENCE), kind, "content")[0] for kind in kinds
@@ -314,7 +342,8 @@ def claim_b(study: Study) -> tuple[list[str], Verdicts]:
         "0 is read against that fit (its variation over queries: position read against BOS). "
         "Negative: the replacement adds signal. A seed whose loss at those queries rose by "
         f"more than {BROKEN_NATS:g} nat is left out of a share (model broken, counted). The "
-        f"loss change is at the same early positions (nats). Answer: "
+        f"loss change is at the same early positions (nats). {family_sentence(study.opts)}"
+        "Answer: "
         f"{_against_source(study, verdicts)}" + signal_over_floor(study, REFERENCE),
         "",
         *table(["", *study.text], intact_signal_rows(study, study.text)),

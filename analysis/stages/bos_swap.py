@@ -1,11 +1,18 @@
-"""Measurement 5: BOS replacement (docs/science.md): the position-0 embedding is overwritten
+"""Measurement 6: BOS replacement (docs/science.md): the position-0 embedding is overwritten
 before the forward pass (frequency-weighted mean embedding, most frequent token, a random
 vector of BOS's norm, zeros), and the share of the early-query residual component that is
-removed is measured (version 3: per part, key 0 and the rest, over layers >= 1), with
+removed is measured (version 4: per part, content keys and key 0, over layers >= 1), with
 controls (C_mask, the original probe's transfer R^2), the probe refit on the swapped states
-and the change of next-token loss."""
+and the change of next-token loss.
+
+For the replacements in `swap_family` the swap family follows: only BOS's key, or only its
+value, replaced in every layer >= 1 by the one the replaced embedding gives (which route the
+effect takes), and the position control: the same embedding written at a random position
+p >= 1 instead of 0 (is it BOS that matters, or any token replaced)."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -16,13 +23,15 @@ from posleak.analysis.maths.logits import PARTS
 from posleak.analysis.maths.stats import bootstrap_weights
 from posleak.analysis.reports import plots
 from posleak.analysis.stages._loss import record_change
-from posleak.analysis.stages._removal import record_probes, record_removal
+from posleak.analysis.stages._removal import record_probes, record_removal, record_removal_v4
 from posleak.analysis.stages.base import ATTN, RESID, RUN, Section, Stage
 
 
 class BosSwap(Stage):
     def work(self, analysis) -> int:
-        return len(analysis.opts.swaps) * analysis.opts.seqs * analysis.T
+        opts = analysis.opts
+        family = len(ROUTES) + 1  # passes per replacement in the family
+        return (len(opts.swaps) + family * len(in_family(opts))) * opts.seqs * analysis.T
 
     def enabled(self, opts) -> bool:
         return bool(opts.swaps)
@@ -35,21 +44,23 @@ class BosSwap(Stage):
         early[:, k:] = False
         groups = {"all": everywhere, "early": early}  # early: queries i < k
         weights = bootstrap_weights(len(base_loss), analysis.opts.bootstrap, seed=7)
+
+        def measured(label: dict, hooks: list, v3: bool):
+            done = analysis.measure(ctx.tokens, hooks, fitted=ctx.fitted, targets=ctx.targets)
+            for group, mask in groups.items():
+                change = done.losses - base_loss
+                condition = {**label, "queries": group}
+                record_change(analysis, "bos_swap_loss_change", condition, change, mask, weights)
+            if v3:
+                record_removal(analysis, "bos_swap", label, ctx.base, done)
+            else:
+                record_removal_v4(analysis, "bos_swap", label, ctx.base, done)
+            record_probes(analysis, "bos_swap", label, done)
+            return done
+
         for kind in analysis.opts.swaps:
             vector = replacement(analysis, kind, ctx.tokens)
-
-            def swap(embed, name, vector=vector):
-                embed = embed.clone()
-                embed[:, 0] = vector.to(embed.device, embed.dtype)
-                return embed
-
-            hooks = [("embed", swap)]
-            swapped = analysis.measure(ctx.tokens, hooks, fitted=ctx.fitted, targets=ctx.targets)
-            for group, mask in groups.items():
-                condition = {"swap": kind, "queries": group}
-                change = swapped.losses - base_loss
-                record_change(analysis, "bos_swap_loss_change", condition, change, mask, weights)
-            record_removal(analysis, "bos_swap", {"swap": kind}, ctx.base, swapped)
+            swapped = measured({"swap": kind}, [("embed", embedding_at(vector, None))], v3=True)
             for l in range(analysis.L):
                 signal = swapped.logits[l].signal.mean(-2)  # pooled over heads
                 for i in range(analysis.T):
@@ -60,7 +71,15 @@ class BosSwap(Stage):
                         query=i,
                         condition={"swap": kind},
                     )
-            record_probes(analysis, "bos_swap", {"swap": kind}, swapped)
+            if kind not in in_family(analysis.opts):
+                continue
+            donor = position0_states(analysis.model, vector, analysis.L)
+            for route in ROUTES:
+                hooks = route_hooks(donor, route, range(1, analysis.L))
+                measured({"swap": kind, "route": route}, hooks, v3=False)
+            at = control_positions(len(ctx.tokens), k, analysis.subject.seed)
+            hooks = [("embed", embedding_at(vector, at))]
+            measured({"swap": kind, "at": "random"}, hooks, v3=False)
 
     def per_layer(self, rows, opts) -> dict:
         k = opts.early_queries
@@ -77,6 +96,102 @@ class BosSwap(Stage):
 
     def sections(self, opts) -> list:
         return [Section("BOS replacement", ("swap",))]
+
+
+def in_family(opts) -> list[str]:
+    """The replacements that get the swap family: those of `swaps` that `swap_family` names."""
+    return [kind for kind in opts.swaps if kind in opts.swap_family]
+
+
+ROUTES = ("key", "value")  # the swap family: BOS's key only, or its value only
+HOOK_OF_ROUTE = {"key": "k", "value": "v"}
+
+
+class SwapPass(NamedTuple):
+    """One pass of a replacement's family as reports name it: its label (formatted with the
+    replacement), its removed share and loss change numbers, and the condition fields those
+    add to {swap, part} / {swap, queries}."""
+
+    label: str
+    share: str
+    loss: str
+    condition: dict
+
+
+PASSES = {
+    "whole": SwapPass("BOS → {kind}", "bos_swap_removed_share", "bos_swap_loss_change", {}),
+    "key": SwapPass(
+        "BOS's key only → {kind}'s",
+        "bos_swap_route_removed_share",
+        "bos_swap_route_loss_change",
+        {"route": "key"},
+    ),
+    "value": SwapPass(
+        "BOS's value only → {kind}'s",
+        "bos_swap_route_removed_share",
+        "bos_swap_route_loss_change",
+        {"route": "value"},
+    ),
+    "control": SwapPass(
+        "{kind} at a random position (control)",
+        "bos_swap_control_removed_share",
+        "bos_swap_control_loss_change",
+        {},
+    ),
+}
+
+
+def embedding_at(vector: torch.Tensor, at: torch.Tensor | None):
+    """An embed hook writing `vector` at position 0 of every sequence (`at` None), or at
+    position at[r] of sequence r. Sequences arrive in order, a batch at a time (collect.stream's
+    contract), so the hook counts them to know which rows it holds."""
+    seen = 0
+
+    def swap(embed, name):
+        nonlocal seen
+        embed = embed.clone()
+        rows = torch.arange(len(embed))
+        if at is None:
+            where = torch.zeros(len(embed), dtype=torch.long)
+        else:
+            where = at[seen : seen + len(embed)]
+            if len(where) != len(embed):
+                raise RuntimeError(f"{name}: more sequences than the {len(at)} positions given")
+        embed[rows, where] = vector.to(embed.device, embed.dtype)
+        seen += len(embed)
+        return embed
+
+    return swap
+
+
+def position0_states(model, vector: torch.Tensor, n_layer: int) -> dict:
+    """{hook name: (H, d_head)}: position 0's key and value in every layer when its embedding
+    is `vector`. Position 0 sees only itself, so they are the same in every sequence and a
+    one-token pass gives them."""
+    names = [f"blocks.{l}.attn.{x}" for l in range(n_layer) for x in HOOK_OF_ROUTE.values()]
+    one = torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device)
+    with model.hooks([("embed", embedding_at(vector, None))]):
+        _, cache = model.run_with_cache(one, names=names)
+    return {name: cache[name][0, :, 0] for name in names}
+
+
+def route_hooks(donor: dict, route: str, layers) -> list:
+    """Hooks that put the donor's position-0 key (route "key") or value ("value") in place of
+    position 0's own in the given layers, everything else as it was."""
+
+    def put(tensor, name):
+        out = tensor.clone()
+        out[:, :, 0] = donor[name].to(out.device, out.dtype)
+        return out
+
+    return [(f"blocks.{l}.attn.{HOOK_OF_ROUTE[route]}", put) for l in layers]
+
+
+def control_positions(n: int, early: int, seed: int) -> torch.Tensor:
+    """The position control's p per sequence: uniform on 1 <= p <= early / 2, so that at least
+    half of the early queries 1 <= i < early see the replaced token (seeded)."""
+    gen = torch.Generator().manual_seed(seed + 1000)
+    return torch.randint(1, max(1, early // 2) + 1, (n,), generator=gen)
 
 
 def replacement(analysis, kind: str, tokens: torch.Tensor) -> torch.Tensor:
@@ -140,6 +255,38 @@ STAGE = BosSwap(
             "removed by BOS→{swap}, {part} part, i < {early_queries}, layers ≥ 1",
             unit="share",
             conditions={"swap": "swaps", "part": content.PARTS},
+        ),
+        Reported(
+            "bos_swap_route_removed_share",
+            "removed by BOS's {route} only → {swap}'s, {part} part, i < {early_queries}, "
+            "layers ≥ 1",
+            unit="share",
+            metric="bos_swap_removed_share",
+            conditions={"swap": in_family, "route": ROUTES, "part": content.PARTS},
+        ),
+        Reported(
+            "bos_swap_route_loss_change",
+            "loss change by BOS's {route} only → {swap}'s, queries: {queries}",
+            unit="nats",
+            metric="bos_swap_loss_change",
+            conditions={"swap": in_family, "route": ROUTES, "queries": ("all", "early")},
+        ),
+        Reported(
+            "bos_swap_control_removed_share",
+            "removed by {swap} at a random position 1 ≤ p ≤ {early_queries}/2 (position "
+            "control), {part} part, i < {early_queries}, layers ≥ 1",
+            unit="share",
+            metric="bos_swap_removed_share",
+            conditions={"swap": in_family, "part": content.PARTS},
+            where={"at": "random"},
+        ),
+        Reported(
+            "bos_swap_control_loss_change",
+            "loss change by {swap} at a random position (position control), queries: {queries}",
+            unit="nats",
+            metric="bos_swap_loss_change",
+            conditions={"swap": in_family, "queries": ("all", "early")},
+            where={"at": "random"},
         ),
     ),
 )

@@ -1,0 +1,126 @@
+"""The BOS swap family (docs/science.md, measurement 6): BOS's key only, its value only, and
+the position control, checked against what the forward pass itself computes."""
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import tiny_overrides
+
+from posleak.analysis.engine.analyze import Options, analysis_of
+from posleak.analysis.engine.collect import collect, keep
+from posleak.analysis.stages import NUMBERS
+from posleak.analysis.stages.bos_swap import (
+    control_positions,
+    embedding_at,
+    position0_states,
+    route_hooks,
+)
+from posleak.model import Decoder, ModelConfig
+from posleak.train.config import build
+from posleak.train.loop import train
+
+L = 3
+
+
+def model_and_tokens(position="rope"):
+    torch.manual_seed(0)
+    model = Decoder(
+        ModelConfig(vocab_size=23, n_layer=L, n_head=2, d_model=16, position=position)
+    ).eval()
+    tokens = torch.randint(0, 23, (7, 12), generator=torch.Generator().manual_seed(1))
+    return model, tokens
+
+
+def states(model, tokens, hooks, names):
+    return collect(model, tokens, {n: keep for n in names}, batch_size=3, interventions=hooks)
+
+
+@pytest.mark.parametrize("position", ["rope", "nope"])
+def test_bos_key_and_value_in_every_layer_reproduce_the_whole_replacement(position):
+    """Later positions read position 0 only through its key and value, so putting the
+    replaced embedding's key and value in every layer must give the whole replacement's
+    states at every position >= 1; the donor comes from a one-token pass."""
+    model, tokens = model_and_tokens(position)
+    vector = torch.randn(16, generator=torch.Generator().manual_seed(2))
+    names = [f"blocks.{l}.resid_post" for l in range(L)]
+    kv = [f"blocks.{l}.attn.{x}" for l in range(L) for x in "kv"]
+    whole = states(model, tokens, [("embed", embedding_at(vector, None))], names + kv)
+    donor = position0_states(model, vector, L)
+    for name in kv:  # the one-token pass gives what the full pass has at position 0
+        assert torch.allclose(donor[name].expand(7, -1, -1), whole[name][:, :, 0], atol=1e-5)
+    both = route_hooks(donor, "key", range(L)) + route_hooks(donor, "value", range(L))
+    routed = states(model, tokens, both, names)
+    intact = states(model, tokens, [], names)
+    for name in names:
+        assert torch.allclose(routed[name][:, 1:], whole[name][:, 1:], atol=1e-5)
+        assert not torch.allclose(intact[name][:, 1:], whole[name][:, 1:], atol=1e-3)
+
+
+def test_the_key_route_changes_only_bos_key_from_layer_1_on():
+    model, tokens = model_and_tokens()
+    vector = torch.randn(16, generator=torch.Generator().manual_seed(3))
+    names = [f"blocks.{l}.attn.{x}" for l in range(L) for x in "kv"] + ["blocks.0.resid_post"]
+    donor = position0_states(model, vector, L)
+    intact = states(model, tokens, [], names)
+    keyed = states(model, tokens, route_hooks(donor, "key", range(1, L)), names)
+    assert torch.equal(keyed["blocks.0.resid_post"], intact["blocks.0.resid_post"])
+    for l in range(L):
+        k, v = f"blocks.{l}.attn.k", f"blocks.{l}.attn.v"
+        # position 0 attends only to itself: its own states, hence its value, do not move
+        assert torch.allclose(keyed[v][:, :, 0], intact[v][:, :, 0], atol=1e-6)
+        expected = donor[k].expand(7, -1, -1) if l >= 1 else intact[k][:, :, 0]
+        assert torch.allclose(keyed[k][:, :, 0], expected, atol=1e-6)
+    assert not torch.allclose(
+        keyed["blocks.2.attn.v"][:, :, 1:], intact["blocks.2.attn.v"][:, :, 1:]
+    )
+
+
+def test_the_position_control_writes_each_sequence_at_its_own_position():
+    model, tokens = model_and_tokens()
+    vector = torch.full((16,), 0.5)
+    at = control_positions(len(tokens), 8, seed=0)
+    assert torch.equal(at, control_positions(len(tokens), 8, seed=0))  # seeded
+    assert int(at.min()) >= 1 and int(at.max()) <= 4  # 1 <= p <= early / 2
+    moved = states(model, tokens, [("embed", embedding_at(vector, at))], ["embed"])["embed"]
+    intact = states(model, tokens, [], ["embed"])["embed"]
+    for r, p in enumerate(at.tolist()):
+        assert torch.equal(moved[r, p], vector)
+        others = [j for j in range(tokens.shape[1]) if j != p]
+        assert torch.equal(moved[r, others], intact[r, others])
+    with pytest.raises(RuntimeError, match="more sequences than the 6 positions"):
+        states(model, tokens, [("embed", embedding_at(vector, at[:6]))], ["embed"])
+
+
+def test_an_analysis_reports_the_swap_family_for_the_replacements_that_ask_for_it(tmp_path):
+    train(build(tiny_overrides(train__steps=6)), tmp_path / "run")
+    opts = Options(
+        seqs=16, early_k=(4, 8), batch_size=8, bootstrap=20, swaps=("mean", "zeros"),
+        swap_family=("zeros",), stages=("bos_swap",),
+    )  # fmt: skip
+    analysis = analysis_of(tmp_path / "run", opts)
+    rows, summary = analysis.run_all()
+    headline = summary["headline"]
+    for part in ("content", "key0"):
+        for route in ("key", "value"):
+            key = NUMBERS["bos_swap_route_removed_share"].key(swap="zeros", route=route, part=part)
+            assert key in headline
+        assert NUMBERS["bos_swap_control_removed_share"].key(swap="zeros", part=part) in headline
+        assert NUMBERS["bos_swap_control_removed_share"].key(swap="mean", part=part) not in headline
+    loss = NUMBERS["bos_swap_control_loss_change"].key(swap="zeros", queries="early")
+    assert headline[loss] is not None and headline[loss] > 0  # a token lost costs loss
+    routed = {
+        r["condition"].get("route")
+        for r in rows
+        if r["metric"] == "bos_swap_loss_change" and r["condition"]["swap"] == "zeros"
+    }
+    assert routed == {None, "key", "value"}
+    assert not [r for r in rows if r["condition"] and r["condition"].get("swap") == "mean"
+                and ("route" in r["condition"] or "at" in r["condition"])]  # fmt: skip
+
+
+def test_an_analysis_stored_before_the_swap_family_reads_as_made_without_it():
+    stored = dataclasses.asdict(Options())
+    del stored["swap_family"]
+    assert Options.of_summary({"options": stored}).swap_family == ()
+    assert Options.of_summary({"options": dataclasses.asdict(Options())}) == Options()
