@@ -552,6 +552,33 @@ def test_the_difference_table_is_one_holm_family_and_names_the_mde_of_every_null
     assert "not detected" in z_line
 
 
+def test_the_verdict_figure_draws_each_tested_contrast_as_its_table_decides_it(tmp_path):
+    import matplotlib.image as mpimg
+
+    from posleak.analysis.maths.seeds import minimum_detectable, paired_difference
+    from posleak.analysis.reports.verdicts import Verdicts, forest_figure, verdict_box
+
+    seeds = range(6)
+    big = {s: 1.0 + 0.1 * s for s in seeds}
+    small = {s: 0.05 * (-1) ** s for s in seeds}
+    zero = dict.fromkeys(seeds, 0.0)
+    family = Verdicts([("big", big, zero), ("small", small, zero), ("one", {0: 1.0}, {0: 0.0})])
+    rows = {row[0]: row for row in family.forest_rows()}
+    assert set(rows) == {"big", "small"}  # one seed: not tested, not drawn
+    d = paired_difference(small, zero)
+    assert rows["big"][4] and rows["big"][5] is None
+    assert rows["small"][1:4] == (d.mean, d.lo, d.hi) and not rows["small"][4]
+    assert rows["small"][5] == pytest.approx(minimum_detectable(d.sd, d.n, 0.05 / 2))
+    scaled = {row[0]: row for row in family.forest_rows(standardised=True)}
+    assert scaled["small"][1] == pytest.approx(d.mean / d.sd)
+    lines = forest_figure(family, tmp_path, "verdict", None, "a question")
+    image = mpimg.imread(tmp_path / "verdict.png")
+    assert lines[-1] == "![a question](verdict.png)" and image.std() > 0.05
+    assert forest_figure(Verdicts([("one", {0: 1.0}, {0: 0.0})]), tmp_path, "x", "u", "t") == []
+    box = "\n".join(verdict_box([("Q?", family)]))
+    assert "**Q?** 1 of 2 tested contrasts are findings: big (**higher**" in box
+
+
 # ------------------------------------------------------------------ knockout loss (v3 item 7)
 def planted_sink_subject(gain: float, T: int = 24, n: int = 16):
     """A one-head NoPE layer whose only non-zero value is BOS's and whose queries all score

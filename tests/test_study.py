@@ -98,6 +98,11 @@ def test_study_small_runs_end_to_end_at_a_tiny_budget(tmp_path):
     assert "| intact C², content keys j ≥ 1 |" in text and "its no-signal floor in `rope`" in text
     assert not (tmp_path / "report" / "comparison").exists()  # the comparison is compare's
     assert (tmp_path / "report" / "emergence.png").exists()
+    box = text.split("## Verdicts at a glance")[1].split("\n## ")[0]
+    for question in ("(a) Does the residual", "(b) What share", "(c) Do sink heads form"):
+        assert f"- **{question}" in box, box  # each claim's answer before any table
+    for name in ("verdict_a.png", "verdict_c.png"):  # (b) tests nothing at one seed
+        assert f"]({name})" in text and (tmp_path / "report" / name).stat().st_size > 0
     steps = sorted(p.name for p in (out).glob("rope-s0-*/analysis-step*"))
     assert steps == ["analysis-step0", "analysis-step4"]  # every kept checkpoint but the last
     for variant in ("ntk", "swa", "nope", "learned", "sink"):  # step 0 of every text variant

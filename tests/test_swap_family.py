@@ -120,7 +120,10 @@ def test_an_analysis_reports_the_swap_family_for_the_replacements_that_ask_for_i
 
 
 def test_an_analysis_stored_before_the_swap_family_reads_as_made_without_it():
+    """...where it ran the BOS replacements; one that did not is as current as it was."""
     stored = dataclasses.asdict(Options())
     del stored["swap_family"]
-    assert Options.of_summary({"options": stored}).swap_family == ()
+    swapped = {"options": stored, "stages": ["probes", "BOS replacements"]}
+    assert Options.of_summary(swapped).swap_family == ()
+    assert Options.of_summary({"options": stored, "stages": ["probes", "bands"]}) == Options()
     assert Options.of_summary({"options": dataclasses.asdict(Options())}) == Options()

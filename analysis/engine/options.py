@@ -98,11 +98,15 @@ class Options:
         if stored is None:
             return cls()
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        values = {**ADDED_LATER, **stored}
+        ran = set(summary.get("stages") or ())
+        older = {name: value for name, (value, stage) in ADDED_LATER.items() if stage in ran}
+        values = {**older, **stored}
         return cls(
             **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in fields}
         )
 
 
-# Options added after analyses were first stored: what an analysis that stored none of them did
-ADDED_LATER = {"swap_family": ()}
+# Options added after analyses were first stored: {option: (what an analysis that stored none
+# of them did, the stage (by name) the option changes)}. An analysis that did not run that stage
+# reads as made with the default, which changes nothing it holds.
+ADDED_LATER = {"swap_family": ((), "BOS replacements")}

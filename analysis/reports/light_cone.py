@@ -22,7 +22,7 @@ from posleak.analysis.engine.options import Options
 from posleak.analysis.maths.measures import DEFINITIONS
 from posleak.analysis.maths.seeds import mean_interval, paired_difference
 from posleak.analysis.reports import compare, plots, results
-from posleak.analysis.reports.verdicts import Verdicts
+from posleak.analysis.reports.verdicts import Verdicts, forest_figure, verdict_box
 from posleak.analysis.stages.bands import cone_band
 from posleak.files import atomic_write, owned_dir
 from posleak.model.rope import ntk_base, turning_pairs
@@ -148,9 +148,11 @@ def describe(path: Path) -> Run:
 # ---------------------------------------------------------------- the report
 def write_report(study: LightCone, out: Path) -> Path:
     owned_dir(out, "report folder", compare.has_report)
-    lines = [*header(study, out), ""]
+    study.families = []  # (question, Verdicts) of each claim, as its section decides it
+    lines = []
     for section in (training, figures, frontier_growth, window_against_full, ntk):
         lines += [*section(study, out), ""]
+    lines = [*header(study, out), "", *verdict_box(study.families), *lines]
     report = out / "report.md"
     atomic_write(report, "\n".join(lines).rstrip() + "\n")
     return report
@@ -291,8 +293,16 @@ def frontier_growth(study: LightCone, out: Path) -> list[str]:
         "Trained window models, slope against 0:",
         "",
         *family.table("0"),
+        *forest_figure(
+            family,
+            out,
+            "verdict_frontier",
+            "frontier slope (bands per layer) − 0",
+            "1. Frontier slope of trained window models",
+        ),
         "",
     ]
+    study.families.append(("1. Does a window's band frontier grow with depth?", family))
     lines += [f"- `{v}`, trained: {family.words(f'`{v}` trained')}." for v in windowed]
     step0 = {v: mean_interval(study.per_seed(v, STEP0, slope).values()) for v in windowed}
     climbing = [v for v, m in step0.items() if m and m[3] >= 2 and m[1] > 0]
@@ -348,7 +358,16 @@ def window_against_full(study: LightCone, out: Path) -> list[str]:
         "0 and what training added to it (trained − step 0, paired), both descriptive.",
         "",
         *verdict_block(family, "the full-attention model", cells, beside),
+        *forest_figure(
+            family,
+            out,
+            "verdict_window",
+            f"signed C² at i ≥ {w}, window − full",
+            "2. Residual part beyond w: window − full attention",
+        ),
     ]
+    question = f"2. Is the window's residual part beyond w = {w} larger than full attention's?"
+    study.families.append((question, family))
     lines += [
         "",
         f"Position decodable at queries i ≥ {w} (band probe R², mean over those bands), mean "
@@ -396,7 +415,15 @@ def ntk(study: LightCone, out: Path) -> list[str]:
         "every s), on the same signed C² as question 2.",
         "",
         *verdict_block(family, "the reference", cells, beside),
+        *forest_figure(
+            family,
+            out,
+            "verdict_ntk",
+            f"signed C² at i ≥ {study.window}, difference",
+            "3. NTK against plain RoPE",
+        ),
     ]
+    study.families.append(("3. Does NTK suppress the residual part?", family))
     lines += [
         "",
         f"At inference, {T4} positions, signed C² at i ≥ {study.window} by NTK scale (mean "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -15,7 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from posleak.analysis.engine.records import across_runs, mean_std, removed_over_layers, select
 from posleak.analysis.maths.seeds import t_quantile_975
@@ -191,7 +192,9 @@ def swap_bars(path: Path, groups, ks: tuple, kinds: tuple) -> str:
         ax.set_xticklabels([f"i<{k}" if k else "all" for k in ks])
         ax.set(title=f"BOS → {kind}")
         ax.axhline(0, color="grey", lw=0.5)
-    axes[0].set_ylabel("1 − ΣC_res,swap² / ΣC_res² (bos_swap_removed)")
+    for ax in axes:
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    axes[0].set_ylabel("share removed, 1 − ΣC²_swap / ΣC² (bos_swap_removed)")
     axes[0].legend(fontsize=LEGEND)
     fig.suptitle(
         "BOS replacement: share of the residual component removed, pooled over layers; "
@@ -215,8 +218,8 @@ def knockout_curve(ax, groups) -> None:
         condition={"layer": "all"},
     )
     ax.set(
-        ylabel="held-out R² (probe_r2_log)",
-        title=f"Key-0 knockout in every layer, original probe\n{spread(groups)}",
+        ylabel="R² of the intact model's probe (transfer; probe_r2_log)",
+        title=f"Key-0 knockout in every layer, the intact model's probe\n{spread(groups)}",
     )
     _layer_axis(ax, "residual site (0 = embedding)")
 
@@ -238,10 +241,11 @@ def extrapolation_curve(ax, groups) -> None:
         ax.axvline(lengths[0], color="grey", lw=0.8, ls=":", label=f"T_train = {lengths[0]}")
     ax.set(
         xlabel="position",
-        ylabel="loss (loss_by_position)",
+        ylabel="next-token loss (nats; loss_by_position)",
         title=f"Loss per position beyond the training length\n{spread(groups)}",
     )
     ax.set_xscale("symlog", linthresh=16)
+    ax.set_xlim(left=0)  # positions start at 0: no blank negative decades
 
 
 def log_if_decades(ax, decades: float = 2.0) -> None:
@@ -404,3 +408,32 @@ def _band_grid(runs: list, metric: str) -> tuple:
     for key, values in cells.items():
         grid[key] = sum(values) / len(values)
     return grid, w
+
+
+def forest(path: Path, rows: list[tuple], xlabel: str, title: str) -> str:
+    """A verdict figure: one line per contrast of a family, its paired mean difference and 95%
+    t-interval; a finding (Holm) drawn solid and named, a null hollow with its minimum
+    detectable effect at the deciding level shaded around 0. rows: (label, mean, lo, hi,
+    finding, mde or None), as Verdicts.forest_rows() gives them."""
+    height = 1.6 + 0.42 * len(rows)
+    title = textwrap.fill(title, 80)
+
+    def draw(ax):
+        for y, (_, mean, lo, hi, finding, mde) in enumerate(reversed(rows)):
+            if mde is not None:
+                ax.fill_betweenx([y - 0.3, y + 0.3], -mde, mde, color="0.85", lw=0)
+            color = COLORS[0] if finding else "0.35"
+            ax.plot([lo, hi], [y, y], color=color, lw=2)
+            ax.plot(mean, y, "o", ms=7, color=color, mfc=color if finding else "white")
+        ax.axvline(0, color="black", lw=0.8)
+        names = [
+            textwrap.fill(row[0].replace("`", "") + (" — finding" if row[4] else ""), 48)
+            for row in rows
+        ]
+        ax.set_yticks(range(len(rows)), names[::-1])
+        ax.set_ylim(-0.6, len(rows) - 0.4)
+        ax.set_xlabel(xlabel)
+        key = "95% t-intervals over seeds; filled: a finding (Holm); grey: ± the MDE of a null"
+        ax.figure.suptitle(f"{title}\n{key}", fontsize=10)
+
+    return figure(path, draw, size=(8.0, height))

@@ -37,7 +37,7 @@ from posleak.analysis.reports.study import (
     swap_passes,
     zeros,
 )
-from posleak.analysis.reports.verdicts import Verdicts, verdict_table
+from posleak.analysis.reports.verdicts import Verdicts, forest_figure, verdict_box
 from posleak.analysis.stages.bos_swap import PASSES
 from posleak.analysis.stages.knockout_loss import EXCESS
 from posleak.data import make_source
@@ -99,7 +99,7 @@ def final_metrics(run: RunDir) -> dict:
     return evaluated[-1] if evaluated else {}
 
 
-def claim_c(study: Study) -> list[str]:
+def claim_c(study: Study, out: Path, families: list) -> list[str]:
     opts = study.opts
     series = (
         ("sink heads", headline("knockout_sink_heads"), False),
@@ -139,7 +139,7 @@ def claim_c(study: Study) -> list[str]:
             + (" " + _anchoring(study) if NOBOS in study.summaries else "")
         )
         lines.append("")
-    lines += _stabilising(study, variants)
+    lines += _stabilising(study, variants, out, families)
     return lines
 
 
@@ -165,7 +165,7 @@ def _anchoring(study: Study) -> str:
     )
 
 
-def _stabilising(study: Study, variants: list[str]) -> list[str]:
+def _stabilising(study: Study, variants: list[str], out: Path, families: list) -> list[str]:
     cells = []
     for v in variants:
         excess = per_seed(
@@ -180,6 +180,8 @@ def _stabilising(study: Study, variants: list[str]) -> list[str]:
             study.runs_of(v), headline("knockout_loss_change", key=EXCESS, heads="all")
         )
         cells.append((f"`{v}`: key 0 minus random-key control, every head", every, zeros(every)))
+    family, question = Verdicts(cells), "(c) Does the model lean on key 0 beyond a random key?"
+    families.append((question, family))
     return [
         "Does the model lean on its sink? The change of loss on non-copy targets when key 0 "
         "is knocked out (its attention spread over the other keys), minus the change when a "
@@ -188,7 +190,8 @@ def _stabilising(study: Study, variants: list[str]) -> list[str]:
         "and layers), so this is a random-key control, not an equal-mass one. Sink-head rows "
         "use the seeds that formed one.",
         "",
-        *verdict_table(cells, "0"),
+        *family.table("0"),
+        *forest_figure(family, out, "verdict_c", "loss change (nats) − 0", question),
     ]
 
 
@@ -324,7 +327,7 @@ def at_step(study: Study, step: int) -> Options:
     return Options(seqs=study.seqs, step=step, contrast_window=study.window)
 
 
-def claim_b(study: Study) -> list[str]:
+def claim_b(study: Study, out: Path, families: list) -> list[str]:
     k = study.opts.early_queries
     variants = study_variants(study)
     rows = [
@@ -342,8 +345,11 @@ def claim_b(study: Study) -> list[str]:
             values = removed_by_seed(study.runs_of(v), "mean", "content")[0]
             cells.append((f"`{v}` − `{CONTROL}`, BOS → mean, content keys", values, control))
     primary = bool(cells) and cells[0][0].startswith(f"`{REFERENCE}`")
+    family = Verdicts(cells, primary=primary)
+    question = "(b) How much of the residual position component does replacing BOS remove?"
+    families.append((question, family))
     return [
-        "## (b) How much of the residual position component does replacing BOS remove?",
+        f"## {question}",
         "",
         f"The share of the signed split-half signal at queries 1–{k - 1} removed when the BOS "
         "embedding is replaced, from the local fit, summed over layers ≥ 1 and divided once "
@@ -361,11 +367,12 @@ def claim_b(study: Study) -> list[str]:
         f"0): `{REFERENCE}`'s cell is the primary one, tested first at 0.05; the others form a "
         "Holm family tested only when it is a finding:",
         "",
-        *Verdicts(cells, primary=primary).table(f"`{CONTROL}`"),
+        *family.table(f"`{CONTROL}`"),
+        *forest_figure(family, out, "verdict_b", "removed share, content keys − control", question),
     ]
 
 
-def claim_a(study: Study) -> list[str]:
+def claim_a(study: Study, out: Path, families: list) -> list[str]:
     cfg = RunDir(study.runs_of(REFERENCE)[0]["run"]).read_config()[0]
     window = study.window
     if not window:
@@ -379,8 +386,10 @@ def claim_a(study: Study) -> list[str]:
         if v in study.summaries
     ]
     layers = cfg.model.get("n_layer")
+    family, question = Verdicts(cells), "(a) Does a window feed the residual position component?"
+    families.append((question, family))
     return [
-        "## (a) Does a window feed the residual position component?",
+        f"## {question}",
         "",
         f"The residual component at queries {window}–{T - 1}, where the window of {window} keys "
         "binds, on the window's pairs in every model (a two-way fit on that pair set), pooled "
@@ -398,7 +407,10 @@ def claim_a(study: Study) -> list[str]:
             ],
         ),
         "",
-        *verdict_table(cells, f"`{REFERENCE}`"),
+        *family.table(f"`{REFERENCE}`"),
+        *forest_figure(
+            family, out, "verdict_a", f"signed C² at i ≥ {window} − reference", question
+        ),
     ]
 
 
@@ -553,9 +565,12 @@ def write_report(study: Study, out: Path) -> Path:
         "with at least 3 seeds; a null names its minimum detectable effect (MDE, 80% power).",
         "",
     ]
+    families: list = []  # (question, Verdicts) of each claim, as its section decides it
+    body = []
     for section in (training, claim_c, anchoring, routes, claim_b, claim_a):
-        lines += [*section(study), ""]
-    lines += emergence(study, out)
+        decides = section in (claim_c, claim_b, claim_a)
+        body += [*(section(study, out, families) if decides else section(study)), ""]
+    lines += [*verdict_box(families), *body, *emergence(study, out)]
     report = out / "report.md"
     atomic_write(report, "\n".join(lines) + "\n")
     return report

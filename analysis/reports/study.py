@@ -25,7 +25,7 @@ from posleak.analysis.engine.records import matches
 from posleak.analysis.maths.measures import DEFINITIONS, uniform_alpha
 from posleak.analysis.maths.seeds import MIN_SEEDS, mean_interval
 from posleak.analysis.reports import compare, plots, results
-from posleak.analysis.reports.verdicts import Verdicts
+from posleak.analysis.reports.verdicts import Verdicts, forest_figure, verdict_box
 from posleak.analysis.stages.bos_swap import PASSES, in_family
 from posleak.analysis.stages.knockout_loss import EXCESS
 from posleak.data import make_source
@@ -845,8 +845,21 @@ def write_report(study: Study, out: Path) -> Path:
     section_a, verdicts_a = claim_a(study, out)
     section_b, verdicts_b = claim_b(study)
     section_c, verdicts_c = claim_c(study)
-    for section in (section_a, section_b, section_c):
-        lines += [*section, ""]
+    claims = [  # (its section's question, its family, the unit of its contrasts: None mixed)
+        (section_a[0].removeprefix("## "), verdicts_a, None),
+        (
+            section_b[0].removeprefix("## "),
+            verdicts_b,
+            "removed share, content keys − 0 or the control",
+        ),
+        (section_c[0].removeprefix("## "), verdicts_c, None),
+    ]
+    lines += verdict_box([(q, v) for q, v, _ in claims if v is not None])
+    for section, (question, verdicts, unit), name in zip(
+        (section_a, section_b, section_c), claims, "abc", strict=True
+    ):
+        figure = forest_figure(verdicts, out, f"verdict_{name}", unit, question) if verdicts else []
+        lines += [*section, *figure, ""]
     for section in (
         step_zero(study),
         inference_ntk(study),

@@ -5,6 +5,8 @@ effect at the level that decides it."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from posleak.analysis.maths.seeds import (
     MIN_SEEDS,
     PairedDifference,
@@ -13,6 +15,7 @@ from posleak.analysis.maths.seeds import (
     paired_difference,
     sign_flip_p,
 )
+from posleak.analysis.reports import plots
 from posleak.report import number, table
 
 ALPHA = 0.05
@@ -99,10 +102,57 @@ class Verdicts:
             f"{number(self.level[i], 2)}: {mde})"
         )
 
+    def forest_rows(self, standardised: bool = False) -> list[tuple]:
+        """(label, mean, lo, hi, finding, MDE of a null at its deciding level or None) of each
+        tested contrast, for plots.forest; `standardised`: each in units of its differences'
+        sd over seeds (d_z), so that contrasts of different quantities share an axis."""
+        rows = []
+        for i, ((label, _, _), d) in enumerate(zip(self.cells, self.diffs, strict=True)):
+            if d is None or d.n < MIN_SEEDS or (standardised and not d.sd > 0):
+                continue
+            finding = self.adjusted.get(i, 1.0) < ALPHA
+            mde = None if finding else minimum_detectable(d.sd, d.n, self.level.get(i, ALPHA))
+            unit = d.sd if standardised else 1.0
+            scaled = [None if x is None else x / unit for x in (d.mean, d.lo, d.hi, mde)]
+            rows.append((label, *scaled[:3], finding, scaled[3]))
+        return rows
+
+    def summary(self) -> str:
+        """How many contrasts of the family are findings, and which."""
+        found = [label for i, (label, _, _) in enumerate(self.cells)
+                 if self.adjusted.get(i, 1.0) < ALPHA]  # fmt: skip
+        tested = sum(1 for d in self.diffs if d is not None and d.n >= MIN_SEEDS)
+        if not found:
+            return f"no finding among {tested} tested contrast{'s' * (tested != 1)}"
+        return f"{len(found)} of {tested} tested contrasts are findings: " + "; ".join(
+            f"{label} ({self.words(label)})" for label in found
+        )
+
     @property
     def nulls(self) -> int:
         return sum(1 for i in self.adjusted if self.adjusted[i] >= ALPHA)
 
 
-def verdict_table(cells: list[tuple[str, dict, dict]], against: str) -> list[str]:
-    return Verdicts(cells).table(against)
+def forest_figure(
+    family: Verdicts, out: Path, name: str, xlabel: str | None, title: str
+) -> list[str]:
+    """The family's verdict figure (plots.forest) written to out/name, as report lines; none
+    where no contrast was tested. xlabel None: the contrasts measure different quantities,
+    drawn standardised (difference / its sd over seeds)."""
+    rows = family.forest_rows(standardised=xlabel is None)
+    xlabel = xlabel or "paired difference / its sd over seeds (d_z)"
+    if not rows:
+        return []
+    return ["", f"![{title}]({plots.forest(out / name, rows, xlabel, title)})"]
+
+
+def verdict_box(families: list[tuple[str, Verdicts]]) -> list[str]:
+    """A report's first section: each question with what its family found."""
+    if not families:
+        return []
+    return [
+        "## Verdicts at a glance",
+        "",
+        *(f"- **{question}** {family.summary()}." for question, family in families),
+        "",
+    ]
