@@ -89,6 +89,7 @@ def _rank() -> int:
 
 def sweep(args: argparse.Namespace) -> int:
     from posleak.files import owned_dir
+    from posleak.log import clock
     from posleak.model import ConfigError
     from posleak.train import sweep as sweeps
     from posleak.train.config import build, parse_override, to_toml
@@ -103,13 +104,21 @@ def sweep(args: argparse.Namespace) -> int:
         name += f"-set-{digest.hexdigest()[:6]}"
     sweep_dir = Path(args.out or f"runs/sweeps/{name}")
     if args.dry_run:
-        print(f"runs into {sweep_dir}:", flush=True)
-        count = 0
+        print(f"runs into {sweep_dir} (cost: tokens trained, time estimated from a few measured "
+              "steps of each shape on this machine, one run at a time):", flush=True)  # fmt: skip
+        count, meter, tokens, seconds = 0, sweeps.CostMeter(), 0, 0.0
         for r in sweeps.dry_run(spec, sweep_dir):  # printed as planned: a large grid shows
             grid = " ".join(f"{k}={v}" for k, v in r.grid.items())
-            print(f"  {r.name:40s} {r.variant:10s} seed={r.seed} {grid} {r.status} {r.error or ''}")
+            cost = meter.cost(r) if r.status != "done" else None
+            what = f"{cost[0]:,} tokens, ~{clock(cost[1])}" if cost else ""
+            print(
+                f"  {r.name:40s} {r.variant:10s} seed={r.seed} {grid} {r.status} {what} "
+                f"{r.error or ''}".rstrip(),
+                flush=True,
+            )
             count += 1
-        print(f"{count} runs", flush=True)
+            tokens, seconds = tokens + (cost[0] if cost else 0), seconds + (cost[1] if cost else 0)
+        print(f"{count} runs; to train: {tokens:,} tokens, ~{clock(seconds)}", flush=True)
         return 0
     runs = sweeps.expand(spec)
     if args.print_config:

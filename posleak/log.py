@@ -33,3 +33,11 @@ def show(level: int = logging.INFO) -> None:
         handler = _Stderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
+
+
+def clock(seconds: float) -> str:
+    """H:MM:SS for a progress line ("?" for a time not known yet: nan)."""
+    if seconds != seconds:
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"

@@ -204,3 +204,11 @@ def test_set_applies_to_every_run_last_and_keeps_a_smoke_sweep_in_its_own_folder
     assert steps == {3}
     dry = posleak("sweep", path, "--set", "train.steps=3", "--dry-run")
     assert dry.returncode == 0 and "runs/sweeps/sweep-set-" in dry.stdout, dry.stdout
+    tokens = 3 * 4 * 32  # steps x batch x length of the tiny config, per run
+    runs = [line for line in dry.stdout.splitlines() if " pending " in line]
+    assert len(runs) == 4 and all(f" {tokens} tokens, ~0:00:" in line for line in runs), runs
+    assert f"4 runs; to train: {4 * tokens:,} tokens, ~0:00:" in dry.stdout
+    finished = posleak(
+        "sweep", path, "--set", "train.steps=3", "--dry-run", "--out", tmp_path / "smoke"
+    )
+    assert "to train: 0 tokens" in finished.stdout  # what is done costs nothing

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from posleak.data import BatchStream, vocab_size_of
-from posleak.log import log
+from posleak.log import clock, log
 from posleak.model import ConfigError, Decoder
 from posleak.train import checkpoint, tracking
 from posleak.train.config import RunConfig, flatten, to_toml, tomllib
@@ -431,13 +431,8 @@ def progress_fields(record: dict, total: int) -> str:
     parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
     elapsed = record["elapsed_s"]
     eta = elapsed / record["step"] * (total - record["step"])
-    parts.append(f"elapsed {_clock(elapsed)} | eta {_clock(eta)}")
+    parts.append(f"elapsed {clock(elapsed)} | eta {clock(eta)}")
     return " | ".join(parts)
-
-
-def _clock(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
 
 
 def _join_process_group() -> tuple[int, int]:

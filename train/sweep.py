@@ -48,7 +48,7 @@ from pathlib import Path
 import tomli_w
 
 from posleak.files import atomic_write
-from posleak.log import log
+from posleak.log import clock, log
 from posleak.model import ConfigError
 from posleak.report import table
 from posleak.train.config import (
@@ -304,7 +304,7 @@ class Executor:
         eta = elapsed * (total - done) / done if done else float("nan")
         return (
             f"[sweep] {finished}/{len(todo)} done | running: {', '.join(running) or '-'} | "
-            f"elapsed {_clock(elapsed)} | eta {_clock(eta)}"
+            f"elapsed {clock(elapsed)} | eta {clock(eta)}"
         )
 
 
@@ -315,13 +315,6 @@ def _last_step(run_dir: Path) -> int:
         return int(json.loads(lines[-1])["step"]) if lines else 0
     except (OSError, ValueError, KeyError, TypeError):
         return 0
-
-
-def _clock(seconds: float) -> str:
-    if seconds != seconds:  # nan: nothing done yet
-        return "?"
-    minutes, secs = divmod(int(seconds), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
 
 
 def _error_line(log: Path) -> str:
@@ -394,3 +387,35 @@ def run_sweep(sweep_dir: Path, runs: list[PlannedRun], jobs: int) -> bool:
             signal.signal(sig, handler)
         write_summary(sweep_dir, runs)
     return True
+
+
+class CostMeter:
+    """A run's training tokens and its estimated time on this machine: one short measurement
+    per distinct shape (model, batch, length, precision, device: a warm-up step, then
+    TIMED_STEPS steps of the run's own model at random tokens), times the run's steps."""
+
+    TIMED_STEPS = 3
+
+    def __init__(self):
+        self.seconds_per_step: dict[str, float] = {}
+
+    def cost(self, run: PlannedRun) -> tuple[int, float] | None:
+        """(tokens, seconds) of a valid run, None for one that does not validate."""
+        if run.error is not None:
+            return None
+        from posleak.data import vocab_size_of
+        from posleak.train.bench import TrainCase
+        from posleak.train.environment import resolve_device, resolve_precision
+
+        cfg = build(run.values)
+        t, T = cfg.train, cfg.data.seq_len
+        model_cfg = cfg.model_config(vocab_size_of(cfg.data))
+        device = resolve_device(t.device)
+        precision, _ = resolve_precision(t.precision, device, model_cfg.d_model)
+        key = json.dumps([model_cfg.to_dict(), t.batch_size, T, precision, str(device)])
+        if key not in self.seconds_per_step:
+            case = TrainCase(run.name, model_cfg, t.batch_size, T, precision, device)
+            case.step()  # warm-up: allocation and first-call costs
+            times = sorted(case.step() for _ in range(self.TIMED_STEPS))
+            self.seconds_per_step[key] = times[len(times) // 2]
+        return t.steps * t.batch_size * T, t.steps * self.seconds_per_step[key]

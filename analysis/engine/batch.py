@@ -11,7 +11,7 @@ from pathlib import Path
 
 from posleak.analysis.engine.analyze import analyze
 from posleak.analysis.engine.options import Options
-from posleak.log import log
+from posleak.log import clock, log
 
 
 def analyse_all(work: list[tuple[Path, Options, Path | None]], jobs: int, tag: str) -> None:
@@ -26,7 +26,7 @@ def analyse_all(work: list[tuple[Path, Options, Path | None]], jobs: int, tag: s
         elapsed = time.monotonic() - started
         eta = elapsed / k * (total - k)
         log.info(
-            f"[{tag}] analysed {k}/{total}: {run} | elapsed {_clock(elapsed)} | eta {_clock(eta)}"
+            f"[{tag}] analysed {k}/{total}: {run} | elapsed {clock(elapsed)} | eta {clock(eta)}"
         )
 
     if jobs == 1 or total == 1:
@@ -50,8 +50,3 @@ def _one_thread() -> None:
 
     torch.set_num_threads(1)
     logging.getLogger("posleak").setLevel(logging.WARNING)  # the parent reports progress
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -10,7 +10,7 @@ import time
 
 from tqdm import tqdm
 
-from posleak.log import log
+from posleak.log import clock, log
 
 
 class Progress:
@@ -55,10 +55,5 @@ class Progress:
         log.info(
             f"[analyze] {self.name} ({self.index}/{len(self.plan)}) | "
             f"{min(100, 100 * self.done // self.total)}% of forward tokens | "
-            f"elapsed {_clock(now - self.started)} | eta " + ("?" if eta is None else _clock(eta))
+            f"elapsed {clock(now - self.started)} | eta " + ("?" if eta is None else clock(eta))
         )
-
-
-def _clock(seconds: float) -> str:
-    s = int(seconds)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
