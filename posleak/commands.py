@@ -31,7 +31,8 @@ def train(args: argparse.Namespace) -> int:
     cfg, out, resume = _train_target(args)
     if args.print_config:
         model = cfg.model_config(vocab_size_of(cfg.data))  # every model key, as built
-        print(run_config.to_toml(cfg, model), end="")
+        derived = {"ff_width": model.ff_width, "rope_effective_base": model.rope_effective_base}
+        print(run_config.to_toml(cfg, model, derived), end="")
         return 0
     try:
         summary = train_run(cfg, out, resume=resume)

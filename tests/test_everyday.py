@@ -107,6 +107,8 @@ def test_a_preset_by_name_trains_without_a_config_file(capsys):
         assert values[section] == built[section], section
     for key, value in built["model"].items():  # configs/base.toml also caps max_seq_len
         assert key == "max_seq_len" or values["model"][key] == value, key
+    d = values["model"]["d_model"]  # d_ff = 0 reads "8/3 d_model rounded up to 32": say it
+    assert values["model"]["d_ff"] == 0 and values["derived"]["ff_width"] == -(-8 * d // 96) * 32
 
 
 def test_sweep_print_config_prints_every_runs_resolved_config(tmp_path, capsys):

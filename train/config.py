@@ -33,6 +33,7 @@ MAX_SEED = 1 << 63  # torch.manual_seed takes a signed 64-bit integer
 MAX_THREADS = 1 << 10  # torch threads of one process: beyond this a typo
 MAX_INCLUDE_DEPTH = 32
 DERIVED = (  # config.toml's informational [derived] table, written by train/loop.py
+    "ff_width",  # the SwiGLU width as built (model.d_ff = 0: 8/3 d_model rounded up to 32)
     "rope_effective_base",
     "precision",
     "n_params",

@@ -188,6 +188,7 @@ class Run:
     def derived(self) -> dict:
         """Values that follow from the config: written into config.toml's [derived] table."""
         return {
+            "ff_width": self.model_cfg.ff_width,
             "rope_effective_base": self.model_cfg.rope_effective_base,
             "precision": self.precision,
             "n_params": sum(p.numel() for p in self.model.parameters()),
