@@ -74,6 +74,11 @@ def test_a_text_run_exports_with_its_tokenizer(tmp_path):
     assert ids[0, 0].item() == hf.config.bos_token_id == ByteTokenizer().bos
     with torch.no_grad():
         assert torch.allclose(hf(ids).logits, ours(ids), atol=1e-5)
+    from huggingface_hub import ModelCard  # the hub's own reader of the card's header
+
+    card = ModelCard.load(out / "README.md")
+    assert card.data.license == "mit" and card.data.library_name == "transformers"
+    assert card.data.tags == ["posleak", "rope"] and "# run: a posleak decoder" in card.text
 
 
 def test_a_gguf_export_reads_back_as_its_weights_quantised_by_the_gguf_package(tmp_path):

@@ -190,7 +190,6 @@ def _publish(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-CARD_MARK = "<!-- written by posleak export -->"
 MANIFEST = ".posleak-export"  # the names of the files an export wrote (JSON list)
 
 
@@ -205,8 +204,16 @@ def model_card(run: Path, model: Decoder, cfg: RunConfig, state: dict) -> str:
     if m.window is not None:
         scheme += f", sliding window of {m.window} keys (Mistral)"
     loss = (RunDir(run).summary() or {}).get("final_val_loss")
-    lines = [
-        CARD_MARK,
+    tags = ["posleak", m.position.replace("_", "-"), *(["sliding-window"] if m.window else [])]
+    lines = [  # the YAML header model hubs index, then the card
+        "---",
+        "license: mit",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        "tags:",
+        *(f"- {tag}" for tag in tags),
+        "---",
+        "",
         f"# {run.name}: a posleak decoder",
         "",
         "A small decoder-only transformer trained with posleak (a testbed for where absolute "
