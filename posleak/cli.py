@@ -208,7 +208,12 @@ def _bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench.json", help="where to write the JSON results")
 
 
+def _init(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", nargs="?", default=".", help="where configs/ goes (default: here)")
+
+
 ARGUMENTS = {
+    "init": (_init, "write posleak's configs/ (presets, sweeps, studies) into a folder"),
     "train": (_train, "train one variant from a config into a run directory"),
     "sweep": (_sweep, "run variants x seeds (x grid) with everything else matched"),
     "analyze": (_analyze, "measure where absolute position emerges in one run or pretrained model"),

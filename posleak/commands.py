@@ -88,6 +88,43 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def init(args: argparse.Namespace) -> int:
+    """configs/ as posleak ships it, into a folder: what an installed wheel needs before the
+    README's sweeps and studies (a clone has it already). Files already there are kept: an
+    identical one is skipped, a different one refuses the whole copy before anything is
+    written."""
+    from posleak.files import atomic_write, safe_dir
+
+    source = shipped_configs()
+    target = Path(args.folder) / "configs"
+    files = sorted(p.relative_to(source) for p in source.rglob("*.toml"))
+    differ = [str(f) for f in files if (target / f).exists()
+              and (target / f).read_bytes() != (source / f).read_bytes()]  # fmt: skip
+    if differ:
+        raise FileExistsError(
+            f"{target} already holds {', '.join(differ)} with other contents; nothing was "
+            "written: give another folder, or move those files away"
+        )
+    written = 0
+    for f in files:
+        if not (target / f).exists():
+            safe_dir((target / f).parent, "configs folder")
+            atomic_write(target / f, (source / f).read_bytes())
+            written += 1
+    print(f"{target}: {written} config files written, {len(files) - written} already there")
+    return 0
+
+
+def shipped_configs() -> Path:
+    """configs/ as installed: a wheel's package data (posleak/configs), or the checkout's own
+    folder beside posleak/ (an editable install)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "configs", here.parent / "configs"):
+        if (candidate / "base.toml").is_file():
+            return candidate
+    raise FileNotFoundError("this installation of posleak ships no configs/: reinstall it")
+
+
 def sweep(args: argparse.Namespace) -> int:
     from posleak.files import owned_dir
     from posleak.log import clock

@@ -230,3 +230,16 @@ def test_load_gives_a_run_or_a_gguf_file_with_the_same_hooks_and_a_cache_without
     assert ours.run_with_cache(tokens, names=[name], grad=True)[0].requires_grad
     with pytest.raises(KeyError, match="no hook point 'hook_pattern'"):
         ours.run_with_cache(tokens, names=["hook_pattern"])
+
+
+def test_init_writes_the_configs_and_never_replaces_a_users_file(tmp_path, capsys):
+    assert main(["init", str(tmp_path)]) == 0
+    shipped = sorted(p.relative_to(ROOT / "configs") for p in (ROOT / "configs").rglob("*.toml"))
+    written = sorted(p.relative_to(tmp_path / "configs") for p in tmp_path.rglob("*.toml"))
+    assert written == shipped and f"{len(shipped)} config files written" in capsys.readouterr().out
+    (tmp_path / "configs" / "rope.toml").write_text("# mine\n")
+    (tmp_path / "configs" / "sinks.toml").unlink()
+    assert main(["init", str(tmp_path)]) == 2
+    assert "rope.toml with other contents; nothing was written" in capsys.readouterr().err
+    assert (tmp_path / "configs" / "rope.toml").read_text() == "# mine\n"
+    assert not (tmp_path / "configs" / "sinks.toml").exists()

@@ -8,7 +8,7 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("posleak", "model", "data", "train", "analysis")
+PACKAGES = ("posleak", "model", "data", "train", "analysis", "configs")
 
 PROBE = """
 import sys
@@ -24,6 +24,14 @@ print(tuple(model(torch.zeros(1, 5, dtype=torch.long)).shape))
 from posleak.train.config import presets
 assert {{"rope", "ntk", "swa", "sink", "nope", "learned"}} <= set(presets()), presets()
 print(sorted(m for m in sys.modules if m.split(".")[0] in ("model", "data", "train", "analysis")))
+import os
+from posleak.cli import main
+os.chdir({work!r})  # a folder of the user's, no checkout: the README's sweeps need configs/
+assert main(["sweep", "configs/sweeps/variants.toml", "--print-config"]) == 2
+assert main(["init"]) == 0 and os.path.isfile("configs/sweeps/sinks.toml")
+assert main(["sweep", "configs/sweeps/variants.toml", "--print-config"]) == 0
+assert main(["train", "configs/sinks.toml", "--print-config"]) == 0
+assert main(["init"]) == 0  # what is there already is kept
 """
 
 
@@ -41,7 +49,9 @@ def test_wheel_installs_one_namespace_and_imports_outside_the_checkout(tmp_path)
     target = tmp_path / "site"
     install = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target)]
     subprocess.run([*install, str(wheel)], check=True, capture_output=True)
-    code = PROBE.format(target=str(target), site=sysconfig.get_paths()["purelib"])
+    work = tmp_path / "work"
+    work.mkdir()
+    code = PROBE.format(target=str(target), site=sysconfig.get_paths()["purelib"], work=str(work))
     out = subprocess.run(
         [sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True
     )
