@@ -507,6 +507,39 @@ def test_the_bands_cut_a_full_model_by_its_comparators_window_and_stages_choose_
     assert "no stage nonsense" in Options(stages=("nonsense",)).problems(32)[0]
 
 
+def test_the_key0_knockout_says_where_its_mass_went_as_the_patterns_themselves_do(runs):
+    """The new strongest key per head and the most massive position after the knockout,
+    against the knocked-out model's own cached patterns and states."""
+    analysis = analysis_of(runs / "rope-s0", SMALL)
+    ctx = analysis.context(analysis.tokens(16, analysis.T, "analysis"))
+    stage("probes").run(analysis, ctx)
+    stage("key-0 knockout").run(analysis, ctx)
+    rows = analysis.rec.rows
+    L = analysis.L
+    knock = [
+        (f"blocks.{l}.attn.pattern", lambda p, n: measures.knock_out_key0(p)) for l in range(L)
+    ]
+    names = [f"blocks.{l}.attn.pattern" for l in range(L)]
+    names += [f"blocks.{l}.resid_post" for l in range(L)]
+    with analysis.model.hooks(knock):
+        _, cache = analysis.model.run_with_cache(ctx.tokens, names=names)
+    for l in range(L):
+        mass = cache[f"blocks.{l}.attn.pattern"].double().mean(-2).mean(0)[:, 1:]  # (H, T - 1)
+        for h in range(analysis.H):
+            mine = {r["metric"]: r["value"] for r in rows if r["layer"] == l and r["head"] == h
+                    and r["metric"].startswith("knockout_top_key")}  # fmt: skip
+            assert mine["knockout_top_key"] == int(mass[h].argmax()) + 1
+            assert mine["knockout_top_key_mass"] == pytest.approx(float(mass[h].max()), rel=1e-6)
+        x = cache[f"blocks.{l}.resid_post"].double()
+        norms = x.norm(dim=-1)
+        ratio = (norms / norms[:, 1:].median(-1, keepdim=True).values).mean(0)
+        (found,) = [
+            r for r in rows if r["metric"] == "knockout_massive_ratio" and r["layer"] == l + 1
+        ]
+        assert found["condition"]["position"] == int(ratio[1:].argmax()) + 1
+        assert found["value"] == pytest.approx(float(ratio[1:].max()), rel=1e-6)
+
+
 def test_route2_and_head_interventions_run_on_the_top_heads_by_lift(runs):
     analysis = analysis_of(runs / "rope-s0", dataclasses.replace(SMALL, top_heads=2))
     ctx = analysis.context(analysis.tokens(16, analysis.T, "analysis"))

@@ -57,20 +57,18 @@ def test_bos_key_and_value_in_every_layer_reproduce_the_whole_replacement(positi
         assert not torch.allclose(intact[name][:, 1:], whole[name][:, 1:], atol=1e-3)
 
 
-def test_the_key_route_changes_only_bos_key_from_layer_1_on():
+def test_the_key_route_changes_bos_key_and_nothing_of_position_0_itself():
     model, tokens = model_and_tokens()
     vector = torch.randn(16, generator=torch.Generator().manual_seed(3))
-    names = [f"blocks.{l}.attn.{x}" for l in range(L) for x in "kv"] + ["blocks.0.resid_post"]
+    names = [f"blocks.{l}.attn.{x}" for l in range(L) for x in "kv"]
     donor = position0_states(model, vector, L)
     intact = states(model, tokens, [], names)
-    keyed = states(model, tokens, route_hooks(donor, "key", range(1, L)), names)
-    assert torch.equal(keyed["blocks.0.resid_post"], intact["blocks.0.resid_post"])
+    keyed = states(model, tokens, route_hooks(donor, "key", range(L)), names)
     for l in range(L):
         k, v = f"blocks.{l}.attn.k", f"blocks.{l}.attn.v"
         # position 0 attends only to itself: its own states, hence its value, do not move
         assert torch.allclose(keyed[v][:, :, 0], intact[v][:, :, 0], atol=1e-6)
-        expected = donor[k].expand(7, -1, -1) if l >= 1 else intact[k][:, :, 0]
-        assert torch.allclose(keyed[k][:, :, 0], expected, atol=1e-6)
+        assert torch.allclose(keyed[k][:, :, 0], donor[k].expand(7, -1, -1), atol=1e-6)
     assert not torch.allclose(
         keyed["blocks.2.attn.v"][:, :, 1:], intact["blocks.2.attn.v"][:, :, 1:]
     )

@@ -175,8 +175,14 @@ def uniform_alpha(seq_len: int, window: int | None) -> float:
 def massive_ratio(x: torch.Tensor) -> torch.Tensor:
     """||x_0|| / median_i ||x_i|| (i >= 1) per sequence: x (N, T, d) -> (N,). Position 0's
     state in units of a typical position's (the massive activations of sinks)."""
+    return position_ratios(x)[:, 0]
+
+
+def position_ratios(x: torch.Tensor) -> torch.Tensor:
+    """||x_j|| / median_i ||x_i|| (i >= 1) of every position j per sequence: x (N, T, d) ->
+    (N, T). A position other than 0 far above 1 holds a massive activation of its own."""
     norms = x.double().norm(dim=-1)
-    return norms[:, 0] / norms[:, 1:].median(dim=-1).values
+    return norms / norms[:, 1:].median(dim=-1, keepdim=True).values
 
 
 def value_drain(outputs: torch.Tensor) -> torch.Tensor:

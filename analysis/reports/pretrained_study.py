@@ -308,7 +308,41 @@ def knockouts(read: Read) -> list[str]:
         f"Position left to a refit probe at the last layer after key 0's knockout in every layer: "
         f"{cell(refit)} (intact: {cell(read.row('probe_r2_log', layer=read.summary_last()))}).",
         "",
+        *mass_destination(read),
     ]
+
+
+def mass_destination(read: Read) -> list[str]:
+    """Where key 0's knockout sends its mass: the new strongest key of each head, and the
+    position that becomes massive (a sink rebuilt elsewhere makes "position survives the
+    knockout" read a relocated sink, not position without one)."""
+    tops = read.each("knockout_top_key", {"key": 0})
+    if not tops:
+        return []
+    keys: dict = {}
+    for r in tops:
+        keys[int(r["value"])] = keys.get(int(r["value"]), 0) + 1
+    ranked = sorted(keys.items(), key=lambda kv: -kv[1])[:3]
+    after = [r for r in read.rows if r["metric"] == "knockout_massive_ratio"]
+    worst = max(after, key=lambda r: r["value"], default=None)
+    intact = [r for r in read.rows if r["metric"] == "massive_ratio_rest"]
+    before = next((r for r in intact if worst and r["layer"] == worst["layer"]), None)
+    text = (
+        "Where the knocked-out mass goes: the strongest key j ≥ 1 after the knockout is "
+        + ", ".join(f"key {k} in {n} of {len(tops)} heads" for k, n in ranked)
+        + "."
+    )
+    if worst is not None:
+        j = worst["condition"]["position"]
+        was = "not measured"
+        if before is not None:
+            was = f"{before['condition']['position']} at {number(before['value'], 3)}"
+        text += (
+            f" The most massive position after 0 becomes {j} (‖x_{j}‖ / median "
+            f"{number(worst['value'], 3)} at residual site {worst['layer']}; intact, the most "
+            f"massive position after 0 there is {was})."
+        )
+    return [text, ""]
 
 
 def swap_row(read: Read, kind: str, how: str, number: str, **condition) -> dict | None:

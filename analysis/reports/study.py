@@ -288,7 +288,8 @@ def family_sentence(opts: Options) -> str:
     return (
         f"For {', '.join(f'BOS → {kind}' for kind in kinds)} the swap family follows "
         "(descriptive, outside the verdicts): only BOS's key, or only its value, replaced in "
-        "every layer ≥ 1 by the one the replaced embedding gives (which route a removal takes), "
+        "every layer by the one the replaced embedding gives (which route a removal takes; the "
+        "two together are the whole replacement), "
         "and the position control, the same embedding written at a random position 1 ≤ p ≤ "
         f"{opts.early_queries // 2} of each sequence instead of at 0 (a share as large there "
         "says that replacing any early token does it, not replacing BOS). "

@@ -6,9 +6,11 @@ controls (C_mask, the original probe's transfer R^2), the probe refit on the swa
 and the change of next-token loss.
 
 For the replacements in `swap_family` the swap family follows: only BOS's key, or only its
-value, replaced in every layer >= 1 by the one the replaced embedding gives (which route the
-effect takes), and the position control: the same embedding written at a random position
-p >= 1 instead of 0 (is it BOS that matters, or any token replaced)."""
+value, replaced in every layer by the one the replaced embedding gives (which route the effect
+takes; version 4 says layers >= 1, but then a two-layer model's routes cannot reach the
+logits the share reads, and key and value together would not be the whole replacement), and
+the position control: the same embedding written at a random position p >= 1 instead of 0
+(is it BOS that matters, or any token replaced)."""
 
 from __future__ import annotations
 
@@ -75,7 +77,7 @@ class BosSwap(Stage):
                 continue
             donor = position0_states(analysis.model, vector, analysis.L)
             for route in ROUTES:
-                hooks = route_hooks(donor, route, range(1, analysis.L))
+                hooks = route_hooks(donor, route, range(analysis.L))
                 measured({"swap": kind, "route": route}, hooks, v3=False)
             at = control_positions(len(ctx.tokens), k, analysis.subject.seed)
             hooks = [("embed", embedding_at(vector, at))]

@@ -36,7 +36,11 @@ class Knockout(Stage):
         }
         for key, (rule, keys) in rules.items():
             moved = [[] for _ in range(analysis.L)]
-            knock_out(analysis, ctx, "all", measuring(rule, keys, moved, key), key)
+            where = Destination(analysis.L) if key == 0 else None
+            extra = where.hooks(analysis.L) if where else []
+            knock_out(analysis, ctx, "all", measuring(rule, keys, moved, key, where), key, extra)
+            if where:
+                where.record(analysis)
             per_layer_mass = [torch.cat(m).mean() for m in moved]
             for l, mass in enumerate(per_layer_mass):
                 analysis.rec.add("moved_mass", mass, layer=l, condition={"key": key})
@@ -61,26 +65,76 @@ class Knockout(Stage):
         return [Section("Key-0 knockout", ("knockout",))]
 
 
-def measuring(rule, keys: torch.Tensor, moved: list, key):
+def measuring(rule, keys: torch.Tensor, moved: list, key, where=None):
     """A knockout hook that also keeps, per layer, the attention it takes off its key (key 1's
-    rule leaves query 1 alone, so its first query is left out of the mass)."""
+    rule leaves query 1 alone, so its first query is left out of the mass), and hands the
+    patterns before and after to `where` (a Destination) when given."""
 
     def hook(pattern, name):
         layer = int(name.split(".")[1])
         mass = measures.knocked_mass(pattern, keys)
         moved[layer].append((mass[..., 1:] if key == 1 else mass).detach().double().flatten())
-        return rule(pattern, name)
+        after = rule(pattern, name)
+        if where is not None:
+            where.attention(layer, pattern, after)
+        return after
 
     return hook
 
 
-def knock_out(analysis, ctx, target, hook=None, control: int | str = 0) -> None:
+class Destination:
+    """Where the key-0 knockout's mass goes (version 4: a knockout says so). Per head, the key
+    j >= 1 with the most attention after the knockout (mean over queries and sequences) and
+    its mass before and after; per residual site, the position j >= 1 whose norm stands out
+    most after the knockout (||x_j|| / median_i ||x_i||, mean over sequences; the intact
+    model's is `massive_ratio_rest`): a model that builds a new sink elsewhere (SmolLM2 moves
+    its own to position 1) shows it here."""
+
+    def __init__(self, n_layer: int):
+        self.before = [0.0] * n_layer  # per layer: (H, T) summed mean-over-queries mass
+        self.after = [0.0] * n_layer
+        self.ratio = [0.0] * n_layer  # per layer: (T,) summed norm ratio
+        self.seqs = [0] * n_layer
+
+    def attention(self, layer: int, before: torch.Tensor, after: torch.Tensor) -> None:
+        self.before[layer] = self.before[layer] + before.double().mean(-2).sum(0).cpu()
+        self.after[layer] = self.after[layer] + after.double().mean(-2).sum(0).cpu()
+
+    def hooks(self, n_layer: int) -> list:
+        """Read-only hooks on every layer's output, for the norm ratio of every position."""
+
+        def norms(resid, name):
+            layer = int(name.split(".")[1])
+            self.ratio[layer] = self.ratio[layer] + measures.position_ratios(resid).sum(0).cpu()
+            self.seqs[layer] += len(resid)
+
+        return [(f"blocks.{l}.resid_post", norms) for l in range(n_layer)]
+
+    def record(self, analysis) -> None:
+        add = analysis.rec.add
+        for l in range(analysis.L):
+            n = self.seqs[l]
+            after, before = self.after[l][:, 1:] / n, self.before[l][:, 1:] / n
+            for h in range(analysis.H):
+                j = int(after[h].argmax())
+                cond = {"key": 0}
+                add("knockout_top_key", j + 1, layer=l, head=h, condition=cond)
+                add("knockout_top_key_mass", after[h, j], layer=l, head=h, condition=cond)
+                add("knockout_top_key_mass_intact", before[h, j], layer=l, head=h, condition=cond)
+            ratio = self.ratio[l] / n
+            j = int(ratio[1:].argmax()) + 1  # position 0's own state is not knocked out
+            cond = {"key": 0, "position": j}
+            add("knockout_massive_ratio", ratio[j], layer=l + 1, condition=cond)  # its site
+
+
+def knock_out(analysis, ctx, target, hook=None, control: int | str = 0, extra=()) -> None:
     """The key-0 knockout (or a control `hook` of that shape, of key `control`) in one
     layer (an int) or in every layer ("all"): what it removes of C_res and C_mask, the
     original probes' transfer R^2, and the R^2 of probes refit on the knocked-out states.
-    In every layer, the pass also keeps the loss of every position in ctx.losses."""
+    In every layer, the pass also keeps the loss of every position in ctx.losses. `extra`:
+    read-only hooks that watch the same pass."""
     layers = range(analysis.L) if target == "all" else [target]
-    hooks = [(f"blocks.{l}.attn.pattern", hook or _knockout) for l in layers]
+    hooks = [(f"blocks.{l}.attn.pattern", hook or _knockout) for l in layers] + list(extra)
     every = target == "all"  # the loss stage reads these passes' losses (knockout_loss.py)
     targets = ctx.targets if every else None
     knocked = analysis.measure(ctx.tokens, hooks, fitted=ctx.fitted, targets=targets)
@@ -117,6 +171,10 @@ STAGE = Knockout(
         "knockout_removed_v3": RUN,
         "moved_mass": ATTN,
         "knockout_removed_share": RUN,
+        "knockout_top_key": ATTN,
+        "knockout_top_key_mass": ATTN,
+        "knockout_top_key_mass_intact": ATTN,
+        "knockout_massive_ratio": RESID,
     },
     numbers=(
         Reported(

@@ -26,11 +26,12 @@ class Signatures(Stage):
         n, L, H = len(tokens), analysis.L, analysis.H
         ratio = [torch.empty(n, dtype=torch.float64) for _ in analysis.resid_names]
         first = [torch.zeros(analysis.model.cfg.d_model, dtype=torch.float64) for _ in ratio]
+        every = [torch.zeros(analysis.T, dtype=torch.float64) for _ in ratio]  # summed ratios
         drain = [torch.empty(n, H, dtype=torch.float64) for _ in range(L)]
         parked = [torch.empty(n, H, dtype=torch.float64) for _ in range(L)]
         consumers = {}
         for site, name in enumerate(analysis.resid_names):
-            consumers[name] = _residual(ratio[site], first[site])
+            consumers[name] = _residual(ratio[site], first[site], every[site])
         for l in range(L):
             o_proj = analysis.model.output_projection(l).detach().double().cpu()
             consumers[f"blocks.{l}.attn.v"] = _drain(drain[l], o_proj, analysis.model.cfg.d_head)
@@ -46,6 +47,9 @@ class Signatures(Stage):
             add("massive_ratio", r.mean(), layer=site, lo=lo, hi=hi, n=n)
             top = int(x0.abs().argmax())
             add("massive_top", x0[top].abs() / n, layer=site, condition={"dim": int(top)}, n=n)
+            j = int(every[site][1:].argmax()) + 1  # the most massive position after 0
+            rest = every[site][j] / n
+            add("massive_ratio_rest", rest, layer=site, condition={"position": j}, n=n)
         for l in range(L):
             for h in range(H):
                 add("value_drain", drain[l][:, h].mean(), layer=l, head=h, n=n)
@@ -86,9 +90,11 @@ class Signatures(Stage):
         ]
 
 
-def _residual(ratio: torch.Tensor, first: torch.Tensor):
+def _residual(ratio: torch.Tensor, first: torch.Tensor, every: torch.Tensor):
     def consume(x, rows):
-        ratio[rows] = measures.massive_ratio(x)
+        ratios = measures.position_ratios(x)
+        ratio[rows] = ratios[:, 0]
+        every.add_(ratios.sum(0))  # summed over sequences, as `first`
         first.add_(x[:, 0].double().sum(0))  # summed; divided by the count when recorded
 
     return consume
@@ -116,6 +122,7 @@ STAGE = Signatures(
     order=35,
     metrics={
         "massive_ratio": RESID,
+        "massive_ratio_rest": RESID,
         "massive_top": RESID,
         "value_drain": ATTN,
         "sink_virtual_mass": ATTN,
