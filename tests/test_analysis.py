@@ -540,6 +540,29 @@ def test_the_key0_knockout_says_where_its_mass_went_as_the_patterns_themselves_d
         assert found["value"] == pytest.approx(float(ratio[1:].max()), rel=1e-6)
 
 
+def test_attention_maps_record_the_top_heads_mean_pattern_and_draw_it(runs, tmp_path):
+    import matplotlib.image as mpimg
+
+    from posleak.analysis.stages.route2 import top_heads
+
+    analysis = analysis_of(runs / "rope-s0", SMALL)
+    ctx = analysis.context(analysis.tokens(16, analysis.T, "analysis"))
+    stage("attention maps").run(analysis, ctx)
+    rows = [r for r in analysis.rec.rows if r["metric"] == "attention_early"]
+    heads = {(l, h) for l, h, _ in top_heads(analysis, ctx)}
+    assert {(r["layer"], r["head"]) for r in rows} == heads
+    names = [f"blocks.{l}.attn.pattern" for l, _ in heads]
+    _, cache = analysis.model.run_with_cache(ctx.tokens[: SMALL.content_seqs], names=names)
+    k = SMALL.early_queries
+    for r in rows:
+        pattern = cache[f"blocks.{r['layer']}.attn.pattern"].double()
+        expected = pattern[:, r["head"], r["query"], r["condition"]["key"]].mean()
+        assert r["value"] == pytest.approx(float(expected), abs=1e-6)
+    assert len(rows) == len(heads) * k * (k + 1) // 2  # the causal triangle of i, j < k
+    png = stage("attention maps").figures({"rope": [rows]}, tmp_path, SMALL)["attention"]
+    assert mpimg.imread(tmp_path / png).std() > 0.05
+
+
 def test_route2_and_head_interventions_run_on_the_top_heads_by_lift(runs):
     analysis = analysis_of(runs / "rope-s0", dataclasses.replace(SMALL, top_heads=2))
     ctx = analysis.context(analysis.tokens(16, analysis.T, "analysis"))

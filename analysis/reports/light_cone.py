@@ -22,6 +22,7 @@ from posleak.analysis.engine.options import Options
 from posleak.analysis.maths.measures import DEFINITIONS
 from posleak.analysis.maths.seeds import mean_interval, paired_difference
 from posleak.analysis.reports import compare, plots, results
+from posleak.analysis.reports.study import loss_curves
 from posleak.analysis.reports.verdicts import Verdicts, forest_figure, verdict_box
 from posleak.analysis.stages.bands import cone_band
 from posleak.files import atomic_write, owned_dir
@@ -205,6 +206,10 @@ def header(study: LightCone, out: Path) -> list[str]:
 
 def training(study: LightCone, out: Path) -> list[str]:
     rows = []
+    runs = {
+        v: [RunDir(r.path) for r in sorted(study.runs, key=lambda r: r.seed) if r.variant == v]
+        for v in study.variants
+    }
     for v in study.variants:
         runs = [r for r in study.runs if r.variant == v]
         loss = mean_interval(study.per_seed(v, TRAINED, "val_loss").values())
@@ -223,6 +228,8 @@ def training(study: LightCone, out: Path) -> list[str]:
             ["variant", "seeds", "validation loss (nats)", "training s / run", "analysis s"],
             rows,
         ),
+        "",
+        f"![validation loss]({loss_curves(out, runs)})",
     ]
 
 

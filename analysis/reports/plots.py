@@ -437,3 +437,36 @@ def forest(path: Path, rows: list[tuple], xlabel: str, title: str) -> str:
         ax.figure.suptitle(f"{title}\n{key}", fontsize=10)
 
     return figure(path, draw, size=(8.0, height))
+
+
+def attention_maps(path: Path, groups: dict) -> str:
+    """The recorded mean attention A_ij at the early queries of each variant's top heads by
+    λ₀ (its first seed): a row of heads per variant, one colour scale, 0 to the largest
+    weight."""
+    panels = []
+    for variant, runs in groups.items():
+        rows = select(runs[0], "attention_early") if runs else []
+        for l, h in sorted({(r["layer"], r["head"]) for r in rows}):
+            mine = [r for r in rows if r["layer"] == l and r["head"] == h]
+            k = max(r["query"] for r in mine) + 1
+            grid = np.full((k, k), np.nan)
+            for r in mine:
+                grid[r["query"], r["condition"]["key"]] = r["value"]
+            panels.append((f"{variant}: layer {l}, head {h}", grid))
+    cols = min(3, max(len(panels), 1))
+    nrows = max(1, math.ceil(len(panels) / cols))
+    fig, axes = plt.subplots(
+        nrows, cols, figsize=(3.1 * cols + 1.0, 2.9 * nrows), constrained_layout=True, squeeze=False
+    )
+    top = max((np.nanmax(g) for _, g in panels), default=1.0)
+    image = None
+    for ax, (title, grid) in zip(axes.flat, panels, strict=False):
+        image = ax.imshow(grid, vmin=0, vmax=top, cmap="magma", origin="upper")
+        ax.set(xlabel="key j", ylabel="query i", title=title)
+        ax.title.set_fontsize(9)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    if image is not None:
+        fig.colorbar(image, ax=list(axes.flat), shrink=0.8, label="mean attention A_ij")
+    fig.suptitle("Early-query attention of the heads with the highest λ₀ (first seed)", fontsize=10)
+    return save(fig, path)

@@ -30,6 +30,7 @@ from posleak.analysis.reports.study import (
     headline,
     intact_signal_rows,
     level,
+    loss_curves,
     per_seed,
     removed_by_seed,
     share_cell,
@@ -68,12 +69,13 @@ def virtual_mass(records: list[dict]) -> float | None:
 
 
 # ---------------------------------------------------------------- sections
-def training(study: Study) -> list[str]:
+def training(study: Study, out: Path) -> list[str]:
     first = study.runs_of(study_variants(study)[0])[0]
     source = make_source(RunDir(first["run"]).read_config()[0].data)
     rows = []
+    runs = {v: [RunDir(s["run"]) for s in study.runs_of(v)] for v in study_variants(study)}
     for v in study_variants(study):
-        finals = [final_metrics(RunDir(s["run"])) for s in study.runs_of(v)]
+        finals = [final_metrics(run) for run in runs[v]]
         rows.append(
             [
                 v,
@@ -91,6 +93,8 @@ def training(study: Study) -> list[str]:
         f"tokens, so the overall floor is {source.entropy_rate():.4f}.",
         "",
         *table(["variant", "seeds", "val loss", "copy loss", "bigram loss"], rows),
+        "",
+        f"![validation loss]({loss_curves(out, runs)})",
     ]
 
 
@@ -568,8 +572,10 @@ def write_report(study: Study, out: Path) -> Path:
     families: list = []  # (question, Verdicts) of each claim, as its section decides it
     body = []
     for section in (training, claim_c, anchoring, routes, claim_b, claim_a):
-        decides = section in (claim_c, claim_b, claim_a)
-        body += [*(section(study, out, families) if decides else section(study)), ""]
+        if section in (claim_c, claim_b, claim_a):
+            body += [*section(study, out, families), ""]
+        else:
+            body += [*(section(study, out) if section is training else section(study)), ""]
     lines += [*verdict_box(families), *body, *emergence(study, out)]
     report = out / "report.md"
     atomic_write(report, "\n".join(lines) + "\n")

@@ -560,11 +560,18 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def loss_curves(out: Path, runs: dict) -> str:
+    """The validation loss over training of each variant's runs ({variant: [RunDir]}): mean
+    over seeds with its 95% t-interval, from metrics.jsonl; the figure's file name."""
+    curves = {v: [_val_curve(r) for r in by_seed] for v, by_seed in runs.items()}
+    title = "Validation loss during training (mean over seeds, band: 95% t-interval)"
+    return plots.seed_curves(out / "val_loss", curves, "step", "validation loss (nats)", title)
+
+
 def training(study: Study, out: Path) -> list[str]:
-    curves, rows = {}, []
+    rows = []
     for v in study.summaries:
         runs = [RunDir(s["run"]) for s in study.runs_of(v)]
-        curves[v] = [_val_curve(r) for r in runs]
         done = [r.summary() for r in runs]
         minutes = [d["elapsed_s"] / 60 for d in done]
         speed = [d["tokens"] / d["elapsed_s"] for d in done]
@@ -578,8 +585,8 @@ def training(study: Study, out: Path) -> list[str]:
                 f"{sum(speed) / len(speed):,.0f}",
             ]
         )
-    fig = plots.seed_curves(
-        out / "val_loss", curves, "step", "validation loss", "Validation loss during training"
+    fig = loss_curves(
+        out, {v: [RunDir(s["run"]) for s in study.runs_of(v)] for v in study.summaries}
     )
     return [
         "## Training: loss curves and the cost of one run",
