@@ -1115,3 +1115,47 @@ def test_a_second_compare_into_a_report_folder_in_use_is_refused(finished, tmp_p
     (out / ".lock").write_text(json.dumps(holder))  # a live process holds it
     one_line_error(capsys, "compare", run, "--out", out, "--seqs", "8", match="is in use by pid")
     assert sorted(p.name for p in out.iterdir()) == [".lock", ".lock.guard", ".posleak-output"]
+
+
+def test_analysis_workers_stop_when_their_parent_is_killed(tmp_path):
+    """`compare --jobs 2` SIGKILLed mid-analysis (no cleanup runs): its worker processes stop
+    too, instead of finishing analyses nobody waits for beside the next command's."""
+    for seed in (0, 1):
+        train(build(tiny_overrides(seed=seed)), tmp_path / f"rope-s{seed}")
+    runs = [str(tmp_path / f"rope-s{seed}") for seed in (0, 1)]
+    cmd = [sys.executable, "-m", "posleak", "compare", *runs, "--seqs", "512", "--jobs", "2"]
+    parent = subprocess.Popen(
+        cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+    def children() -> list[int]:
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == parent.pid and "spawn" in (stat.parent / "cmdline").read_text():
+                found.append(int(stat.parent.name))
+        return found
+
+    deadline = time.monotonic() + 60
+    while len(workers := children()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(workers) >= 2, "the workers never started"
+    time.sleep(1.0)  # into their analyses
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 15
+
+    def running(pid: int) -> bool:  # a zombie is gone, only not yet reaped
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    alive = workers
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [pid for pid in alive if running(pid)]
+    assert not alive, f"workers {alive} outlived their parent"

@@ -5,6 +5,8 @@ line over the whole batch. jobs = 1 runs them here, in order."""
 from __future__ import annotations
 
 import multiprocessing
+import os
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -36,17 +38,30 @@ def analyse_all(work: list[tuple[Path, Options, Path | None]], jobs: int, tag: s
             done(k, run)
         return
     context = multiprocessing.get_context("spawn")  # no torch threads forked mid-flight
-    with ProcessPoolExecutor(min(jobs, total), context, initializer=_one_thread) as pool:
+    workers = min(jobs, total)
+    with ProcessPoolExecutor(
+        workers, context, initializer=_one_thread, initargs=(os.getpid(),)
+    ) as pool:
         futures = {pool.submit(analyze, run, opts, out): run for run, opts, out in work}
         for k, future in enumerate(as_completed(futures), start=1):
             future.result()  # a failed analysis stops the batch with its own error
             done(k, futures[future])
 
 
-def _one_thread() -> None:
+def _one_thread(parent: int) -> None:
     import logging
 
     import torch
 
     torch.set_num_threads(1)
     logging.getLogger("posleak").setLevel(logging.WARNING)  # the parent reports progress
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    """A worker outlives nothing: when the process that started it is gone (killed, even by
+    SIGKILL, which runs no cleanup; perhaps before this worker had even started) it stops
+    within a second instead of finishing an analysis nobody waits for."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(143)

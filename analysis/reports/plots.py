@@ -116,8 +116,10 @@ def per_layer_queries(path: Path, groups: dict, metric: str, ylabel: str, log_x=
     return save(fig, path)
 
 
-def head_maps(path: Path, groups: dict, metric: str, label: str, vmin=None) -> str:
-    """Layer x head heat maps of a per-head metric, mean over seeds, colour scale to the data."""
+def head_maps(path: Path, groups: dict, metric: str, label: str, vmin=None, ratio=False) -> str:
+    """Layer x head heat maps of a per-head metric, mean over seeds, at most four panels a row
+    and one colour bar. `ratio`: a ratio to a uniform baseline of 1 (λ₀), drawn as log10 on a
+    diverging map centred at 0, so that a head at its uniform share is neutral, not dark."""
     grids = {}
     for variant, runs in groups.items():
         cells: dict = {}
@@ -131,21 +133,32 @@ def head_maps(path: Path, groups: dict, metric: str, label: str, vmin=None) -> s
             for key, vals in cells.items():
                 grid[key] = sum(vals) / len(vals)
             grids[variant] = grid
+    if ratio:
+        grids = {v: np.log10(np.clip(g, 1e-6, None)) for v, g in grids.items()}
     n = max(len(grids), 1)
+    cols = min(n, 4)
     fig, axes = plt.subplots(
-        1, n, figsize=(3 * n + 1.2, 3.2), constrained_layout=True, squeeze=False
-    )
+        math.ceil(n / cols), cols, figsize=(3 * cols + 1.2, 3.2 * math.ceil(n / cols)),
+        constrained_layout=True, squeeze=False,
+    )  # fmt: skip
     values = np.concatenate([g.ravel() for g in grids.values()]) if grids else np.zeros(1)
     lo = np.nanmin(values) if vmin is None else vmin
     hi = max(np.nanmax(values), lo + 1e-9)
+    cmap = "viridis"
+    if ratio:  # symmetric about log10(1) = 0
+        hi = max(abs(np.nanmin(values)), abs(np.nanmax(values)), 1e-9)
+        lo, cmap = -hi, "RdBu_r"
     image = None
-    for ax, (variant, grid) in zip(axes[0], grids.items(), strict=False):
-        image = ax.imshow(grid, vmin=lo, vmax=hi, cmap="viridis", aspect="auto")
+    for ax, (variant, grid) in zip(axes.flat, grids.items(), strict=False):
+        image = ax.imshow(grid, vmin=lo, vmax=hi, cmap=cmap, aspect="auto")
         ax.set(xlabel="head", ylabel="attention layer", title=variant)
         ax.set_xticks(range(grid.shape[1]))
         ax.set_yticks(range(grid.shape[0]))
+    for ax in list(axes.flat)[len(grids) :]:
+        ax.axis("off")
     if image is not None:
-        fig.colorbar(image, ax=list(axes[0]), shrink=0.85, label=f"{label} ({metric})")
+        scale = f"log10 {label} (0 = uniform)" if ratio else label
+        fig.colorbar(image, ax=list(axes.flat), shrink=0.85, label=f"{scale} ({metric})")
     fig.suptitle(f"{label}, mean over seeds", fontsize=10)
     return save(fig, path)
 

@@ -98,7 +98,7 @@ class Sinks(Stage):
                 out / "sinks", groups, "sink_alpha0", "α₀, mean A_i0", vmin=0.0
             ),
             "lift": plots.head_maps(
-                out / "sink_lift", groups, "sink_lift", "λ₀, mean n_i A_i0 (1 = uniform)", vmin=0.0
+                out / "sink_lift", groups, "sink_lift", "λ₀, mean n_i A_i0", ratio=True
             ),
         }
 
