@@ -103,12 +103,14 @@ def test_the_checker_recurses_into_sub_packages(tmp_path):
 
 def test_every_sub_package_is_in_the_wheel():
     """pyproject's hand list of packages names every folder that holds an __init__.py (a new
-    sub-package left out would be missing from an installed posleak)."""
+    sub-package left out would be missing from an installed posleak), and besides them only
+    configs/, shipped as data."""
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     packages = {
         module_name(init.parent / "__init__.py") for init in sources() if init.name == "__init__.py"
     }
-    assert packages == set(config["packages"])
+    assert packages | {"posleak.configs"} == set(config["packages"])
+    assert config["package-data"]["posleak.configs"] == ["*.toml", "sweeps/*.toml"]
     for name in packages:
         folder = Path(config["package-dir"][name])
         assert (ROOT / folder / "__init__.py").is_file(), name

@@ -211,13 +211,13 @@ def training(study: LightCone, out: Path) -> list[str]:
         for v in study.variants
     }
     for v in study.variants:
-        runs = [r for r in study.runs if r.variant == v]
+        mine = [r for r in study.runs if r.variant == v]
         loss = mean_interval(study.per_seed(v, TRAINED, "val_loss").values())
-        seconds = statistics.mean(r.train_seconds for r in runs)
+        seconds = statistics.mean(r.train_seconds for r in mine)
         analysis = statistics.mean(
-            study.summaries[(v, r.seed, name)]["seconds"] for r in runs for name in (TRAINED, STEP0)
+            study.summaries[(v, r.seed, name)]["seconds"] for r in mine for name in (TRAINED, STEP0)
         )
-        rows.append([v, len(runs), interval(loss, 4), f"{seconds:.0f}", f"{analysis:.0f}"])
+        rows.append([v, len(mine), interval(loss, 4), f"{seconds:.0f}", f"{analysis:.0f}"])
     return [
         "## Runs and costs",
         "",
