@@ -633,6 +633,8 @@ def test_the_verdict_figure_draws_each_tested_contrast_as_its_table_decides_it(t
     assert forest_figure(Verdicts([("one", {0: 1.0}, {0: 0.0})]), tmp_path, "x", "u", "t") == []
     box = "\n".join(verdict_box([("Q?", family)]))
     assert "**Q?** 1 of 2 tested contrasts are findings: big (**higher**" in box
+    gated = Verdicts([("small", small, zero), ("big", big, zero)], primary=True)
+    assert gated.summary().startswith("no finding (1 of 2 contrasts tested); small: not detected")
 
 
 # ------------------------------------------------------------------ knockout loss (v3 item 7)

@@ -118,13 +118,21 @@ class Verdicts:
         return rows
 
     def summary(self) -> str:
-        """How many contrasts of the family are findings, and which."""
-        found = [label for i, (label, _, _) in enumerate(self.cells)
-                 if self.adjusted.get(i, 1.0) < ALPHA]  # fmt: skip
-        tested = sum(1 for d in self.diffs if d is not None and d.n >= MIN_SEEDS)
+        """What the family found: its findings, or that there are none, with the first
+        tested contrast's verdict (the primary one under gatekeeping) and how many contrasts
+        were tested (gatekeeping tests none of the others after a null primary)."""
+        labels = [label for label, _, _ in self.cells]
+        tested = sorted(self.adjusted)
+        found = [labels[i] for i in tested if self.adjusted[i] < ALPHA]
+        if not tested:
+            return "nothing tested (fewer than 3 seeds in every contrast)"
         if not found:
-            return f"no finding among {tested} tested contrast{'s' * (tested != 1)}"
-        return f"{len(found)} of {tested} tested contrasts are findings: " + "; ".join(
+            first = labels[tested[0]]
+            return (
+                f"no finding ({len(tested)} of {len(labels)} contrasts tested); "
+                f"{first}: {self.words(first)}"
+            )
+        return f"{len(found)} of {len(tested)} tested contrasts are findings: " + "; ".join(
             f"{label} ({self.words(label)})" for label in found
         )
 
