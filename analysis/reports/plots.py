@@ -454,8 +454,8 @@ def forest(path: Path, rows: list[tuple], xlabel: str, title: str) -> str:
 
 def attention_maps(path: Path, groups: dict) -> str:
     """The recorded mean attention A_ij at the early queries of each variant's top heads by
-    λ₀ (its first seed): a row of heads per variant, one colour scale, 0 to the largest
-    weight."""
+    λ₀ (one seed: its first analysis): a row of heads per variant, one colour scale, 0 to
+    the largest weight."""
     panels = []
     for variant, runs in groups.items():
         rows = select(runs[0], "attention_early") if runs else []
@@ -476,10 +476,14 @@ def attention_maps(path: Path, groups: dict) -> str:
     for ax, (title, grid) in zip(axes.flat, panels, strict=False):
         image = ax.imshow(grid, vmin=0, vmax=top, cmap="magma", origin="upper")
         ax.set(xlabel="key j", ylabel="query i", title=title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.title.set_fontsize(9)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     if image is not None:
         fig.colorbar(image, ax=list(axes.flat), shrink=0.8, label="mean attention A_ij")
-    fig.suptitle("Early-query attention of the heads with the highest λ₀ (first seed)", fontsize=10)
+    fig.suptitle(
+        "Early-query attention of the heads with the highest λ₀ (one seed each)", fontsize=10
+    )
     return save(fig, path)

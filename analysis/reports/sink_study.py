@@ -115,6 +115,7 @@ def claim_c(study: Study, out: Path, families: list) -> list[str]:
         ("attention moved by the random-key control", headline("moved_mass", key="random"), False),
     )
     variants = study_variants(study)
+    groups = {v: study.groups[v] for v in variants}
     formed = [f"{sum(has_sink(s) for s in study.runs_of(v)):.0f} of {len(study.runs_of(v))}"
               for v in variants]  # fmt: skip
     rows = [["seeds with a sink", *formed]] + [
@@ -133,6 +134,11 @@ def claim_c(study: Study, out: Path, families: list) -> list[str]:
         "95% t-intervals.",
         "",
         *table(["", *variants], rows),
+        "",
+        f"![attention of the top heads]({plots.attention_maps(out / 'attention', groups)})",
+        "",
+        "Early-query attention of each variant's heads with the highest λ₀ (one seed each; "
+        "a sink is the bright column at key 0).",
         "",
     ]
     ref = study.runs_of(REFERENCE)
