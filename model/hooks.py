@@ -29,6 +29,13 @@ class HookPoint(nn.Module):
         for fn in self.fns:
             out = fn(x, self.name)
             if out is not None:
+                if not isinstance(out, torch.Tensor) or out.dtype != x.dtype:
+                    got = out.dtype if isinstance(out, torch.Tensor) else type(out).__name__
+                    raise TypeError(
+                        f"hook {getattr(fn, '__name__', fn)!r} on {self.name} returned {got}, "
+                        f"expected a {x.dtype} tensor (or None to keep the activation): "
+                        "return out.to(activation.dtype)"
+                    )
                 if out.shape != x.shape:
                     raise ValueError(
                         f"hook on {self.name} returned shape {tuple(out.shape)}, "

@@ -262,6 +262,45 @@ def test_the_python_api_refuses_what_the_config_file_refuses(values, field):
         ModelConfig(**values)
 
 
+@pytest.mark.parametrize("ids", [[1, 2, 30], [1, -2, 3]], ids=["above", "negative"])
+def test_token_ids_outside_the_vocabulary_are_named_by_the_python_api(ids):
+    from posleak.model import Decoder, ModelConfig
+
+    model = Decoder(ModelConfig(vocab_size=10, n_layer=1, n_head=2, d_model=8))
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 10\).*from -?\d+ to \d+"):
+        model(torch.tensor([ids]))
+
+
+@pytest.mark.parametrize("result", ["float64", "list"])
+def test_a_hook_returning_the_wrong_thing_is_named(result):
+    from posleak.model import Decoder, ModelConfig
+
+    model = Decoder(ModelConfig(vocab_size=10, n_layer=1, n_head=2, d_model=8))
+
+    def my_hook(pattern, name):
+        return pattern.double() if result == "float64" else [1]
+
+    expected = "torch.float64" if result == "float64" else "list"
+    with pytest.raises(
+        TypeError, match=f"hook 'my_hook' on blocks.0.attn.pattern returned {expected}"
+    ):
+        with model.hooks([("blocks.0.attn.pattern", my_hook)]):
+            model(torch.tensor([[1, 2, 3]]))
+
+
+@pytest.mark.parametrize(
+    ("args", "text"),
+    [(["--set", "model=3"], None), ([], "[[train]]\nsteps = 3\n")],
+    ids=["set-a-section", "array-of-tables"],
+)
+def test_a_section_given_a_value_is_named_as_a_section(tmp_path, capsys, args, text):
+    config = tiny_config(tmp_path)
+    if text:  # alone: beside the tiny config's [train] it would not even be TOML
+        config.write_text(text)
+    err = one_line_error(capsys, "train", config, *args, "--print-config", match="is a section")
+    assert "did you mean" not in err
+
+
 def test_a_head_dimension_of_two_builds_plain_rope():
     from posleak.model import Decoder, ModelConfig
 

@@ -279,6 +279,13 @@ def _sort_keys(values: dict) -> tuple[int, dict, list[str]]:
     seed = 0
     unknown = False
     for key, value in values.items():
+        if key in SECTIONS:  # a section given a value ([[train]], --set model=3)
+            what = "an array of tables ([[...]])" if isinstance(value, list) else repr(value)
+            problems.append(
+                f"{key!r} is a section, not a key, and was given {what}: set its keys one by "
+                f"one ([{key}] then name = value, or --set {key}.NAME=VALUE)"
+            )
+            continue
         if key not in keys:
             close = difflib.get_close_matches(key, keys, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
