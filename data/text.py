@@ -115,7 +115,8 @@ def hf_documents(name: str, config: str | None, split: str, field: str) -> Itera
         import datasets
     except ImportError:
         raise ImportError(
-            f"data source hf:{name} needs the optional extra: pip install 'posleak[hf]'"
+            f"data source hf:{name} needs the optional extra: pip install -e '.[hf]' in "
+            "posleak's clone"
         ) from None
     try:
         with _offline(not online, datasets):

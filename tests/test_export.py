@@ -201,3 +201,15 @@ def test_what_a_killed_export_left_is_removed_by_the_next_one_and_nothing_else(t
     export_hf(run, tmp_path / "hf")
     assert not killed.exists()
     assert fresh.exists() and live.exists() and users.exists()
+
+
+def test_an_export_into_a_folder_that_does_not_exist_yet_makes_it(tmp_path):
+    """As `train --out` does; before, the error named the export's temporary file."""
+    run = tmp_path / "run"
+    train(build(tiny_overrides(data__source="bible")), run)
+    out = export_hf(run, tmp_path / "new" / "deeper" / "hf")
+    assert (out / "model.safetensors").is_file()
+    pytest.importorskip("gguf", reason="the hf extra is not installed")
+    from posleak.train.export import export_gguf
+
+    assert export_gguf(run, tmp_path / "other" / "m.gguf", "F32").is_file()

@@ -68,6 +68,21 @@ def test_a_corrupt_last_checkpoint_is_moved_aside_and_rewritten(tmp_path, capsys
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_file_where_corrupt_checkpoints_go_is_named_and_nothing_is_moved(tmp_path, capsys):
+    config = tiny_config(tmp_path)
+    run = tmp_path / "run"
+    assert cli(capsys, "train", config, "--out", run)[0] == 0
+    (run / "checkpoints" / "corrupt").write_text("mine")
+    damaged = checkpoint.step_dir(run / "checkpoints", 12) / "model.safetensors"
+    truncate(damaged)
+    size = damaged.stat().st_size
+    err = one_line_error(capsys, "train", config, "--out", run, "--resume", match="is a file")
+    assert "move it away, then resume again" in err
+    assert (
+        run / "checkpoints" / "corrupt"
+    ).read_text() == "mine" and damaged.stat().st_size == size
+
+
 def test_every_kept_checkpoint_corrupt_restarts_and_ends_with_usable_ones(tmp_path, capsys):
     config = tiny_config(tmp_path)
     run = tmp_path / "run"

@@ -309,7 +309,7 @@ def test_bad_pretrained_input_gets_one_line(models, target, message, capsys):
 def test_without_transformers_the_command_says_how_to_install_it(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "transformers", None)  # import fails as if absent
     assert main(["analyze", "hf:any/model", "--seqs", "4"]) == 2
-    assert "pip install 'posleak[hf]'" in capsys.readouterr().err
+    assert "pip install -e '.[hf]' in posleak's clone" in capsys.readouterr().err
 
 
 def test_an_exported_run_analysed_through_transformers_gives_the_runs_numbers(tmp_path):

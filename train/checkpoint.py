@@ -125,6 +125,11 @@ def quarantine(path: Path, reason: Exception) -> Path:
     """Move an unusable checkpoint to checkpoints/corrupt/ (never counted, never pruned)."""
     path = Path(path)
     dest = path.parent / "corrupt" / f"{path.name}-{int(time.time())}"
+    if dest.parent.exists() and not dest.parent.is_dir():
+        raise FileExistsError(
+            f"{dest.parent} is a file, where posleak moves unusable checkpoints (a folder): "
+            f"move it away, then resume again ({path} could not be used: {reason})"
+        )
     dest.parent.mkdir(exist_ok=True)
     os.rename(path, dest)
     warnings.warn(f"unusable checkpoint moved to {dest}: {reason}", stacklevel=2)

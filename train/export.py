@@ -25,7 +25,13 @@ from safetensors.torch import save_file
 
 from posleak.data import ByteTokenizer
 from posleak.data.batches import SYNTHETIC
-from posleak.files import refuse_link, remove_stale_temporaries, share, temporary_prefix
+from posleak.files import (
+    refuse_link,
+    remove_stale_temporaries,
+    safe_dir,
+    share,
+    temporary_prefix,
+)
 from posleak.model import Decoder
 from posleak.train.config import RunConfig
 from posleak.train.rundir import RunDir
@@ -115,7 +121,7 @@ def byte_level_chars() -> list[str]:
 
 def export_hf(run: str | Path, out: str | Path) -> Path:
     if importlib.util.find_spec("transformers") is None:
-        raise ExportError("export needs transformers: pip install 'posleak[hf]'")
+        raise ExportError("export needs transformers: pip install -e '.[hf]' in posleak's clone")
     out = Path(out)
     check_out(Path(run), out)
     model, cfg, state = RunDir(run).load_model()
@@ -124,6 +130,7 @@ def export_hf(run: str | Path, out: str | Path) -> Path:
         raise ExportError(f"cannot export {run}: {why}")
     bytes_vocab = _byte_vocabulary(cfg, model)
     special = _special_ids() if bytes_vocab else {}
+    safe_dir(out.parent, "--out's folder")  # made if missing, as a run's folder is
     remove_stale_temporaries(out)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=temporary_prefix(out)))
     try:
@@ -256,7 +263,9 @@ def export_gguf(run: str | Path, out: str | Path, quant: str) -> Path:
     matrix whose rows fill whole quantisation blocks in `quant`, norms in F32. q and k rows
     are stored in llama.cpp's order (transformers' GGUF loader undoes it). Written atomically."""
     if importlib.util.find_spec("gguf") is None:
-        raise ExportError("a GGUF export needs the gguf package: pip install 'posleak[hf]'")
+        raise ExportError(
+            "a GGUF export needs the gguf package: pip install -e '.[hf]' in posleak's clone"
+        )
     import gguf
 
     if quant not in GGUF_TYPES:
@@ -279,6 +288,7 @@ def export_gguf(run: str | Path, out: str | Path, quant: str) -> Path:
     if why:
         raise ExportError(f"cannot export {run}: {why}")
     m, kind = model.cfg, gguf.GGMLQuantizationType[quant]
+    safe_dir(out.parent, "--out's folder")  # made if missing, as a run's folder is
     remove_stale_temporaries(out)
     tmp = out.with_name(temporary_prefix(out) + secrets.token_hex(4))
     writer = gguf.GGUFWriter(str(tmp), "llama")

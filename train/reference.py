@@ -55,7 +55,7 @@ class TransformersLlama(nn.Module):
     """transformers' LlamaForCausalLM at posleak's shape, with the config `posleak export`
     writes (RMSNorm, SwiGLU at the same width, RoPE at the same base, no biases, the same
     embedding tying), on SDPA attention: what a user would train instead of posleak. Needs
-    the hf extra (pip install 'posleak[hf]')."""
+    the hf extra (pip install -e '.[hf]' in posleak's clone)."""
 
     def __init__(self, cfg, T: int):
         super().__init__()

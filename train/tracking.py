@@ -19,8 +19,8 @@ def require_wandb():
         import wandb
     except ImportError:
         raise RuntimeError(
-            "log.wandb = true needs the wandb package: pip install 'posleak[wandb]' "
-            "(or set log.wandb = false)"
+            "log.wandb = true needs the wandb package: pip install -e '.[wandb]' in posleak's "
+            "clone (or set log.wandb = false)"
         ) from None
     return wandb
 

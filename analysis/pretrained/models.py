@@ -39,7 +39,7 @@ def _transformers():
         import transformers
     except ImportError:
         raise ValueError(
-            "analysing an hf: model needs transformers: pip install 'posleak[hf]'"
+            "analysing an hf: model needs transformers: pip install -e '.[hf]' in posleak's clone"
         ) from None
     return transformers
 
