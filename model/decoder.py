@@ -240,15 +240,15 @@ class Decoder(nn.Module):
         """tokens (B, T) -> the final normalised states (B, T, d): the forward pass without
         the output projection, for passes that read activations and need no logits."""
         _, T = tokens.shape
-        if tokens.device.type == "cpu" and not torch.compiler.is_compiling() and tokens.numel():
-            low, high = torch.aminmax(tokens)  # on the CPU a check costs no synchronisation
-            if low < 0 or high >= self.cfg.vocab_size:
-                raise ValueError(
-                    f"token ids must be in [0, {self.cfg.vocab_size}) for this model's "
-                    f"vocabulary, got ids from {int(low)} to {int(high)}: encode with the "
-                    "model's own tokenizer"
-                )
-        x = self.scheme.embed(self, self.hook_embed(self.embed_tokens(tokens)))  # (B, T, d)
+        try:  # checked only when the lookup fails: the forward reads nothing back to the host
+            embedded = self.embed_tokens(tokens)
+        except IndexError:
+            raise ValueError(
+                f"token ids must be in [0, {self.cfg.vocab_size}) for this model's vocabulary, "
+                f"got ids from {int(tokens.min())} to {int(tokens.max())}: encode with the "
+                "model's own tokenizer"
+            ) from None
+        x = self.scheme.embed(self, self.hook_embed(embedded))  # (B, T, d)
         rope, bias = self._positional(T, tokens.device)
         windowed = self.cfg.window is not None and self.cfg.window < T
         visible = attention_mask(T, self.cfg.window, tokens.device) if windowed else None

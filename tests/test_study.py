@@ -39,14 +39,14 @@ def posleak(*args, **kwargs):
 
 
 def sweep_and_report(tmp_path, spec: str) -> tuple[str, Path]:
-    """Sweep `spec` at --jobs 2, write `posleak study`'s report on 8 sequences: its text and
-    the sweep folder."""
+    """Sweep `spec` at --jobs 2, write `posleak study`'s report on 8 sequences (its analyses
+    two at a time too): its text and the sweep folder."""
     sweep = tmp_path / "sweep.toml"
     sweep.write_text(spec)
     out = tmp_path / "sweep"
     done = posleak("sweep", sweep, "--out", out, "--jobs", "2")
     assert done.returncode == 0, done.stderr[-2000:]
-    report = posleak("study", out, "--out", tmp_path / "report", "--seqs", "8")
+    report = posleak("study", out, "--out", tmp_path / "report", "--seqs", "8", "--jobs", "2")
     assert report.returncode == 0, report.stderr[-2000:]
     return (tmp_path / "report" / "report.md").read_text(), out
 

@@ -79,7 +79,7 @@ def test_an_offline_run_logs_every_metric_and_the_full_config(tmp_path, monkeypa
 
 def test_a_missing_wandb_is_reported_before_the_run_directory_exists(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)
-    with pytest.raises(RuntimeError, match="pip install 'posleak\\[wandb\\]'"):
+    with pytest.raises(RuntimeError, match="pip install -e '.\\[wandb\\]' in posleak's clone"):
         train(build(tiny_overrides(log__wandb=True)), tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
