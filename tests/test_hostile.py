@@ -824,6 +824,26 @@ def test_an_analysis_does_not_need_the_runs_summary_and_says_so_when_it_is_damag
     assert summary["val_loss"] is None and summary["headline"]
 
 
+def test_a_run_another_process_holds_is_left_to_it_not_failed(tmp_path, capsys):
+    """Two sweeps on one folder: the runs the other one holds (its live lock) are reported as
+    held by that process and left alone, not as failures of their own."""
+    import socket
+
+    path = sweep(tmp_path, "seeds = [0, 1]\n[variants.rope]\n")
+    out = tmp_path / "s"
+    assert cli(capsys, "sweep", path, "--print-commands", "--out", out)[0] == 0  # plans runs
+    held = sorted(p for p in out.iterdir() if (out / "configs" / f"{p.name}.toml").exists())[0]
+    lock = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+    held.mkdir(exist_ok=True)
+    (held / ".lock").write_text(json.dumps(lock))  # this test's process: alive
+    code, err = cli(capsys, "sweep", path, "--out", out)
+    assert code == 1 and f"{held.name}: held: in use by pid {os.getpid()}" in err, err
+    assert "failed" not in err and not (held / "checkpoints").exists()
+    others = [p for p in out.iterdir() if p.is_dir() and p.name not in ("configs", held.name)]
+    assert len(others) == 1 and (others[0] / "summary.json").exists()
+    assert json.loads((held / ".lock").read_text()) == lock  # not taken, not removed
+
+
 def test_a_damaged_run_file_fails_its_run_not_the_sweep(tmp_path, capsys):
     path = sweep(tmp_path, "seeds = [0, 1]\n[variants.rope]\n")
     out = tmp_path / "s"

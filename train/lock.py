@@ -116,6 +116,21 @@ class RunLock:
         self.held = False
 
 
+def holder(run_dir: Path) -> dict | None:
+    """The owner of run_dir's lock while it may still hold it ({host, pid, ...}): a live
+    process here, or any process on another host (which cannot be checked from here); None
+    for no lock, or one whose process here is gone."""
+    try:
+        owner = _parse((Path(run_dir) / ".lock").read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if owner is None:
+        return None  # unreadable: whoever runs it next names it
+    if owner["host"] == socket.gethostname() and not _alive(owner["pid"]):
+        return None
+    return owner
+
+
 def _parse(text: str) -> dict | None:
     try:
         owner = json.loads(text)

@@ -61,6 +61,7 @@ from posleak.train.config import (
     read_toml,
     read_toml_file,
 )
+from posleak.train.lock import holder
 from posleak.train.loop import PARENT_ENV
 from posleak.train.rundir import RunDir, RunDirError
 
@@ -233,6 +234,14 @@ class Executor:
             run.status = "done"
             return
         if self.stopping:
+            return
+        owner = holder(out)
+        if owner is not None:  # another sweep (or a train) has it: not a failure of this run
+            run.status = "held"
+            run.error = (
+                f"in use by pid {owner['pid']} on {owner['host']} (another sweep or train): "
+                "left to it; run this sweep again once it is done"
+            )
             return
         out.mkdir(parents=True, exist_ok=True)
         env = {
