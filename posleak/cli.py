@@ -161,8 +161,9 @@ def _study(p: argparse.ArgumentParser) -> None:
         "--report",
         choices=["auto", "text", "sinks", "light-cone"],
         default="auto",
-        help="which study's report (default auto: light-cone when runs train on "
-        "document-aligned crops, sinks on Bigram-Backcopy, else text)",
+        help="which study's report (default auto: the sweep file's [study] report; for a "
+        "sweep without one, light-cone when runs train on document-aligned crops, sinks on "
+        "Bigram-Backcopy, else text)",
     )
 
 

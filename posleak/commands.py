@@ -165,7 +165,7 @@ def sweep(args: argparse.Namespace) -> int:
             print(to_toml(build(r.values)) if r.error is None else "", flush=True)
         return 0
     owned_dir(sweep_dir, "sweep folder", lambda folder: (folder / "configs").is_dir())
-    sweeps.write_plan(sweep_dir, runs)
+    sweeps.write_plan(sweep_dir, runs, spec.get("study", {}))
     if args.print_commands:
         for r in runs:
             if r.error is None:
@@ -268,21 +268,17 @@ def study(args: argparse.Namespace) -> int:
 
 
 def _study(args: argparse.Namespace) -> int:
-    from posleak.analysis.reports import light_cone, sink_study
-    from posleak.analysis.reports import study as studies
+    from posleak.analysis.reports import light_cone, sink_study, text_study
+    from posleak.analysis.reports.study import Study, roles_of
 
-    kind = args.report
-    if kind == "auto" and light_cone.is_light_cone_sweep(Path(args.sweep)):
-        kind = "light-cone"
-    if kind == "light-cone":
-        cone = light_cone.LightCone(Path(args.sweep), args.seqs, args.jobs)
+    roles = roles_of(Path(args.sweep), args.report)
+    if roles.report == "light-cone":
+        cone = light_cone.LightCone(Path(args.sweep), args.seqs, args.jobs, roles)
         print(f"report: {light_cone.write_report(cone, Path(args.out))}")
         return 0
-    found = studies.Study(Path(args.sweep), args.seqs, args.jobs)
-    if kind == "auto":
-        kind = "sinks" if sink_study.is_sink_sweep(found) else "text"
-    report = (sink_study if kind == "sinks" else studies).write_report(found, Path(args.out))
-    print(f"report: {report}")
+    found = Study(Path(args.sweep), args.seqs, args.jobs, roles)
+    writer = sink_study if roles.report == "sinks" else text_study
+    print(f"report: {writer.write_report(found, Path(args.out))}")
     return 0
 
 

@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import blank_one_head_model, tiny_overrides
+from conftest import blank_one_head_model, collect, keep, tiny_overrides
 
 from posleak.analysis.engine.analyze import Options, analysis_of, analyze
-from posleak.analysis.engine.collect import collect, keep
 from posleak.analysis.engine.folder import AnalysisDir
 from posleak.analysis.engine.records import FIELDS, read
 from posleak.analysis.maths import measures, probe
@@ -900,7 +899,7 @@ def test_reuse_requires_the_checkpoint_the_run_holds_now(tmp_path):
     """An analysis is reused only of the checkpoint it read: a run resumed to a later step,
     or retrained in the same folder, is analysed again (it used to be reported with the old
     step's numbers)."""
-    from posleak.analysis.reports.compare import is_current
+    from posleak.analysis.engine.reuse import is_current
 
     run = tmp_path / "rope-s0"
     train(build(tiny_overrides(train__steps=8)), run)

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides, write_config
+from conftest import deterministic_metrics, tiny_overrides, write_config
 
 from posleak.model import ConfigError
 from posleak.train.config import build, presets, read_toml
-from posleak.train.loop import Run, deterministic_metrics
+from posleak.train.loop import Run
 from posleak.train.sweep import Executor, expand, read_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -212,3 +212,34 @@ def test_set_applies_to_every_run_last_and_keeps_a_smoke_sweep_in_its_own_folder
         "sweep", path, "--set", "train.steps=3", "--dry-run", "--out", tmp_path / "smoke"
     )
     assert "to train: 0 tokens" in finished.stdout  # what is done costs nothing
+
+
+def test_the_study_table_names_variants_and_reaches_the_sweep_folder(tmp_path):
+    from posleak.analysis.reports.study import roles_of
+
+    body = VARIANTS + '[study]\nreport = "text"\nreference = "rope"\ncontrol = "nope"\n'
+    out = tmp_path / "sweep"
+    made = posleak("sweep", sweep_file(tmp_path, body), "--out", out, "--print-commands")
+    assert made.returncode == 0, made.stderr
+    roles = roles_of(out)
+    assert (roles.report, roles["reference"], roles.get("window")) == ("text", "rope", None)
+    with pytest.raises(KeyError, match=r"roles: \['control', 'reference'\]"):
+        roles["refernce"]
+    # a role naming no variant fails when the sweep file is read, in one line
+    for role, value in (("reference", '"rpoe"'), ("pairs", '[["rope", "nop"]]')):
+        bad = sweep_file(tmp_path, VARIANTS + f"[study]\n{role} = {value}\n")
+        result = posleak("sweep", bad, "--out", tmp_path / "bad", "--dry-run")
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        said = f"study.{role} must name variants of this sweep, got "
+        assert said in result.stderr and "variants: ['nope', 'rope']" in result.stderr
+    # what the study reads: an unknown report, a report missing its required role
+    (out / "study.json").write_text(json.dumps({"report": "txet"}))
+    with pytest.raises(ValueError, match=r"'txet' is not a report; give one of \['text'"):
+        roles_of(out)
+    (out / "study.json").write_text(json.dumps({"report": "text", "control": "nope"}))
+    with pytest.raises(ValueError, match='needs the role reference .* reference = "rope"'):
+        roles_of(out)
+    # a folder planned before sweeps kept their table reads as it did: text, usual roles
+    (out / "study.json").unlink()
+    assert roles_of(out).report == "text" and roles_of(out)["control"] == "sink"
+    assert roles_of(out, "sinks")["nobos"] == "rope-nobos"  # a report asked for by name

@@ -19,6 +19,9 @@ a grid over any other keys:
     train.lr = [1e-3, 3e-3]
     [set]                           # optional: overrides for every run
     train.steps = 300
+    [study]                         # optional: the variants' roles in `posleak study`
+    report = "text"                 # which report (text, sinks, light-cone)
+    reference = "rope"              # a role names a variant, a list of them, or pairs
 
 Each run gets a readable, deterministic name (variant, grid values, seed and a short hash
 of its resolved config) and its own directory under the sweep directory. Every run is an
@@ -65,7 +68,8 @@ from posleak.train.lock import holder
 from posleak.train.loop import PARENT_ENV
 from posleak.train.rundir import RunDir, RunDirError
 
-SWEEP_KEYS = {"name", "base", "seeds", "variants", "grid", "set"}
+SWEEP_KEYS = {"name", "base", "seeds", "variants", "grid", "set", "study"}
+STUDY_FILE = "study.json"  # the sweep's [study] table, in the sweep folder
 PROGRESS_EVERY_S = 30.0  # a progress line between runs' "done" lines
 SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -139,6 +143,30 @@ def spec_problems(spec: dict) -> list[str]:
         out.append(f"base must be the path of a config file, got {spec.get('base')!r}")
     if "name" in spec and (why := _unsafe(spec["name"])):
         out.append(f"sweep name {spec['name']!r} {why}")
+    if isinstance(variants, dict):
+        out += study_problems(spec.get("study", {}), set(variants))
+    return out
+
+
+def study_problems(study, variants: set[str]) -> list[str]:
+    """The [study] table: `report` a string, every other key a role naming variants of this
+    sweep (one, a list, or a list of pairs): a misspelt role fails here, not in the report."""
+    if not isinstance(study, dict):
+        return [f"study must be a table ([study] followed by roles), got {study!r}"]
+    out = []
+    for role, value in study.items():
+        if role == "report":
+            if not isinstance(value, str):
+                out.append(f"study.report must be a report's name, got {value!r}")
+            continue
+        names = value if isinstance(value, list) else [value]
+        names = [n for item in names for n in (item if isinstance(item, list) else [item])]
+        unknown = [n for n in names if n not in variants]
+        if not names or unknown:
+            out.append(
+                f"study.{role} must name variants of this sweep, got {value!r}; "
+                f"variants: {sorted(variants)}"
+            )
     return out
 
 
@@ -194,9 +222,11 @@ def planned(spec: dict) -> Iterator[PlannedRun]:
                 yield run
 
 
-def write_plan(sweep_dir: Path, runs: list[PlannedRun]) -> None:
-    """One config file per run under sweep_dir/configs/ (what each command trains) and a
-    sweep.json label in each run directory (its variant name, for the analysis)."""
+def write_plan(sweep_dir: Path, runs: list[PlannedRun], study: dict) -> None:
+    """One config file per run under sweep_dir/configs/ (what each command trains), a
+    sweep.json label in each run directory (its variant name, for the analysis) and the
+    sweep's [study] table as study.json (the variants' roles, for `posleak study`)."""
+    atomic_write(sweep_dir / STUDY_FILE, json.dumps(study, sort_keys=True) + "\n")
     configs = sweep_dir / "configs"
     configs.mkdir(parents=True, exist_ok=True)
     for run in runs:
@@ -211,6 +241,21 @@ def write_plan(sweep_dir: Path, runs: list[PlannedRun]) -> None:
         label = {"variant": run.variant, "seed": run.seed, "grid": run.grid}
         (sweep_dir / run.name).mkdir(exist_ok=True)
         RunDir(sweep_dir / run.name).write("sweep.json", json.dumps(label) + "\n")
+
+
+def read_study(sweep_dir: Path) -> dict | None:
+    """The [study] table a sweep folder was planned with ({} when the sweep file had none;
+    None for a folder planned before sweeps recorded it)."""
+    path = Path(sweep_dir) / STUDY_FILE
+    if not path.exists():
+        return None
+    try:
+        study = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RunDirError(f"{path} is damaged ({err}): run the sweep command again") from None
+    if not isinstance(study, dict):
+        raise RunDirError(f"{path} is not a table: run the sweep command again")
+    return study
 
 
 def command(sweep_dir: Path, run: PlannedRun) -> list[str]:

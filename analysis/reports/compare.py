@@ -13,12 +13,12 @@ import json
 import os
 from pathlib import Path
 
-from posleak.analysis import stages
 from posleak.analysis.engine import provenance
 from posleak.analysis.engine.batch import analyse_all
 from posleak.analysis.engine.folder import AnalysisDir
 from posleak.analysis.engine.options import Options
 from posleak.analysis.engine.records import mean_std
+from posleak.analysis.engine.reuse import current_in
 from posleak.analysis.maths.measures import DEFINITIONS
 from posleak.analysis.maths.seeds import MIN_SEEDS, holm, mean_interval, paired_difference
 from posleak.analysis.reports import results
@@ -75,30 +75,6 @@ def contrast_window_of(runs: list[Path]) -> int | None:
     return windows.pop() if len(windows) == 1 else None
 
 
-def is_current(summary: dict, opts: Options | None) -> bool:
-    """An analysis is reused when made under today's definitions by today's stages, of the
-    checkpoint the run holds now (its step and weights digest: a run resumed or retrained
-    since is analysed again) and, where `opts` is given, with exactly those options (a study
-    states the options its report used)."""
-    return (
-        summary.get("definitions") == DEFINITIONS
-        and (opts is None or Options.of_summary(summary) == opts)
-        and summary.get("stages") == stages.enabled(Options.of_summary(summary))
-        and same_checkpoint(summary)
-    )
-
-
-def same_checkpoint(summary: dict) -> bool:
-    """Whether the run an analysis was made of still holds the checkpoint it read (always
-    true of an analysis without a posleak run around it: a pretrained model's)."""
-    run = RunDir(summary.get("run") or "")
-    if not run.config_file.exists():
-        return True
-    step = Options.of_summary(summary).step
-    now = run.checkpoint_identity(step)
-    return now is not None and now == (summary.get("step"), summary.get("checkpoint_digest"))
-
-
 def load_groups(
     runs: list[Path], opts: Options, exact: bool = False, jobs: int = 1
 ) -> tuple[dict, dict]:
@@ -110,9 +86,7 @@ def load_groups(
     folders, todo = [], []
     for run in runs:
         folder = AnalysisDir(run if AnalysisDir.is_analysis(run) else run / "analysis")
-        current = folder.summary_file.exists() and is_current(
-            folder.read_summary(), opts if exact else None
-        )
+        current = current_in(folder, opts if exact else None)
         if not current and folder.path == run:
             raise ValueError(
                 f"{run} was analysed with other definitions or options: analyse its run again"

@@ -16,16 +16,14 @@ import statistics
 from pathlib import Path
 
 from posleak.analysis.engine import provenance
-from posleak.analysis.engine.batch import analyse_all
 from posleak.analysis.engine.folder import AnalysisDir
 from posleak.analysis.engine.options import Options
 from posleak.analysis.maths.measures import DEFINITIONS
 from posleak.analysis.maths.seeds import mean_interval, paired_difference
 from posleak.analysis.reports import compare, plots, results
-from posleak.analysis.reports.study import loss_curves
-from posleak.analysis.reports.verdicts import Verdicts, forest_figure, verdict_box
+from posleak.analysis.reports.study import Roles, SweepStudy, loss_curves, write_sections
+from posleak.analysis.reports.verdicts import Verdicts, forest_figure
 from posleak.analysis.stages.bands import cone_band
-from posleak.files import atomic_write, owned_dir
 from posleak.model.rope import ntk_base, turning_pairs
 from posleak.report import number, table
 from posleak.train.rundir import RunDir
@@ -33,11 +31,6 @@ from posleak.train.rundir import RunDir
 STAGES = ("probe", "bands")  # what the report reads
 NTK_SCALES = (1.0, 2.0, 4.0, 8.0)  # at inference, at 4x the training length (1: the base)
 TRAINED, STEP0 = "light-cone", "light-cone-step0"
-PAIRS = (  # (window, full attention): the same scheme with and without the window
-    ("swa", "rope"),
-    ("nope-swa", "nope"),
-)
-DATA = ("doc", "rand")  # variant suffixes: crops aligned to a document start, random crops
 BEYOND = "band_c_res_content_beyond"  # signed C², layers >= 1: what the seeds are tested on
 
 
@@ -52,30 +45,25 @@ class Run:
     train_seconds: float
 
 
-class LightCone:
-    """The finished runs of a light-cone sweep and their analyses, made where missing."""
+class LightCone(SweepStudy):
+    """The finished runs of a light-cone sweep and their analyses, made where missing. Its
+    families come from the sweep's [study] table: `window_pairs` (window, full attention)
+    and `ntk_pairs` (NTK, plain RoPE), the primary pair first."""
 
-    def __init__(self, sweep_dir: Path, seqs: int, jobs: int = 1):
-        self.sweep_dir, self.seqs = Path(sweep_dir), seqs
-        paths = [p for p in compare.find_runs([str(sweep_dir)]) if RunDir(p).summary()]
-        if not paths:
-            raise FileNotFoundError(f"{sweep_dir} holds no finished runs yet")
-        self.window = compare.contrast_window_of(paths)
+    def __init__(self, sweep_dir: Path, seqs: int, jobs: int = 1, roles: Roles | None = None):
+        super().__init__(sweep_dir, seqs, jobs, roles)
         if self.window is None:
             raise ValueError(
                 f"{sweep_dir} has no windowed runs sharing one window: the light-cone report "
                 "needs them (configs/sweeps/light_cone.toml)"
             )
-        self.runs = [describe(p) for p in paths]
-        self.config = RunDir(paths[0]).read_config()[0]
-        todo = []
-        for run in self.runs:
-            for name, opts in self.analyses(run):
-                folder = AnalysisDir(run.path / name)
-                made = folder.summary_file.exists()
-                if not (made and compare.is_current(folder.read_summary(), opts)):
-                    todo.append((run.path, opts, folder.path))
-        analyse_all(todo, jobs, "light cone")
+        self.pairs = [tuple(p) for p in self.roles["window_pairs"]]
+        self.ntk_pairs = [tuple(p) for p in self.roles.get("ntk_pairs") or []]
+        self.runs = [describe(p) for p in self.paths]
+        self.config = RunDir(self.paths[0]).read_config()[0]
+        wanted = [(run.path, opts, run.path / name) for run in self.runs
+                  for name, opts in self.analyses(run)]  # fmt: skip
+        self.make(wanted, "light cone")
         self.summaries = {
             (run.variant, run.seed, name): AnalysisDir(run.path / name).read_summary()
             for run in self.runs
@@ -94,7 +82,20 @@ class LightCone:
 
     @property
     def variants(self) -> list[str]:
-        return sorted({r.variant for r in self.runs}, key=variant_order)
+        """Every variant, grouped by its name's last part (`-doc`, `-rand`) in the order the
+        pairs give, then by name."""
+        suffixes = list(dict.fromkeys(v.rsplit("-", 1)[-1] for p in self.pairs for v in p))
+
+        def order(variant: str) -> tuple:
+            suffix = variant.rsplit("-", 1)[-1]
+            return (suffixes.index(suffix) if suffix in suffixes else len(suffixes), variant)
+
+        return sorted({r.variant for r in self.runs}, key=order)
+
+    def at_four_times(self, variant: str) -> bool:
+        """Whether the variant is plain full-attention RoPE: the runs analysed at 4x T."""
+        return any(r.position == "rope" and r.window is None for r in self.runs
+                   if r.variant == variant)  # fmt: skip
 
     def per_seed(self, variant: str, name: str, number_name: str) -> dict:
         """{seed: one declared number} of a variant's analyses called `name`."""
@@ -112,22 +113,8 @@ class LightCone:
         ]
 
 
-def is_light_cone_sweep(sweep_dir: Path) -> bool:
-    """A sweep some of whose runs train on document-aligned crops (the text and sink studies
-    never do)."""
-    return any(
-        RunDir(config.parent).read_config()[0].data.align == "document"
-        for config in sweep_dir.glob("*/config.toml")
-    )
-
-
 def ntk_name(scale: float) -> str:
     return f"light-cone-4x-s{scale:g}"
-
-
-def variant_order(variant: str) -> tuple:
-    data = variant.rsplit("-", 1)[-1]
-    return (DATA.index(data) if data in DATA else len(DATA), variant)
 
 
 def describe(path: Path) -> Run:
@@ -147,16 +134,6 @@ def describe(path: Path) -> Run:
 
 
 # ---------------------------------------------------------------- the report
-def write_report(study: LightCone, out: Path) -> Path:
-    owned_dir(out, "report folder", compare.has_report)
-    study.families = []  # (question, Verdicts) of each claim, as its section decides it
-    lines = []
-    for section in (training, figures, frontier_growth, window_against_full, ntk):
-        lines += [*section(study, out), ""]
-    lines = [*header(study, out), "", *verdict_box(study.families), *lines]
-    report = out / "report.md"
-    atomic_write(report, "\n".join(lines).rstrip() + "\n")
-    return report
 
 
 def header(study: LightCone, out: Path) -> list[str]:
@@ -176,13 +153,12 @@ def header(study: LightCone, out: Path) -> list[str]:
             f"{before} complete a turn within {T} positions at base {base:g} and {after} at "
             f"NTK's base {ntk_base(base, scale, d_head):.4g}, so it moves {before - after}."
         )
-    planned = len(list((study.sweep_dir / "configs").glob("*.toml")))
     return [
         "# The light-cone study: claim (a) where it can show",
         "",
         f"Generated by `posleak study --report light-cone` (sweep `{study.sweep_dir.name}`, "
         f"{study.seqs} held-out sequences per analysis) from {len(study.runs)} finished runs "
-        f"(of {planned} planned) in {len(study.variants)} variants; definitions version "
+        f"(of {study.planned} planned) in {len(study.variants)} variants; definitions version "
         f"{DEFINITIONS} ({compare.definitions_link(out)}). Made by "
         f"{provenance.line(provenance.provenance())}",
         "",
@@ -251,9 +227,7 @@ def figures(study: LightCone, out: Path) -> list[str]:
 
 def frontier_growth(study: LightCone, out: Path) -> list[str]:
     w, L = study.window, study.config.model["n_layer"]
-    windowed = [  # the primary cell first: RoPE's window, where position is in the text
-        f"{w_}-{data}" for data in DATA for w_, _ in PAIRS if f"{w_}-{data}" in study.variants
-    ]
+    windowed = [a for a, _ in study.pairs if a in study.variants]  # the primary first
     slope = "band_frontier_slope"
     rows = []
     for v in study.variants:
@@ -319,10 +293,9 @@ def frontier_growth(study: LightCone, out: Path) -> list[str]:
         + (", ".join(f"`{v}` {interval(step0[v])}" for v in climbing) or "none")
         + f", against the cone's {cone:.3g}; full attention at step 0: "
         + ", ".join(
-            f"`{f}-{d}` {level(study, f'{f}-{d}', STEP0, slope)}"
-            for d in DATA
-            for _, f in PAIRS[:1]
-            if f"{f}-{d}" in study.variants
+            f"`{f}` {level(study, f, STEP0, slope)}"
+            for f in dict.fromkeys(f for _, f in study.pairs)
+            if f in study.variants and study.at_four_times(f)
         )
         + "."
     ]
@@ -341,11 +314,9 @@ def frontier_growth(study: LightCone, out: Path) -> list[str]:
 def window_against_full(study: LightCone, out: Path) -> list[str]:
     w = study.window
     cells, beside = [], []
-    for data in DATA:  # the primary contrast first: RoPE, where position matters
-        for windowed, full in PAIRS:
-            a, b = f"{windowed}-{data}", f"{full}-{data}"
-            if a in study.variants and b in study.variants:
-                add_contrast(study, a, b, cells, beside)
+    for a, b in study.pairs:  # the primary contrast first
+        if a in study.variants and b in study.variants:
+            add_contrast(study, a, b, cells, beside)
     family = Verdicts(cells, primary=True)
     probe_rows = [
         [
@@ -391,14 +362,12 @@ def window_against_full(study: LightCone, out: Path) -> list[str]:
 
 def ntk(study: LightCone, out: Path) -> list[str]:
     cells, beside = [], []
-    for data in DATA:
-        a, b = f"ntk-{data}", f"rope-{data}"
+    for a, b in study.ntk_pairs:
         if a in study.variants and b in study.variants:
             add_contrast(study, a, b, cells, beside)
     top = max(NTK_SCALES)
-    for data in DATA:
-        v = f"rope-{data}"
-        if v in study.variants:
+    for v in dict.fromkeys(b for _, b in study.ntk_pairs):
+        if v in study.variants and study.at_four_times(v):
             cells.append(
                 (
                     f"`{v}` at 4T, s = {top:g} − s = 1",
@@ -412,7 +381,7 @@ def ntk(study: LightCone, out: Path) -> list[str]:
     scale_rows = [
         [v, *(level(study, v, ntk_name(s), BEYOND) for s in NTK_SCALES)]
         for v in study.variants
-        if v.startswith("rope-")
+        if study.at_four_times(v)
     ]
     lines = [
         "## 3. Does NTK suppress the residual part?",
@@ -509,3 +478,10 @@ def interval(found, digits: int = 3) -> str:
 
 def difference(d) -> str:
     return "–" if d is None else interval((d.mean, d.lo, d.hi, d.n))
+
+
+SECTIONS = (training, figures, frontier_growth, window_against_full, ntk)
+
+
+def write_report(study: LightCone, out: Path) -> Path:
+    return write_sections(study, out, header, SECTIONS)

@@ -20,40 +20,37 @@ from posleak.analysis.engine.records import finite_mean
 from posleak.analysis.maths.measures import DEFINITIONS
 from posleak.analysis.maths.seeds import mean_interval, paired_difference
 from posleak.analysis.reports import compare, plots, results
-from posleak.analysis.reports.study import (
+from posleak.analysis.reports.bos_shares import (
     BROKEN_NATS,
     PARTS_V4,
-    Study,
-    by_records,
     family_sentence,
-    fingerprint_bos_max,
-    headline,
     intact_signal_rows,
-    level,
-    loss_curves,
-    per_seed,
     removed_by_seed,
     share_cell,
     signal_over_floor,
     swap_passes,
+)
+from posleak.analysis.reports.study import (
+    Study,
+    by_records,
+    fingerprint_bos_max,
+    headline,
+    level,
+    loss_curves,
+    per_seed,
+    write_sections,
     zeros,
 )
-from posleak.analysis.reports.verdicts import Verdicts, forest_figure, verdict_box
+from posleak.analysis.reports.verdicts import Verdicts, forest_figure
 from posleak.analysis.stages.bos_swap import PASSES
 from posleak.analysis.stages.knockout_loss import EXCESS
 from posleak.data import make_source
-from posleak.files import atomic_write, owned_dir
 from posleak.model.rope import ntk_base, turning_pairs
 from posleak.report import number, table
 from posleak.train import checkpoint
 from posleak.train.rundir import RunDir
 
-REFERENCE, NOBOS, CONTROL, WINDOWED, NTK = "rope", "rope-nobos", "sink", "swa", "ntk"
 EMERGENCE_SEEDS = 3  # rope seeds analysed at every checkpoint
-
-
-def is_sink_sweep(study: Study) -> bool:
-    return all(s["data"] == "backcopy" for items in study.summaries.values() for s in items)
 
 
 # ---------------------------------------------------------------- numbers per run
@@ -103,7 +100,7 @@ def final_metrics(run: RunDir) -> dict:
     return evaluated[-1] if evaluated else {}
 
 
-def claim_c(study: Study, out: Path, families: list) -> list[str]:
+def claim_c(study: Study, out: Path) -> list[str]:
     opts = study.opts
     series = (
         ("sink heads", headline("knockout_sink_heads"), False),
@@ -141,24 +138,24 @@ def claim_c(study: Study, out: Path, families: list) -> list[str]:
         "a sink is the bright column at key 0).",
         "",
     ]
-    ref = study.runs_of(REFERENCE)
+    ref = study.runs_of(study.reference)
     if ref:
         formed = sum(has_sink(s) for s in ref)
         lines.append(
-            f"`{REFERENCE}` formed a sink in {formed:.0f} of {len(ref)} seeds."
-            + (" " + _anchoring(study) if NOBOS in study.summaries else "")
+            f"`{study.reference}` formed a sink in {formed:.0f} of {len(ref)} seeds."
+            + (" " + _anchoring(study) if study.nobos in study.summaries else "")
         )
         lines.append("")
-    lines += _stabilising(study, variants, out, families)
+    lines += _stabilising(study, variants, out)
     return lines
 
 
 def _anchoring(study: Study) -> str:
     """Is the sink anchored to the BOS token or to position 0? From the no-BOS runs."""
-    nobos = study.runs_of(NOBOS)
+    nobos = study.runs_of(study.nobos)
     formed = sum(has_sink(s) for s in nobos)
-    with_bos = sum(has_sink(s) for s in study.runs_of(REFERENCE))
-    dispersion = finite_mean(fingerprint_bos_max(s) for s in study.runs_of(REFERENCE))
+    with_bos = sum(has_sink(s) for s in study.runs_of(study.reference))
+    dispersion = finite_mean(fingerprint_bos_max(s) for s in study.runs_of(study.reference))
     varying = finite_mean(results.value(s, "fingerprint_nobos_last") for s in nobos)
     if not with_bos:
         where = "with no sink in `rope`, where a sink is anchored cannot be read here"
@@ -167,15 +164,15 @@ def _anchoring(study: Study) -> str:
     else:
         where = "so in these seeds a sink formed only on the BOS token"
     return (
-        f"Trained without BOS (`{NOBOS}`, position 0 holds an ordinary token), "
+        f"Trained without BOS (`{study.nobos}`, position 0 holds an ordinary token), "
         f"{formed:.0f} of {len(nobos)} seeds formed a sink on key 0: {where}. The position-0 "
         f"output is identical across inputs with BOS (largest dispersion "
-        f"{number(dispersion, 3)} in `{REFERENCE}`) and varies without it (last-layer "
-        f"dispersion {number(varying, 3)} in `{NOBOS}`)."
+        f"{number(dispersion, 3)} in `{study.reference}`) and varies without it (last-layer "
+        f"dispersion {number(varying, 3)} in `{study.nobos}`)."
     )
 
 
-def _stabilising(study: Study, variants: list[str], out: Path, families: list) -> list[str]:
+def _stabilising(study: Study, variants: list[str], out: Path) -> list[str]:
     cells = []
     for v in variants:
         excess = per_seed(
@@ -191,7 +188,7 @@ def _stabilising(study: Study, variants: list[str], out: Path, families: list) -
         )
         cells.append((f"`{v}`: key 0 minus random-key control, every head", every, zeros(every)))
     family, question = Verdicts(cells), "(c) Does the model lean on key 0 beyond a random key?"
-    families.append((question, family))
+    study.families.append((question, family))
     return [
         "Does the model lean on its sink? The change of loss on non-copy targets when key 0 "
         "is knocked out (its attention spread over the other keys), minus the change when a "
@@ -205,13 +202,13 @@ def _stabilising(study: Study, variants: list[str], out: Path, families: list) -
     ]
 
 
-def anchoring(study: Study) -> list[str]:
+def anchoring(study: Study, out: Path) -> list[str]:
     """(c), within each model: with BOS moved to position k, does the strongest head's lift
     follow it to key k or stay on key 0?"""
     ks = [k for k in study.opts.anchor_positions if k > 0]
     if not ks:
         return []
-    variants = [v for v in study_variants(study) if v != "rope-nobos"]
+    variants = [v for v in study_variants(study) if v != study.nobos]
 
     def lift(v: str, k: int, key: str) -> dict:
         return per_seed(study.runs_of(v), headline("anchor_lift_max", k=k, key=key))
@@ -264,7 +261,7 @@ INTERVENTIONS = (  # (label, the refit R² after it, the loss change it costs or
 )  # fmt: skip
 
 
-def routes(study: Study) -> list[str]:
+def routes(study: Study, out: Path) -> list[str]:
     """Version 4, item 7: what each intervention on key 0 takes from the refit probe (intact
     minus after, last layer), trained and at step 0 on the same seed, and what training added
     (trained − step 0, paired); with the loss it costs the trained model."""
@@ -286,7 +283,7 @@ def routes(study: Study) -> list[str]:
         for label, after, loss in INTERVENTIONS:
             trained, initial = drops(v, after, False), drops(v, after, True)
             learned = paired_difference(trained, initial)
-            if label == "key-0 knockout" and learned is not None and v in (REFERENCE, "nope"):
+            if label == "key-0 knockout" and learned is not None and v in (study.reference, "nope"):
                 said.append(
                     f"in `{v}` the key-0 knockout removes {level(initial)} of the refit R² at "
                     f"step 0 and {level(trained)} trained (trained − step 0: "
@@ -337,7 +334,7 @@ def at_step(study: Study, step: int) -> Options:
     return Options(seqs=study.seqs, step=step, contrast_window=study.window)
 
 
-def claim_b(study: Study, out: Path, families: list) -> list[str]:
+def claim_b(study: Study, out: Path) -> list[str]:
     k = study.opts.early_queries
     variants = study_variants(study)
     rows = [
@@ -349,15 +346,15 @@ def claim_b(study: Study, out: Path, families: list) -> list[str]:
         for part, label in PARTS_V4
     ]
     cells = []
-    control = removed_by_seed(study.runs_of(CONTROL), "mean", "content")[0]
-    for v in sorted(variants, key=lambda v: v != REFERENCE):  # the reference's cell first
-        if v != CONTROL and control:
+    control = removed_by_seed(study.runs_of(study.control), "mean", "content")[0]
+    for v in sorted(variants, key=lambda v: v != study.reference):  # the reference's cell first
+        if v != study.control and control:
             values = removed_by_seed(study.runs_of(v), "mean", "content")[0]
-            cells.append((f"`{v}` − `{CONTROL}`, BOS → mean, content keys", values, control))
-    primary = bool(cells) and cells[0][0].startswith(f"`{REFERENCE}`")
+            cells.append((f"`{v}` − `{study.control}`, BOS → mean, content keys", values, control))
+    primary = bool(cells) and cells[0][0].startswith(f"`{study.reference}`")
     family = Verdicts(cells, primary=primary)
     question = "(b) How much of the residual position component does replacing BOS remove?"
-    families.append((question, family))
+    study.families.append((question, family))
     return [
         f"## {question}",
         "",
@@ -369,35 +366,35 @@ def claim_b(study: Study, out: Path, families: list) -> list[str]:
         f"position signal; a seed whose early-query loss rose by more than {BROKEN_NATS:g} nat "
         "is left out (model broken, counted). "
         + family_sentence(study.opts)
-        + signal_over_floor(study, REFERENCE),
+        + signal_over_floor(study, study.reference),
         "",
         *table(["", *variants], [*intact_signal_rows(study, variants), *rows]),
         "",
-        f"Against the learned-sink-logit control `{CONTROL}` (attention can park without key "
-        f"0): `{REFERENCE}`'s cell is the primary one, tested first at 0.05; the others form a "
-        "Holm family tested only when it is a finding:",
+        f"Against the learned-sink-logit control `{study.control}` (attention can park "
+        f"without key 0): `{study.reference}`'s cell is the primary one, tested first at 0.05; "
+        "the others form a Holm family tested only when it is a finding:",
         "",
-        *family.table(f"`{CONTROL}`"),
+        *family.table(f"`{study.control}`"),
         *forest_figure(family, out, "verdict_b", "removed share, content keys − control", question),
     ]
 
 
-def claim_a(study: Study, out: Path, families: list) -> list[str]:
-    cfg = RunDir(study.runs_of(REFERENCE)[0]["run"]).read_config()[0]
+def claim_a(study: Study, out: Path) -> list[str]:
+    cfg = RunDir(study.runs_of(study.reference)[0]["run"]).read_config()[0]
     window = study.window
     if not window:
         return ["## (a) Window against RoPE", "", "No window variant in this sweep."]
     T = cfg.data.seq_len
     signed = headline("c_res_window_signed_mean")  # signed C²: what the seeds are tested on
-    ref = per_seed(study.runs_of(REFERENCE), signed)
+    ref = per_seed(study.runs_of(study.reference), signed)
     cells = [
-        (f"`{v}` − `{REFERENCE}`", per_seed(study.runs_of(v), signed), ref)
-        for v in (WINDOWED, NTK)
+        (f"`{v}` − `{study.reference}`", per_seed(study.runs_of(v), signed), ref)
+        for v in (study.window_variant, study.ntk)
         if v in study.summaries
     ]
     layers = cfg.model.get("n_layer")
     family, question = Verdicts(cells), "(a) Does a window feed the residual position component?"
-    families.append((question, family))
+    study.families.append((question, family))
     return [
         f"## {question}",
         "",
@@ -417,7 +414,7 @@ def claim_a(study: Study, out: Path, families: list) -> list[str]:
             ],
         ),
         "",
-        *family.table(f"`{REFERENCE}`"),
+        *family.table(f"`{study.reference}`"),
         *forest_figure(
             family, out, "verdict_a", f"signed C² at i ≥ {window} − reference", question
         ),
@@ -435,7 +432,7 @@ def window_floor(study: Study, variant: str) -> dict:
 
 def _ntk_note(study: Study, T: int) -> str:
     """How many rotary pairs the trained NTK scale moves past one turn within T."""
-    runs = study.runs_of(NTK)
+    runs = study.runs_of(study.ntk)
     if not runs:
         return ""
     m = RunDir(runs[0]["run"]).read_config()[0].model
@@ -465,16 +462,16 @@ def emergence(study: Study, out: Path) -> list[str]:
     )
     curves: dict = {label: [] for label, _ in series}
     rows, sinks_by_seed = [], {}
-    shown = emergence_seed(study.runs_of(REFERENCE)[:EMERGENCE_SEEDS])
+    shown = emergence_seed(study.runs_of(study.reference)[:EMERGENCE_SEEDS])
     study.prefetch(
         [
             (summary, f"analysis-step{step}", at_step(study, step))
-            for summary in study.runs_of(REFERENCE)[:EMERGENCE_SEEDS]
+            for summary in study.runs_of(study.reference)[:EMERGENCE_SEEDS]
             for step in map(checkpoint.step_of, RunDir(summary["run"]).checkpoints())
             if step != summary["step"]
         ]
     )
-    for summary in study.runs_of(REFERENCE)[:EMERGENCE_SEEDS]:
+    for summary in study.runs_of(study.reference)[:EMERGENCE_SEEDS]:
         sinks_by_seed[summary["seed"]] = {}
         run = RunDir(summary["run"])
         metrics = {r["step"]: r for r in _evaluations(run)}
@@ -498,7 +495,8 @@ def emergence(study: Study, out: Path) -> list[str]:
         curves,
         "training step",
         "value",
-        f"{REFERENCE} over training (mean over {len(curves[series[0][0]])} seeds, 95% t-interval)",
+        f"{study.reference} over training (mean over {len(curves[series[0][0]])} seeds, 95% "
+        "t-interval)",
     )
     why = (
         "the first of them to end with a sink"
@@ -508,7 +506,7 @@ def emergence(study: Study, out: Path) -> list[str]:
     return [
         "## Sink emergence over training",
         "",
-        f"`{REFERENCE}`, seed {shown['seed']} ({why}), at every kept checkpoint (the figure "
+        f"`{study.reference}`, seed {shown['seed']} ({why}), at every kept checkpoint (the figure "
         f"shows the first {EMERGENCE_SEEDS} seeds; step 0 is there when the runs kept it: "
         "`train.ckpt_initial`). " + persistence(sinks_by_seed),
         "",
@@ -549,40 +547,33 @@ def _evaluations(run: RunDir) -> list[dict]:
 
 
 def study_variants(study: Study) -> list[str]:
-    order = [REFERENCE, NOBOS, CONTROL, WINDOWED, NTK]
+    order = [study.reference, study.nobos, study.control, study.window_variant, study.ntk]
     return [v for v in order if v in study.summaries] + sorted(
         v for v in study.summaries if v not in order
     )
 
 
-def write_report(study: Study, out: Path) -> Path:
-    owned_dir(out, "report folder", compare.has_report)
-    planned = len(list((study.sweep_dir / "configs").glob("*.toml")))
+def header(study: Study, out: Path) -> list[str]:
     finished = sum(len(v) for v in study.summaries.values())
     first = RunDir(study.runs_of(study_variants(study)[0])[0]["run"]).read_config()[0]
     m, t = first.model, first.train
-    lines = [
+    return [
         "# The sink study: Bigram-Backcopy on a CPU",
         "",
         f"Generated by `posleak study` (sweep `{study.sweep_dir.name}`, {study.seqs} held-out "
-        f"sequences per analysis) from the records of {finished} finished runs (of {planned} "
-        f"planned) in {len(study.summaries)} variants; definitions version {DEFINITIONS} "
-        f"({compare.definitions_link(out)}). Made by "
+        f"sequences per analysis) from the records of {finished} finished runs (of "
+        f"{study.planned} planned) in {len(study.summaries)} variants; definitions version "
+        f"{DEFINITIONS} ({compare.definitions_link(out)}). Made by "
         f"{provenance.line(provenance.provenance())} Every run: {m['n_layer']} layers of "
         f"{m['n_head']} head{'s' if m['n_head'] > 1 else ''}, d_model {m['d_model']}, context "
         f"{first.data.seq_len}, batch {t.batch_size}, {t.steps} steps at lr {t.lr:g}. Each "
         "verdict table is one Holm family of paired t-tests; **finding** marks a Holm p < 0.05 "
         "with at least 3 seeds; a null names its minimum detectable effect (MDE, 80% power).",
-        "",
     ]
-    families: list = []  # (question, Verdicts) of each claim, as its section decides it
-    body = []
-    for section in (training, claim_c, anchoring, routes, claim_b, claim_a):
-        if section in (claim_c, claim_b, claim_a):
-            body += [*section(study, out, families), ""]
-        else:
-            body += [*(section(study, out) if section is training else section(study)), ""]
-    lines += [*verdict_box(families), *body, *emergence(study, out)]
-    report = out / "report.md"
-    atomic_write(report, "\n".join(lines) + "\n")
-    return report
+
+
+SECTIONS = (training, claim_c, anchoring, routes, claim_b, claim_a, emergence)
+
+
+def write_report(study: Study, out: Path) -> Path:
+    return write_sections(study, out, header, SECTIONS)

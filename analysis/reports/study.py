@@ -1,14 +1,10 @@
-"""`posleak study SWEEP_DIR [--out DIR] [--seqs N]`: the study's report (default runs/study).
+"""The study engine: what every `posleak study` report and `posleak pretrained-study` share.
 
-Reads the finished runs of a study sweep (configs/sweeps/study.toml or study-small.toml),
-analyses any that are not yet analysed (full-attention runs with the windowed variant's w, so
-that the window contrast reads the same pairs in both), adds the study's own analyses (every
-text variant at initialisation, the reference variant at 4x its training length with and
-without NTK at inference, and its first seed at every kept checkpoint), and writes report.md
-in definitions version 3. Every number and sentence is computed from the records. Each
-verdict table is one Holm family of paired-by-seed t-tests (against `rope`, or against 0 for
-a within-run contrast); below 6 seeds the exact sign-flip p stands beside, and every null
-names its minimum detectable effect.
+A sweep's finished runs and the roles its `[study]` table gives its variants (reference,
+control, window pairs...), analyses made or reused under one rule (engine/reuse.py), the
+numbers read back by seed, and a report written as a list of sections: each section returns
+its lines and adds the verdict families it decides to `study.families`, which the verdict
+box at the top lists. The text, sink and light-cone reports are such section lists.
 """
 
 from __future__ import annotations
@@ -17,101 +13,148 @@ import json
 import math
 from pathlib import Path
 
-from posleak.analysis.engine import provenance
-from posleak.analysis.engine.batch import analyse_all
 from posleak.analysis.engine.folder import AnalysisDir
 from posleak.analysis.engine.options import Options
-from posleak.analysis.engine.records import matches
-from posleak.analysis.maths.measures import DEFINITIONS, uniform_alpha
-from posleak.analysis.maths.seeds import MIN_SEEDS, mean_interval
+from posleak.analysis.engine.reuse import make_missing
+from posleak.analysis.maths.seeds import mean_interval
 from posleak.analysis.reports import compare, plots, results
-from posleak.analysis.reports.verdicts import Verdicts, forest_figure, verdict_box
-from posleak.analysis.stages.bos_swap import PASSES, in_family
-from posleak.analysis.stages.knockout_loss import EXCESS
-from posleak.data import make_source
+from posleak.analysis.reports.verdicts import forest_figure, verdict_box
 from posleak.files import atomic_write, owned_dir
-from posleak.report import number, table
-from posleak.train import checkpoint
 from posleak.train.rundir import RunDir
+from posleak.train.sweep import read_study
 
-REFERENCE, CONTROL, WINDOWED, NTK = "rope", "sink", "swa", "ntk"
-SOURCE_REMOVED = 0.4  # the source study's share removed by replacing BOS (early queries)
+REPORTS = ("text", "sinks", "light-cone")
+DEFAULT_ROLES = {  # sweep folders planned before sweeps recorded their [study] table
+    "text": {"reference": "rope", "control": "sink", "window": "swa", "ntk": "ntk"},
+    "sinks": {
+        "reference": "rope",
+        "nobos": "rope-nobos",
+        "control": "sink",
+        "window": "swa",
+        "ntk": "ntk",
+    },
+    "light-cone": {
+        "window_pairs": [
+            ["swa-doc", "rope-doc"],
+            ["nope-swa-doc", "nope-doc"],
+            ["swa-rand", "rope-rand"],
+            ["nope-swa-rand", "nope-rand"],
+        ],
+        "ntk_pairs": [["ntk-doc", "rope-doc"], ["ntk-rand", "rope-rand"]],
+    },
+}
+REQUIRED = {"text": ("reference",), "sinks": ("reference",), "light-cone": ("window_pairs",)}
 
 
-class Study:
-    """The runs of one study sweep, grouped by variant, with their analysis summaries."""
+class Roles:
+    """The report a sweep asks for and the variant each role names."""
 
-    def __init__(self, sweep_dir: Path, seqs: int, jobs: int = 1):
+    def __init__(self, report: str, names: dict):
+        if report not in REPORTS:
+            raise ValueError(
+                f"study.report = {report!r} is not a report; give one of {list(REPORTS)} in "
+                "the sweep file's [study] table"
+            )
+        missing = [role for role in REQUIRED[report] if role not in names]
+        if missing:
+            raise ValueError(
+                f"the {report} report needs the role{'s' if len(missing) > 1 else ''} "
+                f"{', '.join(missing)} in the sweep file's [study] table, e.g. "
+                f"{missing[0]} = {json.dumps(DEFAULT_ROLES[report][missing[0]])}"
+            )
+        self.report, self.names = report, names
+
+    def get(self, role: str):
+        """The variant (or list) a role names; None when the sweep gives it none."""
+        return self.names.get(role)
+
+    def __getitem__(self, role: str):
+        if role not in self.names:
+            raise KeyError(f"no role {role!r} in the [study] table; roles: {sorted(self.names)}")
+        return self.names[role]
+
+
+def roles_of(sweep_dir: Path, report: str = "auto") -> Roles:
+    """The sweep folder's [study] table; a folder planned without one reads as before: a
+    document-aligned run makes it a light-cone sweep, Bigram-Backcopy runs a sink study.
+    A report asked for by name other than the table's takes that report's usual roles."""
+    table = read_study(sweep_dir) or {}
+    planned = table.get("report") or detect_report(sweep_dir)
+    names = {k: v for k, v in table.items() if k != "report"}
+    if report not in ("auto", planned):
+        return Roles(report, DEFAULT_ROLES.get(report, {}))
+    return Roles(planned, names or DEFAULT_ROLES.get(planned, {}))
+
+
+def detect_report(sweep_dir: Path) -> str:
+    data = [
+        RunDir(config.parent).read_config()[0].data
+        for config in Path(sweep_dir).glob("*/config.toml")
+    ]
+    if any(d.align == "document" for d in data):
+        return "light-cone"
+    return "sinks" if data and all(d.source == "backcopy" for d in data) else "text"
+
+
+class SweepStudy:
+    """The finished runs of one sweep, its roles, and the analyses a report makes of them."""
+
+    def __init__(self, sweep_dir: Path, seqs: int, jobs: int = 1, roles: Roles | None = None):
         self.sweep_dir, self.seqs, self.jobs = Path(sweep_dir), seqs, jobs
-        runs = compare.find_runs([str(sweep_dir)])
-        self.window = compare.contrast_window_of(runs)
-        base = Options(seqs=seqs, contrast_window=self.window)
-        groups, self.summaries = compare.load_groups(runs, base, exact=True, jobs=jobs)
-        if not self.summaries:
+        self.roles = roles or roles_of(self.sweep_dir)
+        self.paths = [p for p in compare.find_runs([str(sweep_dir)]) if RunDir(p).summary()]
+        if not self.paths:
             raise FileNotFoundError(f"{sweep_dir} holds no finished runs yet")
-        self.groups = groups
+        self.window = compare.contrast_window_of(self.paths)
+        self.planned = len(list((self.sweep_dir / "configs").glob("*.toml")))
+        self.families: list = []  # (question, Verdicts[, unit]) as the sections decide them
+
+    def make(self, wanted: list[tuple[Path, Options, Path]], tag: str = "study") -> None:
+        """Analyse each (run, options, folder) not already current there, `jobs` at a time."""
+        make_missing(wanted, self.jobs, tag)
+
+
+class Study(SweepStudy):
+    """A sweep's runs grouped by variant, each with its main analysis (RUN/analysis, made
+    with the study's options): the text and sink reports read these."""
+
+    def __init__(self, sweep_dir: Path, seqs: int, jobs: int = 1, roles: Roles | None = None):
+        super().__init__(sweep_dir, seqs, jobs, roles)
+        base = Options(seqs=seqs, contrast_window=self.window)
+        self.groups, self.summaries = compare.load_groups(self.paths, base, exact=True, jobs=jobs)
         self.opts = Options.of_summary(next(iter(self.summaries.values()))[0])
         self.text = [v for v, s in self.summaries.items() if s[0]["data"] != "markov"]
         self.markov = [v for v in self.summaries if v not in self.text]
+        self.reference, self.control = self.roles.get("reference"), self.roles.get("control")
+        self.window_variant, self.ntk = self.roles.get("window"), self.roles.get("ntk")
+        self.nobos = self.roles.get("nobos")
 
-    def runs_of(self, variant: str) -> list[dict]:
+    def runs_of(self, variant: str | None) -> list[dict]:
         return sorted(self.summaries.get(variant, []), key=lambda s: s["seed"])
 
     def extra(self, summary: dict, name: str, opts: Options) -> dict:
-        """An additional analysis of one run, kept in RUN/name and reused when made under
-        today's definitions, of the run's checkpoint, with these options."""
+        """An additional analysis of one run, kept in RUN/name and reused when current."""
         self.prefetch([(summary, name, opts)])
         return AnalysisDir(Path(summary["run"]) / name).read_summary()
 
     def prefetch(self, wanted: list[tuple[dict, str, Options]]) -> None:
-        """Make the additional analyses (summary, name, options) that are not current, `jobs`
-        at a time: a section asks for all of its own first."""
-        todo = []
-        for summary, name, opts in wanted:
-            folder = AnalysisDir(Path(summary["run"]) / name)
-            if not (
-                folder.summary_file.exists() and compare.is_current(folder.read_summary(), opts)
-            ):
-                todo.append((Path(summary["run"]), opts, folder.path))
-        analyse_all(todo, self.jobs, "study")
-
-    def extra_records(self, summary: dict, name: str) -> list[dict]:
-        return AnalysisDir(Path(summary["run"]) / name).read_records()
+        """Make the additional analyses (summary, name, options) that are not current: a
+        section asks for all of its own first, so they run `jobs` at a time."""
+        self.make([(Path(s["run"]), opts, Path(s["run"]) / name) for s, name, opts in wanted])
 
 
-# ---------------------------------------------------------------- numbers per run
+# ---------------------------------------------------------------- numbers by seed
+headline = results.headline  # summary -> one declared number
+
+
 def per_seed(summaries: list[dict], number_of) -> dict:
     return {s["seed"]: number_of(s) for s in summaries}
-
-
-headline = results.headline  # summary -> one declared number
 
 
 def fingerprint_bos_max(summary: dict) -> float | None:
     """Largest dispersion of the position-0 output across inputs sharing BOS (0 = identical)."""
     values = summary["per_layer"]["fingerprint_dispersion_bos"].values()
     return max(values, default=None)
-
-
-def layer_slope(records: list[dict], metric: str, condition: dict | None) -> float | None:
-    """Least-squares slope over layers >= 1 of a per-layer metric: growth with depth (the same
-    layer set as the pooled level, version 3 item 4)."""
-    points = [
-        (r["layer"], r["value"])
-        for r in records
-        if r["metric"] == metric
-        and matches(r, condition)
-        and r["head"] is None
-        and r["layer"] is not None
-        and r["layer"] >= 1
-        and r["value"] is not None
-    ]
-    if len(points) < 2:
-        return None
-    mx = sum(x for x, _ in points) / len(points)
-    my = sum(y for _, y in points) / len(points)
-    sxx = sum((x - mx) ** 2 for x, _ in points)
-    return sum((x - mx) * (y - my) for x, y in points) / sxx
 
 
 def records_of(study: Study, variant: str) -> dict:
@@ -126,17 +169,6 @@ def by_records(study: Study, variant: str, number_of) -> dict:
     return {seed: number_of(rows) for seed, rows in records_of(study, variant).items()}
 
 
-def difference(number_of):
-    """A per-run number that is the difference of two headlines (None if either is)."""
-
-    def of(summary):
-        a, b = number_of(summary)
-        return None if a is None or b is None else a - b
-
-    return of
-
-
-# ---------------------------------------------------------------- words from numbers
 def level(values: dict, percent: bool = False) -> str:
     """Mean over seeds with its 95% t-interval, in words for a table cell."""
     found = mean_interval(values.values())
@@ -153,732 +185,43 @@ def zeros(values: dict) -> dict:
     return dict.fromkeys(values, 0.0)
 
 
-# ---------------------------------------------------------------- the three claims
-def squared(number_of):
-    """A clamped root's number as the signed square it came from (a floor in C² units)."""
-    return lambda summary: None if number_of(summary) is None else number_of(summary) ** 2
-
-
-def claim_a(study: Study, out: Path) -> tuple[list[str], Verdicts | None]:
-    w = study.window
-    if not w:
-        return ["## (a) Window against RoPE", "", "No window variant in this sweep."], None
-    T = study.opts.seq_len if study.opts.seq_len else study.runs_of(REFERENCE)[0]["seq_len"]
-    k = study.opts.early_queries
-    numbers = {
-        "window": (f"C² at i ≥ {w}, window's pairs (signed)", headline("c_res_window_signed_mean")),
-        "floor": ("its no-signal floor (C²)", squared(headline("c_res_window_floor"))),
-        "share": (f"abs_share at i ≥ {w}", headline("abs_share_window")),
-        "tail": (f"probe R² at positions ≥ {w} (last layer)", headline("probe_tail_r2_log_last")),
-        "early": (f"C²_content at i < {k} (signed)", headline("c_res_content")),
-    }
-    slope = {
-        v: by_records(study, v, lambda r: layer_slope(r, "c_res_window_signed", {"w": w}))
-        for v in study.text
-    }
-    rows = [
-        [
-            v,
-            *(level(per_seed(study.runs_of(v), f)) for _, f in numbers.values()),
-            level(slope[v]),
-        ]
-        for v in study.text
-    ]
-    ref = {key: per_seed(study.runs_of(REFERENCE), f) for key, (_, f) in numbers.items()}
-    cells = []
-    if WINDOWED in study.summaries:
-        mine = {key: per_seed(study.runs_of(WINDOWED), f) for key, (_, f) in numbers.items()}
-        for key in ("window", "share", "tail"):
-            cells.append((f"`{WINDOWED}` − `{REFERENCE}`: {numbers[key][0]}", mine[key], ref[key]))
-        cells.append(
-            (
-                f"`{WINDOWED}` − `{REFERENCE}`: slope over layers ≥ 1",
-                slope[WINDOWED],
-                slope[REFERENCE],
-            )
-        )
-    if NTK in study.summaries:
-        mine = {key: per_seed(study.runs_of(NTK), f) for key, (_, f) in numbers.items()}
-        for key in ("early", "window"):
-            cells.append((f"`{NTK}` − `{REFERENCE}`: {numbers[key][0]}", mine[key], ref[key]))
-    verdicts = Verdicts(cells)
-    curves = {
-        v: [
-            {
-                float(r["layer"]): r["value"]
-                for r in rows_
-                if r["metric"] == "c_res_window_signed" and r["value"] is not None
-            }
-            for rows_ in study.groups[v]
-        ]
-        for v in study.text
-    }
-    fig = plots.seed_curves(
-        out / "claim_a_window_by_layer",
-        curves,
-        "layer",
-        f"signed C_res² at i ≥ {w}",
-        f"Residual component where the window binds (i ≥ {w}, window's pairs)",
-    )
-    said = []
-    if cells and WINDOWED in study.summaries:
-        said.append(
-            f"Window − RoPE where the window binds (the claim: higher): "
-            f"{verdicts.words(cells[0][0])}."
-        )
-    if NTK in study.summaries:
-        ntk_early = f"`{NTK}` − `{REFERENCE}`: {numbers['early'][0]}"
-        said.append(f"NTK − RoPE at early queries (the claim: lower): {verdicts.words(ntk_early)}.")
-    return [
-        "## (a) Does the residual component order NTK < RoPE < window?",
-        "",
-        f"A window of {w} keys computes what full attention computes at queries i < {w}, so "
-        f"the window contrast reads queries {w}–{T - 1} only, on the window's pairs "
-        f"(j > i − {w}) in both models: a two-way fit on that pair set, the split-half signal "
-        "pooled over heads and averaged over layers ≥ 1, signed (a C²; the seeds are compared "
-        "on it, and its floor, from both halves' sign flips, is squared to match). abs_share "
-        "and the probe are read there too; the slope is over layers ≥ 1; NTK against RoPE "
-        "reads the content keys' early-query C² (version 4). " + " ".join(said),
-        "",
-        *table(
-            [
-                "variant",
-                *(label for label, _ in numbers.values()),
-                "slope of signed C_res² at i ≥ w",
-            ],
-            rows,
-        ),
-        "",
-        "Claim (a), one Holm family:",
-        "",
-        *verdicts.table(f"`{REFERENCE}`"),
-        "",
-        f"![window contrast by layer]({fig})",
-    ], verdicts
-
-
-BROKEN_NATS = 1.0  # a replacement that raises the early-query loss more than this broke the model
-PARTS_V4 = (("content", "content keys j ≥ 1"), ("key0", "key 0 against them"))
-
-
-def removed_by_seed(
-    summaries: list[dict], kind: str, part: str, how: str = "whole"
-) -> tuple[dict, int]:
-    """{seed: removed share} of one pass of a replacement's family (bos_swap.PASSES), leaving
-    out the seeds whose early-query loss rose by more than BROKEN_NATS (a broken model's share
-    is not position removed), and how many were left out."""
-    swap = PASSES[how]
-    share = headline(swap.share, swap=kind, part=part, **swap.condition)
-    loss = headline(swap.loss, swap=kind, queries="early", **swap.condition)
-    kept = {s["seed"]: share(s) for s in summaries if (loss(s) or 0.0) <= BROKEN_NATS}
-    return kept, len(summaries) - len(kept)
-
-
-def share_cell(summaries: list[dict], kind: str, part: str, how: str = "whole") -> str:
-    values, broken = removed_by_seed(summaries, kind, part, how)
-    text = level(values, percent=True) if values else "–"
-    return text + (f"; model broken in {broken} of {len(summaries)} seeds" if broken else "")
-
-
-def family_sentence(opts: Options) -> str:
-    """What the swap family's rows are, for the replacements that have them (else "")."""
-    kinds = in_family(opts)
-    if not kinds:
-        return ""
-    return (
-        f"For {', '.join(f'BOS → {kind}' for kind in kinds)} the swap family follows "
-        "(descriptive, outside the verdicts): only BOS's key, or only its value, replaced in "
-        "every layer by the one the replaced embedding gives (which route a removal takes; the "
-        "two together are the whole replacement), "
-        "and the position control, the same embedding written at a random position 1 ≤ p ≤ "
-        f"{opts.early_queries // 2} of each sequence instead of at 0 (a share as large there "
-        "says that replacing any early token does it, not replacing BOS). "
-    )
-
-
-def swap_passes(opts: Options) -> list[tuple[str, str]]:
-    """(replacement, pass) of every pass the analyses made, the whole replacements first."""
-    whole = [(kind, "whole") for kind in opts.swaps]
-    return whole + [(kind, how) for kind in in_family(opts) for how in PASSES if how != "whole"]
-
-
-def claim_b(study: Study) -> tuple[list[str], Verdicts]:
-    k = study.opts.early_queries
-
-    def loss(kind: str, how: str):
-        return headline(PASSES[how].loss, swap=kind, queries="early", **PASSES[how].condition)
-
-    rows = [
-        [
-            v,
-            PASSES[how].label.format(kind=kind),
-            *(share_cell(study.runs_of(v), kind, p, how) for p, _ in PARTS_V4),
-            level(per_seed(study.runs_of(v), loss(kind, how))),
-        ]
-        for v in study.text
-        for kind, how in swap_passes(study.opts)
-    ]
-    kinds = sorted(study.opts.swaps, key=lambda kind: kind != "mean")  # BOS → mean first
-    removed = {
-        kind: removed_by_seed(study.runs_of(REFERENCE), kind, "content")[0] for kind in kinds
-    }
-    cells = [
-        (f"`{REFERENCE}`, BOS → {kind}, content keys", values, zeros(values))
-        for kind, values in removed.items()
-    ]
-    if CONTROL in study.summaries and "mean" in removed:
-        control = removed_by_seed(study.runs_of(CONTROL), "mean", "content")[0]
-        cells.append(
-            (f"`{REFERENCE}` − `{CONTROL}`, BOS → mean, content keys", removed["mean"], control)
-        )
-    verdicts = Verdicts(cells, primary="mean" in removed)
-    fit = min(study.opts.fit_queries, study.runs_of(REFERENCE)[0]["seq_len"])
-    return [
-        "## (b) What share of the residual component at early queries does replacing BOS remove?",
-        "",
-        f"The share of the signed split-half signal at queries 1–{k - 1} removed when the BOS "
-        f"embedding is replaced, from the local fit (queries below {fit}), summed over layers "
-        "≥ 1 and divided once (layer 0's key-0 logit is the embedding's own). The content part "
-        "comes from a fit on the keys j ≥ 1 only, so BOS's own logit cannot leak into it; key "
-        "0 is read against that fit (its variation over queries: position read against BOS). "
-        "Negative: the replacement adds signal. A seed whose loss at those queries rose by "
-        f"more than {BROKEN_NATS:g} nat is left out of a share (model broken, counted). The "
-        f"loss change is at the same early positions (nats). {family_sentence(study.opts)}"
-        "Answer: "
-        f"{_against_source(study, verdicts)}" + signal_over_floor(study, REFERENCE),
-        "",
-        *table(["", *study.text], intact_signal_rows(study, study.text)),
-        "",
-        *table(
-            [
-                "variant",
-                "replacement",
-                *(f"removed, {label}" for _, label in PARTS_V4),
-                f"loss change, i < {k}",
-            ],
-            rows,
-        ),
-        "",
-        "Claim (b): BOS → mean's content-key share against 0 is the primary cell, tested "
-        "first at 0.05; the other replacements and the contrast with the learned-sink control "
-        f"`{CONTROL}` form a Holm family tested only when it is a finding:",
-        "",
-        *verdicts.table("0 / the control"),
-    ], verdicts
-
-
-def _against_source(study: Study, verdicts: Verdicts) -> str:
-    """RoPE's BOS→mean removed share (content keys) against 0 and the source study's 40%."""
-    values = removed_by_seed(study.runs_of(REFERENCE), "mean", "content")[0]
-    found = mean_interval(values.values())
-    if found is None:
-        return f"`{REFERENCE}`'s BOS → mean was not measured."
-    m, lo, hi, n = found
-    said = f"for RoPE, BOS → frequency-weighted mean removes {m:.0%} of the content-key part"
-    if n < 2:
-        return said + " (one seed: no interval)."
-    source = "includes" if lo <= SOURCE_REMOVED <= hi else "excludes"
-    verdict = verdicts.words(f"`{REFERENCE}`, BOS → mean, content keys")
-    return (
-        f"{said} ([{lo:.0%}, {hi:.0%}] over {n} seeds; against 0: {verdict}); the interval "
-        f"{source} the source study's {SOURCE_REMOVED:.0%}."
-    )
-
-
-def intact_signal_rows(study: Study, variants: list[str]) -> list[list[str]]:
-    """What a removed share divides: each part's intact early-query signal (signed C², local
-    fit, layers >= 1) beside the floor of both halves' sign flips, one column per variant."""
-    rows = []
-    for part, label in PARTS_V4:
-        for name_, name in (
-            (f"c_res_{part}", f"intact C², {label}"),
-            (f"c_res_{part}_floor", "its no-signal floor"),
-        ):
-            number_of = headline(name_)
-            rows.append([name, *(level(per_seed(study.runs_of(v), number_of)) for v in variants)])
-    return rows
-
-
-def signal_over_floor(study: Study, variant: str) -> str:
-    """The content-key signal a removed share divides, as a multiple of its no-signal floor:
-    near 1 the share is a ratio of noise, whatever its sign."""
-    signal, floor = headline("c_res_content"), headline("c_res_content_floor")
-    ratios = [
-        signal(s) / floor(s)
-        for s in study.runs_of(variant)
-        if signal(s) is not None and floor(s) and floor(s) > 0
-    ]
-    if not ratios:
-        return ""
-    spread = f" ({min(ratios):.1f}–{max(ratios):.1f} over {len(ratios)} seeds)"
-    return (
-        f" The content-key signal this share divides is {sum(ratios) / len(ratios):.1f}× its "
-        f"no-signal floor in `{variant}`{spread if len(ratios) > 1 else ''}; where that ratio "
-        "is near 1 a removed share is a ratio of noise, whatever its sign."
-    )
-
-
-def claim_c(study: Study) -> tuple[list[str], Verdicts]:
-    opts = study.opts
-    series = (
-        ("sink heads (all layers)", headline("knockout_sink_heads")),
-        ("α₀, strongest head", headline("alpha0_max")),
-        ("α₀ of uniform attention", headline("alpha0_uniform")),
-        ("λ₀, strongest head", headline("lift0_max")),
-        ("value drain, smallest head", headline("value_drain_min")),
-        ("massive activation, largest", headline("massive_ratio_max")),
-        ("x₀ dispersion with BOS (max)", fingerprint_bos_max),
-        ("mass moved, key 0's knockout", headline("moved_mass", key=0)),
-        ("mass moved, random-key control", headline("moved_mass", key="random")),
-    )
-    rows = [
-        [v, *(level(per_seed(study.runs_of(v), f)) for _, f in series)] for v in study.summaries
-    ]
-    with_sinks = [
-        v
-        for v in study.summaries
-        if any((results.value(s, "knockout_sink_heads") or 0) > 0 for s in study.runs_of(v))
-    ]
-    bos_max = max(
-        (fingerprint_bos_max(s) or 0.0 for items in study.summaries.values() for s in items),
-        default=0.0,
-    )
-    cells = []
-    for v in study.text:
-        excess = per_seed(
-            study.runs_of(v), headline("knockout_loss_change", key=EXCESS, heads="all")
-        )
-        cells.append(
-            (f"`{v}`: loss, key-0 knockout minus random-key control", excess, zeros(excess))
-        )
-        left = per_seed(
-            study.runs_of(v),
-            difference(
-                lambda s: (
-                    results.value(s, "knockout_probe_refit_r2_log_key1_last"),
-                    results.value(s, "knockout_probe_refit_r2_log_last"),
-                )
-            ),
-        )
-        cells.append(
-            (f"`{v}`: position R² removed by key 0 beyond key 1 (refit)", left, zeros(left))
-        )
-    verdicts = Verdicts(cells)
-    where = ", ".join(f"`{v}`" for v in with_sinks) if with_sinks else "no variant"
-    fingerprint = (
-        "identical across inputs (dispersion exactly 0 in every run and layer)"
-        if bos_max == 0
-        else f"not identical across inputs (largest dispersion {bos_max:.2g})"
-    )
-    uniform = (
-        uniform_alpha(study.runs_of(REFERENCE)[0]["seq_len"], None)
-        if REFERENCE in study.summaries
-        else None
-    )
-    return [
-        "## (c) Do sink heads form, and is their position-0 output identical across inputs?",
-        "",
-        f"A sink head has α₀ > {opts.sink_eps:g} and λ₀ ≥ {opts.sink_lift:g} (key 0 gets at "
-        f"least {opts.sink_lift:g}× its uniform share); α₀ stands beside its uniform baseline "
-        f"({number(uniform, 2)} for full attention at this length). Answer: sink heads form in "
-        f"{where}. With BOS at position 0 the position-0 output of every run is {fingerprint}.",
-        "",
-        *table(["variant", *(label for label, _ in series)], rows),
-        "",
-        "Does the model lean on key 0? Loss change when key 0 is knocked out in every layer, "
-        "minus the change when a random earlier key is knocked out instead (nats; the mass "
-        "each moves is in the table above: a random-key control, not an equal-mass one), and "
-        "the probe R² that a refit probe loses when key 0 is knocked out beyond "
-        "what it loses when key 1 is (both bounded: refit R², not the original probe's "
-        "transfer). Claim (c), one Holm family:",
-        "",
-        *verdicts.table("0"),
-    ], verdicts
-
-
-# ---------------------------------------------------------------- the rest of the picture
-def step_zero(study: Study) -> list[str]:
-    """Every text variant's first seed at initialisation (version 3, item 10), beside the
-    same run trained."""
-    series = (
-        ("C_mask, mean", lambda s: _mean(s["per_layer"]["c_mask"].values())),
-        ("C_res i < K (v3)", headline("c_res_deep", part="all")),
-        ("its floor", headline("c_res_deep_floor", part="all")),
-        ("probe R² (last)", headline("probe_r2_log_last")),
-        ("λ₀ max", headline("lift0_max")),
-    )
-    rows, missing = [], []
-    opts = Options(seqs=study.seqs, step=0, contrast_window=study.window)
-    study.prefetch(
-        [
-            (study.runs_of(v)[0], "analysis-step0", opts)
-            for v in study.text
-            if any(
-                checkpoint.step_of(p) == 0 for p in RunDir(study.runs_of(v)[0]["run"]).checkpoints()
-            )
-        ]
-    )
-    for v in study.text:
-        first = study.runs_of(v)[0]
-        if not any(checkpoint.step_of(p) == 0 for p in RunDir(first["run"]).checkpoints()):
-            missing.append(v)
-            continue
-        opts = Options(seqs=study.seqs, step=0, contrast_window=study.window)
-        at0 = study.extra(first, "analysis-step0", opts)
-        for label, s in (("step 0", at0), (f"step {first['step']}", first)):
-            rows.append([v, label, *(number(f(s), 3) for _, f in series)])
-    if not rows:
-        return [
-            "## At initialisation",
-            "",
-            "No run keeps a step-0 checkpoint (set `train.ckpt_initial = true`).",
-        ]
-    at0 = [r for r in rows if r[1] == "step 0"]
-    trained = [r for r in rows if r[1] != "step 0"]
-
-    def span(rows_: list, column: int) -> str:
-        values = [float(r[column]) for r in rows_ if r[column] != "–"]
-        return f"{min(values):.3g}–{max(values):.3g}" if values else "–"
-
-    above = sum(1 for r in at0 if "–" not in (r[3], r[4]) and float(r[3]) > float(r[4]))
-    return [
-        "## At initialisation",
-        "",
-        f"The first seed of every text variant analysed at step 0 (its initial weights) and "
-        f"trained. At step 0, C_mask averages {span(at0, 2)} (trained {span(trained, 2)}), the "
-        f"early-query residual component is {span(at0, 3)} (trained {span(trained, 3)}; above "
-        f"its no-signal floor in {above} of {len(at0)} variants) and the probe's R² at the "
-        f"last layer is {span(at0, 5)} (trained {span(trained, 5)})."
-        + (f" No step-0 checkpoint: {', '.join(missing)}." if missing else ""),
-        "",
-        *table(["variant", "weights", *(label for label, _ in series)], rows),
-    ]
-
-
-def _mean(values) -> float | None:
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
+def val_curve(run: RunDir) -> dict:
+    """{step: validation loss} from the run's metrics.jsonl (through its owner)."""
+    records = (json.loads(line) for line in run.metrics_lines(up_to_step=math.inf))
+    return {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
 
 
 def loss_curves(out: Path, runs: dict) -> str:
     """The validation loss over training of each variant's runs ({variant: [RunDir]}): mean
     over seeds with its 95% t-interval, from metrics.jsonl; the figure's file name."""
-    curves = {v: [_val_curve(r) for r in by_seed] for v, by_seed in runs.items()}
+    curves = {v: [val_curve(r) for r in by_seed] for v, by_seed in runs.items()}
     title = "Validation loss during training (mean over seeds, band: 95% t-interval)"
     return plots.seed_curves(out / "val_loss", curves, "step", "validation loss (nats)", title)
 
 
-def training(study: Study, out: Path) -> list[str]:
-    rows = []
-    for v in study.summaries:
-        runs = [RunDir(s["run"]) for s in study.runs_of(v)]
-        done = [r.summary() for r in runs]
-        minutes = [d["elapsed_s"] / 60 for d in done]
-        speed = [d["tokens"] / d["elapsed_s"] for d in done]
-        rows.append(
-            [
-                v,
-                str(done[0]["steps"]),
-                level(per_seed(study.runs_of(v), headline("val_loss"))),
-                _floors(runs[0]),
-                f"{sum(minutes) / len(minutes):.1f}",
-                f"{sum(speed) / len(speed):,.0f}",
-            ]
-        )
-    fig = loss_curves(
-        out, {v: [RunDir(s["run"]) for s in study.runs_of(v)] for v in study.summaries}
-    )
-    return [
-        "## Training: loss curves and the cost of one run",
-        "",
-        "Wall time is that of one run on one core of a 2-core CPU (two runs at a time, while "
-        "other work shared the machine, so an upper bound). For a synthetic corpus, the loss "
-        "floors are the chain's entropy rate and its unigram entropy, in nats.",
-        "",
-        *table(
-            [
-                "variant",
-                "steps",
-                "final validation loss",
-                "floor / unigram",
-                "min per run",
-                "tok/s",
-            ],
-            rows,
-        ),
-        "",
-        f"![validation loss]({fig})",
-    ]
+# ---------------------------------------------------------------- writing
+def decided(study: SweepStudy, out: Path, lines: list[str], verdicts, name: str, unit) -> list:
+    """A section that decides a family: its lines and its forest figure (out/name; unit None
+    where the contrasts mix quantities), and the family joins the verdict box under the
+    section's question (its title)."""
+    question = lines[0].removeprefix("## ")
+    study.families.append((question, verdicts))
+    return [*lines, *forest_figure(verdicts, out, name, unit, question)]
 
 
-def _floors(run: RunDir) -> str:
-    """Entropy rate / unigram entropy of a Markov run's corpus; '–' for text."""
-    data = run.read_config()[0].data
-    if data.source != "markov":
-        return "–"
-    chain = make_source(data)
-    return f"{chain.entropy_rate():.3g} / {chain.unigram_entropy():.3g}"
-
-
-def _val_curve(run: RunDir) -> dict:
-    records = (json.loads(line) for line in run.metrics_lines(up_to_step=math.inf))
-    return {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
-
-
-def position_readout(study: Study, out: Path) -> list[str]:
-    text = {v: study.groups[v] for v in study.text}
-    markov = {v: study.groups[v] for v in study.markov}
-    figs = [plots.figure(out / "probe_text", lambda ax: plots.probe_curve(ax, text))]
-    if markov:
-        figs.append(plots.figure(out / "probe_markov", lambda ax: plots.probe_curve(ax, markov)))
-    numbers = (
-        ("probe R² (last layer)", headline("probe_r2_log_last")),
-        ("refit R² after key-0 knockout", headline("knockout_probe_refit_r2_log_last")),
-        ("after key-1 knockout", headline("knockout_probe_refit_r2_log_key1_last")),
-        ("with key 0's gain flattened", headline("route2_r2_left_last", rule="write")),
-        ("one head's key-0 knockout, lowest", headline("head_knockout_r2_left_min")),
-        ("C_mask (mean)", lambda s: _mean(s["per_layer"]["c_mask"].values())),
-        ("shift-test JS", headline("shift_js")),
-    )
-    rows = [
-        [v, *(level(per_seed(study.runs_of(v), f)) for _, f in numbers)] for v in study.summaries
-    ]
-    return [
-        "## Where absolute position becomes decodable, and which route carries it",
-        "",
-        "Held-out R² of a cross-validated ridge probe for log(1 + position) at each residual "
-        "site, on text"
-        + (" and on the stationary Markov corpus (whose data carry no position)" if markov else "")
-        + ". "
-        "After each intervention the probe is refit on the intervened states (the position "
-        "information left, bounded like any R²): key 0 knocked out in every layer, the key-1 "
-        "control, key 0's attention replaced by its mean over queries in every head (the "
-        "route-2 test: the position-dependent gain removed, the mean kept), and key 0 knocked "
-        f"out in one head at a time (the top {study.opts.top_heads} heads by λ₀).",
-        "",
-        *(f"![probe]({f})" for f in figs),
-        "",
-        *table(["variant", *(label for label, _ in numbers)], rows),
-    ]
-
-
-def extrapolation(study: Study, out: Path) -> list[str]:
-    text = {v: study.groups[v] for v in study.text}
-    fig = plots.figure(out / "extrapolation", lambda ax: plots.extrapolation_curve(ax, text))
-    beyond = results.number("loss_beyond_train")
-    columns = [
-        c
-        for c in beyond.values_of(study.opts)
-        if any(
-            headline(beyond.name, **c)(s) is not None for v in study.text for s in study.runs_of(v)
-        )
-    ]
-    rows = [
-        [v, *(level(per_seed(study.runs_of(v), headline(beyond.name, **c))) for c in columns)]
-        for v in study.text
-    ]
-    return [
-        "## Length extrapolation (loss beyond the training length, nats)",
-        "",
-        *table(["variant", *(f"{c['multiple']}× T, NTK {c['ntk']}" for c in columns)], rows),
-        "",
-        f"![extrapolation]({fig})",
-    ]
-
-
-def four_times(study: Study, summary: dict, scale: float | None) -> Options:
-    """The options of a reference run's analysis at 4x its training length."""
-    return Options(
-        seqs=max(8, study.seqs // 4),
-        seq_len=4 * summary["seq_len"],
-        rope_scale=scale,
-        swaps=(),
-        knockout=False,
-        extrapolation=(),
-    )
-
-
-def inference_ntk(study: Study) -> list[str]:
-    """The reference runs at 4x their training length, without and with NTK scaling s = 4:
-    the local early-query statistic reads the same queries at every length."""
-    numbers = {scale: {"probe": {}, "c_res": {}} for scale in (None, 4.0)}
-    study.prefetch(
-        [
-            (s, "analysis-4x" + (f"-ntk{scale:g}" if scale else ""), four_times(study, s, scale))
-            for scale in numbers
-            for s in study.runs_of(REFERENCE)
-        ]
-    )
-    for scale in numbers:
-        for s in study.runs_of(REFERENCE):
-            opts = four_times(study, s, scale)
-            extra = study.extra(s, "analysis-4x" + (f"-ntk{scale:g}" if scale else ""), opts)
-            numbers[scale]["probe"][s["seed"]] = results.value(extra, "probe_r2_log_last")
-            numbers[scale]["c_res"][s["seed"]] = results.value(extra, "c_res_deep", part="all")
-    trained = {
-        "probe": per_seed(study.runs_of(REFERENCE), headline("probe_r2_log_last")),
-        "c_res": per_seed(study.runs_of(REFERENCE), headline("c_res_deep", part="all")),
-    }
-    rows = [["1× (trained length)", level(trained["probe"]), level(trained["c_res"])]]
-    rows += [
-        [f"4×, s = {scale or 1:g}", level(n["probe"]), level(n["c_res"])]
-        for scale, n in numbers.items()
-    ]
-    verdicts = Verdicts(
-        [
-            (
-                "4× s = 4 − 4× s = 1: C_res at early queries",
-                numbers[4.0]["c_res"],
-                numbers[None]["c_res"],
-            ),
-            ("4× s = 4 − 4× s = 1: probe R²", numbers[4.0]["probe"], numbers[None]["probe"]),
-        ]
-    )
-    return [
-        f"## `{REFERENCE}` at 4× its training length, with and without NTK at inference",
-        "",
-        f"On {max(8, study.seqs // 4)} sequences per analysis; the early-query C_res is the "
-        "local one (fit on the first queries only), so it compares across lengths.",
-        "",
-        *table(
-            ["analysed at", "probe R² (last layer)", f"C_res, i < {study.opts.early_queries} (v3)"],
-            rows,
-        ),
-        "",
-        *verdicts.table("s = 1"),
-    ]
-
-
-def emergence(study: Study, out: Path) -> list[str]:
-    """The first seed of the reference variant at every kept checkpoint (step 0 included
-    when the run kept it)."""
-    first = study.runs_of(REFERENCE)[0]
-    steps = [checkpoint.step_of(p) for p in RunDir(first["run"]).checkpoints()]
-    by_step = {}
-    at_step = lambda step: Options(seqs=study.seqs, step=step, contrast_window=study.window)  # noqa: E731
-    study.prefetch([(first, f"analysis-step{t}", at_step(t)) for t in steps if t != first["step"]])
-    for step in steps:
-        if step == first["step"]:
-            by_step[step] = first
-        else:
-            opts = Options(seqs=study.seqs, step=step, contrast_window=study.window)
-            by_step[step] = study.extra(first, f"analysis-step{step}", opts)
-    series = (
-        ("λ₀ (strongest head)", headline("lift0_max")),
-        ("α₀ (strongest head)", headline("alpha0_max")),
-        ("α₀ uniform", headline("alpha0_uniform")),
-        ("C_res i < K (v3)", headline("c_res_deep", part="all")),
-        (
-            "BOS → mean removed, content",
-            headline("bos_swap_removed_share", swap="mean", part="content"),
-        ),
-        ("probe R² (last)", headline("probe_r2_log_last")),
-    )
-    rows = [
-        [str(step), *(number(f(s), 3) for _, f in series)] for step, s in sorted(by_step.items())
-    ]
-    curves = {
-        label: [{step: f(s) for step, s in by_step.items()}]
-        for label, f in (series[0], series[3], series[5])
-    }
-    fig = plots.seed_curves(
-        out / "emergence",
-        curves,
-        "training step",
-        "value",
-        f"{REFERENCE}, seed {first['seed']}, over training",
-    )
-    return [
-        f"## Over training (`{REFERENCE}`, seed {first['seed']})",
-        "",
-        *table(["step", *(label for label, _ in series)], rows),
-        "",
-        f"![emergence]({fig})",
-    ]
-
-
-# ---------------------------------------------------------------- the report
-def scale_note(study: Study, nulls: int) -> list[str]:
-    first = study.runs_of(REFERENCE)[0]
-    run = RunDir(first["run"])
-    cfg, _ = run.read_config()
-    curve = _val_curve(run)
-    steps = sorted(curve)
-    last_drop = curve[steps[-2]] - curve[steps[-1]] if len(steps) > 1 else None
-    minutes = run.summary()["elapsed_s"] / 60
-    m = cfg.model
-    lines = [
-        "## Scale, and what a larger study needs",
-        "",
-        f"Every text run: {m['n_layer']} layers, d_model {m['d_model']}, {m['n_head']} heads, "
-        f"context {cfg.data.seq_len}, batch {cfg.train.batch_size}, {cfg.train.steps} steps "
-        f"({cfg.train.steps * cfg.train.batch_size * cfg.data.seq_len / 1e6:.1f}M tokens), "
-        f"{len(study.runs_of(REFERENCE))} seeds per variant. Validation loss of `{REFERENCE}` "
-        f"seed {first['seed']} fell by {number(last_drop, 3)} over its last "
-        f"{steps[-1] - steps[-2] if len(steps) > 1 else 0} steps, so training had "
-        f"{'not yet' if (last_drop or 0) > 0.01 else 'nearly'} flattened. One run took "
-        f"{minutes:.1f} minutes on one CPU core; the cost grows linearly with steps and seeds.",
-    ]
-    if nulls:
-        lines += [
-            "",
-            f"{nulls} contrast{'s' if nulls != 1 else ''} of the verdict tables "
-            f"{'are' if nulls != 1 else 'is'} not detected at this scale: each names the "
-            "smallest effect these seeds could have detected (MDE, 80% power); the detectable "
-            "effect shrinks as 1/√seeds, so halving it takes four times the seeds.",
-        ]
-    return lines
-
-
-def write_report(study: Study, out: Path) -> Path:
+def write_sections(study: SweepStudy, out: Path, head, sections) -> Path:
+    """out/report.md: `head(study, out)`, the verdict box of the families the sections
+    decide, then each section's lines, in order."""
     owned_dir(out, "report folder", compare.has_report)
-    planned = len(list((study.sweep_dir / "configs").glob("*.toml")))
-    finished = sum(len(v) for v in study.summaries.values())
-    first = RunDir(study.runs_of(REFERENCE)[0]["run"]).read_config()[0]
-    lines = [
-        f"# The study: where absolute position comes from, at {first.model['n_layer']} layers "
-        f"and context {first.data.seq_len}",
-        "",
-        f"Generated by `posleak study` (sweep `{study.sweep_dir.name}`, {study.seqs} held-out "
-        f"sequences per analysis) from the records of {finished} finished runs (of {planned} "
-        f"planned) in {len(study.summaries)} variants; definitions version {DEFINITIONS} "
-        f"({compare.definitions_link(out)}). Made by "
-        f"{provenance.line(provenance.provenance())} Differences are paired by seed. Each verdict "
-        "table is one Holm family of paired t-tests; **finding** marks a Holm p < 0.05 with "
-        f"at least {MIN_SEEDS} seeds; a null names its minimum detectable effect (MDE, 80% "
-        f"power). Every measurement of every variant, side by side: `posleak compare "
-        f"{study.sweep_dir}`.",
-        "",
-    ]
-    section_a, verdicts_a = claim_a(study, out)
-    section_b, verdicts_b = claim_b(study)
-    section_c, verdicts_c = claim_c(study)
-    claims = [  # (its section's question, its family, the unit of its contrasts: None mixed)
-        (section_a[0].removeprefix("## "), verdicts_a, None),
-        (
-            section_b[0].removeprefix("## "),
-            verdicts_b,
-            "removed share, content keys − 0 or the control",
-        ),
-        (section_c[0].removeprefix("## "), verdicts_c, None),
-    ]
-    lines += verdict_box([(q, v) for q, v, _ in claims if v is not None])
-    for section, (question, verdicts, unit), name in zip(
-        (section_a, section_b, section_c), claims, "abc", strict=True
-    ):
-        figure = forest_figure(verdicts, out, f"verdict_{name}", unit, question) if verdicts else []
-        lines += [*section, *figure, ""]
-    for section in (
-        step_zero(study),
-        inference_ntk(study),
-        emergence(study, out),
-        position_readout(study, out),
-        extrapolation(study, out),
-        training(study, out),
-    ):
-        lines += [*section, ""]
-    nulls = sum(v.nulls for v in (verdicts_a, verdicts_b, verdicts_c) if v is not None)
-    lines += scale_note(study, nulls)
-    report = out / "report.md"
-    atomic_write(report, "\n".join(lines) + "\n")
-    return report
+    study.families = []
+    body = [line for section in sections for line in (*section(study, out), "")]
+    return write_report(out / "report.md", head(study, out), study.families, body)
+
+
+def write_report(path: Path, head: list[str], families: list, body: list[str]) -> Path:
+    """One Markdown report, written whole: its head, the verdict box of `families` (none:
+    no box), its body."""
+    box = verdict_box([(question, verdicts) for question, verdicts, *_ in families])
+    lines = [*head, "", *box, *body]
+    atomic_write(path, "\n".join(lines).rstrip() + "\n")
+    return path
