@@ -1,8 +1,16 @@
 """Test settings: one torch thread per pytest worker so that parallel workers share the cores."""
 
+import json
 import os
+from collections.abc import Callable
+from pathlib import Path
 
+import pytest
 import torch
+
+from posleak.analysis.engine.collect import stream
+from posleak.train.config import build
+from posleak.train.loop import TIMING_FIELDS, train
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
@@ -60,3 +68,46 @@ def blank_one_head_model(**config):
         model.layers[0].input_layernorm.weight.fill_(1.0)
         model.layers[0].post_attention_layernorm.weight.fill_(1.0)
     return model
+
+
+def collect(  # what a test reads of the activations: the library streams them
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    extract: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+    batch_size: int = 32,
+    interventions: list = (),
+) -> dict[str, torch.Tensor]:
+    """For each hook name keep extract[name](activation), concatenated over sequences."""
+    parts: dict[str, list] = {name: [] for name in extract}
+
+    def keeper(name):
+        return lambda tensor, rows: parts[name].append(extract[name](tensor).float().cpu())
+
+    stream(model, tokens, {name: keeper(name) for name in extract}, batch_size, interventions)
+    return {name: torch.cat(chunks) for name, chunks in parts.items()}
+
+
+def keep(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def deterministic_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl without wall-clock fields: what must match across resumes and reruns."""
+    records = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run = tmp_path_factory.mktemp("trained") / "run"
+    train(build(tiny_overrides()), run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished 12-step run (checkpoints at 8 and 12) to copy; never modified."""
+    root = tmp_path_factory.mktemp("finished")
+    config = write_config(root / "tiny.toml", tiny_overrides())
+    train(build(tiny_overrides()), root / "run")
+    return config, root / "run"

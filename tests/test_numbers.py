@@ -79,3 +79,16 @@ def test_the_per_run_report_shows_every_stage_that_drew_a_curve():
     assert "| shift-test JS distance (mean over layers) | 0.25 |" in text
     assert "## shift test" in text and "| 1 | 0.3 |" in text
     assert "## sink signatures" in text
+
+
+def test_columns_of_numbers_are_right_aligned_in_markdown_and_html(tmp_path):
+    from posleak.analysis.reports.html import to_html
+    from posleak.report import table
+
+    rows = [["rope", "0.5 [0.4, 0.6] (n=3)", "−2.1%", "a finding"], ["nope", "–", "3e-05", "–"]]
+    lines = table(["variant", "C²", "share", "verdict"], rows)
+    assert lines[1] == "|---|---:|---:|---|"  # words, and a column of dashes, stay left
+    assert table(["x"], [["–"], ["–"]])[1] == "|---|"
+    page = to_html("\n".join(lines), tmp_path, "t")
+    assert '<td>rope</td><td class="num">0.5 [0.4, 0.6] (n=3)</td>' in page
+    assert "td.num{text-align:right}" in page

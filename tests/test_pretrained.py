@@ -10,10 +10,9 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import collect, tiny_overrides
 
 from posleak.analysis.engine.analyze import Options, analysis_of, analyze
-from posleak.analysis.engine.collect import collect
 from posleak.analysis.stages import stage
 from posleak.cli import main
 from posleak.model.rope import ntk_base

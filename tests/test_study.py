@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from posleak.analysis.reports.sink_study import emergence_seed, persistence
-from posleak.analysis.reports.study import layer_slope, level
+from posleak.analysis.reports.study import level
+from posleak.analysis.reports.text_study import layer_slope
 from posleak.analysis.reports.verdicts import Verdicts
 from posleak.analysis.stages import NUMBERS
 
@@ -136,6 +137,17 @@ def test_verdicts_are_one_holm_family_and_say_what_each_test_found():
     assert "interval excludes 0" in family.words("0")
     cell = family.table("0")[2]  # the first contrast's row
     assert "not a finding after Holm, though its interval excludes 0" in cell
+
+
+def test_a_constant_difference_is_shown_but_never_joins_the_family():
+    ref = {0: 1.0, 1: 2.0, 2: 3.0}
+    marginal = {0: 1.5, 1: 2.4, 2: 3.6}  # p = 0.013: a finding alone, not beside a second test
+    constant = {seed: value + 0.25 for seed, value in ref.items()}  # 0.25 in every seed
+    family = Verdicts([("m", marginal, ref), ("c", constant, ref)])
+    assert set(family.adjusted) == {0} and family.words("m").startswith("**higher**")
+    assert family.words("c") == "0.25 in every seed: a constant, not tested"
+    assert family.table("0")[3] == "| c | 0.25 in every seed (n=3; constant: no test) |"
+    assert family.nulls == 0
 
 
 def test_the_depth_slope_reads_layers_from_one_on():

@@ -5,10 +5,9 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import collect, keep, tiny_overrides
 
 from posleak.analysis.engine.analyze import Options, analysis_of
-from posleak.analysis.engine.collect import collect, keep
 from posleak.analysis.stages import NUMBERS
 from posleak.analysis.stages.bos_swap import (
     control_positions,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides, write_config
+from conftest import deterministic_metrics, tiny_overrides, write_config
 from safetensors.torch import load_file
 
 from posleak.model import ConfigError, Decoder
@@ -20,7 +20,7 @@ from posleak.train import checkpoint
 from posleak.train.config import build, from_resolved, load, parse_override, read_toml
 from posleak.train.environment import COMPILE_CPU_MIN_FLOP, resolve_compile
 from posleak.train.lock import RunLock, RunLocked
-from posleak.train.loop import RunExistsError, TrainingDiverged, deterministic_metrics, train
+from posleak.train.loop import RunExistsError, TrainingDiverged, train
 from posleak.train.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent

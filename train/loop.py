@@ -496,9 +496,3 @@ def _remove_if_unused(out: Path, created: bool) -> None:
             (out / ".lock.guard").unlink(missing_ok=True)
             if created:
                 out.rmdir()
-
-
-def deterministic_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl without wall-clock fields: what must match across resumes and reruns."""
-    records = [json.loads(line) for line in Path(path).read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]

@@ -62,7 +62,6 @@ class RunDir:
         self.log_file = self.path / "train.log"
         self.wandb_id_file = self.path / "wandb_id.txt"
         self.checkpoints_dir = self.path / "checkpoints"
-        self.analysis_dir = self.path / "analysis"
 
     # ------------------------------------------------------------------ writing
     def write(self, name: str, text: str) -> None:

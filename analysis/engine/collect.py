@@ -181,27 +181,6 @@ def each(consumers: list[Consumer]) -> Consumer:
     return consume
 
 
-def collect(
-    model: torch.nn.Module,
-    tokens: torch.Tensor,
-    extract: dict[str, Callable[[torch.Tensor], torch.Tensor]],
-    batch_size: int = 32,
-    interventions: list = (),
-) -> dict[str, torch.Tensor]:
-    """For each hook name keep extract[name](activation), concatenated over sequences."""
-    parts: dict[str, list] = {name: [] for name in extract}
-
-    def keeper(name):
-        return lambda tensor, rows: parts[name].append(extract[name](tensor).float().cpu())
-
-    stream(model, tokens, {name: keeper(name) for name in extract}, batch_size, interventions)
-    return {name: torch.cat(chunks) for name, chunks in parts.items()}
-
-
-def keep(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor
-
-
 class LogitSums:
     """Per-block sums of the pre-softmax logits over sequences, for one layer.
 

@@ -50,14 +50,6 @@ def pack(m: torch.Tensor, design: TwoWayDesign) -> torch.Tensor:
     return m.flatten(-2)[..., design.pairs]
 
 
-def unpack(packed: torch.Tensor, design: TwoWayDesign) -> torch.Tensor:
-    """(..., P) -> (..., T, T), zero on masked pairs."""
-    T = design.visible.shape[0]
-    out = packed.new_zeros(*packed.shape[:-1], T * T)
-    out[..., design.pairs] = packed
-    return out.view(*packed.shape[:-1], T, T)
-
-
 def per_query(packed: torch.Tensor, design: TwoWayDesign) -> torch.Tensor:
     """Sum over each query's visible keys: (..., P) -> (..., T)."""
     out = packed.new_zeros(*packed.shape[:-1], len(design.rows))
