@@ -29,7 +29,23 @@ from posleak.model.hooks import HookPoint, attached, hook_points, run_with_cache
 from posleak.model.positions import SCHEMES
 from posleak.model.rope import ntk_base
 
-FAMILIES = ("llama", "mistral", "qwen2", "gemma3_text", "gpt_neox")  # tests/test_pretrained.py
+
+@dataclass(frozen=True)
+class Family:
+    """Where one transformers model family keeps what the adapter reads: a decoder layer's
+    attention module and that module's output projection (attribute names)."""
+
+    attention: str = "self_attn"
+    output: str = "o_proj"
+
+
+FAMILIES = {  # model_type: its row; each is checked in tests/test_pretrained.py
+    "llama": Family(),
+    "mistral": Family(),
+    "qwen2": Family(),
+    "gemma3_text": Family(),
+    "gpt_neox": Family(attention="attention", output="dense"),
+}
 ATTENTION = "posleak"  # the name our attention function is registered under
 DEFAULT_LEN = 256
 
@@ -150,6 +166,7 @@ class Pretrained(nn.Module):
         super().__init__()
         self.hf = hf_model.eval()
         self.cfg = shape_of(hf_model.config)
+        self.family = FAMILIES[self.cfg.family]
         self.hook_embed = HookPoint()
         self.layers = nn.ModuleList(_LayerPoints() for _ in range(self.cfg.n_layer))
         self.hook_points = hook_points(self)
@@ -158,17 +175,15 @@ class Pretrained(nn.Module):
         for l, layer in enumerate(base.layers):
             a = self.layers[l].self_attn
             points = (a.hook_q, a.hook_k, a.hook_v, a.hook_scores, a.hook_pattern)
-            self._attention_module(layer).posleak_points = points  # a tuple: not a submodule
+            getattr(
+                layer, self.family.attention
+            ).posleak_points = points  # a tuple: not a submodule
             after = [self.layers[l].hook_resid_post]
             after += [self.layers[l + 1].hook_resid_pre] if l + 1 < self.cfg.n_layer else []
             layer.register_forward_hook(self._on_layer(after))
         self._rotary = rotary_frequencies(hf_model)
         self._inv_freq = [frequencies.clone() for frequencies in self._rotary]
         self.rope_inference_scale = 1.0
-
-    @staticmethod
-    def _attention_module(layer) -> nn.Module:
-        return layer.self_attn if hasattr(layer, "self_attn") else layer.attention
 
     def _on_embed(self, module, args, output):
         return self.layers[0].hook_resid_pre(self.hook_embed(output))
@@ -222,8 +237,8 @@ class Pretrained(nn.Module):
 
     def output_projection(self, layer: int) -> torch.Tensor:
         """W_O of an attention layer, (d_model, n_head * d_head)."""
-        attn = self._attention_module(self.hf.base_model.layers[layer])
-        return (attn.o_proj if hasattr(attn, "o_proj") else attn.dense).weight
+        attn = getattr(self.hf.base_model.layers[layer], self.family.attention)
+        return getattr(attn, self.family.output).weight
 
     # ---------------------------------------------------------------- RoPE at inference
     @property

@@ -11,7 +11,7 @@ import torch
 from posleak.analysis.engine.collect import each, store, stream
 from posleak.analysis.engine.numbers import Reported
 from posleak.analysis.maths import measures
-from posleak.analysis.stages.base import ATTN, Stage
+from posleak.analysis.stages.base import ATTN, Bench, Context, Stage
 
 KEYS = ("bos", "start")  # the lift on key k (BOS) and on key 0 (whatever token starts the row)
 
@@ -20,10 +20,10 @@ class Anchoring(Stage):
     def enabled(self, opts) -> bool:
         return bool(opts.anchor_positions)
 
-    def work(self, analysis) -> int:
+    def work(self, analysis: Bench) -> int:
         return len(analysis.opts.anchor_positions) * analysis.opts.anchor_seqs * analysis.T
 
-    def run(self, analysis, ctx) -> None:
+    def run(self, analysis: Bench, ctx: Context) -> None:
         if "always" not in analysis.subject.bos_policies:  # a tokenizer without a BOS token
             return
         n, T = analysis.opts.anchor_seqs, analysis.T

@@ -9,15 +9,15 @@ import torch
 
 from posleak.analysis.engine.collect import stream
 from posleak.analysis.reports import plots
-from posleak.analysis.stages.base import ATTN, Section, Stage
+from posleak.analysis.stages.base import ATTN, Bench, Context, Section, Stage
 from posleak.analysis.stages.route2 import top_heads
 
 
 class AttentionMaps(Stage):
-    def work(self, analysis) -> int:
+    def work(self, analysis: Bench) -> int:
         return min(analysis.opts.content_seqs, analysis.opts.seqs) * analysis.T
 
-    def run(self, analysis, ctx) -> None:
+    def run(self, analysis: Bench, ctx: Context) -> None:
         k = min(analysis.opts.early_queries, analysis.T)
         tokens = ctx.tokens[: analysis.opts.content_seqs]
         heads = top_heads(analysis, ctx)

@@ -32,7 +32,7 @@ from posleak.analysis.maths import content
 from posleak.analysis.maths import probe as probes
 from posleak.analysis.maths.stats import bootstrap_weights
 from posleak.analysis.reports import plots
-from posleak.analysis.stages.base import ATTN, RESID, Section, Stage
+from posleak.analysis.stages.base import ATTN, RESID, Bench, Context, Section, Stage
 from posleak.analysis.stages.window_contrast import contrast_window
 
 LEVEL = 0.05  # family-wise, over one layer's bands
@@ -170,10 +170,10 @@ class BandProbes:
 
 
 class Bands(Stage):
-    def work(self, analysis) -> int:
+    def work(self, analysis: Bench) -> int:
         return analysis.opts.seqs * analysis.T if contrast_window(analysis) else 0
 
-    def run(self, analysis, ctx) -> None:
+    def run(self, analysis: Bench, ctx: Context) -> None:
         w = contrast_window(analysis)
         if w is None:
             return

@@ -12,12 +12,55 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from posleak.analysis.engine.options import Options
 
+if TYPE_CHECKING:  # the engine imports the stages: these names are for annotations only
+    from posleak.analysis.engine.analyze import Pass
+    from posleak.analysis.engine.collect import Subject
+    from posleak.analysis.engine.records import Recorder
+    from posleak.analysis.maths.measures import TwoWayDesign
+
 RESID, ATTN, RUN = "resid", "attn", None  # what a record's `layer` counts
+
+
+class Bench(Protocol):
+    """What a stage may read of the analysis it runs in: the whole contract. The engine's
+    Analysis provides it; tests/test_stage_contract.py fails when a stage reads anything
+    else. What stages share beyond it goes through the Context."""
+
+    opts: Options  # the options the analysis was made with
+    rec: Recorder  # rec.add(metric, value, layer=..., condition={...}): the records
+    model: torch.nn.Module  # the hooked model: cfg, and hook names (model/hooks.py)
+    subject: Subject  # what is analysed: seed, bos_policies, copy_targets, name
+    T: int  # tokens per analysed sequence
+    L: int  # attention layers
+    H: int  # heads per layer
+    windows: tuple  # per layer: its window w, or None for full attention
+    window: int | None  # the smallest window of any layer (None: none)
+    resid_names: list[str]  # the residual sites' hook names: embeddings, then each layer out
+    positions: torch.Tensor  # the query positions a probe reads
+    batch: int  # sequences per forward pass
+    boot_a: torch.Tensor  # bootstrap weights of half A's blocks
+    boot_b: torch.Tensor  # ... and of half B's
+
+    def tokens(self, n: int, seq_len: int, stream_name: str, bos: str | None = None):
+        """(n, seq_len + 1) held-out tokens from their own named stream."""
+
+    def measure(self, tokens, interventions=(), fitted=None, targets=None) -> Pass:
+        """One pass with the given hooks: logit sums, probe statistics, losses."""
+
+    def design(self, layer: int) -> TwoWayDesign:
+        """The two-way fit's design of an attention layer."""
+
+    def halves(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sequence indices of half A and half B."""
+
+    def set_rope_scale(self, scale: float) -> None:
+        """NTK at inference (RoPE models only)."""
 
 
 @dataclass
@@ -56,10 +99,10 @@ class Stage:
     def enabled(self, opts: Options) -> bool:
         return True
 
-    def run(self, analysis, ctx: Context) -> None:
+    def run(self, analysis: Bench, ctx: Context) -> None:
         """Measure, and record rows through analysis.rec.add."""
 
-    def work(self, analysis) -> int:
+    def work(self, analysis: Bench) -> int:
         """About how many tokens run() gives the model (for progress and ETA; 0 when it
         reads only the base pass)."""
         return 0

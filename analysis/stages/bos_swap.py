@@ -26,11 +26,11 @@ from posleak.analysis.maths.stats import bootstrap_weights
 from posleak.analysis.reports import plots
 from posleak.analysis.stages._loss import record_change
 from posleak.analysis.stages._removal import record_probes, record_removal, record_removal_v4
-from posleak.analysis.stages.base import ATTN, RESID, RUN, Section, Stage
+from posleak.analysis.stages.base import ATTN, RESID, RUN, Bench, Context, Section, Stage
 
 
 class BosSwap(Stage):
-    def work(self, analysis) -> int:
+    def work(self, analysis: Bench) -> int:
         opts = analysis.opts
         family = len(ROUTES) + 1  # passes per replacement in the family
         return (len(opts.swaps) + family * len(in_family(opts))) * opts.seqs * analysis.T
@@ -38,7 +38,7 @@ class BosSwap(Stage):
     def enabled(self, opts) -> bool:
         return bool(opts.swaps)
 
-    def run(self, analysis, ctx) -> None:
+    def run(self, analysis: Bench, ctx: Context) -> None:
         base_loss = ctx.base.losses
         k = min(analysis.opts.early_queries, analysis.T)
         everywhere = torch.ones_like(base_loss, dtype=torch.bool)

@@ -9,20 +9,20 @@ import torch
 from posleak.analysis.engine.collect import token_losses
 from posleak.analysis.engine.numbers import Reported
 from posleak.analysis.reports import plots
-from posleak.analysis.stages.base import RUN, Section, Stage
+from posleak.analysis.stages.base import RUN, Bench, Context, Section, Stage
 
 NTK = ("none", "length ratio")  # NTK at inference: none, or s = the length's multiple
 
 
 class Extrapolation(Stage):
-    def work(self, analysis) -> int:
+    def work(self, analysis: Bench) -> int:
         subject, cfg = analysis.subject, analysis.model.cfg
         multiples = analysis.opts.extrapolation if subject.extrapolate else (1,)
         T0 = subject.train_len if subject.extrapolate else analysis.T
         scales = lambda m: 2 if cfg.scheme.inference_scale and m > 1 else 1  # noqa: E731
         return sum(analysis.opts.extrapolation_seqs * T0 * m * scales(m) for m in multiples)
 
-    def run(self, analysis, ctx) -> None:
+    def run(self, analysis: Bench, ctx: Context) -> None:
         subject, cfg = analysis.subject, analysis.model.cfg
         T0 = subject.train_len if subject.extrapolate else analysis.T
         for m in analysis.opts.extrapolation if subject.extrapolate else (1,):

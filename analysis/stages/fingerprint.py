@@ -11,14 +11,14 @@ from posleak.analysis.engine.numbers import Reported
 from posleak.analysis.engine.records import by_layer
 from posleak.analysis.maths import measures
 from posleak.analysis.reports import plots
-from posleak.analysis.stages.base import ATTN, RESID, Section, Stage
+from posleak.analysis.stages.base import ATTN, RESID, Bench, Context, Section, Stage
 
 
 class Fingerprint(Stage):
-    def work(self, analysis) -> int:
+    def work(self, analysis: Bench) -> int:
         return 2 * analysis.opts.fingerprint_seqs * analysis.T
 
-    def run(self, analysis, ctx) -> None:
+    def run(self, analysis: Bench, ctx: Context) -> None:
         i_f = min(analysis.opts.fingerprint_query, analysis.T - 1)
         for name, bos in (("bos", "always"), ("nobos", "never")):
             condition = {"bos": bos}

@@ -12,18 +12,18 @@ from posleak.analysis.maths import content, measures
 from posleak.analysis.maths.logits import PARTS
 from posleak.analysis.reports import plots
 from posleak.analysis.stages._removal import record_probes, record_removal
-from posleak.analysis.stages.base import ATTN, RESID, RUN, Section, Stage
+from posleak.analysis.stages.base import ATTN, RESID, RUN, Bench, Context, Section, Stage
 
 
 class Knockout(Stage):
-    def work(self, analysis) -> int:
+    def work(self, analysis: Bench) -> int:
         passes = 3 + (analysis.L if analysis.opts.knockout_per_layer else 0)
         return passes * analysis.opts.seqs * analysis.T
 
     def enabled(self, opts) -> bool:
         return opts.knockout
 
-    def run(self, analysis, ctx) -> None:
+    def run(self, analysis: Bench, ctx: Context) -> None:
         per_layer = list(range(analysis.L)) if analysis.opts.knockout_per_layer else []
         for target in per_layer:
             knock_out(analysis, ctx, target)
@@ -139,7 +139,7 @@ def knock_out(analysis, ctx, target, hook=None, control: int | str = 0, extra=()
     targets = ctx.targets if every else None
     knocked = analysis.measure(ctx.tokens, hooks, fitted=ctx.fitted, targets=targets)
     if every:
-        ctx.losses[f"key={control}"] = knocked.losses
+        ctx.losses[losses_label(control)] = knocked.losses
     label = {"layer": target, "key": control}
     record_removal(analysis, "knockout", label, ctx.base, knocked)
     record_probes(analysis, "knockout", label, knocked)
@@ -219,3 +219,9 @@ STAGE = Knockout(
         ),
     ),
 )
+
+
+def losses_label(key) -> str:
+    """The label in ctx.losses of the pass that knocked `key` out in every layer (the knockout
+    loss stage reads it rather than run the pass again)."""
+    return f"key={key}"

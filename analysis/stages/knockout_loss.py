@@ -15,17 +15,18 @@ from posleak.analysis.maths import measures
 from posleak.analysis.maths.stats import bootstrap_weights
 from posleak.analysis.stages._hooks import on_heads
 from posleak.analysis.stages._loss import record_change, target_groups
-from posleak.analysis.stages.base import RUN, Stage
+from posleak.analysis.stages.base import RUN, Bench, Context, Stage
+from posleak.analysis.stages.knockout import losses_label
 
 
 class KnockoutLoss(Stage):
-    def work(self, analysis) -> int:
+    def work(self, analysis: Bench) -> int:
         return 2 * analysis.opts.seqs * analysis.T  # two rules in the sink heads
 
     def enabled(self, opts) -> bool:
         return opts.knockout
 
-    def run(self, analysis, ctx) -> None:
+    def run(self, analysis: Bench, ctx: Context) -> None:
         tokens = torch.cat([ctx.tokens, ctx.targets[:, -1:]], dim=1)  # (N, T + 1)
         groups = target_groups(analysis.subject.copy_targets, tokens)
         base = ctx.base.losses
@@ -39,7 +40,7 @@ class KnockoutLoss(Stage):
         }
         delta = {}  # (key, heads) -> per-token loss change
         for key, rule in rules.items():
-            delta[key, "all"] = ctx.losses[f"key={key}"] - base  # the knockout stage's passes
+            delta[key, "all"] = ctx.losses[losses_label(key)] - base  # the knockout stage's passes
             if heads and key != 1:
                 hooks = [(f"blocks.{l}.attn.pattern", on_heads(rule, h)) for l, h in heads.items()]
                 knocked = stream(analysis.model, ctx.tokens, {}, analysis.batch, hooks, ctx.targets)

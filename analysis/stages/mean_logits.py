@@ -23,14 +23,14 @@ from posleak.analysis.maths import content, measures
 from posleak.analysis.maths.logits import PARTS, local_fit, parts, pooled
 from posleak.analysis.maths.stats import percentile_interval
 from posleak.analysis.reports import plots
-from posleak.analysis.stages.base import ATTN, RUN, Section, Stage
+from posleak.analysis.stages.base import ATTN, RUN, Bench, Context, Section, Stage
 
 
 class MeanLogits(Stage):
-    def work(self, analysis) -> int:
+    def work(self, analysis: Bench) -> int:
         return min(analysis.opts.content_seqs, analysis.opts.seqs) * analysis.T
 
-    def run(self, analysis, ctx) -> None:
+    def run(self, analysis: Bench, ctx: Context) -> None:
         add = analysis.rec.add
         deviation = content_deviation(analysis, ctx.tokens, ctx.base)
         for l, st in enumerate(ctx.base.logits):

@@ -14,17 +14,17 @@ from posleak.analysis.maths import content
 from posleak.analysis.maths.stats import bootstrap_weights
 from posleak.analysis.stages._loss import record_change
 from posleak.analysis.stages._removal import record_probes, record_removal_v3
-from posleak.analysis.stages.base import RESID, RUN, Stage
+from posleak.analysis.stages.base import RESID, RUN, Bench, Context, Stage
 
 
 class NtkInference(Stage):
     def enabled(self, opts) -> bool:
         return bool(opts.ntk_scales)
 
-    def work(self, analysis) -> int:
+    def work(self, analysis: Bench) -> int:
         return len(analysis.opts.ntk_scales) * analysis.opts.seqs * analysis.T
 
-    def run(self, analysis, ctx) -> None:
+    def run(self, analysis: Bench, ctx: Context) -> None:
         model = analysis.model
         if not model.cfg.scheme.inference_scale:  # no rotation to rescale (NoPE, learned)
             return

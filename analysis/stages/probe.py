@@ -14,16 +14,16 @@ from posleak.analysis.maths import measures
 from posleak.analysis.maths import probe as probes
 from posleak.analysis.maths.stats import bootstrap_weights
 from posleak.analysis.reports import plots
-from posleak.analysis.stages.base import RESID, Section, Stage
+from posleak.analysis.stages.base import RESID, Bench, Context, Section, Stage
 
 TARGETS = (("linear", ""), ("log", "_log"))
 
 
 class Probe(Stage):
-    def work(self, analysis) -> int:
+    def work(self, analysis: Bench) -> int:
         return analysis.opts.seqs // 2 * analysis.T  # half B, scored
 
-    def run(self, analysis, ctx) -> None:
+    def run(self, analysis: Bench, ctx: Context) -> None:
         """Fit both probes per residual site on half A, then score them on half B."""
         tokens = ctx.tokens
         b = analysis.halves(len(tokens))[1]

@@ -21,17 +21,17 @@ from posleak.analysis.maths.stats import bootstrap_weights
 from posleak.analysis.stages._hooks import on_heads
 from posleak.analysis.stages._loss import record_change
 from posleak.analysis.stages._removal import record_probes, record_removal
-from posleak.analysis.stages.base import ATTN, RESID, RUN, Stage
+from posleak.analysis.stages.base import ATTN, RESID, RUN, Bench, Context, Stage
 
 
 class Route2(Stage):
-    def work(self, analysis) -> int:
+    def work(self, analysis: Bench) -> int:
         return (len(ROUTES) + 2 * analysis.opts.top_heads) * analysis.opts.seqs * analysis.T
 
     def enabled(self, opts) -> bool:
         return opts.knockout
 
-    def run(self, analysis, ctx) -> None:
+    def run(self, analysis: Bench, ctx: Context) -> None:
         def rules(l: int) -> dict:
             flatten = lambda p: measures.key0_gain_removed(p, analysis.windows[l])  # noqa: E731
             return {"write": flatten, "knockout": measures.knock_out_key0}

@@ -11,14 +11,14 @@ from posleak.analysis.engine.numbers import Reported
 from posleak.analysis.engine.records import ANY
 from posleak.analysis.maths import measures
 from posleak.analysis.reports import plots
-from posleak.analysis.stages.base import ATTN, Section, Stage
+from posleak.analysis.stages.base import ATTN, Bench, Context, Section, Stage
 
 
 class Shift(Stage):
-    def work(self, analysis) -> int:
+    def work(self, analysis: Bench) -> int:
         return analysis.opts.shift_seqs * (analysis.T // 2 + 1 + analysis.T)
 
-    def run(self, analysis, ctx) -> None:
+    def run(self, analysis: Bench, ctx: Context) -> None:
         T, H, L = analysis.T, analysis.H, analysis.L
         n = T // 2
         delta = T - n - 1

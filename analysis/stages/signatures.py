@@ -14,14 +14,14 @@ from posleak.analysis.engine.records import by_layer
 from posleak.analysis.maths import measures
 from posleak.analysis.maths.stats import bootstrap_weights, percentile_interval
 from posleak.analysis.reports import plots
-from posleak.analysis.stages.base import ATTN, RESID, Section, Stage
+from posleak.analysis.stages.base import ATTN, RESID, Bench, Context, Section, Stage
 
 
 class Signatures(Stage):
-    def work(self, analysis) -> int:
+    def work(self, analysis: Bench) -> int:
         return analysis.opts.signature_seqs * analysis.T
 
-    def run(self, analysis, ctx) -> None:
+    def run(self, analysis: Bench, ctx: Context) -> None:
         tokens = ctx.tokens[: analysis.opts.signature_seqs]
         n, L, H = len(tokens), analysis.L, analysis.H
         ratio = [torch.empty(n, dtype=torch.float64) for _ in analysis.resid_names]

@@ -13,11 +13,11 @@ from posleak.analysis.engine.records import finite_mean
 from posleak.analysis.maths import measures
 from posleak.analysis.maths.stats import bootstrap_weights, percentile_interval
 from posleak.analysis.reports import plots
-from posleak.analysis.stages.base import ATTN, Section, Stage
+from posleak.analysis.stages.base import ATTN, Bench, Context, Section, Stage
 
 
 class Sinks(Stage):
-    def run(self, analysis, ctx) -> None:
+    def run(self, analysis: Bench, ctx: Context) -> None:
         add, eps = analysis.rec.add, analysis.opts.sink_eps
         weights = bootstrap_weights(analysis.opts.seqs, analysis.opts.bootstrap, seed=4)
         early = range(1, min(analysis.opts.early_queries, analysis.T))

@@ -19,7 +19,7 @@ from posleak.analysis.maths import measures
 from posleak.analysis.maths import probe as probes
 from posleak.analysis.maths.logits import logit_stats, pooled
 from posleak.analysis.maths.stats import percentile_interval
-from posleak.analysis.stages.base import ATTN, RESID, RUN, Stage
+from posleak.analysis.stages.base import ATTN, RESID, RUN, Bench, Context, Stage
 
 
 def contrast_window(analysis) -> int | None:
@@ -59,10 +59,10 @@ def window_stats(sums, w: int, boot_a, boot_b) -> WindowStats:
 
 
 class WindowContrast(Stage):
-    def work(self, analysis) -> int:
+    def work(self, analysis: Bench) -> int:
         return analysis.opts.seqs * analysis.T if contrast_window(analysis) else 0
 
-    def run(self, analysis, ctx) -> None:
+    def run(self, analysis: Bench, ctx: Context) -> None:
         w = contrast_window(analysis)
         if w is None:
             return
