@@ -3,6 +3,10 @@ tables and the number format. Statistics over seeds are in analysis/maths/seeds.
 
 from __future__ import annotations
 
+import re
+
+NUMERIC = re.compile(r"[-−+]?(\d|\.\d|inf|nan)|–$")  # a number (maybe with its interval), or none
+
 
 def number(x, digits: int = 4) -> str:
     """A number as reports print it: `digits` significant digits, "–" for none."""
@@ -10,9 +14,15 @@ def number(x, digits: int = 4) -> str:
 
 
 def table(header: list[str], rows: list[list]) -> list[str]:
-    """A Markdown table: a header row, the rule, one line per row (cells' "|" escaped)."""
+    """A Markdown table: a header row, the rule, one line per row (cells' "|" escaped). A
+    column of numbers (a dash where there is none) is right-aligned, so digits line up."""
 
     def line(cells) -> str:
         return "| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |"
 
-    return [line(header), "|" + "---|" * len(header), *(line(r) for r in rows)]
+    def numeric(j: int) -> bool:
+        cells = [str(r[j]).strip() for r in rows if j < len(r)]
+        return any(c != "–" for c in cells) and all(NUMERIC.match(c) for c in cells)
+
+    rule = "|" + "".join("---:|" if numeric(j) else "---|" for j in range(len(header)))
+    return [line(header), rule, *(line(r) for r in rows)]

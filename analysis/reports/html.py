@@ -16,7 +16,7 @@ INLINE = (
 STYLE = (
     "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
     "table{border-collapse:collapse;font-size:13px;margin:1em 0}"
-    "td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}"
+    "td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}td.num{text-align:right}"
     "img{max-width:100%;display:block;margin:1em 0}"
 )
 
@@ -36,9 +36,20 @@ def image(line: str, folder: Path) -> str:
 
 def table(rows: list[str]) -> str:
     cells = [[c.strip() for c in row.strip().strip("|").split("|")] for row in rows]
-    head, body = cells[0], cells[2:]  # cells[1] is the |---| rule
+    head, rule, body = cells[0], cells[1], cells[2:]  # the rule: ---: right-aligns a column
+    right = [c.endswith(":") for c in rule]
     out = ["<table><tr>" + "".join(f"<th>{inline(c)}</th>" for c in head) + "</tr>"]
-    out += ["<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in body]
+    out += [
+        "<tr>"
+        + "".join(
+            f'<td class="num">{inline(c)}</td>'
+            if j < len(right) and right[j]
+            else f"<td>{inline(c)}</td>"
+            for j, c in enumerate(r)
+        )
+        + "</tr>"
+        for r in body
+    ]
     return "\n".join(out) + "</table>"
 
 

@@ -30,6 +30,8 @@ def difference_cell(d: PairedDifference | None, holm_p: float | None, level: flo
     if d.n < MIN_SEEDS:
         interval = "" if d.n < 2 else f" [{number(d.lo)}, {number(d.hi)}]"
         return f"{number(d.mean)}{interval} (n={d.n} < {MIN_SEEDS}: no test)"
+    if d.sd == 0:
+        return f"{number(d.mean)} in every seed (n={d.n}; constant: no test)"
     text = f"{number(d.mean)} [{number(d.lo)}, {number(d.hi)}], p {number(d.p, 2)}"
     if holm_p is None:
         return text + "; not tested: the primary contrast it waits on is not a finding"
@@ -56,7 +58,9 @@ class Verdicts:
     def __init__(self, cells: list[tuple[str, dict, dict]], primary: bool = False):
         self.cells = cells
         self.diffs = [paired_difference(values, ref) for _, values, ref in cells]
-        tested = [i for i, d in enumerate(self.diffs) if d is not None and d.n >= MIN_SEEDS]
+        tested = [  # a difference equal in every seed (a constant) is no test: left out
+            i for i, d in enumerate(self.diffs) if d is not None and d.n >= MIN_SEEDS and d.sd > 0
+        ]
         self.adjusted: dict = {}
         self.level: dict = {}
         rest = tested
@@ -86,6 +90,8 @@ class Verdicts:
             return "not measured"
         if d.n < MIN_SEEDS:
             return f"{number(d.mean, 3)} with n={d.n} < {MIN_SEEDS} seeds: not tested"
+        if d.sd == 0:
+            return f"{number(d.mean, 3)} in every seed: a constant, not tested"
         interval = f"{number(d.mean, 3)} [{number(d.lo, 3)}, {number(d.hi, 3)}]"
         if i not in self.adjusted:
             return f"{interval}, not tested (the primary contrast is not a finding)"
@@ -125,7 +131,7 @@ class Verdicts:
         tested = sorted(self.adjusted)
         found = [labels[i] for i in tested if self.adjusted[i] < ALPHA]
         if not tested:
-            return "nothing tested (fewer than 3 seeds in every contrast)"
+            return "nothing tested (fewer than 3 seeds, or a constant, in every contrast)"
         if not found:
             first = labels[tested[0]]
             return (
