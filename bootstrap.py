@@ -47,7 +47,8 @@ def setup(dev: bool) -> None:
     if have == key + " dev" or (have == key + " main" and not dev):
         return
     print(f"[bootstrap] setting up {VENV} ({'tests' if dev else 'main job'})", flush=True)
-    venv.EnvBuilder(with_pip=True, clear=False).create(VENV)
+    if Path(sys.prefix).resolve() != VENV.resolve():  # its own python cannot be replaced
+        venv.EnvBuilder(with_pip=True, clear=False).create(VENV)
     pip = [str(BIN / "python"), "-m", "pip", "install", "-q"]
     subprocess.run([*pip, *torch_install_args()], check=True)
     subprocess.run([*pip, "-e", f"{ROOT}[dev]" if dev else str(ROOT)], check=True)
