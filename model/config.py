@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from posleak.model.positions import SCHEMES
 
 SINKS = ("none", "learned", "off_by_one")
+NORMALISERS = ("softmax", "softpick")  # how a row of scores becomes attention weights
 MAX_WIDTH = 1 << 14  # d_model and n_layer: beyond this a typo, not a plan
 MAX_ROPE_SCALE = 1e6  # NTK's s, trained or at inference (b * s^(d/(d-2)) stays finite)
 LIMITS = {  # beyond these a typo, not a plan (each far above any model posleak trains)
@@ -48,6 +49,8 @@ class ModelConfig:
     rope_scale: float = 1.0  # NTK factor s; only `rope_ntk` may train with s != 1
     window: int | None = None  # sliding window: w keys including self; None = full causal
     sink: str = "none"
+    attention: str = "softmax"  # or "softpick": weights need not sum to 1 (no sink needed)
+    gate: bool = False  # a query-dependent head-wise sigmoid gate on the attention output
     tie_embeddings: bool = False
     norm_eps: float = 1e-5
 
@@ -74,14 +77,22 @@ class ModelConfig:
         for name in ("rope_base", "rope_scale", "norm_eps"):
             if not _is_real(getattr(self, name)):
                 out.append(f"{name} must be a number, got {getattr(self, name)!r}")
-        if not isinstance(self.tie_embeddings, bool):
-            out.append(f"tie_embeddings must be true or false, got {self.tie_embeddings!r}")
+        for name in ("tie_embeddings", "gate"):
+            if not isinstance(getattr(self, name), bool):
+                out.append(f"{name} must be true or false, got {getattr(self, name)!r}")
         if out:
             return out
         if self.position not in SCHEMES:
             out.append(f"position must be one of {tuple(SCHEMES)}, got {self.position!r}")
         if self.sink not in SINKS:
             out.append(f"sink must be one of {SINKS}, got {self.sink!r}")
+        if self.attention not in NORMALISERS:
+            out.append(f"attention must be one of {NORMALISERS}, got {self.attention!r}")
+        elif self.attention == "softpick" and self.sink != "none":
+            out.append(
+                f"sink={self.sink!r} is a softmax's way to attend to nothing; softpick needs "
+                'none (its weights need not sum to 1): set sink = "none"'
+            )
         if self.d_model % self.n_head:
             out.append(
                 f"d_model={self.d_model} is not divisible by n_head={self.n_head}; "

@@ -55,6 +55,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(hd, d, bias=False)
         if cfg.sink == "learned":
             self.sink_logit = nn.Parameter(torch.zeros(cfg.n_head))
+        if cfg.gate:  # per head, from the query's own input: sigmoid(x W_g + b) scales its output
+            self.gate_proj = nn.Linear(d, cfg.n_head)
+            self.hook_gate = HookPoint()
         self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
         self.hook_scores, self.hook_pattern, self.hook_out = HookPoint(), HookPoint(), HookPoint()
 
@@ -81,8 +84,14 @@ class Attention(nn.Module):
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         if self.force_eager or self.hook_scores.fns or self.hook_pattern.fns:
             y = self.eager(q, k, v, visible, bias=bias)
+        elif self.cfg.attention != "softmax":  # no fused kernel: materialised, checked only
+            hooked = bool(self.hook_q.fns or self.hook_k.fns)  # where a hook may put a NaN
+            y = self.eager(q, k, v, visible, check=hooked, bias=bias)
         else:
             y = self.fast(q, k, v, visible, bias)
+        if self.cfg.gate:
+            gate = self.hook_gate(torch.sigmoid(self.gate_proj(x)))  # (B, T, H)
+            y = y * gate.transpose(1, 2).unsqueeze(-1).to(y.dtype)
         y = y.transpose(1, 2).reshape(B, T, H * Dh)  # (B, T, H*Dh)
         return self.hook_out(self.o_proj(y))
 
@@ -131,7 +140,9 @@ class Attention(nn.Module):
         scores.masked_fill_(~visible, float("-inf"))
         scores = self.hook_scores(scores)
         sink = self.sink_logits()
-        if sink is None:
+        if self.cfg.attention == "softpick":
+            pattern = softpick(scores)
+        elif sink is None:
             pattern = scores.softmax(dim=-1)
         else:
             sink_col = sink.to(scores.dtype)[None, :, None, None].expand(*scores.shape[:3], 1)
@@ -149,6 +160,19 @@ class Attention(nn.Module):
                 f"NaN attention row at layer {self.layer}, head {h}, query {i} (batch row {b}); "
                 "check the scores at that row (all keys masked, or NaN/inf in q or k)"
             )
+
+
+def softpick(scores: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Softpick over the last dimension: ReLU(e^x - 1) / (sum_j |e^x_j - 1| + eps), masked keys
+    (-inf) left out. Computed with numerator and denominator times e^-m, m = max(row max, 0),
+    so that nothing overflows; a row may sum to less than 1 (attention to nothing). In at
+    least float32, as autocast computes a softmax: e^x - 1 cancels near x = 0."""
+    x = scores.float() if scores.element_size() < 4 else scores
+    m = x.amax(-1, keepdim=True).clamp_min(0)
+    floor = torch.exp(-m)
+    shifted = (torch.exp(x - m) - floor).masked_fill(x == float("-inf"), 0.0)
+    weights = shifted.clamp_min(0) / (shifted.abs().sum(-1, keepdim=True) + eps * floor)
+    return weights.to(scores.dtype)
 
 
 class MLP(nn.Module):

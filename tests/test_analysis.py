@@ -443,6 +443,25 @@ def test_the_mass_parked_on_a_sink_logit_is_read_per_head(tmp_path):
     assert parked == pytest.approx([expected] * 4)
 
 
+def test_softpick_and_a_gate_analyse_end_to_end_and_flat_softpick_gives_no_key_anything(tmp_path):
+    """Every stage runs on a gated softpick model; with flat logits e^0 - 1 = 0 for every key,
+    so softpick gives no key any weight: the mass on no key is 1 in every head."""
+    run = tmp_path / "softpick"
+    overrides = tiny_overrides(model__attention="softpick", model__gate=True, train__steps=2)
+    train(build(overrides), run)
+    analyze(run, SMALL, None)
+    headline = AnalysisDir(run / "analysis").read_summary()["headline"]
+    assert headline[NUMBERS["alpha0_max"].key()] is not None
+    analysis = analysis_of(run, SMALL)
+    with torch.no_grad():
+        for block in analysis.model.layers:
+            block.self_attn.q_proj.weight.zero_()
+    ctx = analysis.context(analysis.tokens(8, analysis.T, "analysis"))
+    stage("sink signatures").run(analysis, ctx)
+    parked = [r["value"] for r in analysis.rec.rows if r["metric"] == "sink_virtual_mass"]
+    assert parked == pytest.approx([1.0] * 4, abs=1e-6)
+
+
 def test_knockouts_report_a_bounded_refit_beside_the_transfer_and_run_their_controls(runs):
     analysis = analysis_of(runs / "nope-s0", SMALL)
     ctx = analysis.context(analysis.tokens(16, analysis.T, "analysis"))

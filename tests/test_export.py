@@ -8,7 +8,7 @@ from conftest import tiny_overrides
 from posleak.cli import main
 from posleak.data import ByteTokenizer
 from posleak.train.config import build
-from posleak.train.export import ExportError, export_hf
+from posleak.train.export import ExportError, export_gguf, export_hf
 from posleak.train.loop import train
 from posleak.train.rundir import RunDir
 
@@ -38,14 +38,23 @@ def test_exported_model_gives_posleak_logits_in_transformers(tmp_path, name):
 
 
 @pytest.mark.parametrize(
-    "overrides", [dict(model__position="nope"), dict(model__sink="learned")], ids=["nope", "sink"]
+    "overrides",
+    [
+        dict(model__position="nope"),
+        dict(model__sink="learned"),
+        dict(model__attention="softpick"),
+        dict(model__gate=True),
+    ],
+    ids=["nope", "sink", "softpick", "gate"],
 )
 def test_variants_without_a_faithful_architecture_are_refused_in_one_line(
     tmp_path, overrides, capsys
 ):
     train(build(tiny_overrides(**overrides)), tmp_path / "run")
-    with pytest.raises(ExportError, match="export supports|sink-free"):
+    with pytest.raises(ExportError, match="export supports|sink-free|softmax, ungated"):
         export_hf(tmp_path / "run", tmp_path / "hf")
+    with pytest.raises(ExportError, match="export supports|sink-free|softmax, ungated"):
+        export_gguf(tmp_path / "run", tmp_path / "model.gguf", "F32")
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert not (tmp_path / "hf").exists()

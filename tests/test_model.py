@@ -1,5 +1,6 @@
 """The decoder against independent references: closed forms, nested loops, float64 maths."""
 
+import itertools
 import math
 
 import pytest
@@ -28,6 +29,9 @@ VARIANTS = [
     dict(position="rope", sink="off_by_one", window=5),
     dict(position="alibi"),
     dict(position="alibi", window=4, sink="learned"),
+    dict(position="rope", attention="softpick"),
+    dict(position="rope", gate=True),
+    dict(position="alibi", attention="softpick", gate=True, window=4),
 ]
 
 
@@ -218,6 +222,55 @@ def test_sink_pattern_equals_softmax_over_appended_column(sink):
                     assert pattern[b, h, i, j].item() == pytest.approx(ref, abs=1e-6)
 
 
+# ------------------------------------------------------------------ attention that need not sink
+def test_softpick_equals_its_formula_in_float64_and_survives_large_scores():
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(3, 2, 9, 9, generator=gen, dtype=torch.float64) * 3
+    scores.masked_fill_(~torch.ones(9, 9, dtype=torch.bool).tril(), float("-inf"))
+    for b, h, i in itertools.product(range(3), range(2), range(9)):
+        row = [math.exp(scores[b, h, i, j].item()) - 1 for j in range(i + 1)]
+        total = sum(abs(x) for x in row) + 1e-6
+        ref = [max(x, 0.0) / total for x in row] + [0.0] * (8 - i)
+        assert decoder.softpick(scores)[b, h, i].tolist() == pytest.approx(ref, abs=1e-12)
+    big = torch.tensor([[800.0, 799.0, -5.0, float("-inf")]])  # e^800 overflows a float64
+    e1 = math.exp(-1)  # the formula's limit: (1, e^-1, 0) / (1 + e^-1 + ~0)
+    assert decoder.softpick(big)[0].tolist() == pytest.approx([1 / (1 + e1), e1 / (1 + e1), 0, 0])
+    assert (
+        decoder.softpick(torch.full((1, 3), -4.0)).sum() == 0
+    )  # nothing above e^0: attend to nothing
+
+
+def test_softpick_rows_need_not_sum_to_one_and_refuse_a_sink_logit():
+    model = Decoder(tiny(attention="softpick", n_layer=1))
+    _, cache = model.run_with_cache(tokens(seq=10), names=["blocks.0.attn.pattern"])
+    totals = cache["blocks.0.attn.pattern"].sum(-1)
+    assert (totals <= 1 + 1e-6).all() and (totals < 0.999).any()
+    with pytest.raises(ConfigError, match='softpick needs none.*set sink = "none"'):
+        tiny(attention="softpick", sink="learned")
+    with pytest.raises(ConfigError, match="attention must be one of"):
+        tiny(attention="sigmoid")
+
+
+def test_the_gate_scales_each_heads_output_by_a_sigmoid_of_its_query():
+    model = Decoder(tiny(gate=True, n_layer=1))
+    names = ["blocks.0.attn.pattern", "blocks.0.attn.v", "blocks.0.attn.out"]
+    x = tokens(seq=7)
+    _, cache = model.run_with_cache(x, names=names)
+    attn = model.layers[0].self_attn
+    with torch.no_grad():
+        inputs = model.layers[0].input_layernorm(model.embed_tokens(x))
+        gate = torch.sigmoid(inputs.double() @ attn.gate_proj.weight.double().T
+                             + attn.gate_proj.bias.double())  # (B, T, H)  # fmt: skip
+        y = cache["blocks.0.attn.pattern"].double() @ cache["blocks.0.attn.v"].double()
+        y = (y * gate.transpose(1, 2).unsqueeze(-1)).transpose(1, 2).reshape(2, 7, 16)
+        out = y @ attn.o_proj.weight.double().T
+    assert torch.allclose(cache["blocks.0.attn.out"].double(), out, atol=1e-6)
+    ones = [("blocks.0.attn.gate", lambda g, name: torch.ones_like(g))]
+    ungated = Decoder(tiny(n_layer=1))  # every shared parameter starts identically
+    with model.hooks(ones):
+        assert torch.allclose(model(x), ungated(x), atol=1e-6)
+
+
 # ------------------------------------------------------------------ ALiBi
 def test_alibi_slopes_are_the_papers():
     from posleak.model.positions import alibi_slopes
@@ -305,7 +358,8 @@ def test_bf16_on_cpu_materialises_short_attention_and_agrees_with_the_kernel(ove
             kernel = model(x)
     finally:
         decoder.EAGER_BF16_CPU = saved
-    assert "scaled_dot_product_attention" in calls.names
+    kernel_used = "scaled_dot_product_attention" in calls.names
+    assert kernel_used == (overrides.get("attention") != "softpick")  # softpick has none
     assert reference.std() > 0.05  # logits of this size: bf16 errors are about 1e-3
     assert torch.allclose(short.float(), kernel.float(), atol=5e-3)
     assert torch.allclose(short.float(), reference, atol=5e-3)
@@ -440,7 +494,8 @@ def test_the_hook_free_forward_never_reads_a_tensor_back_to_the_host(overrides):
     model = Decoder(tiny(**overrides))
     with _Calls() as calls:
         model(tokens())
-    assert "scaled_dot_product_attention" in calls.names  # the recorder sees the forward
+    if overrides.get("attention") != "softpick":  # softpick has no fused kernel
+        assert "scaled_dot_product_attention" in calls.names  # the recorder sees the forward
     assert not calls.names & HOST_READS
     with _Calls() as calls, model.hooks([("blocks.0.attn.q", lambda t, n: t)]):
         model(tokens())

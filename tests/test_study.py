@@ -171,12 +171,14 @@ def test_the_sink_study_runs_end_to_end_at_a_tiny_budget(tmp_path):
     spec = spec.replace("seeds = [0, 1, 2, 3, 4, 5, 6, 7]", "seeds = [0, 1]")
     for dropped in ("nope", "learned"):  # the verdicts need rope, its no-BOS twin, sink, swa, ntk
         spec = spec.replace(f'[variants.{dropped}]\npreset = "{dropped}"\n', "")
+    spec = spec.split("[variants.gated]")[0]  # softpick answers for attention that need not sink
+    spec = spec.replace('need_not_sink = ["softpick", "gated"]', 'need_not_sink = ["softpick"]')
     tiny = TINY.replace("model.n_layer = 3", "model.n_layer = 2").replace(
         "n_head = 2", "n_head = 1"
     )
     text, out = sweep_and_report(tmp_path, spec + tiny)
     assert "# The sink study" in text
-    assert "from the records of 10 finished runs (of 10 planned) in 5 variants" in text
+    assert "from the records of 12 finished runs (of 12 planned) in 6 variants" in text
     for section in ("## Training", "## (c)", "## (b)", "## (a)", "## Sink emergence"):
         assert section in text, section
     assert "| rope-nobos |" in text and "Loss floors of the corpus" in text
@@ -193,9 +195,13 @@ def test_the_sink_study_runs_end_to_end_at_a_tiny_budget(tmp_path):
         for r in text.splitlines()
         if r.startswith("| `") and ("route |" in r or "ablation |" in r)
     ]
-    assert len(routes) == 3 * 5 and all(r.count("(n=2)") >= 3 for r in routes), routes
+    assert len(routes) == 3 * 6 and all(r.count("(n=2)") >= 3 for r in routes), routes
     step0 = {p.parent.parent.name for p in out.glob("*/analysis-step0/analysis.json")}
-    assert len(step0) == 10
+    assert len(step0) == 12
+    # softpick answers a family of its own, and stays out of (b)'s and (c)'s
+    own = text.split("## Does attention that need not sink")[1].split("\n## ")[0]
+    assert "`softpick` − `rope`: λ₀, strongest head" in own and "| softpick |" in own
+    assert "`softpick` − `sink`, BOS → mean" not in text
     # (b) shows the signal its shares divide: rope's intact content-key C_res beside its floor
     rope = [json.loads(p.read_text())["headline"] for p in out.glob("rope-s*/analysis/*.json")]
     intact = {i: h[NUMBERS["c_res_content"].key()] for i, h in enumerate(rope)}
@@ -246,7 +252,7 @@ def test_the_light_cone_study_runs_end_to_end_at_a_tiny_budget(tmp_path):
         "`ntk-rand` − `rope-rand`", "`rope-doc` at 4T, s = 8 − s = 1",
         "`rope-rand` at 4T, s = 8 − s = 1",
     ]  # fmt: skip
-    assert all("n=3" not in cell or "no test" not in cell for _, cell in rows)
+    assert all("n=3" not in c or "no test" not in c or "constant" in c for _, c in rows)
     for png in ("light_cone_step0.png", "light_cone_trained.png"):
         assert (tmp_path / "report" / png).stat().st_size > 10_000
     rope = next(out.glob("rope-rand-s0-*"))

@@ -51,6 +51,9 @@ def refusal(model: Decoder) -> str | None:
         )
     if cfg.sink != "none":
         return f"sink={cfg.sink!r} has no counterpart in Llama or Mistral; export a sink-free model"
+    if cfg.attention != "softmax" or cfg.gate:
+        what = f"attention={cfg.attention!r}" if cfg.attention != "softmax" else "gate=true"
+        return f"{what} has no counterpart in Llama or Mistral; export a softmax, ungated model"
     return None
 
 

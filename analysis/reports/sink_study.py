@@ -120,7 +120,7 @@ def claim_c(study: Study, out: Path) -> list[str]:
         for label, f, percent in series
     ]
     rows.append(
-        ["mass on a learned sink key (largest head)",
+        ["mass on no key: sink logit, softpick (largest head)",
          *(level(by_records(study, v, virtual_mass)) for v in variants)]
     )  # fmt: skip
     lines = [
@@ -146,7 +146,7 @@ def claim_c(study: Study, out: Path) -> list[str]:
             + (" " + _anchoring(study) if study.nobos in study.summaries else "")
         )
         lines.append("")
-    lines += _stabilising(study, variants, out)
+    lines += _stabilising(study, in_families(study), out)
     return lines
 
 
@@ -347,7 +347,7 @@ def claim_b(study: Study, out: Path) -> list[str]:
     ]
     cells = []
     control = removed_by_seed(study.runs_of(study.control), "mean", "content")[0]
-    for v in sorted(variants, key=lambda v: v != study.reference):  # the reference's cell first
+    for v in sorted(in_families(study), key=lambda v: v != study.reference):  # reference first
         if v != study.control and control:
             values = removed_by_seed(study.runs_of(v), "mean", "content")[0]
             cells.append((f"`{v}` − `{study.control}`, BOS → mean, content keys", values, control))
@@ -546,6 +546,54 @@ def _evaluations(run: RunDir) -> list[dict]:
     return [r for r in records if "val_loss" in r]
 
 
+def in_families(study: Study) -> list[str]:
+    """The variants of the (b) and (c) families: all but those whose attention need not sink
+    (the [study] role `need_not_sink`), which answer a family of their own."""
+    return [v for v in study_variants(study) if v not in (study.roles.get("need_not_sink") or [])]
+
+
+def need_not_sink(study: Study, out: Path) -> list[str]:
+    """Attention that need not sink (softpick, a gated output) against RoPE: does it sink
+    less (λ₀ of the strongest head), and does it lean on key 0 less than a random key?"""
+    variants = [v for v in study.roles.get("need_not_sink") or [] if v in study.summaries]
+    if not variants:
+        return []
+    lift, excess = headline("lift0_max"), headline("knockout_loss_change", key=EXCESS, heads="all")
+    reference = per_seed(study.runs_of(study.reference), lift)
+    cells = []
+    for v in variants:
+        cells.append((f"`{v}` − `{study.reference}`: λ₀, strongest head",
+                      per_seed(study.runs_of(v), lift), reference))  # fmt: skip
+        leaning = per_seed(study.runs_of(v), excess)
+        cells.append((f"`{v}`: key 0 minus random-key control, every head", leaning,
+                      zeros(leaning)))  # fmt: skip
+    family = Verdicts(cells)
+    question = "Does attention that need not sink avoid the sink, and lean on key 0 less?"
+    study.families.append((question, family))
+    rows = [
+        [
+            v,
+            f"{sum(has_sink(s) for s in study.runs_of(v)):.0f} of {len(study.runs_of(v))}",
+            level(per_seed(study.runs_of(v), lift)),
+            level(by_records(study, v, virtual_mass)),
+        ]
+        for v in [study.reference, *variants]
+    ]
+    return [
+        f"## {question}",
+        "",
+        "Softpick (weights ReLU(eˣ − 1) / Σ|eˣ − 1|, which need not sum to 1) and a head-wise "
+        "sigmoid gate on the attention output (Qiu et al. 2025) give a head a way to write "
+        "nothing without parking on key 0. One family of its own, fixed in the sweep file, "
+        "outside the (b) and (c) families above; 'mass on no key' is softpick's unspent weight.",
+        "",
+        *table(["variant", "seeds with a sink", "λ₀, strongest head", "mass on no key"], rows),
+        "",
+        *family.table(f"`{study.reference}` / 0"),
+        *forest_figure(family, out, "verdict_need_not_sink", None, question),
+    ]
+
+
 def study_variants(study: Study) -> list[str]:
     order = [study.reference, study.nobos, study.control, study.window_variant, study.ntk]
     return [v for v in order if v in study.summaries] + sorted(
@@ -572,7 +620,7 @@ def header(study: Study, out: Path) -> list[str]:
     ]
 
 
-SECTIONS = (training, claim_c, anchoring, routes, claim_b, claim_a, emergence)
+SECTIONS = (training, claim_c, need_not_sink, anchoring, routes, claim_b, claim_a, emergence)
 
 
 def write_report(study: Study, out: Path) -> Path:

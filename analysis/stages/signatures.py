@@ -1,7 +1,8 @@
 """What sinks look like besides attention (docs/science.md, version 3, item 6): the massive
 activation ||x_0|| / median_i ||x_i|| at every residual site, with position 0's largest
 coordinate; each head's value drain ||W_O v_0|| / median_i ||W_O v_i||; and, for a model with
-a sink logit, the attention mass each head parks on the virtual key (1 - sum_j A_ij). Read on
+a sink logit or softpick attention, the attention mass each head gives no key (1 - sum_j A_ij:
+the sink logit's virtual key, softpick's unspent weight). Read on
 a subsample of the analysed sequences, in one pass of its own."""
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ class Signatures(Stage):
         for l in range(L):
             o_proj = analysis.model.output_projection(l).detach().double().cpu()
             consumers[f"blocks.{l}.attn.v"] = _drain(drain[l], o_proj, analysis.model.cfg.d_head)
-        sink = getattr(analysis.model.cfg, "sink", "none") != "none"
+        cfg = analysis.model.cfg
+        sink = getattr(cfg, "sink", "none") != "none" or getattr(cfg, "attention", "") == "softpick"
         if sink:
             for l in range(L):
                 consumers[f"blocks.{l}.attn.pattern"] = _parked(parked[l])
