@@ -207,6 +207,18 @@ def _sample(p: argparse.ArgumentParser) -> None:
 def _bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes: proves it runs (CI)")
     p.add_argument("--out", default="bench.json", help="where to write the JSON results")
+    p.add_argument(
+        "--end-to-end",
+        nargs="+",
+        metavar="CONFIG",
+        help="instead: train each config (bf16 autocast and torch.compile on a GPU), analyse "
+        "it, and time both (tokens/s, MFU, analysis seconds): a first GPU slot's script",
+    )
+    _overrides(p, "with --end-to-end: a config override for every run, e.g. train.steps=200")
+    p.add_argument("--seqs", type=int, default=128, help="with --end-to-end: sequences analysed")
+    p.add_argument(
+        "--work", default="runs/end-to-end", help="with --end-to-end: where the runs are kept"
+    )
 
 
 def _init(p: argparse.ArgumentParser) -> None:

@@ -344,6 +344,11 @@ def bench(args: argparse.Namespace) -> int:
     from posleak.train import bench as benchmark
 
     regular_target(args.out, "--out")  # before minutes of timing
+    if args.end_to_end:
+        result = end_to_end(args.end_to_end, args.overrides, args.seqs, Path(args.work))
+        atomic_write(args.out, json.dumps(result, indent=2) + "\n")
+        print(f"written: {args.out}")
+        return 0
     result = benchmark.run_bench(args.quick)
     cases = [(16, 32, None)] if args.quick else [(256, 128, None), (256, 1024, 8.0)]
     result["analysis"] = analysis_cost(cases, 64 if args.quick else 128)
@@ -351,6 +356,63 @@ def bench(args: argparse.Namespace) -> int:
     atomic_write(args.out, json.dumps(result, indent=2) + "\n")
     print(f"written: {args.out}")
     return 0
+
+
+def end_to_end(configs: list[str], overrides: list[str], seqs: int, work: Path) -> dict:
+    """Train each config as a study would on this device (bf16 autocast and torch.compile on a
+    GPU, the config's own settings elsewhere), analyse it with every stage, and time both:
+    training tokens/s and MFU against the device's measured matmul peak in the precision
+    trained, and the analysis's wall time. The runs stay in `work` (a GPU slot is short)."""
+    import torch
+
+    from posleak.analysis.engine.analyze import analyze as analyze_run
+    from posleak.analysis.engine.options import Options
+    from posleak.files import safe_dir
+    from posleak.log import log
+    from posleak.train import bench as benchmark
+    from posleak.train.config import load
+    from posleak.train.environment import device_name, flops_per_token, resolve_device
+    from posleak.train.loop import train as train_run
+    from posleak.train.rundir import RunDir
+
+    device = resolve_device("auto")
+    gpu = device.type == "cuda"
+    runs = []
+    for path in configs:  # every config validated before any training
+        cfg = load(path, [*(["train.precision=bf16", "train.compile=true"] if gpu else []),
+                          *overrides])  # fmt: skip
+        runs.append((Path(path).stem, cfg))
+    safe_dir(work, "--work folder")
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    rows = []
+    for name, cfg in runs:
+        out = work / name
+        log.info(f"[end-to-end] training {name} into {out}")
+        train_run(cfg, out, resume=True)
+        run = RunDir(out)
+        done, (model, _, _) = run.summary(), run.load_model()
+        precision = done.get("precision", cfg.train.precision)
+        peak = benchmark.matmul_peak(dtypes.get(precision, torch.float32), device, 2048, 3)
+        tokens_per_s = done["tokens"] / done["elapsed_s"]
+        log.info(f"[end-to-end] analysing {name} at {seqs} sequences")
+        started = time.perf_counter()
+        analyze_run(out, Options(seqs=seqs))
+        rows.append(
+            {
+                "config": name,
+                "precision": precision,
+                "compile": cfg.train.compile,
+                "steps": done["steps"],
+                "tokens_per_s": tokens_per_s,
+                "mfu": flops_per_token(model, cfg.data.seq_len) * tokens_per_s / peak,
+                "matmul_peak_flops": peak,
+                "train_s": done["elapsed_s"],
+                "analysis_seqs": seqs,
+                "analysis_s": time.perf_counter() - started,
+            }
+        )
+    return {"device": str(device), "device_name": device_name(device),
+            "torch": torch.__version__, "runs": rows}  # fmt: skip
 
 
 def analysis_cost(cases: list[tuple[int, int, float | None]], d: int) -> list[dict]:

@@ -1,5 +1,7 @@
 """The benchmark runs end to end and counts FLOPs by the stated convention."""
 
+from pathlib import Path
+
 from posleak.model import Decoder, ModelConfig
 from posleak.train.bench import print_table, run_bench
 from posleak.train.config import presets
@@ -65,3 +67,24 @@ def test_the_transformers_llama_reference_has_posleaks_shape():
 
     tokens = torch.randint(0, 50, (2, 16))
     assert torch.allclose(ours(tokens), theirs(tokens), atol=1e-5)  # the same function
+
+
+def test_the_end_to_end_script_trains_analyses_and_times_at_a_tiny_size(tmp_path):
+    """What a first GPU slot runs (`posleak bench --end-to-end`), here on CPU at a tiny size so
+    that it cannot rot: one JSON row per config with its tokens/s, MFU and analysis time."""
+    import json
+
+    from posleak.cli import main
+
+    tiny = ["model.n_layer=2", "model.d_model=32", "data.seq_len=32", "train.steps=4",
+            "train.batch_size=4", "train.eval_every=2", "train.eval_batches=1", "train.warmup=0",
+            "log.progress=false"]  # fmt: skip
+    out, work = tmp_path / "e2e.json", tmp_path / "work"
+    config = str(Path(__file__).resolve().parent.parent / "configs/rope.toml")
+    args = ["bench", "--end-to-end", config, "--seqs", "8", "--work", str(work)]
+    assert main([*args, *(f"--set={o}" for o in tiny), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    (row,) = result["runs"]
+    assert row["config"] == "rope" and row["steps"] == 4 and row["precision"] == "fp32"
+    assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1 and row["analysis_s"] > 0
+    assert (work / "rope" / "analysis" / "analysis.json").exists()  # the runs stay
