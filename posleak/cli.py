@@ -65,6 +65,19 @@ def _sweep(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="write the run configs and print one independent command per run",
     )
+    p.add_argument(
+        "--launcher",
+        choices=["local", "slurm"],
+        help="submit every run as a submitit job (slurm: one SLURM job each; local: local "
+        "processes), requeued and resumed on preemption; needs the [cluster] extra",
+    )
+    p.add_argument(
+        "--launcher-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a submitit parameter, e.g. timeout_min=240, slurm_partition=dev, gpus_per_node=1",
+    )
 
 
 def _analyze(p: argparse.ArgumentParser) -> None:

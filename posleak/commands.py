@@ -171,6 +171,17 @@ def sweep(args: argparse.Namespace) -> int:
             if r.error is None:
                 print(shlex.join(sweeps.command(sweep_dir, r)))
         return 0
+    if args.launcher:
+        from posleak.train import launcher
+
+        parameters = dict(parse_override(text) for text in args.launcher_set)
+        jobs = launcher.submit(sweep_dir, runs, args.launcher, parameters)
+        print(f"[sweep] {len(jobs)} runs submitted ({args.launcher}; submitit's logs in "
+              f"{sweep_dir / 'submitit'}); waiting for them", flush=True)  # fmt: skip
+        launcher.gather(sweep_dir, runs, jobs, report=lambda line: print(line, flush=True))
+        failed = [r for r in runs if r.status != "done"]
+        print(f"[sweep] summary: {sweep_dir / 'summary.md'}")
+        return 1 if failed else 0
     started = time.perf_counter()
     if not sweeps.run_sweep(sweep_dir, runs, args.jobs):
         raise Interrupted(

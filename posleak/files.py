@@ -57,7 +57,8 @@ def check_owned(path: str | Path, what: str, ours_already=None) -> Path:
     if path.exists() and not path.is_dir():
         raise UnsafePath(f"{what} {path} is a file, not a folder; give a folder")
     if path.is_dir() and not (path / OWNED).exists():
-        foreign = sorted(entry.name for entry in path.iterdir())
+        marking = f".{OWNED}.tmp-"  # another posleak process marking this folder right now
+        foreign = sorted(e.name for e in path.iterdir() if not e.name.startswith(marking))
         if foreign and not (ours_already and ours_already(path)):
             raise UnsafePath(
                 f"{what} {path} holds files posleak did not write ({', '.join(foreign[:3])}"

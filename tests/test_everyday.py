@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides, write_config
+from conftest import deterministic_metrics, tiny_overrides, write_config
 
 from posleak.cli import main
 from posleak.train.config import build, read_toml
-from posleak.train.loop import deterministic_metrics, train
+from posleak.train.loop import train
 from posleak.train.rundir import RunDir
 from posleak.train.sample import generate
 

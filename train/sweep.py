@@ -226,9 +226,9 @@ def write_plan(sweep_dir: Path, runs: list[PlannedRun], study: dict) -> None:
     """One config file per run under sweep_dir/configs/ (what each command trains), a
     sweep.json label in each run directory (its variant name, for the analysis) and the
     sweep's [study] table as study.json (the variants' roles, for `posleak study`)."""
-    atomic_write(sweep_dir / STUDY_FILE, json.dumps(study, sort_keys=True) + "\n")
     configs = sweep_dir / "configs"
     configs.mkdir(parents=True, exist_ok=True)
+    atomic_write(sweep_dir / STUDY_FILE, json.dumps(study, sort_keys=True) + "\n")
     for run in runs:
         nested: dict = {}
         for key, value in run.values.items():
