@@ -177,6 +177,28 @@ def test_a_gguf_export_never_publishes_over_a_file_that_appeared_while_it_ran(
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".model")] == []
 
 
+def test_a_full_disk_during_a_gguf_export_is_one_line_and_leaves_nothing(
+    tmp_path, monkeypatch, capsys
+):
+    """numpy reports a short write as "1024 requested and 184 written": the export says which
+    file, that the disk may be full, and leaves neither the file nor its temporary."""
+    gguf = pytest.importorskip("gguf", reason="the hf extra is not installed")
+
+    run = tmp_path / "run"
+    train(build(tiny_overrides(data__source="bible")), run)
+
+    def full(writer, *args, **kwargs):
+        raise OSError("1024 requested and 184 written")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", full)
+    out = tmp_path / "model.gguf"
+    assert main(["export", str(run), "--format", "gguf", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert f"writing {out} stopped (1024 requested and 184 written)" in err and "disk full" in err
+    assert [p.name for p in tmp_path.iterdir() if "model" in p.name] == []
+
+
 def test_what_a_killed_export_left_is_removed_by_the_next_one_and_nothing_else(tmp_path):
     """SIGKILL runs no cleanup: the next export removes the temporaries of a process that no
     longer runs and that nobody has written for STALE_SECONDS; a live writer's, a fresh one

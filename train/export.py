@@ -315,10 +315,16 @@ def export_gguf(run: str | Path, out: str | Path, quant: str) -> Path:
                 writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
             else:
                 writer.add_tensor(name, data)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        try:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+        except OSError as err:  # numpy says "1024 requested and 184 written" on a full disk
+            raise ExportError(
+                f"writing {out} stopped ({err.strerror or err}): is {out.parent}'s disk full? "
+                "Free some space and export again; nothing was written"
+            ) from None
         share(tmp)
         try:  # published only where nothing appeared meanwhile (another export, say)
             os.link(tmp, out)

@@ -108,10 +108,16 @@ def _joined_chunks(package: str, files) -> Path | None:
     joined in order into the cache (once) and checked against that sha256. None when the
     package ships no such manifest."""
     manifests = [Path(f.locate()) for f in files if Path(str(f)).name == "SHA256SUMS"]
-    listed = [line.split() for m in manifests for line in m.read_text().splitlines()]
+    listed = [line.split() for m in manifests for line in _manifest_lines(m)]
     wanted = {n.lstrip("*"): d.lower() for d, n in (x for x in listed if len(x) == 2)}
     wanted = {n: d for n, d in wanted.items() if n.endswith(".gguf")}
-    if len(wanted) != 1:
+    if len(wanted) > 1:
+        raise ValueError(
+            f"package {package!r} lists {len(wanted)} .gguf files in its SHA256SUMS "
+            f"({', '.join(sorted(wanted))}); posleak reads a package that ships one: give the "
+            "file itself as hf:PATH.gguf"
+        )
+    if not wanted:
         return None
     name, digest = next(iter(wanted.items()))
     chunks, missing = {}, []
@@ -159,6 +165,33 @@ def _joined_chunks(package: str, files) -> Path | None:
     return target
 
 
+def _manifest_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"{path} is not UTF-8 text (a SHA256SUMS lists 'digest  name' lines): the package "
+            "is damaged; reinstall it"
+        ) from None
+
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma3", "gptneox")  # FAMILIES, as GGUF names them
+
+
+def architecture(path: Path) -> str:
+    """general.architecture of a GGUF file, refused unless posleak reads that family."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get("general.architecture")
+    name = bytes(field.parts[field.data[0]]).decode("utf-8", "replace") if field else "none"
+    if name not in ARCHITECTURES:
+        raise ValueError(
+            f"{path} holds a {name!r} model; posleak reads GGUF files of {', '.join(ARCHITECTURES)}"
+            " (docs/contributing.md says how to add a family)"
+        )
+    return name
+
+
 def quantisation(path: Path) -> tuple[str, dict]:
     """The file's quantisation as llama.cpp names it (general.file_type: Q4_1, Q4_K_M, ...;
     else the commonest matrix type) and how many tensors each type holds: a mixed file
@@ -198,6 +231,7 @@ def checkpoint(name: str) -> tuple[Path, dict]:
             f"{path} is not a GGUF file the gguf package can read ({type(e).__name__}: {e}): "
             "a damaged or truncated file: download or reinstall it"
         ) from None
+    architecture(path)  # before transformers tries a family posleak does not read
     info = {
         "gguf_file": path.name,
         "gguf_sha256": digest,
