@@ -214,6 +214,12 @@ def _sample(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=1, help="1 = greedy (default); K samples")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    p.add_argument(
+        "--num-samples",
+        type=int,
+        default=1,
+        help="samples to write, seeds SEED, SEED+1, ... (with --top-k > 1; greedy repeats itself)",
+    )
     p.add_argument("--step", type=int, help="checkpoint step (default: the newest good one)")
 
 

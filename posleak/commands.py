@@ -332,21 +332,27 @@ def sample(args: argparse.Namespace) -> int:
     from posleak.train import sample as sampling
     from posleak.train.rundir import RunDir
 
-    problems = sampling.sample_problems(args.tokens, args.top_k, args.temperature, args.seed)
+    problems = sampling.sample_problems(
+        args.tokens, args.top_k, args.temperature, args.seed, args.num_samples
+    )
     if problems:
         raise ValueError("; ".join(problems))
     model, cfg, _ = RunDir(args.run).load_model(args.step)
     codec = sampling.Codec(model, cfg)
     prompt = codec.encode(args.prompt)
-    ids = sampling.new_ids(
-        model, prompt, args.tokens, args.top_k, args.temperature, args.seed, cfg.data.seq_len
-    )
     if hasattr(sys.stdout, "reconfigure"):  # a terminal that cannot show a character
         sys.stdout.reconfigure(errors="backslashreplace")
-    print(codec.decode(prompt), end="", flush=True)
-    for piece in codec.pieces(ids):
-        print(piece, end="", flush=True)
-    print()
+    for k in range(args.num_samples):
+        seed = args.seed + k
+        if args.num_samples > 1:
+            print(f"--- sample {k + 1} of {args.num_samples} (seed {seed})", flush=True)
+        ids = sampling.new_ids(
+            model, prompt, args.tokens, args.top_k, args.temperature, seed, cfg.data.seq_len
+        )
+        print(codec.decode(prompt), end="", flush=True)
+        for piece in codec.pieces(ids):
+            print(piece, end="", flush=True)
+        print()
     return 0
 
 

@@ -139,6 +139,14 @@ def test_greedy_sampling_follows_the_argmax_and_top_k_is_reproducible(tmp_path, 
     printed = capsys.readouterr().out.split()
     assert printed[:3] == ["17", "3", "5"] and len(printed) == 7  # BOS of the 20-token vocab
     assert main(["sample", str(run), "--prompt", "hello"]) == 2
+    capsys.readouterr()
+    args = ["sample", str(run), "--prompt", "3 5", "--tokens", "6", "--top-k", "5"]
+    assert main([*args, "--seed", "3", "--num-samples", "2"]) == 0
+    samples = capsys.readouterr().out.split("--- sample ")[1:]
+    assert [s.split("\n")[0] for s in samples] == ["1 of 2 (seed 3)", "2 of 2 (seed 4)"]
+    for text, seed in zip(samples, (3, 4), strict=True):  # each is that seed's own sample
+        ids = generate(model, [17, 3, 5], 6, top_k=5, seed=seed, context=32)
+        assert text.split("\n")[1].split() == [str(i) for i in ids]
 
 
 def test_sampling_a_text_run_writes_text(tmp_path, capsys, monkeypatch):

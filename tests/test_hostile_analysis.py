@@ -25,6 +25,8 @@ from posleak.train.loop import train
         (["--tokens", "0"], "--tokens must be between"),
         (["--seed", str(2**70)], "--seed must be in [0, 2^63)"),
         (["--temperature", "nan"], "--temperature must be"),
+        (["--num-samples", "0"], "--num-samples must be between 1 and 1000"),
+        (["--seed", str(2**63 - 1), "--num-samples", "2"], "must stay below 2^63"),
     ],
 )
 def test_sampling_bounds_are_checked_before_any_token(trained, capsys, args, match):

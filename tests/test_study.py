@@ -178,6 +178,14 @@ def test_the_sink_study_runs_end_to_end_at_a_tiny_budget(tmp_path):
     )
     text, out = sweep_and_report(tmp_path, spec + tiny)
     assert "# The sink study" in text
+    toc = text.split("## Contents\n\n")[1].split("\n\n")[0].splitlines()
+    headings = [line[3:] for line in text.split("## Contents")[1].splitlines()
+                if line.startswith("## ")]  # fmt: skip
+    assert [line.split("](")[0][3:] for line in toc] == headings  # every section, in order
+    assert (
+        "- [(c) Do sinks form, where, and do they matter?](#c-do-sinks-form-where-and-do-they-"
+        "matter)" in toc
+    )
     assert "from the records of 12 finished runs (of 12 planned) in 6 variants" in text
     for section in ("## Training", "## (c)", "## (b)", "## (a)", "## Sink emergence"):
         assert section in text, section

@@ -1,5 +1,5 @@
 """Sampling (`posleak sample RUN [--prompt TEXT] [--tokens N] [--top-k K] [--temperature T]
-[--seed S] [--step S]`): a few lines of what a trained model writes.
+[--seed S] [--num-samples N] [--step S]`): a few lines of what a trained model writes.
 
 Greedy by default (--top-k 1); --top-k K samples from the K most likely tokens at the given
 temperature, reproducibly for a --seed. A model trained on text reads and writes text (bytes);
@@ -19,6 +19,7 @@ from posleak.data.batches import SYNTHETIC
 
 MAX_TOKENS = 1 << 16  # new tokens of one sample: beyond this a typo, not a sample
 MAX_SEED = 1 << 63  # torch.Generator takes a signed 64-bit seed
+MAX_SAMPLES = 1000  # samples of one call: beyond this a typo
 
 
 def generate(model: torch.nn.Module, prompt: list[int], tokens: int, **options) -> list[int]:
@@ -52,9 +53,15 @@ def new_ids(
         yield ids[-1]
 
 
-def sample_problems(tokens: int, top_k: int, temperature: float, seed: int) -> list[str]:
+def sample_problems(
+    tokens: int, top_k: int, temperature: float, seed: int, samples: int = 1
+) -> list[str]:
     """What is wrong with sampling options, each with the accepted range."""
     out = []
+    if not 1 <= samples <= MAX_SAMPLES:
+        out.append(f"--num-samples must be between 1 and {MAX_SAMPLES}, got {samples}")
+    elif seed + samples - 1 >= MAX_SEED:
+        out.append(f"--seed + --num-samples - 1 must stay below 2^63, got {seed + samples - 1}")
     if not 1 <= tokens <= MAX_TOKENS:
         out.append(f"--tokens must be between 1 and {MAX_TOKENS}, got {tokens}")
     if top_k < 1:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 from posleak.analysis.engine.folder import AnalysisDir
@@ -220,8 +221,21 @@ def write_sections(study: SweepStudy, out: Path, head, sections) -> Path:
 
 def write_report(path: Path, head: list[str], families: list, body: list[str]) -> Path:
     """One Markdown report, written whole: its head, the verdict box of `families` (none:
-    no box), its body."""
+    no box), a table of contents of the body's sections, its body."""
     box = verdict_box([(question, verdicts) for question, verdicts, *_ in families])
-    lines = [*head, "", *box, *body]
+    lines = [*head, "", *box, *contents(body), *body]
     atomic_write(path, "\n".join(lines).rstrip() + "\n")
     return path
+
+
+def contents(body: list[str]) -> list[str]:
+    """A linked list of the body's sections (## headings), as GitHub anchors them."""
+    titles = [line[3:] for line in body if line.startswith("## ")]
+    if len(titles) < 2:
+        return []
+    return ["## Contents", "", *(f"- [{t}](#{anchor(t)})" for t in titles), ""]
+
+
+def anchor(title: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
