@@ -324,3 +324,27 @@ def test_the_run_directory_loads_the_newest_good_model_or_a_named_step(tmp_path)
     with pytest.warns(UserWarning, match="skipping unusable checkpoint"):
         fallback, _, state = run_dir.load_model()
     assert state["step"] == 8 and torch.equal(fallback(x), earlier(x))
+
+
+def test_the_schedule_warms_up_holds_then_decays_to_its_floor():
+    """lr_at against the closed form: linear warm-up, a plateau until decay_start, a cosine
+    from there to lr * min_lr_ratio at the last step; decay_start = 0 is the plain schedule."""
+    import math
+
+    from posleak.train.loop import lr_at
+
+    plain = build(tiny_overrides(train__steps=100, train__warmup=10, train__min_lr_ratio=0.1))
+    held = build(tiny_overrides(train__steps=100, train__warmup=10, train__min_lr_ratio=0.1,
+                                train__decay_start=40))  # fmt: skip
+    lr = plain.train.lr
+
+    def cosine(step: int, start: int) -> float:
+        return 0.1 * lr + 0.9 * lr * 0.5 * (1 + math.cos(math.pi * (step - start) / (100 - start)))
+
+    for step in range(100):
+        warm = lr * (step + 1) / 10
+        assert lr_at(step, plain) == pytest.approx(warm if step < 10 else cosine(step, 10))
+        expected = warm if step < 10 else lr if step < 40 else cosine(step, 40)
+        assert lr_at(step, held) == pytest.approx(expected)
+    with pytest.raises(ConfigError, match="decay_start must be >= 0"):
+        build(tiny_overrides(train__decay_start=-1))

@@ -52,6 +52,7 @@ class TrainConfig:
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     warmup: int = 50
+    decay_start: int = 0  # the cosine decay starts here (constant lr before; 0: after warmup)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -318,6 +319,7 @@ def train_problems(t: TrainConfig) -> list[str]:
     checks = (
         ("keep_checkpoints", t.keep_checkpoints >= 1, ">= 1"),
         ("warmup", t.warmup >= 0, ">= 0"),
+        ("decay_start", t.decay_start >= 0, ">= 0 (0: the decay starts after the warm-up)"),
         ("lr", math.isfinite(t.lr) and t.lr > 0, "a finite number > 0"),
         ("min_lr_ratio", 0 <= t.min_lr_ratio <= 1, "in [0, 1] (the cosine floor as a share of lr)"),
         ("weight_decay", math.isfinite(t.weight_decay) and t.weight_decay >= 0, "finite and >= 0"),

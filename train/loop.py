@@ -58,11 +58,15 @@ class RunInterrupted(RuntimeError):
 
 
 def lr_at(step: int, cfg) -> float:
-    """Linear warmup over `warmup` steps, then cosine decay to lr * min_lr_ratio."""
+    """Linear warmup over `warmup` steps, constant until `decay_start` (0: no plateau), then
+    cosine decay to lr * min_lr_ratio at the last step."""
     t = cfg.train
     if step < t.warmup:
         return t.lr * (step + 1) / t.warmup
-    progress = (step - t.warmup) / max(1, t.steps - t.warmup)
+    start = max(t.warmup, t.decay_start)
+    if step < start:
+        return t.lr
+    progress = (step - start) / max(1, t.steps - start)
     floor = t.lr * t.min_lr_ratio
     return floor + (t.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
