@@ -26,3 +26,13 @@ def test_the_tour_notebook_executes_and_its_numbers_are_real(tmp_path):
     assert not any(
         out.get("output_type") == "error" for c in notebook.cells for out in c.get("outputs", [])
     )
+    images = [
+        out for c in notebook.cells if c.cell_type == "code" for out in c.outputs
+        if "image/png" in out.get("data", {})
+    ]  # fmt: skip
+    assert len(images) == 4  # one figure per section, drawn by the code as it is
+    committed = nbformat.read(ROOT / "docs" / "tour.ipynb", as_version=4)
+    assert (
+        sum("image/png" in o.get("data", {}) for c in committed.cells for o in c.get("outputs", []))
+        == 4
+    )  # fmt: skip  (committed executed)
