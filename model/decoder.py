@@ -152,6 +152,39 @@ class Attention(nn.Module):
         pattern = self.hook_pattern(pattern)
         return pattern @ v
 
+    def decode(self, x: torch.Tensor, past: list, rope, visible, bias) -> torch.Tensor:
+        """The forward of positions start.. start + n - 1 given the keys and values of the
+        positions before them (`past`: [k, v] or [], extended here). rope, visible and bias
+        are the rows of those positions (n, ...) against every key so far. No hooks fire:
+        this is generation's path, the materialised attention of `eager`."""
+        B, n, _ = x.shape
+        H, Dh = self.cfg.n_head, self.cfg.d_head
+        q = self.q_proj(x).view(B, n, H, Dh)
+        k = self.k_proj(x).view(B, n, H, Dh)
+        if rope is not None:
+            q, k = rotate(q, *rope), rotate(k, *rope)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = self.v_proj(x).view(B, n, H, Dh).transpose(1, 2)
+        if past:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        past[:] = [k, v]
+        scores = (q / math.sqrt(Dh)) @ k.transpose(-2, -1)  # (B, H, n, keys)
+        if bias is not None:
+            scores = scores + bias.to(scores.dtype)
+        scores = scores.masked_fill(~visible, float("-inf"))
+        sink = self.sink_logits()
+        if self.cfg.attention == "softpick":
+            pattern = softpick(scores)
+        elif sink is None:
+            pattern = scores.softmax(dim=-1)
+        else:
+            column = sink.to(scores.dtype)[None, :, None, None].expand(*scores.shape[:3], 1)
+            pattern = torch.cat([scores, column], dim=-1).softmax(dim=-1)[..., :-1]
+        y = pattern @ v
+        if self.cfg.gate:
+            y = y * torch.sigmoid(self.gate_proj(x)).transpose(1, 2).unsqueeze(-1).to(y.dtype)
+        return self.o_proj(y.transpose(1, 2).reshape(B, n, H * Dh))
+
     def _raise_on_nan(self, pattern: torch.Tensor) -> None:
         bad = pattern.sum(-1).isnan()  # (B, H, T): a row with a NaN sums to NaN
         if bad.any():
@@ -199,6 +232,11 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
         self.hook_resid_post = HookPoint()
+
+    def decode(self, x: torch.Tensor, past: list, rope, visible, bias) -> torch.Tensor:
+        """forward for the newest positions, given the attention's past keys and values."""
+        x = x + self.self_attn.decode(self.input_layernorm(x), past, rope, visible, bias)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
     def forward(self, x: torch.Tensor, rope, visible, bias=None) -> torch.Tensor:
         x = self.hook_resid_pre(x)
@@ -279,6 +317,23 @@ class Decoder(nn.Module):
         for block in self.layers:
             x = block(x, rope, visible, bias)
         return self.hook_final(self.norm(x))
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor, cache: list[list]) -> torch.Tensor:
+        """Logits (B, n, V) of `tokens` (B, n) appended to the sequence whose keys and values
+        `cache` holds (one [k, v] per layer; start with [[] for each layer]), which it then
+        holds too: generation without recomputing the prefix. The same numbers as `forward`
+        on the whole sequence, to float rounding (tests/test_model.py); no hooks fire."""
+        start = cache[0][0].shape[2] if cache[0] else 0
+        T = start + tokens.shape[1]
+        x = self.scheme.embed(self, self.embed_tokens(tokens), start)
+        rope, bias = self._positional(T, tokens.device)
+        rope = None if rope is None else tuple(t[start:T] for t in rope)
+        bias = None if bias is None else bias[:, start:T, :T]
+        visible = attention_mask(T, self.cfg.window, tokens.device)[start:T]
+        for block, past in zip(self.layers, cache, strict=True):
+            x = block.decode(x, past, rope, visible, bias)
+        return self.logits_of(self.norm(x))
 
     @property
     def rope_effective_base(self) -> float | None:

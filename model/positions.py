@@ -42,8 +42,9 @@ class Scheme:
         """The longest sequence the scheme can encode, or None for no limit."""
         return None
 
-    def embed(self, model, x: torch.Tensor) -> torch.Tensor:
-        """The token embedding (B, T, d) plus whatever the scheme adds to it."""
+    def embed(self, model, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """The token embedding (B, T, d) at positions start.. start + T - 1, plus whatever the
+        scheme adds to it."""
         return x
 
     def effective_base(self, cfg, inference_scale: float) -> float | None:
@@ -71,14 +72,14 @@ class Learned(Scheme):
     def max_len(self, cfg) -> int | None:
         return cfg.max_seq_len
 
-    def embed(self, model, x: torch.Tensor) -> torch.Tensor:
-        T = x.shape[1]
+    def embed(self, model, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        T = start + x.shape[1]
         if T > model.cfg.max_seq_len:
             raise ValueError(
                 f"sequence length {T} exceeds max_seq_len={model.cfg.max_seq_len} of the "
                 "learned position table; shorten the input or train with a larger max_seq_len"
             )
-        return x + model.pos_embed.weight[:T]
+        return x + model.pos_embed.weight[start:T]
 
 
 class Rope(Scheme):

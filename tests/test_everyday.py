@@ -133,6 +133,11 @@ def test_greedy_sampling_follows_the_argmax_and_top_k_is_reproducible(tmp_path, 
         for _ in range(6):  # the slow way: the whole sequence again for every token
             expected.append(int(model(torch.tensor([expected]))[0, -1].argmax()))
     assert ids == expected
+    cropped = list(prompt)  # past the context the last 5 ids are read afresh, from position 0
+    with torch.no_grad():
+        for _ in range(8):
+            cropped.append(int(model(torch.tensor([cropped[-5:]]))[0, -1].argmax()))
+    assert generate(model, prompt, 8, context=5) == cropped
     a = generate(model, prompt, 6, top_k=5, temperature=0.8, seed=3)
     assert a == generate(model, prompt, 6, top_k=5, temperature=0.8, seed=3)
     assert main(["sample", str(run), "--prompt", "3 5", "--tokens", "4"]) == 0

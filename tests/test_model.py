@@ -332,6 +332,23 @@ def test_alibi_scores_are_exactly_relative_for_the_two_way_fit():
 
 # ------------------------------------------------------------------ paths and hooks
 @pytest.mark.parametrize("overrides", VARIANTS)
+def test_decoding_with_cached_keys_and_values_gives_the_forwards_logits(overrides):
+    """Decoder.decode: a prompt in one pass, then a token at a time, against the whole
+    sequence's forward (every scheme, window, sink, softpick and gate; NTK at inference)."""
+    model = Decoder(tiny(**overrides)).eval()
+    if model.scheme.inference_scale:
+        model.set_rope_scale(2.0)
+    x = tokens(batch=2, seq=20, seed=1)
+    with torch.no_grad():
+        full = model(x)
+    cache = [[] for _ in model.layers]
+    steps = [model.decode(x[:, :7], cache)]
+    steps += [model.decode(x[:, t : t + 1], cache) for t in range(7, 20)]
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+    assert cache[0][0].shape == (2, 2, 20, 8)  # every key so far: (B, H, T, d_head)
+
+
+@pytest.mark.parametrize("overrides", VARIANTS)
 def test_eager_and_fast_paths_agree(overrides):
     model = Decoder(tiny(**overrides))
     x = tokens(seq=20)

@@ -38,12 +38,21 @@ def new_ids(
     context: int | None = None,
 ) -> Iterator[int]:
     """The `tokens` ids that follow prompt, one at a time as each is chosen (so that a long
-    sample shows as it is written)."""
+    sample shows as it is written). Keys and values are cached (Decoder.decode) while the
+    sequence fits the context; beyond it the last `context` ids are read afresh each step, at
+    positions from 0, as the model was trained."""
     generator = torch.Generator().manual_seed(seed)
     ids = list(prompt)
+    cache = None
     for _ in range(tokens):
-        window = torch.tensor([ids[-context:] if context else ids])
-        logits = model(window)[0, -1].float()
+        if (context and len(ids) > context) or not hasattr(model, "decode"):
+            window = torch.tensor([ids[-context:] if context else ids])
+            logits = model(window)[0, -1].float()
+        elif cache is None:  # the prompt, in one pass
+            cache = [[] for _ in model.layers]
+            logits = model.decode(torch.tensor([ids]), cache)[0, -1].float()
+        else:  # only the newest token
+            logits = model.decode(torch.tensor([ids[-1:]]), cache)[0, -1].float()
         if top_k == 1:
             ids.append(int(logits.argmax()))
         else:
