@@ -274,6 +274,25 @@ def test_compare_pairs_by_seed_and_says_when_there_are_too_few_seeds(runs, tmp_p
         assert (tmp_path / "report" / png).with_suffix(".svg").exists(), png
 
 
+def test_compare_drops_rows_that_do_not_apply_and_keeps_constants_out_of_the_family():
+    from posleak.analysis.reports.compare import difference_table
+
+    def runs(**numbers):  # three seeds of one variant: {number: [value by seed]}
+        return [{"seed": k, "headline": {n: v[k] for n, v in numbers.items()}} for k in range(3)]
+
+    summaries = {
+        "rope": runs(same=[0.5, 0.5, 0.5], shifted=[1.0, 2.0, 3.0], real=[1.0, 2.0, 3.0]),
+        "nope": runs(same=[0.5, 0.5, 0.5], shifted=[1.5, 2.5, 3.5], real=[1.5, 2.4, 3.6]),
+    }
+    rows = [("same", "shared baseline"), ("shifted", "constant shift"), ("real", "measured")]
+    text = "\n".join(difference_table(summaries, "rope", rows))
+    assert "shared baseline" not in text  # 0 in every seed: a row that does not apply
+    assert "| constant shift | 0.5 in every seed (n=3; constant: no test) |" in text
+    measured = next(line for line in text.splitlines() if line.startswith("| measured"))
+    p = measured.split(", p ")[1].split(",")[0]
+    assert f"Holm {p}," in measured  # the only tested cell: Holm leaves its p as it is
+
+
 def test_analysing_on_data_of_another_vocabulary_is_refused(runs):
     with pytest.raises(ValueError, match="special tokens"):
         analysis_of(runs / "rope-s0", Options(data="bible"))

@@ -191,13 +191,21 @@ def difference_table(summaries: dict, reference: str, rows) -> list[str]:
         for key, _ in rows
         for v in others
     }
-    tested = [c for c, d in cells.items() if d is not None and d.n >= MIN_SEEDS]
+    # a difference equal in every seed (a constant) is no test and never joins the family
+    tested = [c for c, d in cells.items() if d is not None and d.n >= MIN_SEEDS and d.sd > 0]
     adjusted = dict(zip(tested, holm([cells[c].p for c in tested]), strict=True))
     level = ALPHA / max(1, len(tested))  # the first step of Holm decides a null's MDE
     body = [[label, *(difference_cell(cells[key, v], adjusted.get((key, v)), level)
                       for v in others)]
-            for key, label in rows]  # fmt: skip
+            for key, label in rows
+            if not all(_nothing(cells[key, v]) for v in others)]  # fmt: skip
     return table(["metric", *(f"{v} − {reference}" for v in others)], body)
+
+
+def _nothing(d) -> bool:
+    """No difference to show: unmeasured, or exactly 0 in every seed (a row that does not
+    apply, such as a uniform baseline the variants share)."""
+    return d is None or (d.mean == 0 and (d.n < 2 or d.sd == 0))
 
 
 def draw_figures(groups: dict, out: Path, opts: Options) -> dict:
