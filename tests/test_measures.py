@@ -908,3 +908,22 @@ def test_the_value_ablation_puts_the_mean_content_value_at_position0():
     out = measures.value0_to_mean(values)
     assert torch.allclose(out[..., 0, :], values[..., 1:, :].mean(-2))
     assert torch.equal(out[..., 1:, :], values[..., 1:, :])
+
+
+def test_knockouts_move_all_of_a_near_total_sink_without_a_nan():
+    """A sink that holds all but 1e-40 of a row (float32 keeps the 1e-40 as a subnormal): the
+    rest is rescaled to the row's total by dividing first; total / rest would be inf in
+    float32 and 0 * inf a NaN (what a gated sink model met in the sink study)."""
+    pattern = torch.zeros(1, 1, 3, 3)
+    pattern[..., 0, 0] = 1.0
+    pattern[..., 1, :2] = torch.tensor([1.0, 0.0])
+    pattern[..., 2, :] = torch.tensor([1.0, 1e-40, 0.0])
+    for knocked in (
+        measures.knock_out_key0(pattern),
+        measures.knock_out_random_key(pattern, torch.tensor([0, 0, 0])),
+    ):
+        assert torch.isfinite(knocked).all()
+    assert measures.knock_out_key0(pattern)[0, 0, 2].tolist() == [0.0, 1.0, 0.0]
+    assert measures.knock_out_key0(pattern)[0, 0, 1].tolist() == [0.0, 0.0, 0.0]  # held nothing
+    flattened = measures.key0_mass_flattened(pattern, None)
+    assert torch.isfinite(flattened).all() and flattened[0, 0, 2].sum() == pytest.approx(1.0)

@@ -198,13 +198,21 @@ def dispersion(vectors: torch.Tensor) -> dict:
 
 
 # ------------------------------------------------------------------ interventions
+def rescaled(rows: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """Each row scaled to sum to `total` (0 where the row holds nothing). Divided before it is
+    multiplied: a row left with almost nothing (a sink that held all but 1e-40 of it) would
+    make total / rest overflow, and 0 * inf is a NaN."""
+    rest = rows.sum(-1, keepdim=True)
+    safe = torch.where(rest > 0, rest, torch.ones_like(rest))
+    return torch.where(rest > 0, rows / safe * total, torch.zeros_like(rows))
+
+
 def knock_out_key0(pattern: torch.Tensor) -> torch.Tensor:
     """A_i0 set to 0 for i >= 1, each row rescaled to its original total (1 without a sink)."""
     out = pattern.clone()
     total = pattern[..., 1:, :].sum(-1, keepdim=True)
     out[..., 1:, 0] = 0.0
-    rest = out[..., 1:, :].sum(-1, keepdim=True)
-    out[..., 1:, :] = out[..., 1:, :] * torch.where(rest > 0, total / rest, 0.0)
+    out[..., 1:, :] = rescaled(out[..., 1:, :], total)
     return out
 
 
@@ -227,11 +235,8 @@ def key0_mass_flattened(pattern: torch.Tensor, window: int | None) -> torch.Tens
     out = key0_gain_removed(pattern, window)
     queries = sink_queries(pattern.shape[-1], window)
     total = pattern[..., queries, :].sum(-1)
-    before = total - pattern[..., queries, 0]  # the content keys' mass
     after = total - out[..., queries, 0]
-    scale = torch.where(before > 0, after / before, 0.0)[..., None]
-    rows = out[..., queries, 1:]
-    out[..., queries, 1:] = rows * scale
+    out[..., queries, 1:] = rescaled(out[..., queries, 1:], after[..., None])
     return out
 
 
@@ -250,8 +255,7 @@ def knock_out_key(pattern: torch.Tensor, key: int) -> torch.Tensor:
     rows = out[..., key + 1 :, :]
     total = rows.sum(-1, keepdim=True)
     rows[..., key] = 0.0
-    rest = rows.sum(-1, keepdim=True)
-    out[..., key + 1 :, :] = rows * torch.where(rest > 0, total / rest, 0.0)
+    out[..., key + 1 :, :] = rescaled(rows, total)
     return out
 
 
@@ -265,8 +269,7 @@ def knock_out_random_key(pattern: torch.Tensor, keys: torch.Tensor) -> torch.Ten
     j = keys[1:].to(pattern.device)
     total = out[..., 1:, :].sum(-1, keepdim=True)
     out[..., i, j] = 0.0
-    rest = out[..., 1:, :].sum(-1, keepdim=True)
-    out[..., 1:, :] = out[..., 1:, :] * torch.where(rest > 0, total / rest, 0.0)
+    out[..., 1:, :] = rescaled(out[..., 1:, :], total)
     return out
 
 

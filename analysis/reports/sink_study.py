@@ -15,10 +15,9 @@ import math
 from pathlib import Path
 
 from posleak.analysis.engine import provenance
-from posleak.analysis.engine.options import Options
 from posleak.analysis.engine.records import finite_mean
 from posleak.analysis.maths.measures import DEFINITIONS
-from posleak.analysis.maths.seeds import mean_interval, paired_difference
+from posleak.analysis.maths.seeds import mean_interval
 from posleak.analysis.reports import compare, plots, results
 from posleak.analysis.reports.bos_shares import (
     BROKEN_NATS,
@@ -30,6 +29,7 @@ from posleak.analysis.reports.bos_shares import (
     signal_over_floor,
     swap_passes,
 )
+from posleak.analysis.reports.routes import at_step, intervention_routes
 from posleak.analysis.reports.study import (
     Study,
     by_records,
@@ -250,88 +250,8 @@ def anchoring(study: Study, out: Path) -> list[str]:
     ]
 
 
-INTERVENTIONS = (  # (label, the refit R² after it, the loss change it costs or None)
-    ("key-0 knockout", headline("knockout_probe_refit_r2_log_last"),
-     headline("knockout_loss_change", key=0, heads="all")),
-    ("key-1 knockout (control)", headline("knockout_probe_refit_r2_log_key1_last"), None),
-    *((label, headline("route2_r2_left_last", rule=rule),
-       headline("route_loss_change", rule=rule, queries="early"))
-      for rule, label in (("write", "write route"), ("mass", "mass route"),
-                          ("value", "value ablation"))),
-)  # fmt: skip
-
-
 def routes(study: Study, out: Path) -> list[str]:
-    """Version 4, item 7: what each intervention on key 0 takes from the refit probe (intact
-    minus after, last layer), trained and at step 0 on the same seed, and what training added
-    (trained − step 0, paired); with the loss it costs the trained model."""
-    variants = study_variants(study)
-    step0 = at_step(study, 0)
-    study.prefetch([(s, "analysis-step0", step0) for v in variants for s in study.runs_of(v)])
-    intact = headline("probe_r2_log_last")
-
-    def drops(v: str, after, at_init: bool) -> dict:
-        out = {}
-        for s in study.runs_of(v):
-            at = study.extra(s, "analysis-step0", step0) if at_init else s
-            a, b = intact(at), after(at)
-            out[s["seed"]] = None if a is None or b is None else a - b
-        return out
-
-    rows, said = [], []
-    for v in variants:
-        for label, after, loss in INTERVENTIONS:
-            trained, initial = drops(v, after, False), drops(v, after, True)
-            learned = paired_difference(trained, initial)
-            if label == "key-0 knockout" and learned is not None and v in (study.reference, "nope"):
-                said.append(
-                    f"in `{v}` the key-0 knockout removes {level(initial)} of the refit R² at "
-                    f"step 0 and {level(trained)} trained (trained − step 0: "
-                    f"{number(learned.mean, 3)} [{number(learned.lo, 3)}, "
-                    f"{number(learned.hi, 3)}])"
-                )
-            rows.append([
-                f"`{v}`", label, level(trained), level(initial),
-                "–" if learned is None else level(dict(enumerate(learned.diffs))),
-                "–" if loss is None else level(per_seed(study.runs_of(v), loss)),
-            ])  # fmt: skip
-    k = study.opts.early_queries
-    return [
-        "### Which route carries position from key 0, and is it learned?",
-        "",
-        "The refit probe's R² (log target, last layer) lost to each intervention in every head "
-        "of every layer (intact minus after: the position it removes), trained and at step 0 "
-        "on the same seed, and what training added (trained − step 0, paired by seed); the "
-        "trained model's loss change at queries 1–"
-        f"{k - 1} (the key-0 knockout: at every query, on the non-copy targets). The write "
-        "route flattens A_i0 to its mean over the queries (key 0's value arrives with a "
-        "constant gain), the mass route also "
-        "rescales the other keys to keep each row's total (neither key 0's write nor its "
-        "dilution of the content keys depends on i), the value ablation puts the mean content "
-        "value at position 0. Means over seeds with 95% t-intervals; descriptive (no family).",
-        "",
-        *table(
-            [
-                "variant",
-                "intervention",
-                "R² removed, trained",
-                "at step 0",
-                "trained − step 0",
-                "loss change (nats)",
-            ],
-            rows,
-        ),
-        "",
-        "Read against step 0: "
-        + "; ".join(said)
-        + ". What an intervention removes at step 0 is the mask diluting BOS's value as "
-        "1/(i + 1) before any learning; only the trained − step 0 column is what a model "
-        "learned to route through key 0.",
-    ]
-
-
-def at_step(study: Study, step: int) -> Options:
-    return Options(seqs=study.seqs, step=step, contrast_window=study.window)
+    return intervention_routes(study, study_variants(study))
 
 
 def claim_b(study: Study, out: Path) -> list[str]:

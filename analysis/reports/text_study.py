@@ -32,6 +32,7 @@ from posleak.analysis.reports.bos_shares import (
     signal_over_floor,
     swap_passes,
 )
+from posleak.analysis.reports.routes import intervention_routes
 from posleak.analysis.reports.study import (
     Study,
     by_records,
@@ -713,10 +714,15 @@ def header(study: Study, out: Path) -> list[str]:
     ]
 
 
+def routes(study: Study, out: Path) -> list[str]:
+    return intervention_routes(study, study.text)
+
+
 SECTIONS = (  # the claims first: their families make the verdict box
     claim_a,
     claim_b,
     claim_c,
+    routes,
     step_zero,
     inference_ntk,
     emergence,
