@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from posleak.model.positions import SCHEMES
 
@@ -53,6 +53,7 @@ class ModelConfig:
     gate: bool = False  # a query-dependent head-wise sigmoid gate on the attention output
     tie_embeddings: bool = False
     norm_eps: float = 1e-5
+    params: dict = field(default_factory=dict)  # the scheme's own ([model.params]; positions.py)
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -64,7 +65,8 @@ class ModelConfig:
         """problems() of the config these values would make, without raising."""
         unvalidated = object.__new__(cls)
         for f in dataclasses.fields(cls):
-            object.__setattr__(unvalidated, f.name, values.get(f.name, f.default))
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            object.__setattr__(unvalidated, f.name, values.get(f.name, default))
         return unvalidated.problems()
 
     def problems(self) -> list[str]:
@@ -84,6 +86,10 @@ class ModelConfig:
             return out
         if self.position not in SCHEMES:
             out.append(f"position must be one of {tuple(SCHEMES)}, got {self.position!r}")
+        elif not isinstance(self.params, dict):
+            out.append(f"params must be a table of the scheme's parameters, got {self.params!r}")
+        else:
+            out += self.scheme.param_problems(self.params)
         if self.sink not in SINKS:
             out.append(f"sink must be one of {SINKS}, got {self.sink!r}")
         if self.attention not in NORMALISERS:
@@ -114,7 +120,11 @@ class ModelConfig:
             out.append(f"rope_base must be > 1, got {self.rope_base!r}")
         if not (math.isfinite(self.rope_scale) and self.rope_scale >= 1):
             out.append(f"rope_scale must be >= 1, got {self.rope_scale!r}")
-        elif self.position in SCHEMES:
+        elif (  # the scheme's own checks read its parameters: only once they are well-formed
+            self.position in SCHEMES
+            and isinstance(self.params, dict)
+            and not self.scheme.param_problems(self.params)
+        ):
             out += self.scheme.problems(self)
         return out
 
@@ -139,7 +149,10 @@ class ModelConfig:
         return self.scheme.effective_base(self, 1.0)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if not out["params"]:  # a scheme without parameters writes no [model.params]
+            del out["params"]
+        return out
 
     @classmethod
     def from_dict(cls, values: dict) -> ModelConfig:

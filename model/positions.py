@@ -9,6 +9,7 @@ SCHEMES, plus its preset in train/presets.toml.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -23,6 +24,26 @@ class Scheme:
     rotary = False  # rotates q and k
     inference_scale = False  # static NTK scaling can be applied at inference
     exportable = False  # a transformers architecture (Llama, Mistral) computes it exactly
+    params: ClassVar[dict] = {}  # the scheme's own parameters, with defaults ([model.params])
+
+    def param(self, cfg, name: str):
+        """The value of one of this scheme's parameters in cfg (its default if not given)."""
+        return cfg.params.get(name, self.params[name])
+
+    def param_problems(self, given: dict) -> list[str]:
+        """Parameters this scheme does not have, or of another type than its default's."""
+        out = []
+        for name, value in given.items():
+            if name not in self.params:
+                known = ", ".join(self.params) or "none"
+                out.append(f"params.{name} is not a parameter of position={self.name!r} (its "
+                           f"parameters: {known})")  # fmt: skip
+                continue
+            default = self.params[name]
+            numeric = isinstance(default, float) and type(value) in (int, float)
+            if not (numeric or type(value) is type(default)):
+                out.append(f"params.{name} must be a {type(default).__name__}, got {value!r}")
+        return out
 
     def problems(self, cfg) -> list[str]:
         """Why this scheme cannot be built with cfg (each naming the field and the fix)."""

@@ -27,6 +27,7 @@ import tomli_w
 
 from posleak.data import DataConfig
 from posleak.model import ConfigError, ModelConfig
+from posleak.model.positions import SCHEMES
 
 MAX_BATCH = 1 << 16  # sequences per step: beyond this a typo, not a plan
 MAX_SEED = 1 << 63  # torch.manual_seed takes a signed 64-bit integer
@@ -117,11 +118,14 @@ class RunConfig:
         return out
 
 
+PARAMS = "model.params."  # a positional scheme's own parameters: model/positions.py
+
+
 def valid_keys() -> list[str]:
     keys = ["seed"]
     for section, cls in SECTIONS.items():
-        keys += [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
-    return keys
+        keys += [f"{section}.{f.name}" for f in dataclasses.fields(cls) if f.name != "params"]
+    return keys + sorted({PARAMS + p for scheme in SCHEMES.values() for p in scheme.params})
 
 
 def _expected_type(section: str, name: str):
@@ -287,6 +291,9 @@ def _sort_keys(values: dict) -> tuple[int, dict, list[str]]:
                 f"one ([{key}] then name = value, or --set {key}.NAME=VALUE)"
             )
             continue
+        if key.startswith(PARAMS) and "." not in key[len(PARAMS) :]:
+            sections["model"].setdefault("params", {})[key[len(PARAMS) :]] = value
+            continue  # checked by the scheme it belongs to (ModelConfig.problems)
         if key not in keys:
             close = difflib.get_close_matches(key, keys, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
