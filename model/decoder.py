@@ -90,8 +90,7 @@ class Attention(nn.Module):
         else:
             y = self.fast(q, k, v, visible, bias)
         if self.cfg.gate:
-            gate = self.hook_gate(torch.sigmoid(self.gate_proj(x)))  # (B, T, H)
-            y = y * gate.transpose(1, 2).unsqueeze(-1).to(y.dtype)
+            y = self.gated(y, x)
         y = y.transpose(1, 2).reshape(B, T, H * Dh)  # (B, T, H*Dh)
         return self.hook_out(self.o_proj(y))
 
@@ -139,14 +138,7 @@ class Attention(nn.Module):
             scores = scores + bias.to(scores.dtype)
         scores.masked_fill_(~visible, float("-inf"))
         scores = self.hook_scores(scores)
-        sink = self.sink_logits()
-        if self.cfg.attention == "softpick":
-            pattern = softpick(scores)
-        elif sink is None:
-            pattern = scores.softmax(dim=-1)
-        else:
-            sink_col = sink.to(scores.dtype)[None, :, None, None].expand(*scores.shape[:3], 1)
-            pattern = torch.cat([scores, sink_col], dim=-1).softmax(dim=-1)[..., :T]
+        pattern = self.weights(scores)
         if check:
             self._raise_on_nan(pattern)
         pattern = self.hook_pattern(pattern)
@@ -155,8 +147,8 @@ class Attention(nn.Module):
     def decode(self, x: torch.Tensor, past: list, rope, visible, bias) -> torch.Tensor:
         """The forward of positions start.. start + n - 1 given the keys and values of the
         positions before them (`past`: [k, v] or [], extended here). rope, visible and bias
-        are the rows of those positions (n, ...) against every key so far. No hooks fire:
-        this is generation's path, the materialised attention of `eager`."""
+        are the rows of those positions (n, ...) against every key so far. Generation's path,
+        the materialised attention of `eager` without its q, k, v, scores and pattern hooks."""
         B, n, _ = x.shape
         H, Dh = self.cfg.n_head, self.cfg.d_head
         q = self.q_proj(x).view(B, n, H, Dh)
@@ -171,19 +163,26 @@ class Attention(nn.Module):
         scores = (q / math.sqrt(Dh)) @ k.transpose(-2, -1)  # (B, H, n, keys)
         if bias is not None:
             scores = scores + bias.to(scores.dtype)
-        scores = scores.masked_fill(~visible, float("-inf"))
+        y = self.weights(scores.masked_fill(~visible, float("-inf"))) @ v
+        if self.cfg.gate:
+            y = self.gated(y, x)
+        return self.o_proj(y.transpose(1, 2).reshape(B, n, H * Dh))
+
+    def weights(self, scores: torch.Tensor) -> torch.Tensor:
+        """Attention weights of masked scores (B, H, queries, keys): softpick, or a softmax
+        over the keys and, with a sink, its virtual zero-value key."""
         sink = self.sink_logits()
         if self.cfg.attention == "softpick":
-            pattern = softpick(scores)
-        elif sink is None:
-            pattern = scores.softmax(dim=-1)
-        else:
-            column = sink.to(scores.dtype)[None, :, None, None].expand(*scores.shape[:3], 1)
-            pattern = torch.cat([scores, column], dim=-1).softmax(dim=-1)[..., :-1]
-        y = pattern @ v
-        if self.cfg.gate:
-            y = y * torch.sigmoid(self.gate_proj(x)).transpose(1, 2).unsqueeze(-1).to(y.dtype)
-        return self.o_proj(y.transpose(1, 2).reshape(B, n, H * Dh))
+            return softpick(scores)
+        if sink is None:
+            return scores.softmax(dim=-1)
+        column = sink.to(scores.dtype)[None, :, None, None].expand(*scores.shape[:3], 1)
+        return torch.cat([scores, column], dim=-1).softmax(dim=-1)[..., :-1]
+
+    def gated(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Each head's output (B, H, T, d_head) scaled by sigmoid(x W_g + b_g) of its query."""
+        gate = self.hook_gate(torch.sigmoid(self.gate_proj(x)))  # (B, T, H)
+        return y * gate.transpose(1, 2).unsqueeze(-1).to(y.dtype)
 
     def _raise_on_nan(self, pattern: torch.Tensor) -> None:
         bad = pattern.sum(-1).isnan()  # (B, H, T): a row with a NaN sums to NaN
@@ -323,7 +322,7 @@ class Decoder(nn.Module):
         """Logits (B, n, V) of `tokens` (B, n) appended to the sequence whose keys and values
         `cache` holds (one [k, v] per layer; start with [[] for each layer]), which it then
         holds too: generation without recomputing the prefix. The same numbers as `forward`
-        on the whole sequence, to float rounding (tests/test_model.py); no hooks fire."""
+        on the whole sequence, to float rounding (tests/test_model.py); it is not for hooks."""
         start = cache[0][0].shape[2] if cache[0] else 0
         T = start + tokens.shape[1]
         x = self.scheme.embed(self, self.embed_tokens(tokens), start)
