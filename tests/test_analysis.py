@@ -447,17 +447,23 @@ def test_flat_attention_reads_lift_one_and_alpha0_its_uniform_baseline_in_the_an
     assert not values("sink_virtual_mass")  # no sink logit in this model
 
 
-def test_the_mass_parked_on_a_sink_logit_is_read_per_head(tmp_path):
-    """Softmax-off-by-one with flat logits: query i gives the virtual key 1 / (i + 2)."""
-    run = tmp_path / "sink"
-    train(build(tiny_overrides(model__sink="off_by_one", train__steps=2)), run)
+def parked_with_flat_logits(run):
+    """The run's analysis with every query zeroed (flat logits) and the mass on no key that
+    the signatures stage then records, per head."""
     analysis = analysis_of(run, SMALL)
     with torch.no_grad():
         for block in analysis.model.layers:
             block.self_attn.q_proj.weight.zero_()
     ctx = analysis.context(analysis.tokens(8, analysis.T, "analysis"))
     stage("sink signatures").run(analysis, ctx)
-    parked = [r["value"] for r in analysis.rec.rows if r["metric"] == "sink_virtual_mass"]
+    return analysis, [r["value"] for r in analysis.rec.rows if r["metric"] == "sink_virtual_mass"]
+
+
+def test_the_mass_parked_on_a_sink_logit_is_read_per_head(tmp_path):
+    """Softmax-off-by-one with flat logits: query i gives the virtual key 1 / (i + 2)."""
+    run = tmp_path / "sink"
+    train(build(tiny_overrides(model__sink="off_by_one", train__steps=2)), run)
+    analysis, parked = parked_with_flat_logits(run)
     expected = sum(1 / (i + 2) for i in range(1, analysis.T)) / (analysis.T - 1)
     assert parked == pytest.approx([expected] * 4)
 
@@ -471,13 +477,7 @@ def test_softpick_and_a_gate_analyse_end_to_end_and_flat_softpick_gives_no_key_a
     analyze(run, SMALL, None)
     headline = AnalysisDir(run / "analysis").read_summary()["headline"]
     assert headline[NUMBERS["alpha0_max"].key()] is not None
-    analysis = analysis_of(run, SMALL)
-    with torch.no_grad():
-        for block in analysis.model.layers:
-            block.self_attn.q_proj.weight.zero_()
-    ctx = analysis.context(analysis.tokens(8, analysis.T, "analysis"))
-    stage("sink signatures").run(analysis, ctx)
-    parked = [r["value"] for r in analysis.rec.rows if r["metric"] == "sink_virtual_mass"]
+    _, parked = parked_with_flat_logits(run)
     assert parked == pytest.approx([1.0] * 4, abs=1e-6)
 
 

@@ -77,8 +77,13 @@ def test_a_preempted_job_is_requeued_and_resumes_to_the_same_numbers(tmp_path, m
         time.sleep(0.2)  # a first checkpoint exists: there is something to resume from
     assert not (sweep_dir / run.name / "summary.json").exists(), "finished before the signal"
     preempt(job)
-    gather(sweep_dir, runs, [(run, job)], report=lambda line: None)
+    monkeypatch.setattr("posleak.train.launcher.PROGRESS_EVERY_S", 0.0)  # a line each poll
+    said = []
+    gather(sweep_dir, runs, [(run, job)], report=said.append)
     assert run.status == "done", run.error
+    progress = [line for line in said if line.startswith("[sweep] 0/1 done | running: ")]
+    assert progress and f"{run.name} " in progress[0] and "/400 | elapsed" in progress[0]
+    assert said[-1] == f"[sweep] {run.name}: done (job {job.job_id})"
     log = (sweep_dir / run.name / "train.log").read_text()
     assert "resuming" in log and "from step" in log  # resumed, not started over
     reference = posleak("train", sweep_dir / "configs" / f"{run.name}.toml", "--out",

@@ -15,10 +15,17 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from posleak.train.rundir import RunDir
-from posleak.train.sweep import PlannedRun, command, write_summary
+from posleak.train.sweep import (
+    PROGRESS_EVERY_S,
+    PlannedRun,
+    command,
+    progress_line,
+    write_summary,
+)
 
 LAUNCHERS = ("local", "slurm")
 
@@ -84,19 +91,29 @@ def submit(sweep_dir: Path, runs: list[PlannedRun], launcher: str, parameters: d
             continue
         cmd = [sys.executable, "-m", "posleak", *command(sweep_dir, run)[1:]]
         job = executor.submit(TrainJob(cmd, str(sweep_dir / run.name)))
-        run.status = f"submitted as job {job.job_id}"
+        run.status = "running"  # queued or training: its step shows in the progress line
         jobs.append((run, job))
     write_summary(sweep_dir, runs)
     return jobs
 
 
 def gather(sweep_dir: Path, runs: list[PlannedRun], jobs: list, report=print) -> None:
-    """Wait for every job, one status line each as it ends, and write the sweep's summary."""
-    for run, job in jobs:
-        try:
-            job.result()
-            run.status = "done"
-        except Exception as err:  # a failed job never stops the others
-            run.status, run.error = "failed", str(err).strip().splitlines()[-1][:300]
-        report(f"[sweep] {run.name}: {run.status} (job {job.job_id})")
-        write_summary(sweep_dir, runs)
+    """Wait for every job: a line per run as it ends, a progress line every PROGRESS_EVERY_S
+    (runs done, each run's step, ETA), and the sweep's summary."""
+    started = last = time.monotonic()
+    pending = list(jobs)
+    while pending:
+        for run, job in [p for p in pending if p[1].done()]:
+            pending.remove((run, job))
+            try:
+                job.result()
+                run.status = "done"
+            except Exception as err:  # a failed job never stops the others
+                run.status, run.error = "failed", str(err).strip().splitlines()[-1][:300]
+            report(f"[sweep] {run.name}: {run.status} (job {job.job_id})")
+            write_summary(sweep_dir, runs)
+        if pending and time.monotonic() - last >= PROGRESS_EVERY_S:
+            last = time.monotonic()
+            report(progress_line(sweep_dir, [r for r, _ in jobs], last - started))
+        if pending:
+            time.sleep(0.5)

@@ -341,25 +341,29 @@ class Executor:
                 raise
 
     def progress(self, todo: list[PlannedRun], elapsed: float) -> str:
-        """One line: runs done, each running run's step, elapsed time and an ETA from the
-        steps done so far."""
-        total = done = 0
-        running = []
-        for run in todo:
-            steps = run.values.get("train.steps", TrainConfig.steps)
-            total += steps
-            if run.status == "done":
-                done += steps
-            elif run.status == "running":
-                step = _last_step(self.sweep_dir / run.name)
-                done += step
-                running.append(f"{run.name} {step}/{steps}")
-        finished = sum(r.status == "done" for r in todo)
-        eta = elapsed * (total - done) / done if done else float("nan")
-        return (
-            f"[sweep] {finished}/{len(todo)} done | running: {', '.join(running) or '-'} | "
-            f"elapsed {clock(elapsed)} | eta {clock(eta)}"
-        )
+        return progress_line(self.sweep_dir, todo, elapsed)
+
+
+def progress_line(sweep_dir: Path, todo: list[PlannedRun], elapsed: float) -> str:
+    """One line: runs done, each running run's step, elapsed time and an ETA from the steps
+    done so far."""
+    total = done = 0
+    running = []
+    for run in todo:
+        steps = run.values.get("train.steps", TrainConfig.steps)
+        total += steps
+        if run.status == "done":
+            done += steps
+        elif run.status == "running":
+            step = _last_step(sweep_dir / run.name)
+            done += step
+            running.append(f"{run.name} {step}/{steps}")
+    finished = sum(r.status == "done" for r in todo)
+    eta = elapsed * (total - done) / done if done else float("nan")
+    return (
+        f"[sweep] {finished}/{len(todo)} done | running: {', '.join(running) or '-'} | "
+        f"elapsed {clock(elapsed)} | eta {clock(eta)}"
+    )
 
 
 def _last_step(run_dir: Path) -> int:
