@@ -24,6 +24,7 @@ def test_quick_benchmark_measures_every_case(capsys):
     assert {f"variant:{v}" for v in presets()} <= names
     assert "rope:eager-attention" in names
     assert {"size:d64:reference", "size:d64:nope", "size:d64:llama-fp32"} <= names
+    assert "size:d64:fused-adamw" in names
     assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 2 for r in result["train"])
     assert result["matmul_peak_flops"]["fp32"] > 1e9
     assert all(v > 1e5 for v in result["batch_tokens_per_s"].values())
@@ -31,6 +32,7 @@ def test_quick_benchmark_measures_every_case(capsys):
     out = capsys.readouterr().out
     assert "variant speed / nope" in out and "over the GPT-2 reference: rope" in out
     assert "fp32: posleak rope / transformers Llama" in out
+    assert "torch fused AdamW / posleak AdamW at d_model=64" in out
     assert all(
         a["exit"] == 0 and a["seconds"] > 0 and a["peak_rss_mb"] > 50 for a in result["analysis"]
     )

@@ -1,10 +1,13 @@
-"""posleak's AdamW against torch.optim.AdamW: the same numbers, the same state_dict layout."""
+"""posleak's AdamW against torch.optim.AdamW: the same numbers, the same state_dict layout;
+torch's fused AdamW (what a CUDA run uses; its CPU kernel here) loads either's checkpoints."""
 
+import copy
 import subprocess
 import sys
 
 import torch
 
+from posleak.train import optim
 from posleak.train.optim import AdamW
 
 
@@ -84,3 +87,49 @@ def test_a_training_step_never_imports_torch_dynamo():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_fused_adamw_follows_the_same_arithmetic():
+    """torch's fused kernel computes the update in another order: equal to rounding."""
+    ours, fused = _model(), _model()
+    kwargs = dict(lr=1e-2, betas=(0.9, 0.95))
+    _train(ours, optim.make(_groups(ours), **kwargs, fused=False), 25)
+    opt = optim.make(_groups(fused), **kwargs, fused=True)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"]
+    _train(fused, opt, 25)
+    for a, b in zip(ours.parameters(), fused.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert optim.name_of(opt) == "torch fused AdamW"
+    assert optim.name_of(AdamW(_groups(ours), **kwargs)).startswith("posleak AdamW")
+
+
+def test_a_checkpoint_moves_between_fused_and_posleaks_adamw():
+    """A run written on a GPU resumes on a CPU and the other way round: the moments and the
+    hyper-parameters arrive exactly, the fused optimizer stays fused (torch.optim alone would
+    take the saved groups' missing `fused` as None), and training goes on as the first
+    optimizer would have gone on, to rounding."""
+    kwargs = dict(lr=1e-2, betas=(0.9, 0.95))
+    for first_fused, second_fused in ((True, False), (False, True)):
+        first = _model()
+        first_opt = optim.make(_groups(first), **kwargs, fused=first_fused)
+        _train(first, first_opt, 5, total=10)
+        saved = copy.deepcopy(first_opt.state_dict())  # a checkpoint shares no tensor
+        saved = {
+            "state": saved["state"],
+            "param_groups": [
+                {k: g[k] for k in (*optim.HYPER, "params")} for g in saved["param_groups"]
+            ],
+        }  # what posleak's class writes: the hyper-parameters only
+        second = _model()
+        second.load_state_dict(first.state_dict())
+        second_opt = optim.make(_groups(second), **kwargs, fused=second_fused)
+        optim.load(second_opt, saved)
+        assert all(g.get("fused", False) == second_fused for g in second_opt.param_groups)
+        moved = second_opt.state_dict()["state"]
+        for i, entry in first_opt.state_dict()["state"].items():
+            for key, value in entry.items():
+                assert torch.equal(moved[i][key].reshape(value.shape), value), key
+        _train(second, second_opt, 5, start=5, total=10)
+        _train(first, first_opt, 5, start=5, total=10)
+        for a, b in zip(second.parameters(), first.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -3,8 +3,8 @@
 Measures, in one process, so that every figure is a ratio to something measured alongside:
   - the machine's matmul throughput in fp32 and bf16 (a large square product): the peak;
   - training step time (forward + backward + AdamW) and tokens/s for each positional
-    variant, fp32 vs bf16 autocast, fast (SDPA) vs eager attention, each as a fraction of
-    the measured peak (MFU);
+    variant, fp32 vs bf16 autocast, fast (SDPA) vs eager attention, posleak's AdamW vs
+    torch's fused one, each as a fraction of the measured peak (MFU);
   - batch assembly throughput and analysis throughput.
 
 FLOP convention (nanoGPT's / PaLM's): 6 * N + 12 * L * d * T per token, N = parameters
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from posleak.data import BatchStream, DataConfig
 from posleak.log import log
 from posleak.model import Decoder, ModelConfig
+from posleak.train import optim
 from posleak.train.config import preset, presets
 from posleak.train.environment import (
     autocast,
@@ -32,7 +33,6 @@ from posleak.train.environment import (
     flops_per_token,
     resolve_device,
 )
-from posleak.train.optim import AdamW
 from posleak.train.reference import ReferenceGPT, TransformersLlama
 
 
@@ -65,6 +65,7 @@ class TrainCase:
         eager=False,
         reference=False,
         compiled=False,
+        fused=False,
     ):
         self.name, self.cfg, self.B, self.T, self.precision = name, cfg, B, T, precision
         self.device = device
@@ -78,7 +79,7 @@ class TrainCase:
             self.model.force_eager = eager
         self.forward = torch.compile(self.model) if compiled else self.model
         groups = [{"params": self.model.parameters(), "weight_decay": 0.1}]
-        self.opt = AdamW(groups, lr=1e-4, betas=(0.9, 0.95))
+        self.opt = optim.make(groups, 1e-4, (0.9, 0.95), fused)
         self.tokens = torch.randint(0, cfg.vocab_size, (B, T + 1), device=device)
         self.times: list[float] = []
         self.first_step_s: float | None = None  # includes compilation for a compiled case
@@ -189,6 +190,9 @@ def run_bench(quick: bool) -> dict:
         cases.append(
             TrainCase(f"size:d{d_}:reference", cfg, B_, T_, "fp32", device, reference=True)
         )
+        cases.append(  # torch's fused AdamW (what a CUDA run uses) in place of posleak's
+            TrainCase(f"size:d{d_}:fused-adamw", cfg, B_, T_, "fp32", device, fused=True)
+        )
         if has_transformers():  # transformers' Llama, in every precision measured
             cases += [
                 TrainCase(f"size:d{d_}:llama-{p}", cfg, B_, T_, p, device, reference="llama")
@@ -246,6 +250,8 @@ def print_table(result: dict) -> None:
                     f"{p[prec] / p[f'llama-{prec}']:.2f}, RoPE overhead over nope "
                     + (f"{p['nope'] / p['fp32'] - 1:.1%}" if prec == "fp32" else "–")
                 )
+        fused = p["fused-adamw"] / p["fp32"]
+        print(f"torch fused AdamW / posleak AdamW at d_model={dm}: {fused:.2f}x")
         if "bf16" in p:
             print(f"bf16 / fp32 at d_model={dm}: {p['bf16'] / p['fp32']:.2f}x")
         if "compiled" in p:

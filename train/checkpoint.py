@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from posleak.files import fsync_path, refuse_link, safe_dir, sha256_file, share
+from posleak.train import optim
 
 MODEL_FILE, CONFIG_FILE, OPTIM_FILE, STATE_FILE, MANIFEST = (
     "model.safetensors",
@@ -175,7 +176,7 @@ def load(path: Path, model, optimizer) -> dict:
     state = verify(path)
     weights, tensors = _read(path / MODEL_FILE), _read(path / OPTIM_FILE)
     _load_weights(model, weights, path)
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, state["param_groups"]))
+    optim.load(optimizer, _unflatten_optimizer(tensors, state["param_groups"]))
     _restore_rng(tensors)
     return state
 

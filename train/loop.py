@@ -25,7 +25,7 @@ from tqdm import tqdm
 from posleak.data import BatchStream, vocab_size_of
 from posleak.log import clock, log
 from posleak.model import ConfigError, Decoder
-from posleak.train import checkpoint, tracking
+from posleak.train import checkpoint, optim, tracking
 from posleak.train.config import RunConfig, flatten, to_toml, tomllib
 from posleak.train.environment import (
     autocast,
@@ -36,7 +36,6 @@ from posleak.train.environment import (
     resolve_device,
     resolve_precision,
 )
-from posleak.train.optim import AdamW
 from posleak.train.rundir import RunDir
 
 # keys that may differ when a run is resumed: the budget may grow, logging may change
@@ -71,15 +70,17 @@ def lr_at(step: int, cfg) -> float:
     return floor + (t.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> AdamW:
-    """AdamW; weight decay on matrices only (not norms or sink logits)."""
+def make_optimizer(model: torch.nn.Module, cfg: RunConfig, device: torch.device):
+    """AdamW, torch's fused kernel on CUDA (train/optim.py); weight decay on matrices only
+    (not norms or sink logits)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
     groups = [
         {"params": decay, "weight_decay": cfg.train.weight_decay},
         {"params": rest, "weight_decay": 0.0},
     ]
-    return AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2))
+    betas = (cfg.train.beta1, cfg.train.beta2)
+    return optim.make(groups, cfg.train.lr, betas, fused=device.type == "cuda")
 
 
 def training_bytes(m, batch: int, T: int) -> float:
@@ -130,7 +131,7 @@ class Run:
         t, T = self.cfg.train, self.cfg.data.seq_len
         flops = flops_per_token(self.model, T) * t.batch_size * T * t.steps
         self.compiled = resolve_compile(t.compile, self.device, flops)
-        self.optimizer = make_optimizer(self.model, self.cfg)
+        self.optimizer = make_optimizer(self.model, self.cfg, self.device)
         self.ckpt_root = self.dir.checkpoints_dir
         self.step, self.elapsed = 0, 0.0
         resumed = self._restore() if resume else False
@@ -212,6 +213,7 @@ class Run:
         self.dir.write("config.toml", to_toml(self.cfg, self.model_cfg, derived))
         env_path = self.dir.env_file
         env = describe(self.device, self.precision, reason, self.world, self.compiled)
+        env["optimizer"] = optim.name_of(self.optimizer)
         if resumed and env_path.exists():
             first = self.dir.read_json(env_path)
             first.setdefault("resumes", []).append({**env, "from_step": self.step})

@@ -1,13 +1,50 @@
-"""AdamW with the arithmetic of torch.optim.AdamW(foreach=True), without torch.optim.
+"""AdamW: torch's fused kernel on CUDA, elsewhere posleak's copy of the arithmetic of
+torch.optim.AdamW(foreach=True), without torch.optim.
 
 torch.optim's step and add_param_group import torch._dynamo on first use, about 1.4 s at
-every start of a run on a CPU; this class does the same updates (bit-identical on CPU,
-tested) with the same state_dict layout, so checkpoints written by either load into both.
+every start of a run on a CPU; posleak's class does the same updates (bit-identical on CPU,
+tested) with the same state_dict layout. On a GPU that second is nothing beside start-up, and
+the fused kernel (one launch per step instead of one per operation and tensor list) is the
+tuned path. Checkpoints written by any of them load into every other (`load`).
 """
 
 from __future__ import annotations
 
 import torch
+
+HYPER = ("lr", "betas", "eps", "weight_decay")  # what a checkpoint's groups carry over
+
+
+def make(groups, lr: float, betas: tuple[float, float], fused: bool):
+    """torch's fused AdamW (for parameters on CUDA) or posleak's."""
+    if fused:
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=True)
+    return AdamW(groups, lr, betas)
+
+
+def name_of(optimizer) -> str:
+    """Which AdamW a run used, for env.json."""
+    fused = isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults.get("fused")
+    return "torch fused AdamW" if fused else "posleak AdamW (torch's foreach arithmetic)"
+
+
+def load(optimizer, state_dict: dict) -> None:
+    """Restore a checkpoint's moments and hyper-parameters into either kind. The optimizer
+    keeps its own implementation settings: torch.optim would otherwise take the saved
+    groups whole, and a run written by posleak's class (no `fused` key) would resume on a
+    GPU unfused."""
+    saved = state_dict["param_groups"]
+    if len(saved) != len(optimizer.param_groups):
+        raise ValueError("optimizer state does not fit these parameter groups")
+    groups = [
+        {
+            **{k: v for k, v in own.items() if k != "params"},
+            **{k: old[k] for k in HYPER},
+            "params": old["params"],
+        }
+        for own, old in zip(optimizer.param_groups, saved, strict=True)
+    ]
+    optimizer.load_state_dict({"state": state_dict["state"], "param_groups": groups})
 
 
 class AdamW:
