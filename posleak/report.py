@@ -8,7 +8,7 @@ import re
 NUMERIC = re.compile(r"[-−+]?(\d|\.\d|inf|nan)|–$")  # a number (maybe with its interval), or none
 
 
-def number(x, digits: int = 4) -> str:
+def number(x, digits: int = 3) -> str:
     """A number as reports print it: `digits` significant digits, "–" for none."""
     return "–" if x is None else f"{x:.{digits}g}"
 

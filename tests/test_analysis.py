@@ -1010,3 +1010,37 @@ def test_an_analysis_records_the_code_and_packages_that_made_it(runs, tmp_path):
     groups, summaries = load_groups(find_runs([str(tmp_path / "a")]), SMALL)
     text = write_report(groups, summaries, tmp_path / "report").read_text()
     assert f"torch {made['packages']['torch']}" in text
+
+
+def test_alpha0_maps_are_centred_on_each_layers_uniform_share(tmp_path):
+    """A head that attends to key 0 exactly as uniform attention would is neutral in its own
+    layer, whatever that layer's uniform share (a window raises it): α₀ is drawn minus the
+    layer's recorded baseline on a map symmetric about 0."""
+    import numpy as np
+
+    from posleak.analysis.reports import plots
+
+    def row(metric, value, layer, head=None):
+        return dict(metric=metric, value=value, layer=layer, head=head, query=None, condition=None)
+
+    uniform = {0: 0.02, 1: 0.20}  # a full layer and a windowed one
+    rows = [row("sink_alpha0_uniform", u, l) for l, u in uniform.items()]
+    rows += [row("sink_alpha0", uniform[l], l, h) for l in (0, 1) for h in (0, 1)]
+    rows[-1]["value"] = 0.70  # one sink head in layer 1
+    seen, save = {}, plots.save
+
+    def recording(fig, path):
+        seen["image"] = fig.axes[0].get_images()[0]
+        return save(fig, path)
+
+    plots.save = recording
+    try:
+        plots.head_maps(
+            tmp_path / "a", {"v": [rows]}, "sink_alpha0", "α₀", baseline="sink_alpha0_uniform"
+        )
+    finally:
+        plots.save = save
+    image = seen["image"]
+    grid = image.get_array()
+    assert np.allclose(grid, [[0, 0], [0, 0.5]])  # the uniform heads are 0 in both layers
+    assert np.allclose(image.get_clim(), (-0.5, 0.5)) and image.get_cmap().name == "RdBu_r"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 from posleak.analysis.engine import provenance
 from posleak.analysis.engine.batch import analyse_all
@@ -24,7 +25,7 @@ from posleak.analysis.maths.seeds import MIN_SEEDS, holm, mean_interval, paired_
 from posleak.analysis.reports import results
 from posleak.analysis.reports.html import to_html
 from posleak.analysis.reports.verdicts import ALPHA, difference_cell
-from posleak.analysis.stages import STAGES
+from posleak.analysis.stages import ENGINE_NUMBERS, STAGES
 from posleak.files import atomic_write, owned_dir
 from posleak.log import log
 from posleak.report import number, table
@@ -180,26 +181,42 @@ def level_table(summaries: dict, rows) -> list[str]:
     return table(["metric", *(f"{v} (n={len(summaries[v])})" for v in variants)], body)
 
 
-def difference_table(summaries: dict, reference: str, rows) -> list[str]:
-    """Paired-by-seed differences from the reference with 95% t-intervals. The table is one
-    family: a finding needs a Holm-adjusted t-test p < 0.05 over every tested cell of it.
-    Below 6 seeds the exact sign-flip p stands beside; every null names the smallest
-    difference it could have detected (80% power)."""
+class Family(NamedTuple):
+    """The paired differences of every (number, variant) cell, one Holm family."""
+
+    cells: dict  # (key, variant) -> paired difference or None
+    adjusted: dict  # (key, variant) -> Holm-adjusted p of a tested cell
+    level: float  # the first step of Holm: the level a null's MDE is stated at
+
+
+def family_of(summaries: dict, reference: str, rows) -> Family:
+    """Paired-by-seed differences from the reference over every row; a finding needs a
+    Holm-adjusted t-test p < 0.05 over every tested cell. A difference equal in every seed (a
+    constant) is no test and never joins the family."""
     others = [v for v in summaries if v != reference]
     cells = {
         (key, v): paired_difference(by_seed(summaries[v], key), by_seed(summaries[reference], key))
         for key, _ in rows
         for v in others
     }
-    # a difference equal in every seed (a constant) is no test and never joins the family
     tested = [c for c, d in cells.items() if d is not None and d.n >= MIN_SEEDS and d.sd > 0]
     adjusted = dict(zip(tested, holm([cells[c].p for c in tested]), strict=True))
-    level = ALPHA / max(1, len(tested))  # the first step of Holm decides a null's MDE
-    body = [[label, *(difference_cell(cells[key, v], adjusted.get((key, v)), level)
+    return Family(cells, adjusted, ALPHA / max(1, len(tested)))
+
+
+def difference_table(summaries: dict, reference: str, rows, family: Family | None = None):
+    """Paired-by-seed differences from the reference with 95% t-intervals, for `rows` of
+    `family` (default: the rows alone are the family). Below 6 seeds the exact sign-flip p
+    stands beside; every null names the smallest difference it could have detected (80%
+    power). Rows with nothing to show are left out; [] when none is left."""
+    family = family or family_of(summaries, reference, rows)
+    others = [v for v in summaries if v != reference]
+    body = [[label, *(difference_cell(family.cells[key, v], family.adjusted.get((key, v)),
+                                      family.level)
                       for v in others)]
             for key, label in rows
-            if not all(_nothing(cells[key, v]) for v in others)]  # fmt: skip
-    return table(["metric", *(f"{v} − {reference}" for v in others)], body)
+            if not all(_nothing(family.cells[key, v]) for v in others)]  # fmt: skip
+    return table(["metric", *(f"{v} − {reference}" for v in others)], body) if body else []
 
 
 def _nothing(d) -> bool:
@@ -236,13 +253,18 @@ def write_report(groups: dict, summaries: dict, out: Path, reference: str | None
     opts = Options.of_summary(next(iter(summaries.values()))[0])  # matched: check_matched
     fig = draw_figures(groups, out, opts)
     rows = headline_rows(summaries, opts)
-    sections = [section for stage in STAGES for section in stage.sections(opts)]
-    lines = [
-        *_header(summaries, out),
-        *_tables(summaries, reference, rows),
-        *(line for s in sections for line in _section(s.title, s.figures, fig)),
-        *_runs_table(summaries),
-    ]
+    family = family_of(summaries, reference, rows)
+    lines = [*_header(summaries, out), *_reading(reference)]
+    parent = []  # a stage's heading that had nothing of its own to show, until a child does
+    for title, owned, keys, level in sections_of(opts, rows):
+        tables = _tables(summaries, reference, owned, family)
+        part = _section("#" * level + " " + title, tables, keys, fig)
+        if level == 2:
+            parent = [] if part else ["", f"## {title}"]
+        elif part:
+            part, parent = parent + part, []
+        lines += part
+    lines += _runs_table(summaries)
     report = out / "report.md"
     markdown = "\n".join(lines) + "\n"
     atomic_write(report, markdown)
@@ -253,6 +275,27 @@ def write_report(groups: dict, summaries: dict, out: Path, reference: str | None
     return report
 
 
+def sections_of(opts: Options, rows) -> list[tuple[str, list, tuple, int]]:
+    """(title, the rows it tabulates, its figure keys, heading level) in the stages' order:
+    a stage's numbers sit beside the figures that draw them (under a heading of its own over
+    its sections where it has several); the engine's own numbers (validation loss) open."""
+    measured = dict(rows)
+
+    def owned(numbers) -> list:
+        keys = [n.key(**c) for n in numbers for c in n.values_of(opts)]
+        return [(k, measured[k]) for k in keys if k in measured]
+
+    out = [("Training", owned(ENGINE_NUMBERS), (), 2)]
+    for stage in STAGES:
+        mine, sections = owned(stage.numbers), stage.sections(opts)
+        if len(sections) == 1:
+            out.append((sections[0].title, mine, sections[0].figures, 2))
+            continue
+        out.append((stage.title or stage.name[:1].upper() + stage.name[1:], mine, (), 2))
+        out += [(section.title, [], section.figures, 3) for section in sections]
+    return out
+
+
 def _header(summaries: dict, out: Path) -> list[str]:
     first = next(iter(summaries.values()))[0]
     return [
@@ -261,37 +304,47 @@ def _header(summaries: dict, out: Path) -> list[str]:
         f"Runs: {sum(len(v) for v in summaries.values())} in {len(summaries)} variants, analysed "
         f"on {first['seqs']} held-out sequences of {first['seq_len']} tokens "
         f"from `{first['data']}`. "
-        f"Definitions version {DEFINITIONS}: {definitions_link(out)}. "
         f"Made by {provenance.line(provenance.provenance())}",
+        "",
+        f"Definitions version {DEFINITIONS}: {definitions_link(out)}.",
     ]
 
 
-def _tables(summaries: dict, reference: str, rows) -> list[str]:
+def _reading(reference: str) -> list[str]:
     return [
         "",
-        "## Levels (mean ± sd over seeds [95% t-interval of the mean])",
-        "",
-        *level_table(summaries, rows),
-        "",
-        f"## Differences from `{reference}`, paired by seed",
-        "",
-        f"Mean difference over the seeds both variants share, with a 95% t-interval (n − 1 "
-        f"degrees of freedom) and the paired t-test's p. The table is one family: "
-        f"**finding** means a Holm-adjusted p below 0.05 over all its tested cells, with at "
-        f"least {MIN_SEEDS} seeds. Below 6 seeds the exact sign-flip p stands beside (with 3 "
-        "seeds it cannot go below 0.25). A null names its minimum detectable effect (MDE: the "
-        "difference a two-sided 5% test finds with 80% power at this spread and n); it is "
-        "not detected at this scale, not shown absent.",
-        "",
-        *difference_table(summaries, reference, rows),
+        "Each section gives its numbers as **levels** (mean ± sd over seeds [95% t-interval of "
+        f"the mean]) and as **differences from `{reference}`**, paired by seed (mean difference "
+        "over the seeds both variants share, 95% t-interval with n − 1 degrees of freedom, "
+        "and the paired t-test's p), then its figures. Every difference cell of the report is "
+        "one family: **finding** means a Holm-adjusted p below 0.05 over all its tested "
+        f"cells, with at least {MIN_SEEDS} seeds. Below 6 seeds the exact sign-flip p stands "
+        "beside (with 3 seeds it cannot go below 0.25). A null names its minimum detectable "
+        "effect (MDE: the difference a two-sided test at the family's first Holm level finds "
+        "with 80% power at this spread and n); it is not detected at this scale, not shown "
+        "absent.",
     ]
 
 
-def _section(title: str, keys, fig: dict) -> list[str]:
-    """A section with its figures; none where its stage drew nothing for these runs (the
-    light cone's maps need a window to cut bands by)."""
+def _tables(summaries: dict, reference: str, rows, family: Family) -> list[str]:
+    if not rows:
+        return []
+    differences = difference_table(summaries, reference, rows, family)
+    return [
+        "",
+        *level_table(summaries, rows),
+        *(["", f"Differences from `{reference}`, paired by seed:", "", *differences]
+          if differences else []),
+    ]  # fmt: skip
+
+
+def _section(heading: str, tables: list[str], keys, fig: dict) -> list[str]:
+    """A section: its numbers, then its figures; none where it has neither for these runs
+    (the light cone's maps need a window to cut bands by)."""
     drawn = [k for k in keys if k in fig]
-    return ["", f"## {title}", *(f"![{k}]({fig[k]})" for k in drawn)] if drawn else []
+    if not tables and not drawn:
+        return []
+    return ["", heading, *tables, *(f"\n![{k}]({fig[k]})" for k in drawn)]
 
 
 def _runs_table(summaries: dict) -> list[str]:

@@ -116,17 +116,23 @@ def per_layer_queries(path: Path, groups: dict, metric: str, ylabel: str, log_x=
     return save(fig, path)
 
 
-def head_maps(path: Path, groups: dict, metric: str, label: str, vmin=None, ratio=False) -> str:
+def head_maps(
+    path: Path, groups: dict, metric: str, label: str, ratio=False, baseline: str | None = None
+) -> str:
     """Layer x head heat maps of a per-head metric, mean over seeds, at most four panels a row
-    and one colour bar. `ratio`: a ratio to a uniform baseline of 1 (λ₀), drawn as log10 on a
-    diverging map centred at 0, so that a head at its uniform share is neutral, not dark."""
+    and one colour bar. `ratio` and `baseline` draw on a diverging map centred where a head
+    is neutral. `ratio`: a ratio to a uniform baseline of 1 (λ₀), drawn as log10 centred at
+    0. `baseline`: a per-layer metric each cell is drawn against (α₀ minus its layer's
+    uniform share, which falls with the window and differs between a hybrid model's layers)."""
     grids = {}
     for variant, runs in groups.items():
         cells: dict = {}
         for rows in runs:
+            base = {r["layer"]: r["value"] for r in select(rows, baseline)} if baseline else {}
             for r in select(rows, metric, query=None, condition=None):
                 if r["head"] is not None and r["value"] is not None:
-                    cells.setdefault((r["layer"], r["head"]), []).append(r["value"])
+                    value = r["value"] - base.get(r["layer"], 0.0)
+                    cells.setdefault((r["layer"], r["head"]), []).append(value)
         if cells:
             shape = (max(k[0] for k in cells) + 1, max(k[1] for k in cells) + 1)
             grid = np.full(shape, np.nan)
@@ -142,10 +148,8 @@ def head_maps(path: Path, groups: dict, metric: str, label: str, vmin=None, rati
         constrained_layout=True, squeeze=False,
     )  # fmt: skip
     values = np.concatenate([g.ravel() for g in grids.values()]) if grids else np.zeros(1)
-    lo = np.nanmin(values) if vmin is None else vmin
-    hi = max(np.nanmax(values), lo + 1e-9)
-    cmap = "viridis"
-    if ratio:  # symmetric about log10(1) = 0
+    lo, hi, cmap = np.nanmin(values), max(np.nanmax(values), np.nanmin(values) + 1e-9), "viridis"
+    if ratio or baseline:  # symmetric about the neutral 0
         hi = max(abs(np.nanmin(values)), abs(np.nanmax(values)), 1e-9)
         lo, cmap = -hi, "RdBu_r"
     image = None
@@ -158,6 +162,7 @@ def head_maps(path: Path, groups: dict, metric: str, label: str, vmin=None, rati
         ax.axis("off")
     if image is not None:
         scale = f"log10 {label} (0 = uniform)" if ratio else label
+        scale = f"{label} − its layer's uniform share" if baseline else scale
         fig.colorbar(image, ax=list(axes.flat), shrink=0.85, label=f"{scale} ({metric})")
     fig.suptitle(f"{label}, mean over seeds", fontsize=10)
     return save(fig, path)

@@ -95,6 +95,7 @@ class Stage:
     numbers: tuple = ()  # the Reported numbers it measures, one per run each (per condition)
     needs: tuple = ()  # the keys of stages whose results it reads (they run first)
     key: str = ""  # its module's name: what --stages names (set on discovery)
+    title: str = ""  # a report's heading over its sections, where it has several
 
     def enabled(self, opts: Options) -> bool:
         return True

@@ -218,6 +218,7 @@ def content_deviation(analysis, tokens: torch.Tensor, base) -> list[torch.Tensor
 
 STAGE = MeanLogits(
     name="mean logits",
+    title="The mean-logit decomposition: C_mask, C_res, content variation",
     order=20,
     metrics={
         m: ATTN

@@ -95,7 +95,7 @@ class Sinks(Stage):
     def figures(self, groups, out, opts) -> dict:
         return {
             "sinks": plots.head_maps(
-                out / "sinks", groups, "sink_alpha0", "α₀, mean A_i0", vmin=0.0
+                out / "sinks", groups, "sink_alpha0", "α₀", baseline="sink_alpha0_uniform"
             ),
             "lift": plots.head_maps(
                 out / "sink_lift", groups, "sink_lift", "λ₀, mean n_i A_i0", ratio=True
