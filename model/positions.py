@@ -119,12 +119,24 @@ class Rope(Scheme):
     def _scale_problems(self, cfg) -> list[str]:
         return Scheme.problems(self, cfg)  # plain RoPE trains with s = 1
 
+    def rotated_width(self, cfg) -> int:
+        """How many of a head's dimensions turn (even; d_head here). A scheme that rotates
+        fewer (partial RoPE) says so here, and its frequencies and NTK exponent follow:
+        omega_p = b^(-2p/r) over the r rotated dimensions, b' = b s^(r/(r-2))."""
+        return cfg.d_head
+
     def effective_base(self, cfg, inference_scale: float) -> float | None:
-        """NTK for the trained scale times the inference one: b' = b (s1 s2)^(d/(d-2))."""
-        return ntk_base(cfg.rope_base, cfg.rope_scale * inference_scale, cfg.d_head)
+        """NTK for the trained scale times the inference one: b' = b (s1 s2)^(r/(r-2))."""
+        scale = cfg.rope_scale * inference_scale
+        return ntk_base(cfg.rope_base, scale, self.rotated_width(cfg))
 
     def rotation(self, cfg, T: int, inference_scale: float) -> tuple | None:
-        cos, sin = rope_half_tables(T, cfg.d_head, self.effective_base(cfg, inference_scale))
+        """The rotated pairs' tables, then angle 0 for pairs that do not turn."""
+        r = self.rotated_width(cfg)
+        cos, sin = rope_half_tables(T, r, self.effective_base(cfg, inference_scale))
+        still = cfg.d_head // 2 - r // 2
+        cos = torch.cat([cos, torch.ones(T, still)], dim=-1)
+        sin = torch.cat([sin, torch.zeros(T, still)], dim=-1)
         return cos[:, None], sin[:, None]
 
 

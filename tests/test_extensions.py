@@ -33,11 +33,8 @@ class PartialRope(Rope):
             out.append(f"params.rotary_fraction must be in (0, 1], got {fraction}")
         return out
 
-    def rotation(self, cfg, T: int, inference_scale: float) -> tuple:
-        cos, sin = super().rotation(cfg, T, inference_scale)
-        turning = max(1, round(self.param(cfg, "rotary_fraction") * cos.shape[-1]))
-        cos[..., turning:], sin[..., turning:] = 1.0, 0.0  # the angle 0 at every position
-        return cos, sin
+    def rotated_width(self, cfg) -> int:
+        return 2 * max(1, round(self.param(cfg, "rotary_fraction") * cfg.d_head / 2))
 
 
 def config_file(path, extra: str) -> str:
@@ -59,9 +56,15 @@ def test_a_scheme_with_its_own_parameter_is_one_class(tmp_path, monkeypatch):
     assert model.cfg.params == {"rotary_fraction": 0.25} and model.cfg.position == "rope_partial"
     assert "[model.params]\nrotary_fraction = 0.25" in (run / "config.toml").read_text()
     cos, sin = model.scheme.rotation(model.cfg, 16, 1.0)
-    turning = cos.shape[-1] // 4  # a quarter of the pairs turn
-    assert not torch.all(cos[:, :, :turning] == 1) and torch.all(cos[:, :, turning:] == 1)
-    assert torch.all(sin[:, :, turning:] == 0)
+    turning = cos.shape[-1] // 4  # a quarter of the pairs turn, at the rotated width's rates
+    r = 2 * turning
+    omega = 10000.0 ** (-2 * torch.arange(turning, dtype=torch.float64) / r)
+    expected = torch.outer(torch.arange(16, dtype=torch.float64), omega).cos().float()
+    torch.testing.assert_close(cos[:, 0, :turning], expected)
+    assert torch.all(cos[:, :, turning:] == 1) and torch.all(sin[:, :, turning:] == 0)
+    assert model.cfg.rope_base == 10000.0
+    ntk = model.scheme.effective_base(model.cfg, 4.0)  # the NTK exponent of the rotated width
+    assert ntk == pytest.approx(10000.0 * 4.0 ** (r / (r - 2)))
     analyze(run, Options(seqs=8, stages=("probe",)))
     assert AnalysisDir(run / "analysis").read_summary()["headline"]
     with pytest.raises(ConfigError, match=r"params.rotary_fractoin is not a parameter of "
