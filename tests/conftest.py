@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from posleak.analysis.engine.analyze import Options, analysis_of
 from posleak.analysis.engine.collect import stream
+from posleak.analysis.stages import stage
+from posleak.model import Decoder, ModelConfig
 from posleak.train.config import build
 from posleak.train.loop import TIMING_FIELDS, train
 
@@ -111,3 +114,45 @@ def finished(tmp_path_factory):
     config = write_config(root / "tiny.toml", tiny_overrides())
     train(build(tiny_overrides()), root / "run")
     return config, root / "run"
+
+
+# ------------------------------------------------------------------ analysis tests
+ROOT = Path(__file__).resolve().parent.parent
+
+
+SMALL = Options(
+    seqs=16, fingerprint_seqs=4, early_k=(4, 8), batch_size=8, extrapolation_seqs=4, bootstrap=50
+)
+
+
+def tiny_model(**overrides) -> Decoder:
+    base = dict(vocab_size=23, n_layer=1, n_head=2, d_model=16, max_seq_len=64)
+    return Decoder(ModelConfig(**{**base, **overrides}))
+
+
+def uniform_tokens(n=32, T=24, vocab=20, seed=0):
+    return torch.randint(0, vocab, (n, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    for variant in ("rope", "nope"):
+        for seed in (0, 1):
+            cfg = build(tiny_overrides(model__position=variant, seed=seed, train__steps=6))
+            out = root / f"{variant}-s{seed}"
+            train(cfg, out)
+            (out / "sweep.json").write_text(json.dumps({"variant": variant, "seed": seed}))
+    return root
+
+
+def parked_with_flat_logits(run):
+    """The run's analysis with every query zeroed (flat logits) and the mass on no key that
+    the signatures stage then records, per head."""
+    analysis = analysis_of(run, SMALL)
+    with torch.no_grad():
+        for block in analysis.model.layers:
+            block.self_attn.q_proj.weight.zero_()
+    ctx = analysis.context(analysis.tokens(8, analysis.T, "analysis"))
+    stage("sink signatures").run(analysis, ctx)
+    return analysis, [r["value"] for r in analysis.rec.rows if r["metric"] == "sink_virtual_mass"]

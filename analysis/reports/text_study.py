@@ -80,7 +80,7 @@ def layer_slope(records: list[dict], metric: str, condition: dict | None) -> flo
 
 
 def difference(number_of):
-    """A per-run number that is the difference of two headlines (None if either is)."""
+    """A per-run number that is the difference of two headline numbers (None if either is)."""
 
     def of(summary):
         a, b = number_of(summary)

@@ -5,7 +5,12 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import collect, keep, tiny_overrides
+from conftest import (
+    SMALL,
+    collect,
+    keep,
+    tiny_overrides,
+)
 
 from posleak.analysis.engine.analyze import Options, analysis_of
 from posleak.analysis.stages import NUMBERS
@@ -13,6 +18,7 @@ from posleak.analysis.stages.bos_swap import (
     control_positions,
     embedding_at,
     position0_states,
+    replacement,
     route_hooks,
 )
 from posleak.model import Decoder, ModelConfig
@@ -124,3 +130,47 @@ def test_an_analysis_stored_before_the_swap_family_reads_as_made_without_it():
     assert Options.of_summary(swapped).swap_family == ()
     assert Options.of_summary({"options": stored, "stages": ["probes", "bands"]}) == Options()
     assert Options.of_summary({"options": dataclasses.asdict(Options())}) == Options()
+
+
+def test_bos_replacements_change_only_position_zero_and_follow_their_definitions(runs):
+    analysis = analysis_of(runs / "rope-s0", SMALL)
+    tokens = analysis.tokens(16, analysis.T, "analysis")[:, : analysis.T]
+    table = analysis.model.embed_tokens.weight.detach()
+    for kind in SMALL.swaps:
+        vector = replacement(analysis, kind, tokens)
+
+        def swap(embed, name, vector=vector):
+            embed = embed.clone()
+            embed[:, 0] = vector
+            return embed
+
+        orig = collect(analysis.model, tokens, {"embed": keep})["embed"]
+        new = collect(analysis.model, tokens, {"embed": keep}, interventions=[("embed", swap)])
+        assert torch.equal(orig[:, 1:], new["embed"][:, 1:])
+        assert torch.equal(new["embed"][:, 0], vector.expand_as(new["embed"][:, 0]))
+    counts: dict = {}
+    for t in tokens[:, 1:].flatten().tolist():
+        counts[t] = counts.get(t, 0) + 1
+    by_hand = sum(c * table[t] for t, c in counts.items()) / sum(counts.values())
+    assert torch.allclose(replacement(analysis, "mean", tokens), by_hand, atol=1e-6)
+    most = max(counts, key=counts.get)
+    assert torch.equal(replacement(analysis, "token", tokens), table[most])
+    assert replacement(analysis, "random", tokens).norm().item() == pytest.approx(
+        table[tokens[0, 0]].norm().item()
+    )
+
+
+def test_mean_replacement_has_the_norm_of_an_ordinary_token_on_real_text(tmp_path):
+    cfg = build(
+        tiny_overrides(data__source="bible", model__d_model=32, train__steps=40, train__lr=1e-2)
+    )
+    train(cfg, tmp_path / "bible")
+    analysis = analysis_of(tmp_path / "bible", Options(seqs=16))
+    tokens = analysis.tokens(16, analysis.T, "analysis")[:, : analysis.T]
+    table = analysis.model.embed_tokens.weight.detach()
+    present = tokens[:, 1:].unique()
+    typical = table[present].norm(dim=1).median().item()
+    mean_norm = replacement(analysis, "mean", tokens).norm().item()
+    uniform_norm = table[:256].mean(0).norm().item()  # v1's average of every byte row
+    assert mean_norm > 0.3 * typical
+    assert mean_norm > 3 * uniform_norm

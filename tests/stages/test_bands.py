@@ -5,13 +5,19 @@ token at position 0. A term planted in one band is found there and not in any ot
 without it reads no band above its floor. A floor per band, the naive reading, puts noise's
 frontier beyond the cone in most worlds; the family-wise floor does not."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
+from conftest import (
+    SMALL,
+)
 
+from posleak.analysis.engine.analyze import Options, analysis_of
 from posleak.analysis.engine.collect import LogitSums
 from posleak.analysis.maths.stats import bootstrap_weights
+from posleak.analysis.stages import chosen, sites
 from posleak.analysis.stages.bands import (
     BandProbes,
     band_content,
@@ -169,3 +175,24 @@ def test_a_stream_without_position_decodes_no_band():
     found = probe_world(x)
     assert found.frontier == -1
     assert all(r2 < 0.05 for r2, _, _ in found.bands if r2 is not None)
+
+
+def test_the_bands_cut_a_full_model_by_its_comparators_window_and_stages_choose_what_runs(runs):
+    opts = dataclasses.replace(SMALL, contrast_window=8, stages=("bands",))
+    assert [s.key for s in chosen(opts)] == ["bands"]
+    analysis = analysis_of(runs / "rope-s0", opts)
+    rows, _ = analysis.run_all()
+    bands = {r["metric"] for r in rows} - {"val_loss"}
+    assert bands == {m for m in sites() if m.startswith("band_")}
+    probed = [r for r in rows if r["metric"] == "band_probe_r2"]
+    assert {(r["layer"], r["condition"]["band"]) for r in probed} == {
+        (site, band)
+        for site in range(3)
+        for band in range(4)  # 32 positions, w 8
+    }
+    assert all(r["lo"] <= r["value"] <= r["hi"] for r in probed)
+    frontiers = [r["value"] for r in rows if r["metric"] == "band_frontier"]
+    assert len(frontiers) == 3 and all(-1 <= f <= 3 for f in frontiers)
+    needing = [s.key for s in chosen(dataclasses.replace(SMALL, stages=("knockout_loss",)))]
+    assert needing == ["probe", "knockout", "knockout_loss"]
+    assert "no stage nonsense" in Options(stages=("nonsense",)).problems(32)[0]
