@@ -396,7 +396,15 @@ def test_the_pretrained_study_analyses_each_contrast_once_and_reports_from_the_r
     assert "| s = 4 |" in report and number(ntk4["value"], 3) in report
     assert "## Quantisation" in report and "Q4_0 − F32" in report
     stamp = (work / "llama" / "bos-always" / "analysis.json").stat().st_mtime_ns
-    assert main(args) == 0  # everything reused
+    from posleak.analysis.reports import pretrained_study
+
+    def no_loading(target, opts):
+        raise AssertionError(f"{target} loaded though every analysis of it is current")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(pretrained_study, "subject_of", no_loading)
+        assert main(args) == 0  # everything reused, no model loaded
+        assert out.read_text() == report
     assert (work / "llama" / "bos-always" / "analysis.json").stat().st_mtime_ns == stamp
     shutil.rmtree(run)  # retrained in the same folder: exported and analysed again
     train(build(tiny_overrides(data__source="bible", model__d_model=64, seed=1)), run)

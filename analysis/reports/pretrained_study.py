@@ -16,6 +16,7 @@ match; the report (Markdown) goes to --out.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from posleak.analysis.reports.study import write_report as write_markdown
 from posleak.analysis.stages import NUMBERS
 from posleak.analysis.stages.bos_swap import PASSES
 from posleak.analysis.stages.knockout_loss import EXCESS
-from posleak.files import safe_dir, sha256_file
+from posleak.files import atomic_write, safe_dir, sha256_file
 from posleak.log import log
 from posleak.report import number, table
 from posleak.train.rundir import RunDir
@@ -44,7 +45,12 @@ QUANTS = ("F32", "Q4_0")
 
 def analyses_of(model: str, base: Options, work: Path) -> dict[str, AnalysisDir]:
     """Every analysis the study needs of one hf: model, {kind: folder}, made or reused. The
-    model is loaded once for all of them."""
+    model is loaded once for all of them, and not at all when the plan an earlier call made
+    with these options is still current (a report rewritten from its analyses)."""
+    planned = _planned(model, base, work)
+    if planned is not None:
+        log.info(f"[pretrained-study] reusing every analysis of {model}, without loading it")
+        return planned
     subject = subject_of(model, base)
     native = subject.bos
     plans = {
@@ -61,9 +67,57 @@ def analyses_of(model: str, base: Options, work: Path) -> dict[str, AnalysisDir]
         )
     digest = subject.info.get("gguf_sha256")  # a GGUF file: its analyses follow its content
     name = short_name(model[3:]) + (f"-{digest[:8]}" if digest else "")
-    return {
+    made = {
         kind: _made_or_reused(subject, opts, work / name / kind) for kind, opts in plans.items()
     }
+    index = _plans(work)
+    index[model] = {
+        "base": dataclasses.asdict(base),
+        "name": name,
+        "gguf_sha256": digest,
+        "kinds": {kind: dataclasses.asdict(opts) for kind, opts in plans.items()},
+    }
+    atomic_write(work / PLANS, json.dumps(index, indent=1, sort_keys=True) + "\n")
+    return made
+
+
+PLANS = "plans.json"  # in WORK: {model: the options each of its analyses was planned with}
+
+
+def _plans(work: Path) -> dict:
+    try:
+        index = json.loads((work / PLANS).read_text())
+    except (OSError, ValueError):
+        return {}
+    return index if isinstance(index, dict) else {}
+
+
+def _planned(model: str, base: Options, work: Path) -> dict[str, AnalysisDir] | None:
+    """The analyses planned for `model` under these options by an earlier call, if each is
+    still current under the one reuse rule (a GGUF file's by the sha256 it has now); else
+    None, and the model is loaded."""
+    entry = _plans(work).get(model)
+    if not isinstance(entry, dict) or entry.get("base") != json.loads(
+        json.dumps(dataclasses.asdict(base))
+    ):
+        return None
+    digest = entry.get("gguf_sha256")
+    if digest is not None:
+        from posleak.analysis.pretrained.gguf import locate
+
+        try:
+            if sha256_file(locate(model[3:])) != digest:
+                return None
+        except (OSError, ValueError):
+            return None
+    folders = {}
+    for kind, stored in entry.get("kinds", {}).items():
+        folder = AnalysisDir(work / entry["name"] / kind)
+        opts = Options.of_summary({"options": stored})
+        if not current_in(folder, opts, digest):
+            return None
+        folders[kind] = folder
+    return folders or None
 
 
 def _made_or_reused(subject, opts: Options, out: Path) -> AnalysisDir:
@@ -92,9 +146,12 @@ def quantised_analyses(run: Path, base: Options, work: Path) -> dict[str, Analys
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             export_gguf(run, path, quant)
-        target = f"hf:{path}"
         opts = dataclasses.replace(base, ntk_scales=())
-        out[quant] = _made_or_reused(subject_of(target, opts), opts, path.with_suffix(""))
+        folder = AnalysisDir(path.with_suffix(""))
+        if current_in(folder, opts, sha256_file(path)):  # reused without loading the file
+            out[quant] = folder
+            continue
+        out[quant] = _made_or_reused(subject_of(f"hf:{path}", opts), opts, folder.path)
     return out
 
 
