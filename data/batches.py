@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from posleak.data.counter_rng import stream_key
+from posleak.data.mixture import Mixture
 from posleak.data.synthetic import Backcopy, Induction, Markov, Uniform
 from posleak.data.text import TextCorpus, bible_documents, file_documents, hf_documents, parse_hf
 
@@ -28,9 +29,7 @@ MARKOV_LOG2_STATES = 20  # a Markov chain's contexts, vocab^order, at most 2^20
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = (
-        "bible"  # bible | uniform | markov | induction | backcopy | hf:NAME[:CONFIG] | file, ...
-    )
+    source: str = "bible"  # bible | uniform | markov | induction | backcopy | mixture | hf:NAME[:CONFIG]  # | a file or folder of text
     seq_len: int = 128  # tokens the model sees per sequence (BOS included)
     bos: str = "always"  # always: position 0 holds BOS; never: an ordinary token
     align: str = "random"  # random offsets, or starts aligned to document starts (text)
@@ -40,6 +39,7 @@ class DataConfig:
     induction_segment: int = 8
     induction_copies: int = 2
     backcopy_triggers: str = "eth"  # backcopy: the trigger characters (their number = length)
+    mixture_share: float = 0.5  # mixture: the share of Backcopy sequences among KJV crops
     corpus_seed: int = 0  # fixes the synthetic corpus (e.g. the Markov table) across seeds
     val_fraction: float = 0.05
     hf_config: str = ""  # dataset configuration (or hf:NAME:CONFIG)
@@ -56,6 +56,8 @@ class DataConfig:
             )
         if self.bos not in BOS_POLICIES:
             out.append(f"data.bos must be one of {BOS_POLICIES}, got {self.bos!r}")
+        if not 0 <= self.mixture_share <= 1:
+            out.append(f"data.mixture_share must be in [0, 1], got {self.mixture_share}")
         if self.align not in ALIGNS:
             out.append(f"data.align must be one of {ALIGNS}, got {self.align!r}")
         if not 2 <= self.seq_len <= 1 << 20:
@@ -104,9 +106,13 @@ def make_source(cfg: DataConfig):
         )
     if src == "induction":
         return Induction(cfg.vocab_size - 3, cfg.induction_segment, cfg.induction_copies)
-    if src == "backcopy":  # the bigram table comes from the built-in text's bytes
+    if src in ("backcopy", "mixture"):  # the bigram table comes from the built-in text's bytes
         text = "".join(bible_documents()).encode("utf-8")
-        return Backcopy.from_text(text, cfg.vocab_size - 3, cfg.backcopy_triggers)
+        chain = Backcopy.from_text(text, cfg.vocab_size - 3, cfg.backcopy_triggers)
+        if src == "backcopy":
+            return chain
+        kjv = TextCorpus("bible", bible_documents(), cfg.val_fraction, cfg.cache_dir or None)
+        return Mixture(kjv, chain, cfg.mixture_share)
     if src == "bible":
         docs = bible_documents()
     elif src.startswith("hf:"):
@@ -140,7 +146,7 @@ class BatchStream:
     def sequences(self, index: np.ndarray) -> np.ndarray:
         """Sequence number `index` of this stream, for each index: (len(index), seq_len + 1)."""
         n_body = self.cfg.seq_len + (0 if self.cfg.bos == "always" else 1)
-        if isinstance(self.source, TextCorpus):
+        if isinstance(self.source, (TextCorpus, Mixture)):
             body = self.source.sequences(self.key, index, n_body, self.split, self.cfg.align)
         else:
             body = self.source.sequences(self.key, index, n_body)

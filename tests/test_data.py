@@ -263,3 +263,34 @@ def test_backcopy_loss_floors_match_a_renewal_argument_and_samples():
     probs = dense.transitions[seqs[:, :-1], seqs[:, 1:]][free]
     assert abs(-np.log(probs).mean() - dense.bigram_floor()) < 0.02
     assert abs((~free).mean() - dense.copy_fraction()) < 0.01
+
+
+def test_a_mixture_holds_kjv_crops_and_backcopy_in_one_byte_vocabulary():
+    """Each sequence is either a crop of the KJV split or a Backcopy sequence written in the
+    bytes its alphabet stands for (copying exactly after a trigger character), in the share
+    asked for; which one is a pure function of the sequence's index."""
+    cfg = DataConfig(source="mixture", seq_len=64, vocab_size=35, mixture_share=0.3)
+    mixture = make_source(cfg)
+    assert mixture.size == ByteTokenizer().size and mixture.bos == ByteTokenizer().bos
+    stream = BatchStream(cfg, 0, "train", 400)
+    rows = stream.batch(0).numpy()[:, 1:]
+    copy = mixture.is_copy_sequence(stream.key, np.arange(400))
+    n = len(copy)
+    assert abs(copy.mean() - 0.3) < 4 * math.sqrt(0.3 * 0.7 / n)  # binomial, 4 sd
+    text = bytes(mixture.text.splits["train"][0].astype(np.uint8))
+    for row in rows[~copy][:40]:
+        assert bytes(row.astype(np.uint8)) in text  # a crop of the corpus
+    alphabet = set(mixture.backcopy.alphabet)
+    triggers = {ord(c) for c in "eth"}
+    for row in rows[copy]:
+        assert set(row.tolist()) <= alphabet
+        after = np.isin(row[1:-1], list(triggers))
+        assert (row[2:][after] == row[:-2][after]).all()  # the copy rule, in bytes
+    assert ((rows[copy][:, 2:] != rows[copy][:, :-2]).mean()) > 0.5  # not copying elsewhere
+    again = BatchStream(cfg, 0, "train", 100)  # other batch sizes draw the same sequences
+    assert np.array_equal(
+        np.concatenate([again.batch(s).numpy() for s in range(4)]), stream.batch(0).numpy()
+    )
+    assert DataConfig(source="mixture", mixture_share=1.5).problems() == [
+        "data.mixture_share must be in [0, 1], got 1.5"
+    ]

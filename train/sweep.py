@@ -149,15 +149,17 @@ def spec_problems(spec: dict) -> list[str]:
 
 
 def study_problems(study, variants: set[str]) -> list[str]:
-    """The [study] table: `report` a string, every other key a role naming variants of this
-    sweep (one, a list, or a list of pairs): a misspelt role fails here, not in the report."""
+    """The [study] table: `report` a string, `data` the source every analysis reads (instead
+    of each run's own), every other key a role naming variants of this sweep (one, a list, or
+    a list of pairs): a misspelt role fails here, not in the report."""
     if not isinstance(study, dict):
         return [f"study must be a table ([study] followed by roles), got {study!r}"]
     out = []
     for role, value in study.items():
-        if role == "report":
-            if not isinstance(value, str):
-                out.append(f"study.report must be a report's name, got {value!r}")
+        if role in ("report", "data"):
+            if not isinstance(value, str) or not value.strip():
+                what = "a report's name" if role == "report" else "a data source (e.g. bible)"
+                out.append(f"study.{role} must be {what}, got {value!r}")
             continue
         names = value if isinstance(value, list) else [value]
         names = [n for item in names for n in (item if isinstance(item, list) else [item])]

@@ -121,7 +121,7 @@ class Study(SweepStudy):
 
     def __init__(self, sweep_dir: Path, seqs: int, jobs: int = 1, roles: Roles | None = None):
         super().__init__(sweep_dir, seqs, jobs, roles)
-        base = Options(seqs=seqs, contrast_window=self.window)
+        base = Options(seqs=seqs, contrast_window=self.window, data=self.roles.get("data"))
         self.groups, self.summaries = compare.load_groups(self.paths, base, exact=True, jobs=jobs)
         self.opts = Options.of_summary(next(iter(self.summaries.values()))[0])
         self.text = [v for v, s in self.summaries.items() if s[0]["data"] != "markov"]
