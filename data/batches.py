@@ -29,7 +29,8 @@ MARKOV_LOG2_STATES = 20  # a Markov chain's contexts, vocab^order, at most 2^20
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "bible"  # bible | uniform | markov | induction | backcopy | mixture | hf:NAME[:CONFIG]  # | a file or folder of text
+    # bible | uniform | markov | induction | backcopy | mixture | hf:NAME[:CONFIG] | a file
+    source: str = "bible"
     seq_len: int = 128  # tokens the model sees per sequence (BOS included)
     bos: str = "always"  # always: position 0 holds BOS; never: an ordinary token
     align: str = "random"  # random offsets, or starts aligned to document starts (text)
