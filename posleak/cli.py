@@ -172,7 +172,7 @@ def _study(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--report",
-        choices=["auto", "text", "sinks", "light-cone"],
+        choices=["auto", "text", "sinks", "sinks-text", "light-cone"],
         default="auto",
         help="which study's report (default auto: the sweep file's [study] report; for a "
         "sweep without one, light-cone when runs train on document-aligned crops, sinks on "

@@ -279,7 +279,7 @@ def study(args: argparse.Namespace) -> int:
 
 
 def _study(args: argparse.Namespace) -> int:
-    from posleak.analysis.reports import light_cone, sink_study, text_study
+    from posleak.analysis.reports import light_cone, sink_study, sinks_text, text_study
     from posleak.analysis.reports.study import Study, roles_of
 
     roles = roles_of(Path(args.sweep), args.report)
@@ -288,7 +288,7 @@ def _study(args: argparse.Namespace) -> int:
         print(f"report: {light_cone.write_report(cone, Path(args.out))}")
         return 0
     found = Study(Path(args.sweep), args.seqs, args.jobs, roles)
-    writer = sink_study if roles.report == "sinks" else text_study
+    writer = {"sinks": sink_study, "sinks-text": sinks_text}.get(roles.report, text_study)
     print(f"report: {writer.write_report(found, Path(args.out))}")
     return 0
 

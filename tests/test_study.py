@@ -272,3 +272,31 @@ def test_the_light_cone_study_runs_end_to_end_at_a_tiny_budget(tmp_path):
     assert {p.name for p in rope.glob("light-cone*")} == {
         "light-cone", "light-cone-step0", *(f"light-cone-4x-s{s}" for s in (1, 2, 4, 8))
     }  # fmt: skip
+
+
+def test_the_sinks_on_text_study_reads_text_sequences_only(tmp_path):
+    """configs/sweeps/sinks-text.toml at a tiny budget: the mixture and its pure-text control,
+    every analysis (step 0 too) made on KJV sequences, λ₀ decided trained − step 0 and
+    mixture − text in one family."""
+    spec = (ROOT / "configs/sweeps/sinks-text.toml").read_text()
+    spec = spec.replace('base = "../', f'base = "{ROOT / "configs"}/')
+    spec = spec.replace("seeds = [0, 1, 2, 3]", "seeds = [0, 1, 2]")
+    tiny = TINY.replace("model.n_layer = 3", "model.n_layer = 2")
+    text, out = sweep_and_report(
+        tmp_path, spec + tiny.replace("train.steps = 8", "train.steps = 6")
+    )
+    assert "# Sinks on text inputs" in text and "**Every analysis reads 8 held-out KJV" in text
+    made = [json.loads(p.read_text()) for p in out.glob("*/analysis*/analysis.json")]
+    assert len(made) == 12 and {m["data"] for m in made} == {"bible"}  # 6 runs, trained + step 0
+    assert {m["step"] for m in made} == {0, 6}
+    configs = {p.name.split("-")[0]: p.read_text() for p in (out / "configs").glob("*.toml")}
+    assert 'source = "mixture"' in configs["mixture"] and 'source = "bible"' in configs["text"]
+    labels = [label for label, _ in verdict_rows(text)]
+    assert labels[:3] == [
+        "`mixture`: λ₀, strongest head, trained − step 0",
+        "`text`: λ₀, strongest head, trained − step 0",
+        "`mixture` − `text`: λ₀, strongest head, trained",
+    ]
+    for section in ("## Training", "## Does a sink learnt on copy sequences sit on text?",
+                    "## (c) Do sinks form", "## (b) Replacing BOS on text inputs"):  # fmt: skip
+        assert section in text, section

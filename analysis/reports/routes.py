@@ -90,7 +90,7 @@ def intervention_routes(study: Study, variants: list[str]) -> list[str]:
 
 
 def at_step(study: Study, step: int) -> Options:
-    return Options(seqs=study.seqs, step=step, contrast_window=study.window)
+    return study.options(step=step)
 
 
 def said_of(study: Study) -> list[str]:

@@ -24,7 +24,7 @@ from posleak.files import atomic_write, owned_dir
 from posleak.train.rundir import RunDir
 from posleak.train.sweep import read_study
 
-REPORTS = ("text", "sinks", "light-cone")
+REPORTS = ("text", "sinks", "sinks-text", "light-cone")
 DEFAULT_ROLES = {  # sweep folders planned before sweeps recorded their [study] table
     "text": {"reference": "rope", "control": "sink", "window": "swa", "ntk": "ntk"},
     "sinks": {
@@ -34,6 +34,7 @@ DEFAULT_ROLES = {  # sweep folders planned before sweeps recorded their [study] 
         "window": "swa",
         "ntk": "ntk",
     },
+    "sinks-text": {"reference": "mixture", "control": "text", "data": "bible"},
     "light-cone": {
         "window_pairs": [
             ["swa-doc", "rope-doc"],
@@ -44,7 +45,12 @@ DEFAULT_ROLES = {  # sweep folders planned before sweeps recorded their [study] 
         "ntk_pairs": [["ntk-doc", "rope-doc"], ["ntk-rand", "rope-rand"]],
     },
 }
-REQUIRED = {"text": ("reference",), "sinks": ("reference",), "light-cone": ("window_pairs",)}
+REQUIRED = {
+    "text": ("reference",),
+    "sinks": ("reference",),
+    "sinks-text": ("reference", "control", "data"),
+    "light-cone": ("window_pairs",),
+}
 
 
 class Roles:
@@ -110,6 +116,12 @@ class SweepStudy:
         self.planned = len(list((self.sweep_dir / "configs").glob("*.toml")))
         self.families: list = []  # (question, Verdicts[, unit]) as the sections decide them
 
+    def options(self, **changes) -> Options:
+        """The options of every analysis this study makes: its sequences, the contrast
+        window its sweep implies, the data its [study] table names; plus `changes`."""
+        data = self.roles.get("data")
+        return Options(seqs=self.seqs, contrast_window=self.window, data=data, **changes)
+
     def make(self, wanted: list[tuple[Path, Options, Path]], tag: str = "study") -> None:
         """Analyse each (run, options, folder) not already current there, `jobs` at a time."""
         make_missing(wanted, self.jobs, tag)
@@ -121,7 +133,7 @@ class Study(SweepStudy):
 
     def __init__(self, sweep_dir: Path, seqs: int, jobs: int = 1, roles: Roles | None = None):
         super().__init__(sweep_dir, seqs, jobs, roles)
-        base = Options(seqs=seqs, contrast_window=self.window, data=self.roles.get("data"))
+        base = self.options()
         self.groups, self.summaries = compare.load_groups(self.paths, base, exact=True, jobs=jobs)
         self.opts = Options.of_summary(next(iter(self.summaries.values()))[0])
         self.text = [v for v, s in self.summaries.items() if s[0]["data"] != "markov"]

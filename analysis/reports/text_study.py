@@ -384,7 +384,7 @@ def step_zero(study: Study, out: Path) -> list[str]:
         ("λ₀ max", headline("lift0_max")),
     )
     rows, missing = [], []
-    opts = Options(seqs=study.seqs, step=0, contrast_window=study.window)
+    opts = study.options(step=0)
     study.prefetch(
         [
             (study.runs_of(v)[0], "analysis-step0", opts)
@@ -399,7 +399,7 @@ def step_zero(study: Study, out: Path) -> list[str]:
         if not any(checkpoint.step_of(p) == 0 for p in RunDir(first["run"]).checkpoints()):
             missing.append(v)
             continue
-        opts = Options(seqs=study.seqs, step=0, contrast_window=study.window)
+        opts = study.options(step=0)
         at0 = study.extra(first, "analysis-step0", opts)
         for label, s in (("step 0", at0), (f"step {first['step']}", first)):
             rows.append([v, label, *(number(f(s), 3) for _, f in series)])
@@ -618,13 +618,13 @@ def emergence(study: Study, out: Path) -> list[str]:
     first = study.runs_of(study.reference)[0]
     steps = [checkpoint.step_of(p) for p in RunDir(first["run"]).checkpoints()]
     by_step = {}
-    at_step = lambda step: Options(seqs=study.seqs, step=step, contrast_window=study.window)  # noqa: E731
+    at_step = lambda step: study.options(step=step)  # noqa: E731
     study.prefetch([(first, f"analysis-step{t}", at_step(t)) for t in steps if t != first["step"]])
     for step in steps:
         if step == first["step"]:
             by_step[step] = first
         else:
-            opts = Options(seqs=study.seqs, step=step, contrast_window=study.window)
+            opts = study.options(step=step)
             by_step[step] = study.extra(first, f"analysis-step{step}", opts)
     series = (
         ("λ₀ (strongest head)", headline("lift0_max")),
