@@ -233,8 +233,18 @@ def _bench(p: argparse.ArgumentParser) -> None:
         help="instead: train each config (bf16 autocast and torch.compile on a GPU), analyse "
         "it, and time both (tokens/s, MFU, analysis seconds): a first GPU slot's script",
     )
+    p.add_argument(
+        "--passes",
+        metavar="TARGET",
+        help="instead: time each kind of analysis pass on a run or hf: model (forward, loss, "
+        "base pass, intervention, logit fits), float32 beside bfloat16 for hf: models",
+    )
+    p.add_argument("--seq-len", type=int, help="with --passes: tokens per sequence")
+    p.add_argument("--rounds", type=int, default=3, help="with --passes: timed rounds")
     _overrides(p, "with --end-to-end: a config override for every run, e.g. train.steps=200")
-    p.add_argument("--seqs", type=int, default=128, help="with --end-to-end: sequences analysed")
+    p.add_argument(
+        "--seqs", type=int, default=128, help="with --end-to-end or --passes: sequences analysed"
+    )
     p.add_argument(
         "--work", default="runs/end-to-end", help="with --end-to-end: where the runs are kept"
     )

@@ -361,6 +361,14 @@ def bench(args: argparse.Namespace) -> int:
     from posleak.train import bench as benchmark
 
     regular_target(args.out, "--out")  # before minutes of timing
+    if args.passes:
+        from posleak.analysis.engine.throughput import pass_throughput, print_passes
+
+        result = pass_throughput(args.passes, args.seqs, args.seq_len, args.rounds)
+        print_passes(result)
+        atomic_write(args.out, json.dumps(result, indent=2) + "\n")
+        print(f"written: {args.out}")
+        return 0
     if args.end_to_end:
         result = end_to_end(args.end_to_end, args.overrides, args.seqs, Path(args.work))
         atomic_write(args.out, json.dumps(result, indent=2) + "\n")

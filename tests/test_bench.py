@@ -90,3 +90,36 @@ def test_the_end_to_end_script_trains_analyses_and_times_at_a_tiny_size(tmp_path
     assert row["config"] == "rope" and row["steps"] == 4 and row["precision"] == "fp32"
     assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1 and row["analysis_s"] > 0
     assert (work / "rope" / "analysis" / "analysis.json").exists()  # the runs stay
+
+
+def test_pass_throughput_times_every_kind_of_pass_in_both_dtypes(tmp_path, capsys):
+    """`posleak bench --passes`: each kind of analysis pass timed on a run, and on the same
+    model read through transformers with float32 and bfloat16 weights side by side."""
+    import json
+
+    from conftest import tiny_overrides
+
+    from posleak.cli import main
+    from posleak.train.config import build
+    from posleak.train.export import export_hf
+    from posleak.train.loop import train
+
+    run = tmp_path / "run"
+    train(build(tiny_overrides(data__source="bible")), run)
+    export_hf(run, tmp_path / "hf")
+    for target, dtypes in (
+        (str(run), ["float32"]),
+        (f"hf:{tmp_path / 'hf'}", ["float32", "bfloat16"]),
+    ):
+        out = tmp_path / "passes.json"
+        args = ["bench", "--passes", target, "--seqs", "4", "--rounds", "1", "--out", str(out)]
+        assert main(args) == 0
+        rows = json.loads(out.read_text())["passes"]
+        assert [(r["dtype"], r["pass"]) for r in rows] == [
+            (d, k)
+            for d in dtypes
+            for k in ("forward", "loss", "base pass", "intervention", "logit fits")
+        ]
+        assert all(r["seconds"] > 0 and r["tokens_per_s"] > 0 and r["repeats"] == 1 for r in rows)
+    printed = capsys.readouterr().out
+    assert "bfloat16 speed-up over float32: forward" in printed
