@@ -232,6 +232,16 @@ def test_the_study_table_names_variants_and_reaches_the_sweep_folder(tmp_path):
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         said = f"study.{role} must name variants of this sweep, got "
         assert said in result.stderr and "variants: ['nope', 'rope']" in result.stderr
+    # the data every analysis reads is a source, not a variant; it must be a string
+    bad = sweep_file(tmp_path, VARIANTS + "[study]\ndata = 3\n")
+    result = posleak("sweep", bad, "--out", tmp_path / "bad", "--dry-run")
+    assert result.returncode == 2 and "study.data must be a data source (e.g. bible), got 3" in (
+        result.stderr
+    )
+    good = sweep_file(tmp_path, VARIANTS + '[study]\nreport = "text"\nreference = "rope"\n'
+                      'data = "markov"\n')  # fmt: skip
+    assert posleak("sweep", good, "--out", tmp_path / "good", "--print-commands").returncode == 0
+    assert roles_of(tmp_path / "good").get("data") == "markov"
     # what the study reads: an unknown report, a report missing its required role
     (out / "study.json").write_text(json.dumps({"report": "txet"}))
     with pytest.raises(ValueError, match=r"'txet' is not a report; give one of \['text'"):
