@@ -190,7 +190,8 @@ def _stabilising(study: Study, variants: list[str], out: Path) -> list[str]:
     family, question = Verdicts(cells), "(c) Does the model lean on key 0 beyond a random key?"
     study.families.append((question, family))
     return [
-        "Does the model lean on its sink? The change of loss on non-copy targets when key 0 "
+        "Does the model lean on its sink? The change of loss (on the non-copy targets where "
+        "the corpus marks copies, else on every target) when key 0 "
         "is knocked out (its attention spread over the other keys), minus the change when a "
         "random earlier key is knocked out instead (nats). The two move different masses (the "
         "table above: key 0's knockout against the random key's, mean over queries, heads "

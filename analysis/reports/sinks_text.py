@@ -12,7 +12,11 @@ from pathlib import Path
 from posleak.analysis.engine import provenance
 from posleak.analysis.maths.measures import DEFINITIONS
 from posleak.analysis.reports import compare
-from posleak.analysis.reports.bos_shares import removed_by_seed
+from posleak.analysis.reports.bos_shares import (
+    intact_signal_rows,
+    removed_by_seed,
+    signal_over_floor,
+)
 from posleak.analysis.reports.routes import at_step, intervention_routes
 from posleak.analysis.reports.sink_study import anchoring, claim_c, final_metrics, has_sink
 from posleak.analysis.reports.study import (
@@ -52,11 +56,12 @@ def header(study: Study, out: Path) -> list[str]:
         f"`{study.reference}` trains on sequences that are Bigram-Backcopy with probability "
         f"{cfg.data.mixture_share:g} and KJV crops otherwise, in one byte vocabulary; "
         f"`{study.control}` trains on KJV alone. Both: {m['n_layer']} layers of {m['n_head']} "
-        f"heads, d_model {m['d_model']}, context {cfg.data.seq_len}, batch {t.batch_size}, "
+        f"head{'s' if m['n_head'] > 1 else ''}, d_model {m['d_model']}, context "
+        f"{cfg.data.seq_len}, batch {t.batch_size}, "
         f"{t.steps} steps at lr {t.lr:g} held after warm-up (the sink task's lever). **Every "
         f"analysis reads {study.seqs} held-out KJV sequences only** (`{study.opts.data}`), so "
-        "whatever is read here is read on text. The search cost "
-        f"{hours:.2f} CPU hours of training (one core per run). Each verdict table is one Holm "
+        "whatever is read here is read on text. Training these runs took "
+        f"{hours:.2f} CPU hours (one core per run). Each verdict table is one Holm "
         "family of paired t-tests; **finding** marks a Holm p < 0.05 with at least 3 seeds; a "
         "null names its minimum detectable effect (MDE, 80% power).",
     ]
@@ -121,19 +126,23 @@ def sinks_on_text(study: Study, out: Path) -> list[str]:
 
 def bos_swap(study: Study, out: Path) -> list[str]:
     """(b) on text inputs: BOS → mean, the share of the content keys' position removed."""
-    rows = []
-    for v in variants_of(study):
-        whole = removed_by_seed(study.runs_of(v), "mean", "content")[0]
-        rows.append([f"`{v}`", level(whole, percent=True)])
+    variants = variants_of(study)
+    rows = [
+        ["removed share, BOS → mean",
+         *(level(removed_by_seed(study.runs_of(v), "mean", "content")[0], percent=True)
+           for v in variants)],
+        *intact_signal_rows(study, variants),
+    ]  # fmt: skip
     return [
         "## (b) Replacing BOS on text inputs",
         "",
         f"The share of the content keys' residual position (early queries 1–"
         f"{study.opts.early_queries - 1}, fitted on keys j ≥ 1) that replacing BOS's embedding "
-        "with the mean embedding removes, read on KJV sequences; mean over seeds with 95% "
-        "t-intervals, descriptive.",
+        "with the mean embedding removes, read on KJV sequences, beside the intact signal it "
+        "divides and that signal's no-signal floor; means over seeds with 95% t-intervals, "
+        "descriptive." + signal_over_floor(study, study.reference),
         "",
-        *table(["variant", "removed share, BOS → mean"], rows),
+        *table(["", *variants], rows),
     ]
 
 
