@@ -21,7 +21,7 @@ from posleak.analysis.engine.collect import stream
 from posleak.analysis.engine.options import Options
 from posleak.analysis.maths import measures
 from posleak.analysis.maths.logits import logit_stats
-from posleak.log import log
+from posleak.log import clock, log
 
 KINDS = ("forward", "loss", "base pass", "intervention", "logit fits")
 
@@ -77,15 +77,26 @@ def pass_throughput(target: str, seqs: int, seq_len: int | None, rounds: int) ->
     (after one untimed warm-up round), for float32 and, for a pretrained model, bfloat16."""
     dtypes = ("float32", "bfloat16") if str(target).startswith("hf:") else ("float32",)
     cases = [Case(target, dtype, seqs, seq_len) for dtype in dtypes]
+    total, started, done = (rounds + 1) * len(cases) * len(KINDS), time.perf_counter(), 0
+
+    def timed(case: Case, kind: str, stage: str) -> None:
+        nonlocal done
+        case.run(kind)
+        done += 1
+        took = time.perf_counter() - started
+        log.info(
+            f"[bench] passes: {stage}, {case.label} {kind} | {done}/{total} passes | elapsed "
+            f"{clock(took)} | eta {clock(took / done * (total - done))}"
+        )
+
     for case in cases:  # warm-up; the base pass also fits the probes the intervention uses
         for kind in KINDS:
-            case.run(kind)
+            timed(case, kind, "warm-up")
             case.times[kind].clear()
     for r in range(rounds):
         for kind in KINDS:
             for case in cases[r % len(cases) :] + cases[: r % len(cases)]:
-                case.run(kind)
-        log.info(f"[bench] passes: round {r + 1}/{rounds}")
+                timed(case, kind, f"round {r + 1}/{rounds}")
     a = cases[0].analysis
     return {
         "target": str(target),
