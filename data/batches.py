@@ -8,7 +8,7 @@ from the training stream. Exact resume and distributed training need no data sta
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 
 import numpy as np
@@ -112,8 +112,7 @@ def make_source(cfg: DataConfig):
         chain = Backcopy.from_text(text, cfg.vocab_size - 3, cfg.backcopy_triggers)
         if src == "backcopy":
             return chain
-        kjv = TextCorpus("bible", bible_documents(), cfg.val_fraction, cfg.cache_dir or None)
-        return Mixture(kjv, chain, cfg.mixture_share)
+        return Mixture(make_source(replace(cfg, source="bible")), chain, cfg.mixture_share)
     if src == "bible":
         docs = bible_documents()
     elif src.startswith("hf:"):
