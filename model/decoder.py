@@ -300,7 +300,6 @@ class Decoder(nn.Module):
     def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) -> the final normalised states (B, T, d): the forward pass without
         the output projection, for passes that read activations and need no logits."""
-        _, T = tokens.shape
         try:  # checked only when the lookup fails: the forward reads nothing back to the host
             embedded = self.embed_tokens(tokens)
         except IndexError:
@@ -310,10 +309,17 @@ class Decoder(nn.Module):
                 "model's own tokenizer"
             ) from None
         x = self.scheme.embed(self, self.hook_embed(embedded))  # (B, T, d)
-        rope, bias = self._positional(T, tokens.device)
+        return self.hidden_from(x, 0)
+
+    def hidden_from(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """The final normalised states (B, T, d) from `x`, the input of block `layer` (its
+        resid_pre): the forward pass from that block on, the same arithmetic as `hidden`.
+        An analysis that changes nothing before `layer` starts there from states it kept."""
+        T = x.shape[1]
+        rope, bias = self._positional(T, x.device)
         windowed = self.cfg.window is not None and self.cfg.window < T
-        visible = attention_mask(T, self.cfg.window, tokens.device) if windowed else None
-        for block in self.layers:
+        visible = attention_mask(T, self.cfg.window, x.device) if windowed else None
+        for block in self.layers[layer:]:
             x = block(x, rope, visible, bias)
         return self.hook_final(self.norm(x))
 

@@ -130,6 +130,14 @@ def _analyze(p: argparse.ArgumentParser) -> None:
         help="run only these measurements, comma-separated (analysis/stages/ module names, e.g. "
         "probe,bands; default: all); what they need runs too",
     )
+    p.add_argument(
+        "--layer-cache-mb",
+        type=int,
+        default=Options.layer_cache_mb,
+        help="memory for every block's input from the base pass, so that an intervention "
+        f"starts at the first block it changes (a posleak run's; 0: never; default "
+        f"{Options.layer_cache_mb}); it changes no number",
+    )
     p.add_argument("--out", help="output directory (default: RUN/analysis, or analyses/NAME)")
 
 

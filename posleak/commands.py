@@ -214,6 +214,7 @@ def analyze(args: argparse.Namespace) -> int:
         contrast_window=args.contrast_window,
         ntk_scales=args.ntk_scales,
         stages=args.stages,
+        layer_cache_mb=args.layer_cache_mb,
     )
     summary = analyze_target(args.run, opts, args.out)
     out = Path(args.out or default_out(args.run))

@@ -1,5 +1,6 @@
 """The analysis engine: the shared pass, records, options, reuse, progress and provenance."""
 
+import dataclasses
 import json
 import math
 import re
@@ -12,10 +13,13 @@ import torch.nn.functional as F
 from conftest import ROOT, SMALL, tiny_model, tiny_overrides, uniform_tokens
 
 from posleak.analysis.engine.analyze import Options, analysis_of, analyze
+from posleak.analysis.engine.collect import stream
 from posleak.analysis.engine.folder import AnalysisDir
 from posleak.analysis.engine.records import FIELDS, read
+from posleak.analysis.maths.measures import knock_out_key0
 from posleak.analysis.reports.compare import find_runs, load_groups, write_report
-from posleak.analysis.stages import sites
+from posleak.analysis.stages import sites, stage
+from posleak.analysis.stages._hooks import on_heads
 from posleak.model import Decoder, ModelConfig
 from posleak.model.rope import apply_rope, ntk_base, rope_tables
 from posleak.train.config import build
@@ -308,3 +312,60 @@ def test_an_analysis_records_the_code_and_packages_that_made_it(runs, tmp_path):
     groups, summaries = load_groups(find_runs([str(tmp_path / "a")]), SMALL)
     text = write_report(groups, summaries, tmp_path / "report").read_text()
     assert f"torch {made['packages']['torch']}" in text
+
+
+def test_interventions_started_at_their_first_block_give_the_records_of_whole_passes(
+    runs, tmp_path, monkeypatch
+):
+    """The base pass keeps every block's input; an intervention whose hooks sit in blocks >= f
+    starts at block f. Every head of both layers gets its own knockout and write route, so
+    passes start at block 1, and the records equal, bit for bit as sets, those of whole passes
+    (--layer-cache-mb 0): the work is the same arithmetic on the same batches."""
+    import posleak.analysis.engine.analyze as engine
+
+    starts = []
+
+    def spy(*args):
+        starts.append(args[6][0] if args[6] else 0)
+        return stream(*args)
+
+    monkeypatch.setattr(engine, "stream", spy)
+    opts = dataclasses.replace(SMALL, stages=("route2", "knockout", "bos_swap"), top_heads=4)
+
+    def records(**changes) -> list[str]:
+        out = tmp_path / str(changes)
+        analyze(runs / "rope-s1", dataclasses.replace(opts, **changes), out)
+        rows = read(out / "records.jsonl")
+        return sorted(json.dumps(r, sort_keys=True) for r in rows if r["metric"] != "seconds")
+
+    whole = records(layer_cache_mb=0)
+    assert set(starts) == {0}
+    starts.clear()
+    started = records()
+    assert starts.count(1) == 4  # the knockout and the write route of layer 1's two heads
+    assert started == whole
+
+
+def test_a_pass_started_at_its_block_equals_the_whole_pass_field_by_field(runs):
+    """The same, on one pass of an untrained-looking model (every layer has logit structure):
+    a single-head knockout in block 1, from the kept inputs and whole, compared field by field
+    (logit statistics and sums of every layer, both probes' R² at every site, the losses)."""
+    analysis = analysis_of(runs / "nope-s0", dataclasses.replace(SMALL, seqs=8))
+    ctx = analysis.context(analysis.tokens(8, analysis.T, "analysis"))
+    stage("probes").run(analysis, ctx)
+    knock = [("blocks.1.attn.pattern", on_heads(lambda p: knock_out_key0(p), [1]))]
+
+    def one_pass():
+        return analysis.measure(ctx.tokens, knock, fitted=ctx.fitted, targets=ctx.targets)
+
+    started = one_pass()
+    analysis.layer_inputs = []  # nothing kept: the whole pass
+    whole = one_pass()
+    for l in range(analysis.L):
+        for a, b in zip(started.logits[l], whole.logits[l], strict=True):
+            assert torch.equal(a, b)
+        assert torch.equal(started.sums[l].sums, whole.sums[l].sums)
+    assert started.probe_r2_log == whole.probe_r2_log
+    assert started.probe_refit_r2_log == whole.probe_refit_r2_log
+    assert torch.equal(started.losses, whole.losses)
+    assert not torch.equal(whole.losses, ctx.base.losses)  # it did knock a head out

@@ -10,6 +10,7 @@ report.md into RUN/analysis (or --out; a pretrained model's default is analyses/
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -84,6 +85,15 @@ class Analysis:
             1, min(opts.batch_size, opts.max_attention_elements // (self.H * self.T**2))
         )
         self.timings: dict[str, float] = {}  # seconds per stage of run_all
+        # every block's input over the analysed sequences, kept by the base pass where the
+        # model can start a pass at a block and they fit in --layer-cache-mb
+        d = self.model.cfg.d_model
+        fits = self.L * opts.seqs * self.T * d * 4 <= opts.layer_cache_mb * 2**20
+        self.keeps_inputs = hasattr(self.model, "hidden_from") and fits
+        self.layer_inputs: list[torch.Tensor] = []
+        self._kept_for: tuple = ()  # (the tokens, the RoPE scale) the kept inputs are of
+        self._unchanged: dict = {}  # (site, probes) -> (transfer R², refit R²) unchanged
+        self._base: Pass | None = None
 
     def tokens(self, n: int, seq_len: int, stream_name: str, bos: str | None = None):
         """(n, seq_len + 1) held-out tokens; the model reads [:, :seq_len]."""
@@ -118,7 +128,8 @@ class Analysis:
         T, the last T are its targets), for the stages to read."""
         inputs, targets = tokens[:, : self.T], tokens[:, 1 : self.T + 1]
         with self._timed("base pass"):
-            return stages.Context(inputs, self.measure(inputs, targets=targets), targets)
+            self._base = self.measure(inputs, targets=targets, keep_inputs=self.keeps_inputs)
+            return stages.Context(inputs, self._base, targets)
 
     @contextlib.contextmanager
     def _timed(self, stage: str):
@@ -127,14 +138,20 @@ class Analysis:
         self.timings[stage] = round(time.perf_counter() - started, 2)
 
     # ---------------------------------------------------------------- one pass
-    def measure(self, tokens: torch.Tensor, interventions=(), fitted=None, targets=None) -> Pass:
+    def measure(
+        self, tokens: torch.Tensor, interventions=(), fitted=None, targets=None, keep_inputs=False
+    ) -> Pass:
         """Logit sums, the probes' half-A sums and the key-0 column, accumulated batch by batch.
 
         Given the base pass's fitted probes (an intervention pass), the residual stream is
         scored on half B as it streams past instead. Given targets, the same pass gives the
-        loss of every position (no second pass for the loss change of an intervention)."""
+        loss of every position (no second pass for the loss change of an intervention).
+        An intervention on the base pass's tokens whose hooks all sit in blocks >= f starts
+        at block f from the inputs the base pass kept (`keep_inputs`): the layers and sites
+        before it are the base pass's, unchanged, so the numbers are those of a whole pass."""
+        start = self._first_changed(tokens, interventions) if fitted is not None else 0
         sums = [LogitSums(self.n_blocks, self.H, self.design(l).visible) for l in range(self.L)]
-        consumers = {f"blocks.{l}.attn.scores": sums[l].add for l in range(self.L)}
+        consumers = {f"blocks.{l}.attn.scores": sums[l].add for l in range(start, self.L)}
         data, first, scorers = [], [], []
         if fitted is None:
             d = self.model.cfg.d_model
@@ -144,6 +161,8 @@ class Analysis:
                 consumers[f"blocks.{l}.attn.pattern"] = store(first[l], lambda p: p[..., 0])
             for site, name in enumerate(self.resid_names):
                 consumers[name] = self._probe_collector(data[site])
+            if keep_inputs:
+                self._keep_inputs(tokens, consumers)
         else:
             n_b = len(self.halves(len(tokens))[1])
             scorers = [probes.Scorer(p["log"], self.positions, n_b) for p in fitted]
@@ -158,15 +177,78 @@ class Analysis:
                         self._probe_collector(held[site], half=1),
                     ]
                 )
-        losses = stream(self.model, tokens, consumers, self.batch, list(interventions), targets)
+        kept = (start, self.layer_inputs[start]) if start else None
+        losses = stream(
+            self.model, tokens, consumers, self.batch, list(interventions), targets, kept
+        )
+        if start and hasattr(self, "progress"):  # the tokens the embedding hook did not see
+            self.progress.forwarded(tokens.numel())
         stats = [
-            logit_stats(s, self.design(l), self.boot_a, self.boot_b) for l, s in enumerate(sums)
+            self._base.logits[l]
+            if l < start
+            else logit_stats(s, self.design(l), self.boot_a, self.boot_b)
+            for l, s in enumerate(sums)
         ]
+        sums[:start] = self._base.sums[:start] if start else []
         if fitted is None:
             return Pass(stats, data, first, None, None, sums, losses)
-        r2 = [s.result().r2 for s in scorers]
-        refit = [probes.r2_of_moments(a.fit("log"), b) for a, b in zip(data, held, strict=True)]
+        r2, refit = [], []
+        for site, (scorer, a, b) in enumerate(zip(scorers, data, held, strict=True)):
+            if site <= start and start:  # sites 0..start hold the base pass's states
+                unchanged = self._unchanged_site(site, fitted)
+            else:
+                unchanged = scorer.result().r2, probes.r2_of_moments(a.fit("log"), b)
+            r2.append(unchanged[0])
+            refit.append(unchanged[1])
         return Pass(stats, [], first, r2, refit, sums, losses)
+
+    def _keep_inputs(self, tokens: torch.Tensor, consumers: dict) -> None:
+        """Consumers that keep every block's input (N, T, d) over `tokens` (block 0's joins
+        the probe's collector of the same site)."""
+        d = self.model.cfg.d_model
+        self.layer_inputs = [torch.empty(len(tokens), self.T, d) for _ in range(self.L)]
+        self._kept_for = (tokens, self.model.rope_inference_scale)
+        self._unchanged = {}
+        for l in range(self.L):
+            keep = store(self.layer_inputs[l], lambda x: x)
+            name = f"blocks.{l}.resid_pre"
+            consumers[name] = each([consumers[name], keep]) if name in consumers else keep
+
+    def _first_changed(self, tokens: torch.Tensor, interventions) -> int:
+        """The first block an intervention pass can start at: that of its earliest hook, when
+        the base pass kept the inputs of these tokens at the RoPE scale in force now; else 0."""
+        if not (self.layer_inputs and interventions):
+            return 0
+        kept_tokens, kept_scale = self._kept_for
+        if tokens is not kept_tokens or self.model.rope_inference_scale != kept_scale:
+            return 0
+        layers = [re.match(r"blocks\.(\d+)\.", name) for name, _ in interventions]
+        return 0 if None in layers else min(int(m.group(1)) for m in layers)
+
+    def _unchanged_site(self, site: int, fitted) -> tuple:
+        """(transfer R², refit R²) of residual site `site` as the base pass left it (the
+        input of block `site`), computed once from the kept inputs in the pass's batches."""
+        if (site, id(fitted)) not in self._unchanged:
+            states = self.layer_inputs[site]
+            n_b = len(self.halves(len(states))[1])
+            d = self.model.cfg.d_model
+            scorer = probes.Scorer(fitted[site]["log"], self.positions, n_b)
+            data, held = self._probe_data(d), probes.ProbeData(d, 1)
+            consume = each(
+                [
+                    self._held_out(scorer.add),
+                    self._probe_collector(data),
+                    self._probe_collector(held, half=1),
+                ]
+            )
+            for begin in range(0, len(states), self.batch):
+                rows = torch.arange(begin, min(begin + self.batch, len(states)))
+                consume(states[rows], rows)
+            self._unchanged[site, id(fitted)] = (
+                scorer.result().r2,
+                probes.r2_of_moments(data.fit("log"), held),
+            )
+        return self._unchanged[site, id(fitted)]
 
     def _probe_data(self, d: int) -> probes.ProbeData:
         return probes.ProbeData(d, self.opts.probe_folds)

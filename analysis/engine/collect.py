@@ -121,11 +121,14 @@ def stream(
     batch_size: int,
     interventions: list = (),
     targets: torch.Tensor | None = None,
+    begin_at: tuple[int, torch.Tensor] | None = None,
 ) -> torch.Tensor | None:
     """Run tokens (N, T) through the model in mini-batches; each consumer receives its hook's
     activation (on the CPU) and the indices of the sequences in that batch. Without targets
     the output projection is skipped; with targets (N, T), the next token at every position,
-    the same pass also gives every position's loss, (N, T) in float64."""
+    the same pass also gives every position's loss, (N, T) in float64. Given `begin_at`, (layer,
+    the inputs of that block for every sequence, (N, T, d)), a Decoder's pass begins there:
+    the hooks of earlier blocks do not fire."""
     rows = torch.arange(0)
     device = next(model.parameters()).device
     losses = None if targets is None else torch.empty(targets.shape, dtype=torch.float64)
@@ -136,7 +139,11 @@ def stream(
     with model.hooks([*interventions, *((name, hook(name)) for name in consumers)]):
         for start in range(0, len(tokens), batch_size):
             rows = torch.arange(start, min(start + batch_size, len(tokens)))
-            final = model.hidden(tokens[rows].to(device))
+            if begin_at is None:
+                final = model.hidden(tokens[rows].to(device))
+            else:
+                layer, inputs = begin_at
+                final = model.hidden_from(inputs[rows].to(device), layer)
             if losses is not None:
                 losses[rows] = position_losses(model, final, targets[rows].to(device))
     return losses

@@ -7,7 +7,7 @@ the reports format their labels from them, so changing one changes every place i
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,10 @@ class Options:
     stages: tuple = ()  # the stages to run by key (analysis/stages/ module names); () = all,
     # and a stage's prerequisites run with it
     max_attention_elements: int = 1 << 25  # the batch shrinks so B*H*T*T stays below this
+    layer_cache_mb: int = field(default=1024, compare=False)  # memory for every block's input
+    # from the base pass, so that an intervention starts at the first block it changes (a
+    # posleak run's; 0: never). It changes no number, so two analyses that differ only in it
+    # are the same analysis
 
     def problems(self, train_len: int) -> list[str]:
         from posleak.model.config import MAX_ROPE_SCALE  # torch: not for the command line's help
@@ -86,6 +90,8 @@ class Options:
 
         if unknown := sorted(set(self.stages) - set(keys())):
             out.append(f"--stages: no stage {', '.join(unknown)}; stages: {', '.join(keys())}")
+        if self.layer_cache_mb < 0:
+            out.append(f"--layer-cache-mb must be 0 (none) or more, got {self.layer_cache_mb}")
         if self.bos not in (None, "always", "never"):
             out.append(f"--bos must be always or never, got {self.bos!r}")
         return out
