@@ -62,7 +62,9 @@ class ModelConfig:
 
     @classmethod
     def problems_of(cls, values: dict) -> list[str]:
-        """problems() of the config these values would make, without raising."""
+        """problems() of the config these values (spelled as on disk) would make, without
+        raising."""
+        values = spelled_none(values)
         unvalidated = object.__new__(cls)
         for f in dataclasses.fields(cls):
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
@@ -149,15 +151,35 @@ class ModelConfig:
         return self.scheme.effective_base(self, 1.0)
 
     def to_dict(self) -> dict:
+        """The one spelling on disk, in a config.toml's [model] table and a checkpoint's
+        config.json alike: "none" is 0 (TOML has no null), and a scheme without parameters
+        writes no params."""
         out = dataclasses.asdict(self)
-        if not out["params"]:  # a scheme without parameters writes no [model.params]
+        for key in ZERO_IS_NONE:
+            out[key] = out[key] or 0
+        if not out["params"]:
             del out["params"]
         return out
 
     @classmethod
     def from_dict(cls, values: dict) -> ModelConfig:
+        """The config to_dict wrote (or a checkpoint written before it spelled "none" 0,
+        with null)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"unknown model config keys {unknown}; valid keys: {sorted(known)}")
-        return cls(**values)
+        return cls(**spelled_none(values))
+
+
+ZERO_IS_NONE = ("window", "d_ff")  # on disk 0 means None: no window, the default FFN width
+
+
+def spelled_none(values: dict) -> dict:
+    """Field values from the disk spelling: an integer 0 (or null) in ZERO_IS_NONE is None."""
+    out = dict(values)
+    for key in ZERO_IS_NONE:
+        value = out.get(key)
+        if key in out and (value is None or (_is_int(value) and value == 0)):
+            out[key] = None
+    return out

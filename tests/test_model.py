@@ -1,6 +1,7 @@
 """The decoder against independent references: closed forms, nested loops, float64 maths."""
 
 import itertools
+import json
 import math
 
 import pytest
@@ -474,6 +475,29 @@ def test_save_and_load_round_trip(tmp_path, tie):
     assert torch.equal(loaded(x), model(x))
     if tie:
         assert loaded.lm_head.weight is loaded.embed_tokens.weight
+
+
+def test_a_checkpoint_spells_none_as_its_config_toml_does_and_old_nulls_still_load(tmp_path):
+    """One spelling on disk: window and d_ff "none" are 0 in config.json as in config.toml
+    (train/config.py writes the same ModelConfig.to_dict); a config.json written before, with
+    null, loads to the same model."""
+    import tomllib
+
+    from posleak.train.config import build, to_toml
+
+    model = Decoder(tiny(position="rope", window=None, d_ff=None))
+    model.save(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert (written["window"], written["d_ff"]) == (0, 0)
+    run = build({"model.n_layer": 1, "model.window": 0, "model.d_ff": 0, "data.source": "markov"})
+    toml_model = tomllib.loads(to_toml(run, run.model_config(23)))["model"]
+    assert (toml_model["window"], toml_model["d_ff"]) == (0, 0)
+    assert run.model_config(23).window is None and run.model_config(23).d_ff is None
+    (tmp_path / "config.json").write_text(json.dumps({**written, "window": None, "d_ff": None}))
+    old = Decoder.load(tmp_path)
+    assert old.cfg == model.cfg and torch.equal(old(tokens()), model(tokens()))
+    with pytest.raises(ConfigError, match="window must be a positive integer"):
+        ModelConfig.from_dict({**model.cfg.to_dict(), "window": False})
 
 
 def test_learned_table_refuses_too_long_inputs():

@@ -4,7 +4,8 @@ reports every problem at once.
 A config file may start with `include = "base.toml"` (a path relative to the file, or a
 list of them): the included files are read first, in order, and this file's keys override
 theirs. TOML has no null, so `model.window = 0`, `model.d_ff = 0` and
-`model.vocab_size = 0` mean "none" / "automatic".
+`model.vocab_size = 0` mean "none" / "automatic", here and in every checkpoint's config.json
+(model/config.py: ModelConfig.to_dict and from_dict own that spelling).
 """
 
 from __future__ import annotations
@@ -88,20 +89,19 @@ SECTIONS = {
 @dataclass(frozen=True)
 class RunConfig:
     seed: int = 0
-    model: dict = field(default_factory=dict)  # raw ModelConfig fields; see model_config()
+    model: dict = field(default_factory=dict)  # [model] as spelled on disk; model_config()
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def model_config(self, vocab_size: int) -> ModelConfig:
-        return ModelConfig(**self.model_values(vocab_size))
+        """The model this run builds, its vocabulary (0: from the data) filled in: the only
+        place a run's ModelConfig is made (ModelConfig.from_dict reads the disk spelling)."""
+        return ModelConfig.from_dict(self.model_values(vocab_size))
 
     def model_values(self, vocab_size: int) -> dict:
-        """ModelConfig's fields: TOML's 0 for "none" translated, the vocabulary filled in."""
+        """[model] with the vocabulary filled in, still as spelled on disk."""
         values = dict(self.model)
-        for key in ("window", "d_ff"):
-            if values.get(key) == 0:
-                values[key] = None
         if not values.get("vocab_size"):
             values["vocab_size"] = vocab_size
         elif values["vocab_size"] < vocab_size:
@@ -263,7 +263,7 @@ def build(values: dict) -> RunConfig:
     model_problems = ModelConfig.problems_of(values)
     problems += [f"model: {p}" for p in model_problems]
     if not model_problems:
-        model = ModelConfig(**values)
+        model = ModelConfig.from_dict(values)
         limit = model.scheme.max_len(model)
         if limit is not None and limit < data.seq_len:
             problems.append(
@@ -363,10 +363,10 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
 
 
 def to_toml(cfg: RunConfig, model_cfg: ModelConfig | None = None, derived: dict | None = None):
-    """The resolved config: every key with its value, the model's as built (None written 0)."""
+    """The resolved config: every key with its value, the model's as built."""
     out = cfg.to_dict()
     if model_cfg is not None:
-        out["model"] = {k: 0 if v is None else v for k, v in model_cfg.to_dict().items()}
+        out["model"] = model_cfg.to_dict()
     if derived:
         out["derived"] = derived
     return tomli_w.dumps(_drop_none(out))
