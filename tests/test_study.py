@@ -113,6 +113,20 @@ def test_study_small_runs_end_to_end_at_a_tiny_budget(tmp_path):
     routes = [r for r in text.splitlines() if r.startswith("| `") and r.split(" | ")[1] in labels]
     assert len(routes) == 5 * 6  # every intervention beside step 0, in every text variant
     assert all("| `markov" not in r for r in routes)
+
+    # (c) rests on what training added: each cell is the trained run minus its step 0
+    def beyond_key1(folder: str) -> dict:
+        found = {}
+        for run in out.glob("rope-s*"):
+            h = json.loads((run / folder / "analysis.json").read_text())["headline"]
+            found[run.name] = h[KEY1] - h[KEY0]
+        return found
+
+    KEY1, KEY0 = "knockout_probe_refit_r2_log_key1_last", "knockout_probe_refit_r2_log_last"
+    trained, initial = beyond_key1("analysis"), beyond_key1("analysis-step0")
+    learned = sum(trained[r] - initial[r] for r in trained) / len(trained)
+    label = "`rope`: position R² removed by key 0 beyond key 1 (refit), trained − step 0"
+    assert dict(rows)[label].startswith(f"{learned:.3g} ["), dict(rows)[label]
     windowed = json.loads(next(out.glob("rope-s1-*/analysis/analysis.json")).read_text())
     assert windowed["options"]["contrast_window"] == 16  # the full model read with swa's w
 

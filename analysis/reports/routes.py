@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from posleak.analysis.engine.options import Options
 from posleak.analysis.maths.seeds import paired_difference
-from posleak.analysis.reports.study import Study, headline, level, per_seed
+from posleak.analysis.reports.study import STEP0, Study, headline, level, per_seed
 from posleak.report import number, table
 
 INTERVENTIONS = (  # (label, the refit R² after it, the loss change it costs or None)
@@ -26,13 +26,13 @@ def intervention_routes(study: Study, variants: list[str]) -> list[str]:
     (trained − step 0, paired); with the loss it costs the trained model. Every seed of the
     variants is analysed at step 0 (RUN/analysis-step0)."""
     step0 = at_step(study, 0)
-    study.prefetch([(s, "analysis-step0", step0) for v in variants for s in study.runs_of(v)])
+    study.prefetch([(s, STEP0, step0) for v in variants for s in study.runs_of(v)])
     intact = headline("probe_r2_log_last")
 
     def drops(v: str, after, at_init: bool) -> dict:
         out = {}
         for s in study.runs_of(v):
-            at = study.extra(s, "analysis-step0", step0) if at_init else s
+            at = study.extra(s, STEP0, step0) if at_init else s
             a, b = intact(at), after(at)
             out[s["seed"]] = None if a is None or b is None else a - b
         return out

@@ -20,6 +20,7 @@ from posleak.analysis.reports.bos_shares import (
 from posleak.analysis.reports.routes import at_step, intervention_routes
 from posleak.analysis.reports.sink_study import anchoring, claim_c, final_metrics, has_sink
 from posleak.analysis.reports.study import (
+    STEP0,
     Study,
     decided,
     headline,
@@ -32,7 +33,6 @@ from posleak.analysis.reports.verdicts import Verdicts
 from posleak.report import table
 from posleak.train.rundir import RunDir
 
-STEP0 = "analysis-step0"
 LIFT = headline("lift0_max")
 
 

@@ -156,6 +156,9 @@ class Study(SweepStudy):
         self.make([(Path(s["run"]), opts, Path(s["run"]) / name) for s, name, opts in wanted])
 
 
+STEP0 = "analysis-step0"  # RUN/STEP0: a run analysed at its initial weights (step 0)
+
+
 # ---------------------------------------------------------------- numbers by seed
 headline = results.headline  # summary -> one declared number
 
