@@ -158,7 +158,7 @@ def sweep(args: argparse.Namespace) -> int:
             tokens, seconds = tokens + (cost[0] if cost else 0), seconds + (cost[1] if cost else 0)
         print(f"{count} runs; to train: {tokens:,} tokens, ~{clock(seconds)}", flush=True)
         return 0
-    runs = sweeps.expand(spec)
+    runs = sweeps.expand(spec, sweep_dir)
     if args.print_config:
         for r in runs:
             print(f"# {r.name}" + (f"  (invalid: {r.error})" if r.error else ""))

@@ -253,3 +253,28 @@ def test_the_study_table_names_variants_and_reaches_the_sweep_folder(tmp_path):
     (out / "study.json").unlink()
     assert roles_of(out).report == "text" and roles_of(out)["control"] == "sink"
     assert roles_of(out, "sinks")["nobos"] == "rope-nobos"  # a report asked for by name
+
+
+def test_a_run_keeps_its_folder_when_its_config_is_spelled_anew(tmp_path):
+    """Run names hash the keys as written. A sweep that writes a preset out as its keys (and
+    spells "no window" 0 explicitly) plans the same runs under new names; the sweep finds the
+    folders that already hold them by their resolved configs and trains nothing twice. A
+    change of value is a new run."""
+    preset = sweep_file(tmp_path, 'seeds = [0]\n[variants.swa]\npreset = "swa"\n', train__steps=3)
+    out = tmp_path / "sweep"
+    assert posleak("sweep", preset, "--out", out).returncode == 0
+    (trained,) = [p.parent for p in out.glob("*/summary.json")]
+    stamp = (trained / "summary.json").stat().st_mtime_ns
+    written = 'seeds = [0]\n[variants.swa]\nmodel.position = "rope"\nmodel.window = {w}\n'
+    window = presets()["swa"]["model.window"]
+    same = sweep_file(tmp_path, written.format(w=window), train__steps=3, model__d_ff=0)
+    (run,) = expand(read_sweep(same))
+    assert run.name != trained.name  # another spelling, another hash
+    (adopted,) = expand(read_sweep(same), out)
+    assert adopted.name == trained.name
+    assert posleak("sweep", same, "--out", out).returncode == 0
+    assert (trained / "summary.json").stat().st_mtime_ns == stamp  # nothing retrained
+    assert sorted(p.parent.name for p in out.glob("*/config.toml")) == [trained.name]
+    other = sweep_file(tmp_path, written.format(w=window + 1), train__steps=3)
+    (new,) = expand(read_sweep(other), out)
+    assert new.name != trained.name

@@ -24,7 +24,8 @@ a grid over any other keys:
     reference = "rope"              # a role names a variant, a list of them, or pairs
 
 Each run gets a readable, deterministic name (variant, grid values, seed and a short hash
-of its resolved config) and its own directory under the sweep directory. Every run is an
+of its keys as written) and its own directory under the sweep directory; a run already trained
+there under another spelling keeps its folder (TrainedRuns). Every run is an
 independent command (`--print-commands`), so any scheduler can execute the sweep.
 """
 
@@ -56,9 +57,11 @@ from posleak.model import ConfigError
 from posleak.report import table
 from posleak.train.config import (
     MAX_SEED,
+    RunConfig,
     TrainConfig,
     build,
     flatten,
+    from_resolved,
     preset,
     presets,
     read_toml,
@@ -191,13 +194,16 @@ def _label(value) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", str(value))[-40:]
 
 
-def expand(spec: dict) -> list[PlannedRun]:
-    """Every (grid point, variant, seed) as a run; invalid configs are kept, marked with why."""
-    return list(planned(spec))
+def expand(spec: dict, sweep_dir: Path | None = None) -> list[PlannedRun]:
+    """Every (grid point, variant, seed) as a run; invalid configs are kept, marked with why.
+    Given the sweep's folder, a run trained there under another name takes that name back
+    (`trained_as`)."""
+    return list(planned(spec, sweep_dir))
 
 
-def planned(spec: dict) -> Iterator[PlannedRun]:
+def planned(spec: dict, sweep_dir: Path | None = None) -> Iterator[PlannedRun]:
     """expand() one run at a time."""
+    trained = TrainedRuns(sweep_dir)
     base = read_toml(Path(spec["base"]))
     shared = flatten(spec.get("set", {}))
     overrides = spec.get("overrides", {})  # `posleak sweep FILE --set k=v`: every run, last
@@ -218,10 +224,55 @@ def planned(spec: dict) -> Iterator[PlannedRun]:
                     f"{variant}{label}-s{seed}-{digest[:8]}", variant, seed, grid_values, values
                 )
                 try:
-                    build(values)
+                    run.name = trained.name_of(run, build(values))
                 except ConfigError as err:
                     run.error, run.status = str(err), "invalid"
                 yield run
+
+
+class TrainedRuns:
+    """The runs already in a sweep folder, by (variant, seed). A run's name hashes its keys as
+    written, so a config spelled anew (a preset written out as keys, a renamed key read by
+    the one-version reader) names the same run differently: name_of finds the folder that
+    already holds it, by comparing resolved configs, so that nothing is trained twice."""
+
+    def __init__(self, sweep_dir: Path | None):
+        self.sweep_dir, self.by_label = sweep_dir, None
+
+    def name_of(self, run: PlannedRun, cfg: RunConfig) -> str:
+        """run.name, or the name of the folder that holds the same run under another name."""
+        if self.sweep_dir is None or (self.sweep_dir / run.name).exists():
+            return run.name
+        for folder in self._folders().get((run.variant, run.seed), []):
+            if _same_run(cfg, folder):
+                return folder.name
+        return run.name
+
+    def _folders(self) -> dict:
+        if self.by_label is None:
+            self.by_label = {}
+            for folder in sorted(self.sweep_dir.glob("*/config.toml")):
+                try:
+                    label = RunDir(folder.parent).sweep_label()
+                except (ValueError, OSError):
+                    continue
+                if label:
+                    key = (label.get("variant"), label.get("seed"))
+                    self.by_label.setdefault(key, []).append(folder.parent)
+        return self.by_label
+
+
+def _same_run(cfg: RunConfig, folder: Path) -> bool:
+    """Whether the run in `folder` (its resolved config.toml) trains exactly what cfg does:
+    seed, data, training and the model as built (the vocabulary as that run resolved it)."""
+    try:
+        done = from_resolved(folder / "config.toml")
+        vocab = done.model.get("vocab_size") or 0
+        return (cfg.seed, cfg.data, cfg.train) == (done.seed, done.data, done.train) and (
+            cfg.model_config(vocab) == done.model_config(vocab)
+        )
+    except (ConfigError, ValueError, OSError):
+        return False
 
 
 def write_plan(sweep_dir: Path, runs: list[PlannedRun], study: dict) -> None:
@@ -421,7 +472,7 @@ def write_summary(sweep_dir: Path, runs: list[PlannedRun]) -> None:
 
 def dry_run(spec: dict, sweep_dir: Path) -> Iterator[PlannedRun]:
     """The expansion run by run, as it is planned, each with the status it has on disk."""
-    for r in planned(spec):
+    for r in planned(spec, sweep_dir):
         collect(sweep_dir, [r])
         yield r
 
