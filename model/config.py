@@ -11,15 +11,12 @@ from posleak.model.positions import SCHEMES
 SINKS = ("none", "learned", "off_by_one")
 NORMALISERS = ("softmax", "softpick")  # how a row of scores becomes attention weights
 MAX_WIDTH = 1 << 14  # d_model and n_layer: beyond this a typo, not a plan
-MAX_ROPE_SCALE = 1e6  # NTK's s, trained or at inference (b * s^(d/(d-2)) stays finite)
 LIMITS = {  # beyond these a typo, not a plan (each far above any model posleak trains)
     "d_model": MAX_WIDTH,
     "n_layer": MAX_WIDTH,
     "vocab_size": 1 << 22,
     "d_ff": 1 << 18,
     "max_seq_len": 1 << 20,
-    "rope_base": 1e12,
-    "rope_scale": MAX_ROPE_SCALE,
 }
 
 
@@ -45,8 +42,6 @@ class ModelConfig:
     d_ff: int | None = None  # SwiGLU hidden width; None = 8/3 * d_model rounded up to 32
     max_seq_len: int = 1024  # only bounds the `learned` position table
     position: str = "rope"
-    rope_base: float = 10000.0
-    rope_scale: float = 1.0  # NTK factor s; only `rope_ntk` may train with s != 1
     window: int | None = None  # sliding window: w keys including self; None = full causal
     sink: str = "none"
     attention: str = "softmax"  # or "softpick": weights need not sum to 1 (no sink needed)
@@ -59,6 +54,7 @@ class ModelConfig:
         problems = self.problems()
         if problems:
             raise ConfigError("invalid model config:\n  - " + "\n  - ".join(problems))
+        object.__setattr__(self, "params", self.scheme.own_params(self.params))
 
     @classmethod
     def problems_of(cls, values: dict) -> list[str]:
@@ -78,9 +74,8 @@ class ModelConfig:
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 out.append(f"{name} must be a positive integer, got {value!r}")
-        for name in ("rope_base", "rope_scale", "norm_eps"):
-            if not _is_real(getattr(self, name)):
-                out.append(f"{name} must be a number, got {getattr(self, name)!r}")
+        if not _is_real(self.norm_eps):
+            out.append(f"norm_eps must be a number, got {self.norm_eps!r}")
         for name in ("tie_embeddings", "gate"):
             if not isinstance(getattr(self, name), bool):
                 out.append(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -118,11 +113,7 @@ class ModelConfig:
                 out.append(f"{name}={value} is beyond what posleak builds (at most {limit})")
         if not (math.isfinite(self.norm_eps) and self.norm_eps > 0):
             out.append(f"norm_eps must be a finite number > 0, got {self.norm_eps!r}")
-        if not (math.isfinite(self.rope_base) and self.rope_base > 1):
-            out.append(f"rope_base must be > 1, got {self.rope_base!r}")
-        if not (math.isfinite(self.rope_scale) and self.rope_scale >= 1):
-            out.append(f"rope_scale must be >= 1, got {self.rope_scale!r}")
-        elif (  # the scheme's own checks read its parameters: only once they are well-formed
+        if (  # the scheme's own checks read its parameters: only once they are well-formed
             self.position in SCHEMES
             and isinstance(self.params, dict)
             and not self.scheme.param_problems(self.params)
@@ -163,8 +154,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> ModelConfig:
-        """The config to_dict wrote (or a checkpoint written before it spelled "none" 0,
-        with null)."""
+        """The config to_dict wrote, or one written before: "none" as null, RoPE's base and
+        scale as the fields rope_base and rope_scale."""
+        values = upgraded(values)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -173,6 +165,18 @@ class ModelConfig:
 
 
 ZERO_IS_NONE = ("window", "d_ff")  # on disk 0 means None: no window, the default FFN width
+MOVED = {"rope_base": "base", "rope_scale": "scale"}  # fields that became RoPE's own params
+
+
+def upgraded(values: dict) -> dict:
+    """[model] as written before RoPE's base and scale moved into [model.params] (config.toml
+    and config.json of older runs), as written now: the one-version reader."""
+    if not set(MOVED) & set(values):
+        return values
+    out = {k: v for k, v in values.items() if k not in MOVED}
+    moved = {MOVED[k]: v for k, v in values.items() if k in MOVED}
+    out["params"] = {**moved, **(values.get("params") or {})}
+    return out
 
 
 def spelled_none(values: dict) -> dict:

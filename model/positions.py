@@ -16,6 +16,9 @@ from torch import nn
 
 from posleak.model.rope import ntk_base, rope_half_tables
 
+MAX_ROPE_BASE = 1e12  # beyond this a typo, not a plan
+MAX_ROPE_SCALE = 1e6  # NTK's s, trained or at inference (b * s^(d/(d-2)) stays finite)
+
 
 class Scheme:
     """No position information at all (NoPE): the base every scheme overrides."""
@@ -31,27 +34,37 @@ class Scheme:
         return cfg.params.get(name, self.params[name])
 
     def param_problems(self, given: dict) -> list[str]:
-        """Parameters this scheme does not have, or of another type than its default's."""
+        """Parameters no scheme has, or of another type than the default of the scheme that
+        has them. A parameter of another scheme is allowed and unused (a base config shared
+        by RoPE and NoPE variants may set RoPE's base), except as problems() says."""
         out = []
+        declared = {n: d for scheme in reversed(SCHEMES.values()) for n, d in scheme.params.items()}
+        declared.update(self.params)
         for name, value in given.items():
-            if name not in self.params:
-                known = ", ".join(self.params) or "none"
-                out.append(f"params.{name} is not a parameter of position={self.name!r} (its "
+            if name not in declared:
+                known = ", ".join(sorted(declared))
+                out.append(f"params.{name} is not a parameter of any scheme (the schemes' "
                            f"parameters: {known})")  # fmt: skip
                 continue
-            default = self.params[name]
+            default = declared[name]
             numeric = isinstance(default, float) and type(value) in (int, float)
             if not (numeric or type(value) is type(default)):
                 out.append(f"params.{name} must be a {type(default).__name__}, got {value!r}")
         return out
 
+    def own_params(self, given: dict) -> dict:
+        """The parameters this scheme reads, each given or at its default: what a built
+        config holds (the others are dropped), so that one model has one spelling."""
+        return {name: given.get(name, default) for name, default in self.params.items()}
+
     def problems(self, cfg) -> list[str]:
         """Why this scheme cannot be built with cfg (each naming the field and the fix)."""
-        if cfg.rope_scale != 1:
+        scale = cfg.params.get("scale", 1.0)
+        if "scale" not in self.params and scale != 1:
             return [
-                f"rope_scale={cfg.rope_scale} has no effect with position={self.name!r}; use "
-                "position='rope_ntk' to train with NTK scaling, or set rope_scale=1 (NTK scaling "
-                "of a trained RoPE model is applied at analysis time)"
+                f"params.scale={scale} has no effect with position={self.name!r}; use "
+                "position='rope_ntk' to train with NTK scaling, or leave params.scale out (NTK "
+                "scaling of a trained RoPE model is applied at analysis time)"
             ]
         return []
 
@@ -110,14 +123,23 @@ class Rope(Scheme):
     rotary = True
     inference_scale = True
     exportable = True
+    params: ClassVar[dict] = {"base": 10000.0}  # b of omega_p = b^(-2p/d)
 
     def problems(self, cfg) -> list[str]:
         odd = [f"RoPE needs an even head dimension, got d_model/n_head = {cfg.d_head}"]
         divisible = cfg.d_model % cfg.n_head == 0  # else the config names that problem
-        return (odd if divisible and cfg.d_head % 2 else []) + self._scale_problems(cfg)
+        base = self.param(cfg, "base")
+        out = odd if divisible and cfg.d_head % 2 else []
+        if not (math.isfinite(base) and 1 < base <= MAX_ROPE_BASE):
+            out.append(f"params.base must be > 1 and at most {MAX_ROPE_BASE:g}, got {base!r}")
+        return out + self._scale_problems(cfg)
 
     def _scale_problems(self, cfg) -> list[str]:
         return Scheme.problems(self, cfg)  # plain RoPE trains with s = 1
+
+    def trained_scale(self, cfg) -> float:
+        """The NTK factor s the model trains with (1: none)."""
+        return 1.0
 
     def rotated_width(self, cfg) -> int:
         """How many of a head's dimensions turn (even; d_head here). A scheme that rotates
@@ -127,8 +149,8 @@ class Rope(Scheme):
 
     def effective_base(self, cfg, inference_scale: float) -> float | None:
         """NTK for the trained scale times the inference one: b' = b (s1 s2)^(r/(r-2))."""
-        scale = cfg.rope_scale * inference_scale
-        return ntk_base(cfg.rope_base, scale, self.rotated_width(cfg))
+        scale = self.trained_scale(cfg) * inference_scale
+        return ntk_base(self.param(cfg, "base"), scale, self.rotated_width(cfg))
 
     def rotation(self, cfg, T: int, inference_scale: float) -> tuple | None:
         """The rotated pairs' tables, then angle 0 for pairs that do not turn."""
@@ -141,16 +163,23 @@ class Rope(Scheme):
 
 
 class RopeNTK(Rope):
-    """RoPE trained with static NTK scaling s (model.rope_scale)."""
+    """RoPE trained with static NTK scaling s (model.params.scale)."""
 
     name = "rope_ntk"
+    params: ClassVar[dict] = {"base": 10000.0, "scale": 1.0}
 
     def _scale_problems(self, cfg) -> list[str]:
-        if cfg.rope_scale != 1 and cfg.d_head <= 2:
+        scale = self.trained_scale(cfg)
+        if not (math.isfinite(scale) and 1 <= scale <= MAX_ROPE_SCALE):
+            return [f"params.scale must be >= 1 and at most {MAX_ROPE_SCALE:g}, got {scale!r}"]
+        if scale != 1 and cfg.d_head <= 2:
             return [
                 f"NTK scaling needs d_model/n_head >= 4 (its exponent is d/(d-2)), got {cfg.d_head}"
             ]
         return []
+
+    def trained_scale(self, cfg) -> float:
+        return self.param(cfg, "scale")
 
 
 class ALiBi(Scheme):

@@ -145,7 +145,7 @@ def test_bad_analysis_options_are_refused_with_the_fix(runs, bad):
 
 
 def test_rope_scale_at_analysis_time_composes_with_a_trained_ntk_scale():
-    trained = Decoder(ModelConfig(position="rope_ntk", rope_scale=2.0, d_model=32, n_head=2))
+    trained = Decoder(ModelConfig(position="rope_ntk", params={"scale": 2.0}, d_model=32, n_head=2))
     trained.set_rope_scale(4.0)
     assert trained.rope_effective_base == pytest.approx(ntk_base(10000.0, 8.0, 16))
     trained.set_rope_scale(1.0)

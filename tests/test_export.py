@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers", reason="the hf extra is not i
 
 EXPORTABLE = {
     "rope": dict(model__position="rope"),
-    "ntk": dict(model__position="rope_ntk", model__rope_scale=4.0),
+    "ntk": dict(model__position="rope_ntk", model__params__scale=4.0),
     "window": dict(model__position="rope", model__window=5),
     "tied": dict(model__position="rope", model__tie_embeddings=True),
 }
@@ -100,7 +100,7 @@ def test_a_gguf_export_reads_back_as_its_weights_quantised_by_the_gguf_package(t
 
     run = tmp_path / "run"
     overrides = tiny_overrides(data__source="bible", model__position="rope_ntk")
-    train(build({**overrides, "model.rope_scale": 2.0}), run)
+    train(build({**overrides, "model.params.scale": 2.0}), run)
     ours, _, _ = RunDir(run).load_model()
     tokens = torch.randint(0, 259, (2, 24), generator=torch.Generator().manual_seed(3))
     opts = Options(seqs=4, seq_len=16)

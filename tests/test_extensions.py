@@ -22,7 +22,7 @@ class PartialRope(Rope):
     """RoPE on the first `rotary_fraction` of each head's rotary pairs; the rest do not turn."""
 
     name = "rope_partial"
-    params: ClassVar[dict] = {"rotary_fraction": 0.5}
+    params: ClassVar[dict] = {**Rope.params, "rotary_fraction": 0.5}  # RoPE's base, and its own
     inference_scale = False
     exportable = False
 
@@ -53,8 +53,12 @@ def test_a_scheme_with_its_own_parameter_is_one_class(tmp_path, monkeypatch):
     run = tmp_path / "run"
     train(cfg, run)
     model, _, _ = RunDir(run).load_model()  # through config.toml and config.json
-    assert model.cfg.params == {"rotary_fraction": 0.25} and model.cfg.position == "rope_partial"
-    assert "[model.params]\nrotary_fraction = 0.25" in (run / "config.toml").read_text()
+    assert model.cfg.params == {"base": 10000.0, "rotary_fraction": 0.25}  # as built
+    assert model.cfg.position == "rope_partial"
+    assert (
+        "[model.params]\nbase = 10000.0\nrotary_fraction = 0.25"
+        in (run / "config.toml").read_text()
+    )
     cos, sin = model.scheme.rotation(model.cfg, 16, 1.0)
     turning = cos.shape[-1] // 4  # a quarter of the pairs turn, at the rotated width's rates
     r = 2 * turning
@@ -62,17 +66,18 @@ def test_a_scheme_with_its_own_parameter_is_one_class(tmp_path, monkeypatch):
     expected = torch.outer(torch.arange(16, dtype=torch.float64), omega).cos().float()
     torch.testing.assert_close(cos[:, 0, :turning], expected)
     assert torch.all(cos[:, :, turning:] == 1) and torch.all(sin[:, :, turning:] == 0)
-    assert model.cfg.rope_base == 10000.0
     ntk = model.scheme.effective_base(model.cfg, 4.0)  # the NTK exponent of the rotated width
     assert ntk == pytest.approx(10000.0 * 4.0 ** (r / (r - 2)))
     analyze(run, Options(seqs=8, stages=("probe",)))
     assert AnalysisDir(run / "analysis").read_summary()["headline"]
-    with pytest.raises(ConfigError, match=r"params.rotary_fractoin is not a parameter of "
-                       r"position='rope_partial' \(its parameters: rotary_fraction\)"):  # fmt: skip
+    typo = r"params.rotary_fractoin is not a parameter of any scheme \(the schemes' parameters: "
+    with pytest.raises(ConfigError, match=typo + r"base, rotary_fraction, scale\)"):
         load(path, ["model.position=rope_partial", "model.params.rotary_fractoin=0.5"])
     with pytest.raises(ConfigError, match="params.rotary_fraction must be a float, got 'half'"):
         load(path, ["model.position=rope_partial", "model.params.rotary_fraction=half"])
     with pytest.raises(ConfigError, match=r"params.rotary_fraction must be in \(0, 1\], got 2"):
         load(path, ["model.position=rope_partial", "model.params.rotary_fraction=2.0"])
-    with pytest.raises(ConfigError, match="is not a parameter of position='rope'"):
-        load(path, ["model.position=rope"])  # plain RoPE has no parameters of its own
+    # another scheme's parameter is allowed and unused (a base config shared by variants),
+    # and the model as built holds only its own scheme's
+    plain = load(path, ["model.position=rope"]).model_config(259)
+    assert plain.params == {"base": 10000.0}

@@ -21,8 +21,8 @@ from posleak.cli import main
         "train.beta1=1.0",
         "train.threads=-1",
         "train.threads=4611686018427387904",
-        "model.rope_scale=1e308",
-        "model.rope_base=1e308",
+        "model.params.scale=1e308",
+        "model.params.base=1e308",
         "train.lr=inf",
         "train.grad_clip=nan",
         "model.norm_eps=-1e-5",
@@ -76,9 +76,9 @@ def test_a_directory_as_config_and_a_file_as_out_are_one_line(tmp_path, capsys):
         ({"window": True}, "window must be a positive integer"),
         ({"d_ff": False}, "d_ff must be a positive integer"),
         ({"norm_eps": True}, "norm_eps must be a number, got True"),
-        ({"rope_base": "1e4"}, "rope_base must be a number"),
+        ({"params": {"base": "1e4"}}, "params.base must be a float, got '1e4'"),
         ({"tie_embeddings": 1}, "tie_embeddings must be true or false"),
-        ({"position": "rope_ntk", "rope_scale": 4.0, "d_model": 4, "n_head": 2}, "d/(d-2)"),
+        ({"position": "rope_ntk", "params": {"scale": 4.0}, "d_model": 4, "n_head": 2}, "d/(d-2)"),
     ],
 )
 def test_the_python_api_refuses_what_the_config_file_refuses(values, field):

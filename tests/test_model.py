@@ -23,7 +23,7 @@ VARIANTS = [
     dict(position="nope"),
     dict(position="learned"),
     dict(position="rope"),
-    dict(position="rope_ntk", rope_scale=4.0),
+    dict(position="rope_ntk", params={"scale": 4.0}),
     dict(position="rope", window=4),
     dict(position="nope", window=3),
     dict(position="rope", sink="learned"),
@@ -124,7 +124,7 @@ def test_set_rope_scale_one_is_identity_and_other_scales_change_outputs():
     assert torch.equal(model(x), before)
     model.set_rope_scale(8.0)
     assert not torch.allclose(model(x), before, atol=1e-5)
-    ntk = Decoder(tiny(position="rope_ntk", rope_scale=8.0))
+    ntk = Decoder(tiny(position="rope_ntk", params={"scale": 8.0}))
     ntk.load_state_dict(model.state_dict())
     assert torch.equal(ntk(x), model(x))
     with pytest.raises(ValueError, match="needs a RoPE model"):
@@ -447,8 +447,8 @@ def test_invalid_configs_name_every_problem():
         ModelConfig(d_model=30, n_head=4, position="xpos", sink="sometimes")
     text = str(err.value)
     assert "not divisible by n_head=4" in text and "xpos" in text and "sometimes" in text
-    with pytest.raises(ConfigError, match="rope_scale=2.0 has no effect with position='nope'"):
-        ModelConfig(position="nope", rope_scale=2.0)
+    with pytest.raises(ConfigError, match="params.scale=2.0 has no effect with position='nope'"):
+        ModelConfig(position="nope", params={"scale": 2.0})
 
 
 def test_shared_parameters_start_identically_across_variants():
@@ -500,13 +500,41 @@ def test_a_checkpoint_spells_none_as_its_config_toml_does_and_old_nulls_still_lo
         ModelConfig.from_dict({**model.cfg.to_dict(), "window": False})
 
 
+def test_runs_written_before_ropes_parameters_moved_still_load(tmp_path):
+    """The one-version reader: RoPE's base and NTK scale were model fields (rope_base,
+    rope_scale) before they were the RoPE schemes' own [model.params]; a config.json and a
+    config.toml written then read as the same model, and a config spelling them the old way
+    is told where they went."""
+    import tomli_w
+    import tomllib
+
+    from posleak.train.config import build, from_resolved, to_toml
+
+    model = Decoder(tiny(position="rope_ntk", params={"base": 500.0, "scale": 4.0}))
+    model.save(tmp_path)
+    new = json.loads((tmp_path / "config.json").read_text())
+    assert new["params"] == {"base": 500.0, "scale": 4.0} and "rope_base" not in new
+    old = {k: v for k, v in new.items() if k != "params"} | {"rope_base": 500.0, "rope_scale": 4.0}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    again = Decoder.load(tmp_path)
+    assert again.cfg == model.cfg and again.rope_effective_base == 500.0 * 4.0 ** (8 / 6)
+    run = build({"model.position": "nope", "model.n_layer": 1, "data.source": "markov"})
+    written = tomllib.loads(to_toml(run, run.model_config(23)))
+    assert "params" not in written["model"]  # NoPE has none
+    written["model"] |= {"rope_base": 10000.0, "rope_scale": 1.0}  # every model wrote them
+    (tmp_path / "config.toml").write_text(tomli_w.dumps(written))
+    assert from_resolved(tmp_path / "config.toml").model_config(23) == run.model_config(23)
+    with pytest.raises(ConfigError, match="model.rope_base is now model.params.base"):
+        build({"model.rope_base": 100.0})
+
+
 def test_learned_table_refuses_too_long_inputs():
     with pytest.raises(ValueError, match="exceeds max_seq_len=64"):
         Decoder(tiny(position="learned"))(torch.zeros(1, 65, dtype=torch.long))
 
 
 def test_one_save_format_and_an_inference_scale_that_survives(tmp_path):
-    model = Decoder(tiny(position="rope_ntk", rope_scale=2.0))
+    model = Decoder(tiny(position="rope_ntk", params={"scale": 2.0}))
     model.set_rope_scale(4.0)
     model.save(tmp_path / "saved")
     again = Decoder.load(tmp_path / "saved")

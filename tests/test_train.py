@@ -48,20 +48,20 @@ def test_every_problem_is_reported_together():
                 "model.d_model": 30,
                 "model.n_head": 4,
                 "model.position": "nope",
-                "model.rope_scale": 2.0,
+                "model.params.scale": 2.0,
                 "data.bos": "sometimes",
             }
         )
     text = str(err.value)
     assert "train.lr: expected float, got str 'fast'" in text
     assert "not divisible by n_head=4" in text
-    assert "rope_scale=2.0 has no effect with position='nope'" in text
+    assert "params.scale=2.0 has no effect with position='nope'" in text
     assert "data.bos must be one of" in text
 
 
 def test_presets_differ_from_base_only_in_positional_keys():
     base = read_toml(ROOT / "configs" / "base.toml")
-    positional = {"model.position", "model.rope_base", "model.rope_scale", "model.window"}
+    positional = {"model.position", "model.params.base", "model.params.scale", "model.window"}
     for name in ("rope", "ntk", "swa", "nope", "learned"):
         preset = read_toml(ROOT / "configs" / f"{name}.toml")
         changed = {k for k in set(base) | set(preset) if base.get(k) != preset.get(k)}
@@ -86,7 +86,7 @@ def test_include_cycle_is_reported(tmp_path):
 
 # ------------------------------------------------------------------ runs
 def test_run_directory_describes_itself_and_is_never_overwritten(tmp_path):
-    cfg = build(tiny_overrides(model__position="rope_ntk", model__rope_scale=8.0))
+    cfg = build(tiny_overrides(model__position="rope_ntk", model__params__scale=8.0))
     summary = train(cfg, tmp_path / "run")
     run = tmp_path / "run"
     resolved = from_resolved(run / "config.toml")
@@ -307,7 +307,7 @@ def test_compile_auto_decides_from_training_flops_and_says_why(tmp_path):
 
 def test_the_run_directory_loads_the_newest_good_model_or_a_named_step(tmp_path):
     run = tmp_path / "run"
-    train(build(tiny_overrides(model__position="rope_ntk", model__rope_scale=2.0)), run)
+    train(build(tiny_overrides(model__position="rope_ntk", model__params__scale=2.0)), run)
     run_dir = RunDir(run)
     steps = [int(p.name.removeprefix("step_")) for p in run_dir.checkpoints()]
     assert steps == [8, 12]  # keep_checkpoints = 2

@@ -123,7 +123,10 @@ def _sync(device) -> None:
 
 def model_config(d: int, T: int, variant: str, layers: int = 4) -> ModelConfig:
     """A preset of train/presets.toml at the benchmark's size; a window is scaled to T/4."""
-    extra = {k.removeprefix("model."): v for k, v in preset(variant).items()}
+    extra: dict = {"params": {}}
+    for key, value in preset(variant).items():
+        section, _, name = key.removeprefix("model.").rpartition(".")
+        (extra["params"] if section == "params" else extra)[name] = value
     if "window" in extra:
         extra["window"] = T // 4
     return ModelConfig(n_layer=layers, n_head=max(1, d // 64), d_model=d, max_seq_len=T, **extra)

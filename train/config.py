@@ -28,6 +28,7 @@ import tomli_w
 
 from posleak.data import DataConfig
 from posleak.model import ConfigError, ModelConfig
+from posleak.model.config import MOVED, upgraded
 from posleak.model.positions import SCHEMES
 
 MAX_BATCH = 1 << 16  # sequences per step: beyond this a typo, not a plan
@@ -294,6 +295,12 @@ def _sort_keys(values: dict) -> tuple[int, dict, list[str]]:
         if key.startswith(PARAMS) and "." not in key[len(PARAMS) :]:
             sections["model"].setdefault("params", {})[key[len(PARAMS) :]] = value
             continue  # checked by the scheme it belongs to (ModelConfig.problems)
+        if key.startswith("model.") and key[len("model.") :] in MOVED:
+            problems.append(
+                f"{key} is now model.params.{MOVED[key[len('model.') :]]} (a parameter of the "
+                "RoPE schemes): write it there"
+            )
+            continue
         if key not in keys:
             close = difflib.get_close_matches(key, keys, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -376,6 +383,8 @@ def from_resolved(path: Path) -> RunConfig:
     """Read a run directory's resolved config.toml (its [derived] table is informational)."""
     raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     _check_derived(Path(path), raw.pop("derived", None))
+    if isinstance(raw.get("model"), dict):  # written before RoPE's parameters moved
+        raw["model"] = upgraded(raw["model"])
     return build(flatten(raw))
 
 

@@ -206,11 +206,12 @@ MANIFEST = ".posleak-export"  # the names of the files an export wrote (JSON lis
 def model_card(run: Path, model: Decoder, cfg: RunConfig, state: dict) -> str:
     """README.md of the export: what was trained, on what, and how it encodes position."""
     m = model.cfg
-    scheme = {
-        "rope": f"RoPE, base {m.rope_base:g}",
-        "rope_ntk": f"NTK-scaled RoPE, s = {m.rope_scale:g} (effective base "
-        f"{model.rope_effective_base:g})",
-    }[m.position]
+    scheme = f"RoPE, base {m.params['base']:g}"
+    if m.position == "rope_ntk":
+        scheme = (
+            f"NTK-scaled RoPE, s = {m.params['scale']:g} (effective base "
+            f"{model.rope_effective_base:g})"
+        )
     if m.window is not None:
         scheme += f", sliding window of {m.window} keys (Mistral)"
     loss = (RunDir(run).summary() or {}).get("final_val_loss")

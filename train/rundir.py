@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 
 from posleak.files import atomic_write, open_append, refuse_link
-from posleak.model import ConfigError, Decoder
+from posleak.model import ConfigError, Decoder, ModelConfig
 from posleak.train import checkpoint
 from posleak.train.config import RunConfig, from_resolved, tomllib
 from posleak.train.lock import RunLock
@@ -206,6 +206,11 @@ class RunDir:
     def checkpoints(self) -> list[Path]:
         """Complete checkpoint folders, oldest first."""
         return checkpoint.list_checkpoints(self.checkpoints_dir)
+
+    def model_config(self) -> ModelConfig:
+        """The model this run built, from its config.toml (no weights read)."""
+        cfg, vocab_size = self.read_config()
+        return cfg.model_config(vocab_size)
 
     def load_model(self, step: int | None = None) -> tuple[Decoder, RunConfig, dict]:
         """The model at the newest checkpoint that verifies (or at `step`), in eval mode, with

@@ -63,7 +63,7 @@ class Options:
     # are the same analysis
 
     def problems(self, train_len: int) -> list[str]:
-        from posleak.model.config import MAX_ROPE_SCALE  # torch: not for the command line's help
+        from posleak.model.positions import MAX_ROPE_SCALE  # torch: not for the command line's help
 
         out = []
         T = train_len if self.seq_len is None else self.seq_len

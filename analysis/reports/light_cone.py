@@ -141,11 +141,12 @@ def header(study: LightCone, out: Path) -> list[str]:
     T = study.config.data.seq_len
     L = m["n_layer"]
     d_head = m["d_model"] // m["n_head"]
-    base = m.get("rope_base", 10000.0)
+    rotary = [r for r in study.runs if r.position in ("rope", "rope_ntk")]
+    base = RunDir(rotary[0].path).model_config().params["base"] if rotary else 10000.0
     ntk_runs = [r for r in study.runs if r.position == "rope_ntk"]
     ntk_line = ""
     if ntk_runs:
-        scale = RunDir(ntk_runs[0].path).read_config()[0].model.get("rope_scale", 1.0)
+        scale = RunDir(ntk_runs[0].path).model_config().params["scale"]
         before = turning_pairs(base, d_head, T)
         after = turning_pairs(ntk_base(base, scale, d_head), d_head, T)
         ntk_line = (

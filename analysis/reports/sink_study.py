@@ -356,9 +356,9 @@ def _ntk_note(study: Study, T: int) -> str:
     runs = study.runs_of(study.ntk)
     if not runs:
         return ""
-    m = RunDir(runs[0]["run"]).read_config()[0].model
-    d_head = m["d_model"] // m["n_head"]
-    base, scale = m.get("rope_base", 10000.0), m.get("rope_scale", 1.0)
+    m = RunDir(runs[0]["run"]).model_config()
+    d_head = m.d_head
+    base, scale = m.params.get("base", 10000.0), m.params.get("scale", 1.0)
     before = turning_pairs(base, d_head, T)
     after = turning_pairs(ntk_base(base, scale, d_head), d_head, T)
     return (
