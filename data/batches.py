@@ -8,7 +8,7 @@ from the training stream. Exact resume and distributed training need no data sta
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cache
 
 import numpy as np
@@ -17,7 +17,14 @@ import torch
 from posleak.data.counter_rng import stream_key
 from posleak.data.mixture import Mixture
 from posleak.data.synthetic import Backcopy, Induction, Markov, Uniform
-from posleak.data.text import TextCorpus, bible_documents, file_documents, hf_documents, parse_hf
+from posleak.data.text import (
+    HF_PARAMS,
+    TextCorpus,
+    bible_documents,
+    file_documents,
+    hf_documents,
+    parse_hf,
+)
 
 SYNTHETIC = ("uniform", "markov", "induction", "backcopy")
 BOS_POLICIES = ("always", "never")
@@ -25,6 +32,13 @@ ALIGNS = ("random", "document")
 
 
 MARKOV_LOG2_STATES = 20  # a Markov chain's contexts, vocab^order, at most 2^20
+SOURCE_PARAMS = {  # each source's own parameters ([data.params]), declared by its class
+    "markov": Markov.params,
+    "induction": Induction.params,
+    "backcopy": Backcopy.params,
+    "mixture": Mixture.params,
+    "hf": HF_PARAMS,
+}
 
 
 @dataclass(frozen=True)
@@ -35,21 +49,30 @@ class DataConfig:
     bos: str = "always"  # always: position 0 holds BOS; never: an ordinary token
     align: str = "random"  # random offsets, or starts aligned to document starts (text)
     vocab_size: int = 67  # synthetic sources: total vocabulary, 3 specials included
-    markov_order: int = 1
-    markov_concentration: float = 0.1
-    induction_segment: int = 8
-    induction_copies: int = 2
-    backcopy_triggers: str = "eth"  # backcopy: the trigger characters (their number = length)
-    mixture_share: float = 0.5  # mixture: the share of Backcopy sequences among KJV crops
     corpus_seed: int = 0  # fixes the synthetic corpus (e.g. the Markov table) across seeds
     val_fraction: float = 0.05
-    hf_config: str = ""  # dataset configuration (or hf:NAME:CONFIG)
-    hf_split: str = "train"
-    hf_field: str = "text"
     cache_dir: str = ""  # tokenized-text cache; empty = $POSLEAK_CACHE or ~/.cache/posleak
+    params: dict = field(default_factory=dict, hash=False)  # the source's own ([data.params])
+
+    @property
+    def kind(self) -> str:
+        """The source's kind: its name, or "hf" for hf:NAME (a file or folder: its path)."""
+        return "hf" if self.source.startswith("hf:") else self.source
+
+    def param(self, name: str):
+        """One of the source's own parameters: as given, or its default."""
+        return self.params.get(name, SOURCE_PARAMS[self.kind][name])
+
+    def built(self) -> DataConfig:
+        """The config as a run holds it: the source's own parameters, each given or at its
+        default; another source's (a base config shared by variants may set them) dropped."""
+        own = SOURCE_PARAMS.get(self.kind, {})
+        return replace(self, params={n: self.params.get(n, d) for n, d in own.items()})
 
     def problems(self) -> list[str]:
-        out = []
+        out = self.param_problems()
+        if out:
+            return out
         if not self.source.strip():
             out.append(
                 "data.source is empty (it would read the current folder as a corpus); name "
@@ -57,8 +80,6 @@ class DataConfig:
             )
         if self.bos not in BOS_POLICIES:
             out.append(f"data.bos must be one of {BOS_POLICIES}, got {self.bos!r}")
-        if not 0 <= self.mixture_share <= 1:
-            out.append(f"data.mixture_share must be in [0, 1], got {self.mixture_share}")
         if self.align not in ALIGNS:
             out.append(f"data.align must be one of {ALIGNS}, got {self.align!r}")
         if not 2 <= self.seq_len <= 1 << 20:
@@ -69,29 +90,57 @@ class DataConfig:
             out.append(
                 f"data.vocab_size must be >= 5 (2 tokens + 3 specials), got {self.vocab_size}"
             )
-        if not (math.isfinite(self.markov_concentration) and self.markov_concentration > 0):
-            out.append(
-                f"data.markov_concentration must be finite and > 0, got {self.markov_concentration}"
-            )
-        if self.markov_order < 1 or self.induction_segment < 1 or self.induction_copies < 0:
-            out.append(
-                "data.markov_order and data.induction_segment must be >= 1, "
-                "data.induction_copies >= 0"
-            )
-        elif self.markov_order * math.log2(max(self.vocab_size - 3, 2)) > MARKOV_LOG2_STATES:
-            # compared in logarithms: vocab ** order itself can be too large to compute
-            out.append(
-                f"data.markov_order {self.markov_order} needs (vocab_size - 3)^order contexts, "
-                f"more than 2^{MARKOV_LOG2_STATES}; lower data.markov_order or data.vocab_size"
-            )
-        if (
-            self.source == "induction"
-            and self.induction_copies * self.induction_segment >= self.seq_len
-        ):
-            out.append(
-                f"data.induction_copies x data.induction_segment must fit in data.seq_len "
-                f"({self.seq_len}), got {self.induction_copies} x {self.induction_segment}"
-            )
+        return out + self.source_problems()
+
+    def param_problems(self) -> list[str]:
+        """Parameters no source has, or of another type than their default's."""
+        if not isinstance(self.params, dict):
+            return [f"data.params must be a table of the source's parameters, got {self.params!r}"]
+        declared = {n: d for own in SOURCE_PARAMS.values() for n, d in own.items()}
+        out = []
+        for name, value in self.params.items():
+            if name not in declared:
+                out.append(f"data.params.{name} is not a parameter of any source (the sources' "
+                           f"parameters: {', '.join(sorted(declared))})")  # fmt: skip
+                continue
+            default = declared[name]
+            numeric = isinstance(default, float) and type(value) in (int, float)
+            if not (numeric or type(value) is type(default)):
+                out.append(f"data.params.{name} must be a {type(default).__name__}, got {value!r}")
+        return out
+
+    def source_problems(self) -> list[str]:
+        """The ranges of the source's own parameters (another source's are not read)."""
+        out = []
+        if self.kind == "mixture" and not 0 <= self.param("mixture_share") <= 1:
+            out.append(f"data.params.mixture_share must be in [0, 1], got "
+                       f"{self.param('mixture_share')}")  # fmt: skip
+        if self.kind == "markov":
+            order, concentration = self.param("markov_order"), self.param("markov_concentration")
+            if not (math.isfinite(concentration) and concentration > 0):
+                out.append(
+                    f"data.params.markov_concentration must be finite and > 0, got {concentration}"
+                )
+            if order < 1:
+                out.append(f"data.params.markov_order must be >= 1, got {order}")
+            elif order * math.log2(max(self.vocab_size - 3, 2)) > MARKOV_LOG2_STATES:
+                # compared in logarithms: vocab ** order itself can be too large to compute
+                out.append(
+                    f"data.params.markov_order {order} needs (vocab_size - 3)^order contexts, "
+                    f"more than 2^{MARKOV_LOG2_STATES}; lower it or data.vocab_size"
+                )
+        if self.kind == "induction":
+            segment, copies = self.param("induction_segment"), self.param("induction_copies")
+            if segment < 1 or copies < 0:
+                out.append(
+                    "data.params.induction_segment must be >= 1 and data.params.induction_copies "
+                    f">= 0, got {segment} and {copies}"
+                )
+            elif copies * segment >= self.seq_len:
+                out.append(
+                    f"data.params.induction_copies x induction_segment must fit in data.seq_len "
+                    f"({self.seq_len}), got {copies} x {segment}"
+                )
         return out
 
 
@@ -102,25 +151,27 @@ def make_source(cfg: DataConfig):
     if src == "uniform":
         return Uniform(cfg.vocab_size - 3)
     if src == "markov":
-        return Markov(
-            cfg.vocab_size - 3, cfg.markov_order, cfg.markov_concentration, cfg.corpus_seed
-        )
+        order, concentration = cfg.param("markov_order"), cfg.param("markov_concentration")
+        return Markov(cfg.vocab_size - 3, order, concentration, cfg.corpus_seed)
     if src == "induction":
-        return Induction(cfg.vocab_size - 3, cfg.induction_segment, cfg.induction_copies)
+        segment, copies = cfg.param("induction_segment"), cfg.param("induction_copies")
+        return Induction(cfg.vocab_size - 3, segment, copies)
     if src in ("backcopy", "mixture"):  # the bigram table comes from the built-in text's bytes
         text = "".join(bible_documents()).encode("utf-8")
-        chain = Backcopy.from_text(text, cfg.vocab_size - 3, cfg.backcopy_triggers)
+        chain = Backcopy.from_text(text, cfg.vocab_size - 3, cfg.param("backcopy_triggers"))
         if src == "backcopy":
             return chain
-        return Mixture(make_source(replace(cfg, source="bible")), chain, cfg.mixture_share)
+        text_source = make_source(replace(cfg, source="bible"))
+        return Mixture(text_source, chain, cfg.param("mixture_share"))
     if src == "bible":
         docs = bible_documents()
     elif src.startswith("hf:"):
-        name, config = parse_hf(src, cfg.hf_config)
-        identity = f"hf:{name}:{config}:{cfg.hf_split}:{cfg.hf_field}"
+        config, split, field_name = (cfg.param(n) for n in ("hf_config", "hf_split", "hf_field"))
+        name, config = parse_hf(src, config)
+        identity = f"hf:{name}:{config}:{split}:{field_name}"
 
         def stream():
-            return hf_documents(name, config, cfg.hf_split, cfg.hf_field)
+            return hf_documents(name, config, split, field_name)
 
         return TextCorpus(src, stream, cfg.val_fraction, cfg.cache_dir or None, identity)
     else:

@@ -10,6 +10,8 @@ both kinds of sequence are byte strings of one tokenizer, with one BOS.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 
 from posleak.data.counter_rng import random_uniform, stream_key
@@ -20,6 +22,8 @@ from posleak.data.text import TextCorpus
 class Mixture:
     """Each sequence is Backcopy with probability `share`, else a text crop; which one is
     a pure function of (stream key, sequence index), as every draw in posleak is."""
+
+    params: ClassVar[dict] = {**Backcopy.params, "mixture_share": 0.5}  # share: of Backcopy
 
     def __init__(self, text: TextCorpus, backcopy: Backcopy, share: float):
         self.text, self.backcopy, self.share = text, backcopy, share

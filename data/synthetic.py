@@ -8,6 +8,7 @@ comes from `corpus_seed`, fixed across training seeds so that seeds vary only th
 from __future__ import annotations
 
 import functools
+from typing import ClassVar
 
 import numpy as np
 
@@ -59,6 +60,7 @@ class Markov(ChunkedChain):
     """
 
     name = "markov"
+    params: ClassVar[dict] = {"markov_order": 1, "markov_concentration": 0.1}  # [data.params]
 
     def __init__(self, n_ordinary: int, order: int, concentration: float, corpus_seed: int):
         super().__init__(n_ordinary)
@@ -134,6 +136,7 @@ class Induction(Vocabulary):
     """
 
     name = "induction"
+    params: ClassVar[dict] = {"induction_segment": 8, "induction_copies": 2}  # [data.params]
 
     def __init__(self, n_ordinary: int, segment_len: int, copies: int):
         super().__init__(n_ordinary)
@@ -192,6 +195,7 @@ class Backcopy(ChunkedChain):
     """
 
     name = "backcopy"
+    params: ClassVar[dict] = {"backcopy_triggers": "eth"}  # the trigger characters (their count)
 
     def __init__(self, transitions: np.ndarray, triggers, alphabet: bytes = b""):
         p = np.asarray(transitions, dtype=np.float64)

@@ -93,12 +93,16 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+HF_PARAMS = {"hf_config": "", "hf_split": "train", "hf_field": "text"}  # hf:NAME's [data.params]
+
+
 def parse_hf(source: str, config: str = "") -> tuple[str, str | None]:
-    """'hf:NAME' or 'hf:NAME:CONFIG' (or data.hf_config) -> (name, config or None)."""
+    """'hf:NAME' or 'hf:NAME:CONFIG' (or data.params.hf_config) -> (name, config or None)."""
     name, _, inline = source[3:].partition(":")
     if inline and config and inline != config:
         raise ValueError(
-            f"data.source {source!r} names config {inline!r} but data.hf_config is {config!r}; "
+            f"data.source {source!r} names config {inline!r} but data.params.hf_config is "
+            f"{config!r}; "
             "give the config once"
         )
     return name, (inline or config or None)

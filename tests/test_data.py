@@ -54,9 +54,23 @@ def position_homogeneity_chi2(tokens: np.ndarray, vocab: int) -> tuple[float, fl
     "cfg",
     [
         DataConfig(source="uniform", vocab_size=16, bos="never", seq_len=24),
-        DataConfig(source="markov", vocab_size=16, bos="never", seq_len=24, markov_order=2),
-        DataConfig(source="markov", vocab_size=16, bos="never", seq_len=24, markov_concentration=1),
-        DataConfig(source="induction", vocab_size=16, bos="never", seq_len=24, induction_segment=4),
+        DataConfig(
+            source="markov", vocab_size=16, bos="never", seq_len=24, params={"markov_order": 2}
+        ),
+        DataConfig(
+            source="markov",
+            vocab_size=16,
+            bos="never",
+            seq_len=24,
+            params={"markov_concentration": 1},
+        ),
+        DataConfig(
+            source="induction",
+            vocab_size=16,
+            bos="never",
+            seq_len=24,
+            params={"induction_segment": 4},
+        ),
         DataConfig(source="bible", bos="never", seq_len=24),
     ],
     ids=["uniform", "markov2", "markov1", "induction", "bible-random-offsets"],
@@ -96,7 +110,9 @@ def test_markov_stationary_distribution_is_a_fixed_point_and_matches_samples():
 
 
 def test_induction_sequences_contain_their_copied_segments():
-    src = make_source(DataConfig(source="induction", vocab_size=259, induction_segment=6))
+    src = make_source(
+        DataConfig(source="induction", vocab_size=259, params={"induction_segment": 6})
+    )
     seqs = src.sequences(np.uint64(2), np.arange(50), 64)
     for row in seqs:
         segments = {tuple(row[s : s + 6]) for s in range(64 - 6 + 1)}
@@ -223,7 +239,9 @@ def test_backcopy_table_is_the_normalised_pair_counts_of_the_commonest_bytes():
 
 
 def test_backcopy_copies_exactly_after_triggers_and_marks_those_targets():
-    chain = make_source(DataConfig(source="backcopy", vocab_size=35, backcopy_triggers="eth"))
+    chain = make_source(
+        DataConfig(source="backcopy", vocab_size=35, params={"backcopy_triggers": "eth"})
+    )
     seqs = chain.sequences(np.uint64(3), np.arange(300), 200)
     assert not chain.is_trigger[seqs[:, 0]].any()  # a copy's source is always in context
     after = chain.is_trigger[seqs[:, 1:-1]]
@@ -269,7 +287,7 @@ def test_a_mixture_holds_kjv_crops_and_backcopy_in_one_byte_vocabulary():
     """Each sequence is either a crop of the KJV split or a Backcopy sequence written in the
     bytes its alphabet stands for (copying exactly after a trigger character), in the share
     asked for; which one is a pure function of the sequence's index."""
-    cfg = DataConfig(source="mixture", seq_len=64, vocab_size=35, mixture_share=0.3)
+    cfg = DataConfig(source="mixture", seq_len=64, vocab_size=35, params={"mixture_share": 0.3})
     mixture = make_source(cfg)
     assert mixture.size == ByteTokenizer().size and mixture.bos == ByteTokenizer().bos
     stream = BatchStream(cfg, 0, "train", 400)
@@ -291,6 +309,36 @@ def test_a_mixture_holds_kjv_crops_and_backcopy_in_one_byte_vocabulary():
     assert np.array_equal(
         np.concatenate([again.batch(s).numpy() for s in range(4)]), stream.batch(0).numpy()
     )
-    assert DataConfig(source="mixture", mixture_share=1.5).problems() == [
-        "data.mixture_share must be in [0, 1], got 1.5"
+    assert DataConfig(source="mixture", params={"mixture_share": 1.5}).problems() == [
+        "data.params.mixture_share must be in [0, 1], got 1.5"
     ]
+
+
+def test_a_sources_parameters_are_its_own_and_older_runs_still_load(tmp_path):
+    """[data.params] holds a source's own parameters (declared by its class); a run holds its
+    own source's, each given or at its default; another source's is left unused. A
+    config.toml written when they were [data] fields reads as the same data, and a config
+    spelling them so is told where they went."""
+    import tomli_w
+    import tomllib
+
+    from posleak.model import ConfigError
+    from posleak.train.config import build, from_resolved, to_toml
+
+    markov = build({"data.source": "markov", "data.params.markov_order": 2})
+    assert markov.data.built().params == {"markov_order": 2, "markov_concentration": 0.1}
+    assert markov.data.param("markov_order") == 2 and make_source(markov.data).order == 2
+    text = build({"data.source": "bible", "data.params.markov_order": 2})  # shared base config
+    assert text.data.built().params == {}
+    written = tomllib.loads(to_toml(markov))
+    assert written["data"]["params"] == {"markov_order": 2, "markov_concentration": 0.1}
+    old = {k: v for k, v in written["data"].items() if k != "params"}
+    old |= {"markov_order": 2, "markov_concentration": 0.1, "induction_segment": 8,
+            "induction_copies": 2, "backcopy_triggers": "eth", "mixture_share": 0.5,
+            "hf_config": "", "hf_split": "train", "hf_field": "text"}  # fmt: skip
+    (tmp_path / "config.toml").write_text(tomli_w.dumps({**written, "data": old}))
+    assert from_resolved(tmp_path / "config.toml").data.built() == markov.data.built()
+    with pytest.raises(ConfigError, match="data.markov_order is now data.params.markov_order"):
+        build({"data.markov_order": 2})
+    with pytest.raises(ConfigError, match="data.params.markov_ordr is not a parameter of any"):
+        build({"data.params.markov_ordr": 2})

@@ -150,7 +150,7 @@ def test_nul_bytes_anywhere_in_a_file_are_refused(tmp_path, capsys):
         (["--set", "model.vocab_size=100000000"], "vocab_size=100000000 is beyond"),
         (["--set", "model.d_ff=1000000000"], "d_ff=1000000000 is beyond"),
         (["--set", "model.max_seq_len=100000000"], "max_seq_len=100000000 is beyond"),
-        (["--set", "data.markov_concentration=inf"], "markov_concentration must be finite"),
+        (["--set", "data.params.markov_concentration=inf"], "markov_concentration must be finite"),
         (["--set", "preset=nonesuch"], "unknown preset 'nonesuch'"),
         (["--set", "model.d_ff=200000", "--set", "model.d_model=8192"], "GiB"),
     ],
@@ -189,8 +189,8 @@ def test_a_utf8_bom_and_a_preset_on_the_command_line_are_accepted(tmp_path, caps
     ("key", "value", "says"),
     [
         ("data.source", '""', "data.source is empty"),
-        ("data.markov_order", str(2**62), "data.markov_order"),
-        ("data.induction_copies", str(2**62), "data.induction_copies"),
+        ("data.params.markov_order", str(2**62), "data.params.markov_order"),
+        ("data.params.induction_copies", str(2**62), "data.params.induction_copies"),
     ],
 )
 def test_values_that_would_read_the_wrong_data_or_never_answer_are_refused(
@@ -199,7 +199,8 @@ def test_values_that_would_read_the_wrong_data_or_never_answer_are_refused(
     """An empty source once trained on every file under the current folder; a Markov order
     of 2^62 computed 64^(2^62) to check its range and never answered; 2^62 induction copies
     looped in the first batch. Each is refused at once, with the key named."""
-    extra = ["--set", "data.source=induction"] if "induction" in key else []
+    source = "induction" if "induction" in key else "markov" if "markov" in key else "bible"
+    extra = ["--set", f"data.source={source}"]
     out = tmp_path / "run"
     code = main(["train", "rope", *extra, "--set", f"{key}={value}", "--out", str(out)])
     assert code == 2

@@ -27,6 +27,7 @@ else:  # pragma: no cover
 import tomli_w
 
 from posleak.data import DataConfig
+from posleak.data.batches import SOURCE_PARAMS
 from posleak.model import ConfigError, ModelConfig
 from posleak.model.config import MOVED, upgraded
 from posleak.model.positions import SCHEMES
@@ -113,20 +114,39 @@ class RunConfig:
         return values
 
     def to_dict(self) -> dict:
+        """As written to config.toml: the data's parameters those of its source (built)."""
         out = {"seed": self.seed, "model": dict(self.model)}
         for name in ("data", "train", "log"):
             out[name] = dataclasses.asdict(getattr(self, name))
+        out["data"] = dataclasses.asdict(self.data.built())
+        if not out["data"]["params"]:  # a source without parameters writes no [data.params]
+            del out["data"]["params"]
         return out
 
 
 PARAMS = "model.params."  # a positional scheme's own parameters: model/positions.py
+DATA_PARAMS = "data.params."  # a data source's own parameters: data/batches.py
+DATA_MOVED = {  # DataConfig fields that became their source's [data.params]
+    name for own in SOURCE_PARAMS.values() for name in own
+}
 
 
 def valid_keys() -> list[str]:
     keys = ["seed"]
     for section, cls in SECTIONS.items():
         keys += [f"{section}.{f.name}" for f in dataclasses.fields(cls) if f.name != "params"]
-    return keys + sorted({PARAMS + p for scheme in SCHEMES.values() for p in scheme.params})
+    keys += sorted({PARAMS + p for scheme in SCHEMES.values() for p in scheme.params})
+    return keys + sorted({DATA_PARAMS + p for p in DATA_MOVED})
+
+
+def upgraded_data(values: dict) -> dict:
+    """[data] as written before the sources' parameters moved into [data.params]."""
+    moved = {k: v for k, v in values.items() if k in DATA_MOVED}
+    if not moved:
+        return values
+    out = {k: v for k, v in values.items() if k not in DATA_MOVED}
+    out["params"] = {**moved, **(values.get("params") or {})}
+    return out
 
 
 def _expected_type(section: str, name: str):
@@ -295,6 +315,13 @@ def _sort_keys(values: dict) -> tuple[int, dict, list[str]]:
         if key.startswith(PARAMS) and "." not in key[len(PARAMS) :]:
             sections["model"].setdefault("params", {})[key[len(PARAMS) :]] = value
             continue  # checked by the scheme it belongs to (ModelConfig.problems)
+        if key.startswith(DATA_PARAMS) and "." not in key[len(DATA_PARAMS) :]:
+            sections["data"].setdefault("params", {})[key[len(DATA_PARAMS) :]] = value
+            continue  # checked against the sources' declarations (DataConfig.problems)
+        if key.startswith("data.") and key[len("data.") :] in DATA_MOVED:
+            problems.append(f"{key} is now data.params.{key[len('data.') :]} (a parameter of "
+                            "its source): write it there")  # fmt: skip
+            continue
         if key.startswith("model.") and key[len("model.") :] in MOVED:
             problems.append(
                 f"{key} is now model.params.{MOVED[key[len('model.') :]]} (a parameter of the "
@@ -385,6 +412,8 @@ def from_resolved(path: Path) -> RunConfig:
     _check_derived(Path(path), raw.pop("derived", None))
     if isinstance(raw.get("model"), dict):  # written before RoPE's parameters moved
         raw["model"] = upgraded(raw["model"])
+    if isinstance(raw.get("data"), dict):  # ... or before the sources' parameters did
+        raw["data"] = upgraded_data(raw["data"])
     return build(flatten(raw))
 
 

@@ -268,7 +268,8 @@ def _same_run(cfg: RunConfig, folder: Path) -> bool:
     try:
         done = from_resolved(folder / "config.toml")
         vocab = done.model.get("vocab_size") or 0
-        return (cfg.seed, cfg.data, cfg.train) == (done.seed, done.data, done.train) and (
+        same = (cfg.seed, cfg.data.built(), cfg.train) == (done.seed, done.data.built(), done.train)
+        return same and (
             cfg.model_config(vocab) == done.model_config(vocab)
         )
     except (ConfigError, ValueError, OSError):

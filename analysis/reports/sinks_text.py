@@ -54,7 +54,7 @@ def header(study: Study, out: Path) -> list[str]:
         f"{provenance.line(provenance.provenance())}",
         "",
         f"`{study.reference}` trains on sequences that are Bigram-Backcopy with probability "
-        f"{cfg.data.mixture_share:g} and KJV crops otherwise, in one byte vocabulary; "
+        f"{cfg.data.param('mixture_share'):g} and KJV crops otherwise, in one byte vocabulary; "
         f"`{study.control}` trains on KJV alone. Both: {m['n_layer']} layers of {m['n_head']} "
         f"head{'s' if m['n_head'] > 1 else ''}, d_model {m['d_model']}, context "
         f"{cfg.data.seq_len}, batch {t.batch_size}, "
