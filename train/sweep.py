@@ -269,9 +269,7 @@ def _same_run(cfg: RunConfig, folder: Path) -> bool:
         done = from_resolved(folder / "config.toml")
         vocab = done.model.get("vocab_size") or 0
         same = (cfg.seed, cfg.data.built(), cfg.train) == (done.seed, done.data.built(), done.train)
-        return same and (
-            cfg.model_config(vocab) == done.model_config(vocab)
-        )
+        return same and (cfg.model_config(vocab) == done.model_config(vocab))
     except (ConfigError, ValueError, OSError):
         return False
 
