@@ -116,6 +116,8 @@ def test_analyze_writes_tidy_v3_records_summary_and_figures(runs):
     shutil.copytree(runs / "rope-s1", moved)
     back = AnalysisDir(moved / "analysis").read_summary()
     assert back["run"] == str(moved) and back["checkpoint"] == str(moved / stored["checkpoint"])
+    assert back["per_layer"] == summary["per_layer"]  # layers are ints again, as written
+    assert list(stored["per_layer"]["fingerprint_dispersion_bos"]) == ["0", "1", "2"]
     shutil.rmtree(moved.parent)
     probe_rows = [r for r in rows if r["metric"] == "probe_r2_log"]
     assert all(r["lo"] <= r["value"] <= r["hi"] for r in probe_rows)

@@ -112,6 +112,12 @@ class AnalysisDir:
                 f"{self.summary_file} is not an analysis summary (no variant); run `posleak "
                 "analyze` again to rewrite it"
             )
+        layers = summary.get("per_layer")
+        if isinstance(layers, dict):  # JSON keys are strings: a layer is an int again
+            summary["per_layer"] = {
+                name: {int(l): v for l, v in curve.items()} if isinstance(curve, dict) else curve
+                for name, curve in layers.items()
+            }
         if _is_local(summary.get("run")):
             run = os.path.normpath(self.path.absolute() / summary["run"])
             summary["run"] = run

@@ -104,7 +104,7 @@ def run_report(summary: dict, figure: str) -> str:
     layers = summary["per_layer"]
     for stage in STAGES:
         curves = {
-            name: {int(l): v for l, v in layers[name].items()}
+            name: layers[name]
             for name in stage.per_layer([], opts)
             if layers.get(name) and not name.endswith("_interval")
         }
