@@ -927,3 +927,28 @@ def test_knockouts_move_all_of_a_near_total_sink_without_a_nan():
     assert measures.knock_out_key0(pattern)[0, 0, 1].tolist() == [0.0, 0.0, 0.0]  # held nothing
     flattened = measures.key0_mass_flattened(pattern, None)
     assert torch.isfinite(flattened).all() and flattened[0, 0, 2].sum() == pytest.approx(1.0)
+
+
+def test_knockouts_rescale_their_own_copy_and_leave_the_attention_they_read():
+    """The rules rescale in place, on a copy: the pattern a hook was given is unchanged (a
+    later hook, or the pass's own statistics, may read it), and every row of the result is
+    what the textbook rule gives (key zeroed, the rest times total / rest)."""
+    scores = torch.randn(2, 3, 7, 7, generator=torch.Generator().manual_seed(4))
+    pattern = scores.masked_fill(torch.ones(7, 7, dtype=torch.bool).triu(1), -math.inf).softmax(-1)
+    before = pattern.clone()
+    keys = torch.tensor([0, 0, 1, 2, 1, 3, 5])
+    for rule, key_of in (
+        (measures.knock_out_key0, lambda i: 0),
+        (lambda p: measures.knock_out_key(p, 1), lambda i: 1 if i > 1 else None),
+        (lambda p: measures.knock_out_random_key(p, keys), lambda i: int(keys[i])),
+    ):
+        out = rule(pattern)
+        assert torch.equal(pattern, before)
+        for i in range(1, 7):
+            key = key_of(i)
+            row = pattern[..., i, :].double().clone()
+            if key is not None:
+                total = row.sum(-1, keepdim=True)
+                row[..., key] = 0
+                row = row * total / row.sum(-1, keepdim=True)
+            assert torch.allclose(out[..., i, :].double(), row, atol=1e-6)

@@ -198,22 +198,23 @@ def dispersion(vectors: torch.Tensor) -> dict:
 
 
 # ------------------------------------------------------------------ interventions
-def rescaled(rows: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
-    """Each row scaled to sum to `total` (0 where the row holds nothing). Divided before it is
-    multiplied: a row left with almost nothing (a sink that held all but 1e-40 of it) would
-    make total / rest overflow, and 0 * inf is a NaN."""
+def rescale_(rows: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """Each row scaled, in place, to sum to `total` (0 where the row holds nothing); returns
+    rows. Divided before it is multiplied: a row left with almost nothing (a sink that held
+    all but 1e-40 of it) would make total / rest overflow, and 0 * inf is a NaN. In place, so
+    a knockout makes one copy of the attention maps, not five (a hook runs on every map of
+    every intervened pass)."""
     rest = rows.sum(-1, keepdim=True)
-    safe = torch.where(rest > 0, rest, torch.ones_like(rest))
-    return torch.where(rest > 0, rows / safe * total, torch.zeros_like(rows))
+    positive = rest > 0
+    rows.div_(torch.where(positive, rest, torch.ones_like(rest))).mul_(total)
+    if not positive.all():
+        rows.masked_fill_(~positive, 0.0)
+    return rows
 
 
 def knock_out_key0(pattern: torch.Tensor) -> torch.Tensor:
     """A_i0 set to 0 for i >= 1, each row rescaled to its original total (1 without a sink)."""
-    out = pattern.clone()
-    total = pattern[..., 1:, :].sum(-1, keepdim=True)
-    out[..., 1:, 0] = 0.0
-    out[..., 1:, :] = rescaled(out[..., 1:, :], total)
-    return out
+    return knock_out_key(pattern, 0)
 
 
 def key0_gain_removed(pattern: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -236,7 +237,7 @@ def key0_mass_flattened(pattern: torch.Tensor, window: int | None) -> torch.Tens
     queries = sink_queries(pattern.shape[-1], window)
     total = pattern[..., queries, :].sum(-1)
     after = total - out[..., queries, 0]
-    out[..., queries, 1:] = rescaled(out[..., queries, 1:], after[..., None])
+    rescale_(out[..., queries, 1:], after[..., None])  # a view: rescaled where it lies
     return out
 
 
@@ -252,10 +253,10 @@ def knock_out_key(pattern: torch.Tensor, key: int) -> torch.Tensor:
     """The control knockout: A_ij for key j = `key` set to 0 for queries i > key, each row
     rescaled to its original total (knock_out_key0 is key = 0)."""
     out = pattern.clone()
-    rows = out[..., key + 1 :, :]
+    rows = out[..., key + 1 :, :]  # a view: rescaled where it lies
     total = rows.sum(-1, keepdim=True)
     rows[..., key] = 0.0
-    out[..., key + 1 :, :] = rescaled(rows, total)
+    rescale_(rows, total)
     return out
 
 
@@ -269,7 +270,7 @@ def knock_out_random_key(pattern: torch.Tensor, keys: torch.Tensor) -> torch.Ten
     j = keys[1:].to(pattern.device)
     total = out[..., 1:, :].sum(-1, keepdim=True)
     out[..., i, j] = 0.0
-    out[..., 1:, :] = rescaled(out[..., 1:, :], total)
+    rescale_(out[..., 1:, :], total)  # a view: rescaled where it lies
     return out
 
 
