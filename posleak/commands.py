@@ -159,10 +159,14 @@ def sweep(args: argparse.Namespace) -> int:
         print(f"{count} runs; to train: {tokens:,} tokens, ~{clock(seconds)}", flush=True)
         return 0
     runs = sweeps.expand(spec, sweep_dir)
-    if args.print_config:
+    if args.print_config:  # each run's config as it will be resolved: the model as built
+        from posleak.data import vocab_size_of
+
         for r in runs:
             print(f"# {r.name}" + (f"  (invalid: {r.error})" if r.error else ""))
-            print(to_toml(build(r.values)) if r.error is None else "", flush=True)
+            if r.error is None:
+                cfg = build(r.values)
+                print(to_toml(cfg, cfg.model_config(vocab_size_of(cfg.data))), flush=True)
         return 0
     owned_dir(sweep_dir, "sweep folder", lambda folder: (folder / "configs").is_dir())
     sweeps.write_plan(sweep_dir, runs, spec.get("study", {}))

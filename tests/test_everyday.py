@@ -115,11 +115,14 @@ def test_sweep_print_config_prints_every_runs_resolved_config(tmp_path, capsys):
     write_config(tmp_path / "base.toml", tiny_overrides())
     path = tmp_path / "sweep.toml"
     path.write_text('base = "base.toml"\nseeds = [0, 1]\n[variants.rope]\n[variants.nope]\n')
-    path.write_text(path.read_text() + 'model.position = "nope"\n')
+    path.write_text(path.read_text() + 'model.position = "nope"\nmodel.params.base = 100.0\n')
     assert main(["sweep", str(path), "--print-config", "--out", str(tmp_path / "s")]) == 0
     out = capsys.readouterr().out
     assert out.count("# rope-s") == 2 and out.count("# nope-s") == 2
     assert out.count('position = "nope"') == 2 and not (tmp_path / "s").exists()
+    # the model as built: every key, and only its own scheme's parameters (NoPE has none)
+    assert out.count("base = 10000.0") == 2 and "base = 100.0" not in out
+    assert out.count("d_ff = 0") == 4 and out.count("[model]\nvocab_size = 20") == 4
 
 
 def test_greedy_sampling_follows_the_argmax_and_top_k_is_reproducible(tmp_path, capsys):
