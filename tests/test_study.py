@@ -108,6 +108,18 @@ def test_study_small_runs_end_to_end_at_a_tiny_budget(tmp_path):
     assert steps == ["analysis-step0", "analysis-step4"]  # every kept checkpoint but the last
     for variant in ("ntk", "swa", "nope", "sink"):  # step 0 of every seed of every text variant
         assert len(list(out.glob(f"{variant}-s*/analysis-step0/analysis.json"))) == 3, variant
+    # step 0 runs what the claims pair with it; the reference's first seed, read at every
+    # checkpoint over training, runs every stage there
+    ran = {
+        p.parent.parent.name.split("-")[0] + p.parent.parent.name.split("-")[1]: json.loads(
+            p.read_text()
+        )["stages"]
+        for p in out.glob("*-s[01]-*/analysis-step0/analysis.json")
+    }
+    every = json.loads(next(out.glob("rope-s0-*/analysis/analysis.json")).read_text())["stages"]
+    assert ran["ropes0"] == every and "BOS replacements" in every
+    assert "BOS replacements" not in ran["ropes1"] and "length extrapolation" not in ran["nopes0"]
+    assert {"probes", "key-0 knockout", "routes and head knockouts"} <= set(ran["ntks1"])
     labels = {"key-0 knockout", "key-1 knockout (control)", "write route", "mass route",
               "value ablation"}  # fmt: skip
     routes = [r for r in text.splitlines() if r.startswith("| `") and r.split(" | ")[1] in labels]

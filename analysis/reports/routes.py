@@ -4,7 +4,6 @@ studies alike."""
 
 from __future__ import annotations
 
-from posleak.analysis.engine.options import Options
 from posleak.analysis.maths.seeds import paired_difference
 from posleak.analysis.reports.study import STEP0, Study, headline, level, per_seed
 from posleak.report import number, table
@@ -25,14 +24,14 @@ def intervention_routes(study: Study, variants: list[str]) -> list[str]:
     minus after, last layer), trained and at step 0 on the same seed, and what training added
     (trained − step 0, paired); with the loss it costs the trained model. Every seed of the
     variants is analysed at step 0 (RUN/analysis-step0)."""
-    step0 = at_step(study, 0)
-    study.prefetch([(s, STEP0, step0) for v in variants for s in study.runs_of(v)])
+    runs = [s for v in variants for s in study.runs_of(v)]
+    study.prefetch([(s, STEP0, study.at_step(s, 0)) for s in runs])
     intact = headline("probe_r2_log_last")
 
     def drops(v: str, after, at_init: bool) -> dict:
         out = {}
         for s in study.runs_of(v):
-            at = study.extra(s, STEP0, step0) if at_init else s
+            at = study.extra(s, STEP0, study.at_step(s, 0)) if at_init else s
             a, b = intact(at), after(at)
             out[s["seed"]] = None if a is None or b is None else a - b
         return out
@@ -88,10 +87,6 @@ def intervention_routes(study: Study, variants: list[str]) -> list[str]:
         "1/(i + 1) before any learning; only the trained − step 0 column is what a model "
         "learned to route through key 0.",
     ]
-
-
-def at_step(study: Study, step: int) -> Options:
-    return study.options(step=step)
 
 
 def said_of(study: Study) -> list[str]:

@@ -29,7 +29,7 @@ from posleak.analysis.reports.bos_shares import (
     signal_over_floor,
     swap_passes,
 )
-from posleak.analysis.reports.routes import at_step, intervention_routes
+from posleak.analysis.reports.routes import intervention_routes
 from posleak.analysis.reports.study import (
     Study,
     by_records,
@@ -386,7 +386,7 @@ def emergence(study: Study, out: Path) -> list[str]:
     shown = emergence_seed(study.runs_of(study.reference)[:EMERGENCE_SEEDS])
     study.prefetch(
         [
-            (summary, f"analysis-step{step}", at_step(study, step))
+            (summary, f"analysis-step{step}", study.at_step(summary, step))
             for summary in study.runs_of(study.reference)[:EMERGENCE_SEEDS]
             for step in map(checkpoint.step_of, RunDir(summary["run"]).checkpoints())
             if step != summary["step"]
@@ -402,7 +402,7 @@ def emergence(study: Study, out: Path) -> list[str]:
             if step == summary["step"]:
                 at = summary
             else:
-                at = study.extra(summary, f"analysis-step{step}", at_step(study, step))
+                at = study.extra(summary, f"analysis-step{step}", study.at_step(summary, step))
             m = metrics.get(step, {})
             sinks_by_seed[summary["seed"]][step] = has_sink(at)
             for label, f in series:

@@ -17,7 +17,7 @@ from posleak.analysis.reports.bos_shares import (
     removed_by_seed,
     signal_over_floor,
 )
-from posleak.analysis.reports.routes import at_step, intervention_routes
+from posleak.analysis.reports.routes import intervention_routes
 from posleak.analysis.reports.sink_study import anchoring, claim_c, final_metrics, has_sink
 from posleak.analysis.reports.study import (
     STEP0,
@@ -88,12 +88,14 @@ def training(study: Study, out: Path) -> list[str]:
 def sinks_on_text(study: Study, out: Path) -> list[str]:
     """The decisive family: λ₀ learned in each variant (trained − step 0), and what the copy
     sequences add (mixture − text, trained), on text sequences."""
-    step0 = at_step(study, 0)
     variants = variants_of(study)
-    study.prefetch([(s, STEP0, step0) for v in variants for s in study.runs_of(v)])
+    runs = [s for v in variants for s in study.runs_of(v)]
+    study.prefetch([(s, STEP0, study.at_step(s, 0)) for s in runs])
 
     def initial(v: str) -> dict:
-        return {s["seed"]: LIFT(study.extra(s, STEP0, step0)) for s in study.runs_of(v)}
+        return {
+            s["seed"]: LIFT(study.extra(s, STEP0, study.at_step(s, 0))) for s in study.runs_of(v)
+        }
 
     trained = {v: per_seed(study.runs_of(v), LIFT) for v in variants}
     cells = [(f"`{v}`: λ₀, strongest head, trained − step 0", trained[v], initial(v))

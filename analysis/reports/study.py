@@ -141,6 +141,18 @@ class Study(SweepStudy):
         self.reference, self.control = self.roles.get("reference"), self.roles.get("control")
         self.window_variant, self.ntk = self.roles.get("window"), self.roles.get("ntk")
         self.nobos = self.roles.get("nobos")
+        self.step0_stages: tuple = ()  # () = every stage (see at_step)
+        self.full_run: tuple | None = None
+
+    def at_step(self, summary: dict, step: int) -> Options:
+        """The options of a run's analysis at checkpoint `step` (RUN/analysis-stepS). A report
+        may name the stages it reads at step 0 (step0_stages), so that those analyses run
+        only what the claims pair with, except in the run whose every checkpoint it reads
+        (full_run: variant and seed)."""
+        run = (summary.get("variant"), summary.get("seed"))
+        if step == 0 and self.step0_stages and run != self.full_run:
+            return self.options(step=step, stages=self.step0_stages)
+        return self.options(step=step)
 
     def runs_of(self, variant: str | None) -> list[dict]:
         return sorted(self.summaries.get(variant, []), key=lambda s: s["seed"])

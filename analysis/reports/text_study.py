@@ -32,7 +32,7 @@ from posleak.analysis.reports.bos_shares import (
     signal_over_floor,
     swap_passes,
 )
-from posleak.analysis.reports.routes import at_step, intervention_routes
+from posleak.analysis.reports.routes import intervention_routes
 from posleak.analysis.reports.study import (
     STEP0,
     Study,
@@ -320,8 +320,8 @@ def claim_c(study: Study, out: Path) -> list[str]:
         default=0.0,
     )
     cells = []
-    step0 = at_step(study, 0)
-    study.prefetch([(s, STEP0, step0) for v in study.text for s in study.runs_of(v)])
+    runs = [s for v in study.text for s in study.runs_of(v)]
+    study.prefetch([(s, STEP0, study.at_step(s, 0)) for s in runs])
     beyond_key1 = difference(
         lambda s: (
             results.value(s, "knockout_probe_refit_r2_log_key1_last"),
@@ -384,10 +384,9 @@ def claim_c(study: Study, out: Path) -> list[str]:
 def learned(study: Study, variant: str, number_of) -> dict:
     """{seed: number_of(trained) − number_of(the same seed at step 0)} (None where either
     is undefined): what training added, the quantity a claim about learning rests on."""
-    step0 = at_step(study, 0)
     out = {}
     for s in study.runs_of(variant):
-        trained, initial = number_of(s), number_of(study.extra(s, STEP0, step0))
+        trained, initial = number_of(s), number_of(study.extra(s, STEP0, study.at_step(s, 0)))
         out[s["seed"]] = None if trained is None or initial is None else trained - initial
     return out
 
@@ -404,10 +403,9 @@ def step_zero(study: Study, out: Path) -> list[str]:
         ("λ₀ max", headline("lift0_max")),
     )
     rows, missing = [], []
-    opts = study.options(step=0)
     study.prefetch(
         [
-            (study.runs_of(v)[0], STEP0, opts)
+            (study.runs_of(v)[0], STEP0, study.at_step(study.runs_of(v)[0], 0))
             for v in study.text
             if any(
                 checkpoint.step_of(p) == 0 for p in RunDir(study.runs_of(v)[0]["run"]).checkpoints()
@@ -419,8 +417,7 @@ def step_zero(study: Study, out: Path) -> list[str]:
         if not any(checkpoint.step_of(p) == 0 for p in RunDir(first["run"]).checkpoints()):
             missing.append(v)
             continue
-        opts = study.options(step=0)
-        at0 = study.extra(first, STEP0, opts)
+        at0 = study.extra(first, STEP0, study.at_step(first, 0))
         for label, s in (("step 0", at0), (f"step {first['step']}", first)):
             rows.append([v, label, *(number(f(s), 3) for _, f in series)])
     if not rows:
@@ -638,14 +635,14 @@ def emergence(study: Study, out: Path) -> list[str]:
     first = study.runs_of(study.reference)[0]
     steps = [checkpoint.step_of(p) for p in RunDir(first["run"]).checkpoints()]
     by_step = {}
-    at_step = lambda step: study.options(step=step)  # noqa: E731
-    study.prefetch([(first, f"analysis-step{t}", at_step(t)) for t in steps if t != first["step"]])
+    study.prefetch(
+        [(first, f"analysis-step{t}", study.at_step(first, t)) for t in steps if t != first["step"]]
+    )
     for step in steps:
         if step == first["step"]:
             by_step[step] = first
         else:
-            opts = study.options(step=step)
-            by_step[step] = study.extra(first, f"analysis-step{step}", opts)
+            by_step[step] = study.extra(first, f"analysis-step{step}", study.at_step(first, step))
     series = (
         ("λ₀ (strongest head)", headline("lift0_max")),
         ("α₀ (strongest head)", headline("alpha0_max")),
@@ -753,5 +750,13 @@ SECTIONS = (  # the claims first: their families make the verdict box
 )
 
 
+STEP0_STAGES = ("probe", "mean_logits", "sinks", "knockout", "knockout_loss", "route2")
+# what this report reads at step 0: C_mask, C_res and its floor, the probe, λ₀, the knockouts
+# and the routes (the BOS family, extrapolation, anchoring and fingerprint are read trained)
+
+
 def write_report(study: Study, out: Path) -> Path:
+    if study.reference in study.summaries:  # its first seed's checkpoints are all read whole
+        study.full_run = (study.reference, study.runs_of(study.reference)[0]["seed"])
+    study.step0_stages = STEP0_STAGES
     return write_sections(study, out, header, SECTIONS)
