@@ -170,13 +170,7 @@ class Analysis:
             data = [self._probe_data(d) for _ in self.resid_names]  # half A, for the refit
             held = [probes.ProbeData(d, 1) for _ in self.resid_names]  # half B's moments
             for site, name in enumerate(self.resid_names):
-                consumers[name] = each(
-                    [
-                        self._held_out(scorers[site].add),
-                        self._probe_collector(data[site]),
-                        self._probe_collector(held[site], half=1),
-                    ]
-                )
+                consumers[name] = self._scoring(scorers[site], data[site], held[site])
         kept = (start, self.layer_inputs[start]) if start else None
         losses = stream(
             self.model, tokens, consumers, self.batch, list(interventions), targets, kept
@@ -234,13 +228,7 @@ class Analysis:
             d = self.model.cfg.d_model
             scorer = probes.Scorer(fitted[site]["log"], self.positions, n_b)
             data, held = self._probe_data(d), probes.ProbeData(d, 1)
-            consume = each(
-                [
-                    self._held_out(scorer.add),
-                    self._probe_collector(data),
-                    self._probe_collector(held, half=1),
-                ]
-            )
+            consume = self._scoring(scorer, data, held)
             for begin in range(0, len(states), self.batch):
                 rows = torch.arange(begin, min(begin + self.batch, len(states)))
                 consume(states[rows], rows)
@@ -249,6 +237,17 @@ class Analysis:
                 probes.r2_of_moments(data.fit("log"), held),
             )
         return self._unchanged[site, id(fitted)]
+
+    def _scoring(self, scorer, data: probes.ProbeData, held: probes.ProbeData):
+        """The consumer of one residual site in an intervention pass: half B scored by the
+        base probe, half A's and half B's moments kept for the refit."""
+        return each(
+            [
+                self._held_out(scorer.add),
+                self._probe_collector(data),
+                self._probe_collector(held, half=1),
+            ]
+        )
 
     def _probe_data(self, d: int) -> probes.ProbeData:
         return probes.ProbeData(d, self.opts.probe_folds)
